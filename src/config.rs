@@ -1,0 +1,439 @@
+//! The filter JSON: parsed strictly (unknown fields are errors) and validated
+//! once, so the per-request code never meets an invalid value.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Prefix of the Envoy cluster that carries a backend's traffic. The renderer
+/// and both filter roles derive cluster names from backend names with it.
+pub const CLUSTER_PREFIX: &str = "spillway_";
+
+pub fn cluster_name(backend: &str) -> String {
+    format!("{CLUSTER_PREFIX}{backend}")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    backends: Vec<RawBackend>,
+    #[serde(default = "default_retry_on")]
+    retry_on: Vec<u16>,
+    #[serde(default = "default_retry_after_s")]
+    default_retry_after_s: u64,
+    #[serde(default = "default_max_retry_after_s")]
+    max_retry_after_s: u64,
+    #[serde(default)]
+    circuit_breaker: Option<RawCircuitBreaker>,
+    #[serde(default)]
+    api_version: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: String,
+    url: String,
+    #[serde(default)]
+    api_key: Option<String>,
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default = "one")]
+    priority: u32,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    deployments: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCircuitBreaker {
+    #[serde(default = "default_consecutive_failures")]
+    consecutive_failures: u32,
+    #[serde(default = "default_open_s")]
+    open_s: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_retry_on() -> Vec<u16> {
+    vec![429, 500, 502, 503, 504]
+}
+fn default_retry_after_s() -> u64 {
+    10
+}
+fn default_max_retry_after_s() -> u64 {
+    300
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_open_s() -> u64 {
+    30
+}
+
+/// Largest accepted weight; keeps the round-robin schedule small.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// A backend key. Its `Debug` never shows the value, so a key cannot reach a
+/// log line through `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    pub cluster: String,
+    pub scheme: Scheme,
+    /// Host name or IP literal, without brackets or port.
+    pub host: String,
+    pub port: u16,
+    /// Value for `:authority` on requests to this backend.
+    pub authority: String,
+    /// Where the key comes from, for the renderer (`api_key_env`).
+    pub api_key_env: Option<String>,
+    /// `None` when the backend takes no key: the client's own credentials pass through.
+    pub api_key: Option<Secret>,
+    pub priority: u32,
+    pub weight: u32,
+    pub deployments: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    pub consecutive_failures: u32,
+    pub open_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub backends: Vec<Backend>,
+    pub retry_on: Vec<u16>,
+    pub default_retry_after_ms: u64,
+    pub max_retry_after_ms: u64,
+    pub circuit_breaker: CircuitBreaker,
+    pub api_version: Option<String>,
+}
+
+/// A rejected configuration; `Display` names the offending field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid spillway config: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// How `api_key_env` is handled: the filter resolves it from its environment;
+/// the renderer only needs the variable names.
+pub enum Keys<'a> {
+    Resolve(&'a dyn Fn(&str) -> Option<String>),
+    NamesOnly,
+}
+
+fn err(field: impl Into<String>, why: impl fmt::Display) -> ConfigError {
+    ConfigError(format!("{}: {why}", field.into()))
+}
+
+impl Config {
+    pub fn parse(json: &[u8], keys: Keys<'_>) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_json::from_slice(json).map_err(|e| ConfigError(e.to_string()))?;
+        if raw.backends.is_empty() {
+            return Err(err("backends", "must list at least one backend"));
+        }
+        let mut backends: Vec<Backend> = Vec::with_capacity(raw.backends.len());
+        for (i, rb) in raw.backends.into_iter().enumerate() {
+            let field = |f: &str| format!("backends[{i}].{f}");
+            if !valid_name(&rb.name) {
+                return Err(err(
+                    field("name"),
+                    "must be 1-48 characters of a-z, A-Z, 0-9, '-' or '_'",
+                ));
+            }
+            if backends.iter().any(|b| b.name == rb.name) {
+                return Err(err(field("name"), format!("duplicate backend name \"{}\"", rb.name)));
+            }
+            let url = parse_url(&rb.url).map_err(|why| err(field("url"), why))?;
+            if rb.weight == 0 || rb.weight > MAX_WEIGHT {
+                return Err(err(field("weight"), format!("must be between 1 and {MAX_WEIGHT}")));
+            }
+            let api_key = match (&rb.api_key, &rb.api_key_env, &keys) {
+                (Some(_), Some(_), _) => {
+                    return Err(err(field("api_key"), "set api_key or api_key_env, not both"))
+                }
+                (Some(k), None, _) if k.is_empty() => return Err(err(field("api_key"), "is empty")),
+                (Some(k), None, _) => Some(Secret::new(k.clone())),
+                (None, Some(var), _) if var.is_empty() => {
+                    return Err(err(field("api_key_env"), "is empty"))
+                }
+                (None, Some(_), Keys::NamesOnly) => None,
+                (None, Some(var), Keys::Resolve(lookup)) => match lookup(var) {
+                    Some(v) if !v.is_empty() => Some(Secret::new(v)),
+                    _ => {
+                        return Err(err(
+                            field("api_key_env"),
+                            format!("environment variable {var} is not set or empty in the Envoy process (list it in vm_config.environment_variables.host_env_keys)"),
+                        ))
+                    }
+                },
+                (None, None, _) => None,
+            };
+            for (from, to) in &rb.deployments {
+                if !valid_deployment(from) || !valid_deployment(to) {
+                    return Err(err(
+                        field(&format!("deployments.{from}")),
+                        "deployment names must be non-empty URL path segments without '/', '?', '%' or '#'",
+                    ));
+                }
+            }
+            backends.push(Backend {
+                cluster: cluster_name(&rb.name),
+                name: rb.name,
+                scheme: url.scheme,
+                authority: url.authority,
+                host: url.host,
+                port: url.port,
+                api_key_env: rb.api_key_env,
+                api_key,
+                priority: rb.priority,
+                weight: rb.weight,
+                deployments: rb.deployments,
+            });
+        }
+        if raw.retry_on.iter().any(|s| !(400..=599).contains(s)) {
+            return Err(err("retry_on", "status codes must be between 400 and 599"));
+        }
+        if raw.default_retry_after_s == 0 {
+            return Err(err("default_retry_after_s", "must be at least 1"));
+        }
+        if raw.max_retry_after_s < raw.default_retry_after_s {
+            return Err(err("max_retry_after_s", "must be at least default_retry_after_s"));
+        }
+        let cb = raw.circuit_breaker.unwrap_or(RawCircuitBreaker {
+            consecutive_failures: default_consecutive_failures(),
+            open_s: default_open_s(),
+        });
+        if cb.consecutive_failures == 0 {
+            return Err(err("circuit_breaker.consecutive_failures", "must be at least 1"));
+        }
+        if cb.open_s == 0 {
+            return Err(err("circuit_breaker.open_s", "must be at least 1"));
+        }
+        if let Some(v) = &raw.api_version {
+            if v.is_empty() || !v.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.') {
+                return Err(err("api_version", "must look like 2024-10-21"));
+            }
+        }
+        Ok(Config {
+            backends,
+            retry_on: raw.retry_on,
+            default_retry_after_ms: raw.default_retry_after_s.saturating_mul(1000),
+            max_retry_after_ms: raw.max_retry_after_s.saturating_mul(1000),
+            circuit_breaker: CircuitBreaker {
+                consecutive_failures: cb.consecutive_failures,
+                open_ms: cb.open_s.saturating_mul(1000),
+            },
+            api_version: raw.api_version,
+        })
+    }
+
+    pub fn backend_by_cluster(&self, cluster: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.cluster == cluster)
+    }
+
+    pub fn backend_by_name(&self, name: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.name == name)
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 48
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+}
+
+fn valid_deployment(name: &str) -> bool {
+    !name.is_empty() && !name.bytes().any(|c| matches!(c, b'/' | b'?' | b'#' | b'%' | b' '))
+}
+
+struct ParsedUrl {
+    scheme: Scheme,
+    host: String,
+    port: u16,
+    authority: String,
+}
+
+fn parse_url(url: &str) -> Result<ParsedUrl, String> {
+    let (scheme, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (Scheme::Https, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (Scheme::Http, r)
+    } else {
+        return Err(format!("\"{url}\" must start with http:// or https://"));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() {
+        return Err(format!("\"{url}\" has no host"));
+    }
+    if authority.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!(
+            "\"{url}\" must be scheme://host[:port] only (no path, query or credentials)"
+        ));
+    }
+    let default_port = if scheme == Scheme::Https { 443 } else { 80 };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or_else(|| format!("\"{url}\" has a bad IPv6 host"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => parse_port(p, url)?,
+            None if after.is_empty() => default_port,
+            None => return Err(format!("\"{url}\" has a bad IPv6 host")),
+        };
+        (h.to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), parse_port(p, url)?),
+            None => (authority.to_string(), default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("\"{url}\" has no host"));
+    }
+    Ok(ParsedUrl { scheme, host, port, authority: authority.to_string() })
+}
+
+fn parse_port(p: &str, url: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(format!("\"{url}\" has a bad port")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(var: &str) -> Option<String> {
+        (var == "EASTUS_KEY").then(|| "k-east".to_string())
+    }
+
+    fn parse(json: &str) -> Result<Config, ConfigError> {
+        Config::parse(json.as_bytes(), Keys::Resolve(&env))
+    }
+
+    const ISSUE_EXAMPLE: &str = r#"{
+      "backends": [
+        { "name": "eastus", "url": "https://eastus.openai.azure.com", "api_key_env": "EASTUS_KEY",
+          "priority": 1, "weight": 2, "deployments": { "gpt-4o": "gpt-4o-ptu" } },
+        { "name": "swedencentral", "url": "https://swc.openai.azure.com", "api_key": "literal-key",
+          "priority": 2, "weight": 1 }
+      ],
+      "retry_on": [429, 500, 502, 503, 504],
+      "default_retry_after_s": 10,
+      "max_retry_after_s": 300,
+      "circuit_breaker": { "consecutive_failures": 5, "open_s": 30 },
+      "api_version": "2024-10-21"
+    }"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = parse(ISSUE_EXAMPLE).unwrap();
+        assert_eq!(c.backends.len(), 2);
+        let east = &c.backends[0];
+        assert_eq!(east.cluster, "spillway_eastus");
+        assert_eq!(east.scheme, Scheme::Https);
+        assert_eq!((east.host.as_str(), east.port), ("eastus.openai.azure.com", 443));
+        assert_eq!(east.api_key.as_ref().unwrap().expose(), "k-east");
+        assert_eq!(east.deployments["gpt-4o"], "gpt-4o-ptu");
+        assert_eq!(c.backends[1].priority, 2);
+        assert_eq!(c.default_retry_after_ms, 10_000);
+        assert_eq!(c.circuit_breaker, CircuitBreaker { consecutive_failures: 5, open_ms: 30_000 });
+        assert_eq!(c.api_version.as_deref(), Some("2024-10-21"));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse(r#"{"backends":[{"name":"a","url":"http://127.0.0.1:8001"}]}"#).unwrap();
+        let a = &c.backends[0];
+        assert_eq!((a.priority, a.weight), (1, 1));
+        assert_eq!((a.host.as_str(), a.port, a.authority.as_str()), ("127.0.0.1", 8001, "127.0.0.1:8001"));
+        assert!(a.api_key.is_none());
+        assert_eq!(c.retry_on, vec![429, 500, 502, 503, 504]);
+        assert_eq!(c.max_retry_after_ms, 300_000);
+    }
+
+    fn rejects(json: &str, field: &str) {
+        let e = parse(json).unwrap_err().to_string();
+        assert!(e.contains(field), "error {e:?} should name {field:?}");
+    }
+
+    #[test]
+    fn rejects_bad_configs_naming_the_field() {
+        rejects("{", "EOF");
+        rejects(r#"{"backends":[]}"#, "backends");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"colour":1}"#, "colour");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x","wieght":2}]}"#, "wieght");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"},{"name":"a","url":"http://y"}]}"#, "backends[1].name");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x","weight":0}]}"#, "backends[0].weight");
+        rejects(r#"{"backends":[{"name":"a","url":"ftp://x"}]}"#, "backends[0].url");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x/openai"}]}"#, "backends[0].url");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x:99999"}]}"#, "backends[0].url");
+        rejects(r#"{"backends":[{"name":"a b","url":"http://x"}]}"#, "backends[0].name");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x","api_key_env":"NOPE"}]}"#, "backends[0].api_key_env");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x","api_key":"k","api_key_env":"EASTUS_KEY"}]}"#, "backends[0].api_key");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x","deployments":{"g":"a/b"}}]}"#, "backends[0].deployments.g");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"retry_on":[200]}"#, "retry_on");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"circuit_breaker":{"consecutive_failures":0}}"#, "circuit_breaker.consecutive_failures");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"default_retry_after_s":0}"#, "default_retry_after_s");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"api_version":"x y"}"#, "api_version");
+    }
+
+    #[test]
+    fn names_only_mode_does_not_need_the_environment() {
+        let c = Config::parse(
+            br#"{"backends":[{"name":"a","url":"http://x","api_key_env":"UNSET_VAR"}]}"#,
+            Keys::NamesOnly,
+        )
+        .unwrap();
+        assert_eq!(c.backends[0].api_key_env.as_deref(), Some("UNSET_VAR"));
+    }
+
+    #[test]
+    fn debug_output_hides_keys() {
+        let c = parse(ISSUE_EXAMPLE).unwrap();
+        let dump = format!("{c:?}");
+        assert!(!dump.contains("literal-key") && !dump.contains("k-east"), "{dump}");
+    }
+
+    #[test]
+    fn ipv6_urls() {
+        let c = parse(r#"{"backends":[{"name":"a","url":"http://[::1]:9000/"}]}"#).unwrap();
+        assert_eq!((c.backends[0].host.as_str(), c.backends[0].port), ("::1", 9000));
+        assert_eq!(c.backends[0].authority, "[::1]:9000");
+    }
+}

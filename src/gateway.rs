@@ -1,0 +1,483 @@
+//! The decisions of both filter roles, free of proxy-wasm:
+//!
+//! * request role (downstream HTTP filter, once per client request): checks
+//!   the path, picks the first backend and names its cluster in a header the
+//!   route's cluster matcher reads;
+//! * attempt role (upstream HTTP filter, once per attempt, Envoy retries
+//!   included): rewrites key, Host and deployment for the attempt's backend,
+//!   names the fallback cluster for the next attempt, and after the answer
+//!   updates health and tells Envoy whether to retry.
+//!
+//! State that must survive from one attempt to the next travels in request
+//! headers: Envoy shares one header map across attempts.
+
+use crate::config::{Config, Secret};
+use crate::health::{Availability, HealthTable};
+use crate::paths;
+use crate::retry_after::RetryAfterPolicy;
+use crate::selection::{Group, Pick, Pool};
+use crate::store::{self, Clock, SharedStore};
+
+/// Internal headers. Clients cannot set them: the request role removes every
+/// `x-spillway-` header a client sends before it writes its own.
+pub mod header {
+    pub const PREFIX: &str = "x-spillway-";
+    /// Request: the cluster the route's matcher sends this attempt to.
+    pub const CLUSTER: &str = "x-spillway-cluster";
+    /// Request: path as the client sent it (plus `api-version`), before any rename.
+    pub const PATH: &str = "x-spillway-path";
+    /// Request: backends already tried for this request, comma separated.
+    pub const TRIED: &str = "x-spillway-tried";
+    /// Response: makes Envoy's `retriable_headers` policy retry this attempt.
+    pub const RETRY: &str = "x-spillway-retry";
+    /// Response: the backend that answered.
+    pub const BACKEND: &str = "x-spillway-backend";
+    /// Response: how many backends were tried.
+    pub const ATTEMPTS: &str = "x-spillway-attempts";
+}
+
+const HEALTH_KEY: &str = "spillway.health.v1";
+
+/// A response the filter answers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl LocalReply {
+    /// An OpenAI-style JSON error.
+    pub fn error(status: u32, code: &str, message: &str) -> LocalReply {
+        let body = serde_json::json!({
+            "error": { "message": message, "type": error_type(status), "param": null, "code": code }
+        })
+        .to_string();
+        LocalReply { status, headers: vec![("content-type", "application/json".to_string())], body }
+    }
+}
+
+fn error_type(status: u32) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestDecision {
+    /// Set `CLUSTER` and `PATH` to these values and let Envoy route.
+    Forward { cluster: String, path: String },
+    Reply(LocalReply),
+}
+
+/// What the attempt role does to one attempt's request headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptPlan<'a> {
+    pub backend: usize,
+    pub backend_name: &'a str,
+    pub path: String,
+    pub authority: &'a str,
+    /// `Some`: set `api-key` to it and drop `authorization`. `None`: leave the
+    /// client's credentials alone (backends without a key).
+    pub api_key: Option<&'a Secret>,
+    /// New value of `TRIED`.
+    pub tried: String,
+    pub attempts: usize,
+    /// Cluster for the next attempt, if another backend can take it.
+    pub fallback_cluster: Option<&'a str>,
+}
+
+/// What the attempt role does with one attempt's response headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseDecision {
+    /// Mark the response retriable: Envoy sends the request to the fallback.
+    pub retry: bool,
+    /// Replace `retry-after` / `retry-after-ms` with this wait (ms): set when
+    /// a 429 reaches the client, to the time until any backend frees.
+    pub retry_after_ms: Option<u64>,
+}
+
+pub struct Gateway {
+    pub config: Config,
+    pool: Pool,
+    names: Vec<String>,
+    retry_after: RetryAfterPolicy,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Gateway {
+        let pool = Pool::new(&config.backends);
+        let names = config.backends.iter().map(|b| b.name.clone()).collect();
+        let retry_after = RetryAfterPolicy {
+            default_ms: config.default_retry_after_ms,
+            max_ms: config.max_retry_after_ms,
+        };
+        Gateway { config, pool, names, retry_after }
+    }
+
+    fn name_refs(&self) -> Vec<&str> {
+        self.names.iter().map(String::as_str).collect()
+    }
+
+    pub fn read_health(&self, store: &dyn SharedStore) -> HealthTable {
+        match store.get(HEALTH_KEY).0 {
+            Some(bytes) => HealthTable::decode(&bytes, &self.name_refs()),
+            None => HealthTable::new(self.names.len()),
+        }
+    }
+
+    /// CAS-updates the health table; `change` returns whether it changed
+    /// anything (no write otherwise). Returns the table as written.
+    pub fn update_health(
+        &self,
+        store: &dyn SharedStore,
+        mut change: impl FnMut(&mut HealthTable) -> bool,
+    ) -> Option<HealthTable> {
+        let names = self.name_refs();
+        store::update(store, HEALTH_KEY, |bytes| {
+            let mut table = match bytes {
+                Some(b) => HealthTable::decode(b, &names),
+                None => HealthTable::new(names.len()),
+            };
+            let changed = change(&mut table);
+            let encoded = changed.then(|| table.encode(&names));
+            (table, encoded)
+        })
+    }
+
+    /// Request role: decide where a client request goes first.
+    pub fn route_request(&self, store: &dyn SharedStore, clock: &dyn Clock, path: &str) -> RequestDecision {
+        if !paths::is_api_path(path) {
+            return RequestDecision::Reply(LocalReply::error(
+                404,
+                "404",
+                "Resource not found: Spillway serves /openai/... (Azure OpenAI) and /v1/... (OpenAI) paths",
+            ));
+        }
+        let now = clock.now_ms();
+        let health = self.read_health(store);
+        let cb = self.config.circuit_breaker;
+        let mut rotate = |g: &Group| store::fetch_increment(store, &g.counter_key);
+        let mut lease_probe = |i: usize| self.lease_probe(store, now, i);
+        let pick = self.pool.pick(&health, &cb, now, &[], &mut rotate, Some(&mut lease_probe));
+        match pick {
+            Pick::Backend(i) => match self.config.backends.get(i) {
+                Some(b) => RequestDecision::Forward {
+                    cluster: b.cluster.clone(),
+                    path: paths::with_api_version(path, self.config.api_version.as_deref()),
+                },
+                None => RequestDecision::Reply(all_busy(1_000)),
+            },
+            Pick::NoneUntil(until) => RequestDecision::Reply(all_busy(until.saturating_sub(now))),
+        }
+    }
+
+    /// Takes the single probe of a half-open backend; false if another
+    /// request holds it already.
+    fn lease_probe(&self, store: &dyn SharedStore, now: u64, i: usize) -> bool {
+        let cb = self.config.circuit_breaker;
+        // A probe that never reports back (worker restart) must not keep the
+        // backend out for ever: the lease ends after one open period.
+        let lease_until = now.saturating_add(cb.open_ms);
+        let mut won = false;
+        self.update_health(store, |t| {
+            won = false;
+            match t.get_mut(i) {
+                Some(h) if h.availability(now, &cb) == Availability::NeedsProbe => {
+                    h.probe_until_ms = lease_until;
+                    won = true;
+                    true
+                }
+                _ => false,
+            }
+        });
+        won
+    }
+
+    /// Attempt role, request headers. `cluster` is the attempt's Envoy
+    /// cluster; `None` when it is not one of ours (leave the request alone).
+    pub fn plan_attempt<'a>(
+        &'a self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        cluster: &str,
+        original_path: &str,
+        tried: Option<&str>,
+    ) -> Option<AttemptPlan<'a>> {
+        let backend_index = self.config.backend_by_cluster(cluster)?;
+        let backend = self.config.backends.get(backend_index)?;
+        let mut tried_indices: Vec<usize> = tried
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|n| self.config.backend_by_name(n.trim()))
+            .collect();
+        if !tried_indices.contains(&backend_index) {
+            tried_indices.push(backend_index);
+        }
+        let tried_value = tried_indices
+            .iter()
+            .filter_map(|&i| self.names.get(i).map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(",");
+        let now = clock.now_ms();
+        let health = self.read_health(store);
+        let cb = self.config.circuit_breaker;
+        // Fallbacks read the rotation without advancing it: an attempt that
+        // succeeds must not shift the round robin.
+        let mut peek = |g: &Group| store::read_counter(store, &g.counter_key);
+        let fallback_cluster = match self.pool.pick(&health, &cb, now, &tried_indices, &mut peek, None) {
+            Pick::Backend(i) => self.config.backends.get(i).map(|b| b.cluster.as_str()),
+            Pick::NoneUntil(_) => None,
+        };
+        Some(AttemptPlan {
+            backend: backend_index,
+            backend_name: &backend.name,
+            path: paths::rename_deployment(original_path, &backend.deployments),
+            authority: &backend.authority,
+            api_key: backend.api_key.as_ref(),
+            attempts: tried_indices.len(),
+            tried: tried_value,
+            fallback_cluster,
+        })
+    }
+
+    /// Attempt role, response headers: record what the answer says about the
+    /// backend and decide whether Envoy should retry elsewhere.
+    pub fn on_attempt_response(
+        &self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        backend: usize,
+        has_fallback: bool,
+        status: u32,
+        retry_after_ms: Option<&str>,
+        retry_after: Option<&str>,
+    ) -> ResponseDecision {
+        let now = clock.now_ms();
+        let cb = self.config.circuit_breaker;
+        let retriable = u16::try_from(status).is_ok_and(|s| self.config.retry_on.contains(&s));
+        let table = if status == 429 {
+            let wait = self.retry_after.wait_ms(retry_after_ms, retry_after, now);
+            self.update_health(store, |t| match t.get_mut(backend) {
+                Some(h) => {
+                    h.record_throttle(now, wait);
+                    true
+                }
+                None => false,
+            })
+        } else if status >= 500 {
+            self.update_health(store, |t| match t.get_mut(backend) {
+                Some(h) => {
+                    h.record_failure(now, &cb);
+                    true
+                }
+                None => false,
+            })
+        } else {
+            // Healthy answers are the common case: only write when a failure
+            // run or an open circuit needs clearing.
+            if !self.read_health(store).get(backend).is_clean() {
+                self.update_health(store, |t| match t.get_mut(backend) {
+                    Some(h) if !h.is_clean() => {
+                        h.record_success();
+                        true
+                    }
+                    _ => false,
+                });
+            }
+            None
+        };
+        if retriable && has_fallback {
+            return ResponseDecision { retry: true, retry_after_ms: None };
+        }
+        let retry_after_ms = (status == 429).then(|| {
+            let table = table.unwrap_or_else(|| self.read_health(store));
+            let soonest = (0..self.names.len())
+                .filter_map(|i| match table.get(i).availability(now, &cb) {
+                    Availability::Unavailable { until_ms } => Some(until_ms),
+                    _ => None,
+                })
+                .min();
+            soonest.map_or(self.config.default_retry_after_ms, |u| u.saturating_sub(now)).max(1)
+        });
+        ResponseDecision { retry: false, retry_after_ms }
+    }
+
+    /// Attempt role: the attempt ended without response headers (connection
+    /// refused, reset, timeout). Counts as a failure for the circuit breaker.
+    pub fn on_attempt_lost(&self, store: &dyn SharedStore, clock: &dyn Clock, backend: usize) {
+        let now = clock.now_ms();
+        let cb = self.config.circuit_breaker;
+        self.update_health(store, |t| match t.get_mut(backend) {
+            Some(h) => {
+                h.record_failure(now, &cb);
+                true
+            }
+            None => false,
+        });
+    }
+}
+
+/// Every backend is throttled or open: answer 429 with the wait until the
+/// first one frees (whole seconds, at least 1, rounded up so it is never
+/// shorter than the real wait).
+fn all_busy(wait_ms: u64) -> LocalReply {
+    let wait_ms = wait_ms.max(1);
+    let secs = wait_ms.div_ceil(1000).max(1);
+    let mut reply = LocalReply::error(
+        429,
+        "429",
+        &format!("All backends are throttled or unavailable. Please retry after {secs} seconds."),
+    );
+    reply.headers.push(("retry-after", secs.to_string()));
+    reply.headers.push(("retry-after-ms", wait_ms.to_string()));
+    reply.headers.push((header::ATTEMPTS, "0".to_string()));
+    reply
+}
+
+/// `retry-after` seconds for a wait in ms, rounded up.
+pub fn retry_after_secs(wait_ms: u64) -> u64 {
+    wait_ms.div_ceil(1000).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Keys;
+    use crate::store::{ManualClock, MemoryStore};
+
+    fn gateway(extra: &str) -> Gateway {
+        let json = format!(
+            r#"{{"backends":[
+                {{"name":"east","url":"http://127.0.0.1:1","api_key":"k-east","deployments":{{"gpt-4o":"gpt-4o-ptu"}}}},
+                {{"name":"west","url":"http://127.0.0.1:2","api_key":"k-west"}},
+                {{"name":"paygo","url":"https://paygo.example.com","priority":2}}
+            ],"api_version":"2024-10-21","circuit_breaker":{{"consecutive_failures":2,"open_s":30}}{extra}}}"#
+        );
+        Gateway::new(Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap())
+    }
+
+    const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions";
+
+    fn forward(g: &Gateway, s: &MemoryStore, c: &ManualClock) -> (String, String) {
+        match g.route_request(s, c, CHAT) {
+            RequestDecision::Forward { cluster, path } => (cluster, path),
+            other => panic!("expected forward, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_rotate_within_the_first_priority_and_get_api_version() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(1_000));
+        let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
+        assert_eq!(clusters, ["spillway_east", "spillway_west", "spillway_east", "spillway_west"]);
+        assert_eq!(forward(&g, &s, &c).1, format!("{CHAT}?api-version=2024-10-21"));
+    }
+
+    #[test]
+    fn unknown_paths_get_an_openai_style_404() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
+        let RequestDecision::Reply(r) = g.route_request(&s, &c, "/admin") else { panic!() };
+        assert_eq!(r.status, 404);
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["error"]["type"], "not_found_error");
+    }
+
+    #[test]
+    fn attempt_rewrites_for_its_backend_and_names_a_different_fallback() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
+        let plan = g.plan_attempt(&s, &c, "spillway_east", CHAT, None).unwrap();
+        assert_eq!(plan.path, "/openai/deployments/gpt-4o-ptu/chat/completions");
+        assert_eq!(plan.authority, "127.0.0.1:1");
+        assert_eq!(plan.api_key.unwrap().expose(), "k-east");
+        assert_eq!((plan.tried.as_str(), plan.attempts), ("east", 1));
+        assert_eq!(plan.fallback_cluster, Some("spillway_west"));
+
+        let second = g.plan_attempt(&s, &c, "spillway_west", CHAT, Some(&plan.tried)).unwrap();
+        assert_eq!(second.path, CHAT);
+        assert_eq!((second.tried.as_str(), second.attempts), ("east,west", 2));
+        assert_eq!(second.fallback_cluster, Some("spillway_paygo"));
+
+        let third = g.plan_attempt(&s, &c, "spillway_paygo", CHAT, Some(&second.tried)).unwrap();
+        assert_eq!(third.api_key, None);
+        assert_eq!(third.authority, "paygo.example.com");
+        assert_eq!(third.fallback_cluster, None);
+        assert!(g.plan_attempt(&s, &c, "some_other_cluster", CHAT, None).is_none());
+    }
+
+    #[test]
+    fn a_429_throttles_the_backend_and_retries_elsewhere() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(10_000));
+        let d = g.on_attempt_response(&s, &c, 0, true, 429, None, Some("20"));
+        assert_eq!(d, ResponseDecision { retry: true, retry_after_ms: None });
+        // East is now skipped by every new request until its deadline.
+        for _ in 0..4 {
+            assert_eq!(forward(&g, &s, &c).0, "spillway_west");
+        }
+        c.advance(20_000);
+        let clusters: Vec<String> = (0..2).map(|_| forward(&g, &s, &c).0).collect();
+        assert!(clusters.contains(&"spillway_east".to_string()));
+    }
+
+    #[test]
+    fn last_429_reaches_the_client_with_the_soonest_wait() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
+        g.on_attempt_response(&s, &c, 0, true, 429, Some("30000"), None);
+        g.on_attempt_response(&s, &c, 1, true, 429, None, Some("8"));
+        let d = g.on_attempt_response(&s, &c, 2, false, 429, None, Some("60"));
+        assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000) });
+        // A new request is answered locally with the same soonest wait.
+        c.advance(500);
+        let RequestDecision::Reply(r) = g.route_request(&s, &c, CHAT) else { panic!() };
+        assert_eq!(r.status, 429);
+        assert!(r.headers.contains(&("retry-after", "8".to_string())), "{:?}", r.headers);
+        assert!(r.headers.contains(&("retry-after-ms", "7500".to_string())));
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["error"]["code"], "429");
+    }
+
+    #[test]
+    fn status_not_in_retry_on_is_not_retried() {
+        let (g, s, c) = (gateway(r#","retry_on":[429]"#), MemoryStore::default(), ManualClock::at(0));
+        let d = g.on_attempt_response(&s, &c, 0, true, 500, None, None);
+        assert!(!d.retry);
+        let d = g.on_attempt_response(&s, &c, 0, true, 400, None, None);
+        assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: None });
+    }
+
+    #[test]
+    fn failures_open_the_circuit_and_a_probe_closes_it() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
+        assert!(g.on_attempt_response(&s, &c, 0, true, 503, None, None).retry);
+        g.on_attempt_lost(&s, &c, 0);
+        for _ in 0..4 {
+            assert_eq!(forward(&g, &s, &c).0, "spillway_west");
+        }
+        c.advance(30_000);
+        // Exactly one request probes east; the others keep going west.
+        let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
+        assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 1, "{clusters:?}");
+        // The probe answers 200: east is back in rotation.
+        g.on_attempt_response(&s, &c, 0, false, 200, None, None);
+        let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
+        assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 2, "{clusters:?}");
+    }
+
+    #[test]
+    fn healthy_answers_do_not_write_shared_data() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
+        g.on_attempt_response(&s, &c, 0, true, 200, None, None);
+        assert_eq!(s.get(HEALTH_KEY), (None, None));
+    }
+
+    #[test]
+    fn client_cannot_smuggle_unknown_backends_into_tried() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
+        let plan = g.plan_attempt(&s, &c, "spillway_east", CHAT, Some("bogus,,west")).unwrap();
+        assert_eq!(plan.tried, "west,east");
+    }
+}

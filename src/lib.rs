@@ -1,0 +1,17 @@
+//! Spillway: one smart endpoint in front of many Azure OpenAI /
+//! OpenAI-compatible deployments, as a proxy-wasm filter for Envoy.
+//!
+//! Everything that decides lives in plain Rust modules tested natively; the
+//! `wasm` module is the thin glue to the proxy-wasm host.
+
+pub mod config;
+pub mod gateway;
+pub mod health;
+pub mod paths;
+pub mod render;
+pub mod retry_after;
+pub mod selection;
+pub mod store;
+
+#[cfg(target_arch = "wasm32")]
+mod wasm;

@@ -1,0 +1,105 @@
+//! Request paths: which ones Spillway serves, the Azure `api-version` query
+//! parameter, and renaming the deployment segment per backend.
+
+use std::collections::BTreeMap;
+
+const AZURE_DEPLOYMENTS: &str = "/openai/deployments/";
+
+/// Azure (`/openai/...`) and OpenAI-style (`/v1/...`) API paths.
+pub fn is_api_path(path: &str) -> bool {
+    path.starts_with("/openai/") || path.starts_with("/v1/")
+}
+
+/// Azure's classic data plane needs `api-version`; the `/openai/v1/` plane does not.
+pub fn with_api_version(path: &str, version: Option<&str>) -> String {
+    let Some(version) = version else { return path.to_string() };
+    if !path.starts_with("/openai/") || path.starts_with("/openai/v1/") {
+        return path.to_string();
+    }
+    let (_, query) = split_query(path);
+    let has_version = query
+        .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("api-version")));
+    if has_version {
+        return path.to_string();
+    }
+    let sep = match query {
+        None => "?",
+        Some("") => "",
+        Some(_) => "&",
+    };
+    format!("{path}{sep}api-version={version}")
+}
+
+/// The deployment named in an Azure classic path, if any.
+pub fn deployment(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix(AZURE_DEPLOYMENTS)?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    rest.get(..end).filter(|d| !d.is_empty())
+}
+
+/// Renames the deployment segment according to a backend's `deployments` map.
+pub fn rename_deployment(path: &str, renames: &BTreeMap<String, String>) -> String {
+    if renames.is_empty() {
+        return path.to_string();
+    }
+    match deployment(path).and_then(|d| renames.get(d).map(|to| (d.len(), to))) {
+        Some((len, to)) => {
+            let start = AZURE_DEPLOYMENTS.len();
+            let tail = path.get(start + len..).unwrap_or("");
+            format!("{AZURE_DEPLOYMENTS}{to}{tail}")
+        }
+        None => path.to_string(),
+    }
+}
+
+fn split_query(path: &str) -> (&str, Option<&str>) {
+    match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_paths() {
+        assert!(is_api_path("/openai/deployments/x/chat/completions"));
+        assert!(is_api_path("/v1/embeddings"));
+        assert!(!is_api_path("/"));
+        assert!(!is_api_path("/openaix"));
+        assert!(!is_api_path("/admin"));
+    }
+
+    #[test]
+    fn adds_api_version_only_when_missing_and_needed() {
+        let v = Some("2024-10-21");
+        assert_eq!(
+            with_api_version("/openai/deployments/g/chat/completions", v),
+            "/openai/deployments/g/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(with_api_version("/openai/deployments/g/embeddings?x=1", v), "/openai/deployments/g/embeddings?x=1&api-version=2024-10-21");
+        assert_eq!(with_api_version("/openai/deployments/g/embeddings?", v), "/openai/deployments/g/embeddings?api-version=2024-10-21");
+        let kept = "/openai/deployments/g/embeddings?api-version=2023-05-15";
+        assert_eq!(with_api_version(kept, v), kept);
+        assert_eq!(with_api_version("/openai/v1/chat/completions", v), "/openai/v1/chat/completions");
+        assert_eq!(with_api_version("/v1/chat/completions", v), "/v1/chat/completions");
+        assert_eq!(with_api_version("/openai/deployments/g/x", None), "/openai/deployments/g/x");
+    }
+
+    #[test]
+    fn renames_the_deployment_segment() {
+        let map: BTreeMap<String, String> = [("gpt-4o".to_string(), "gpt-4o-ptu".to_string())].into();
+        assert_eq!(
+            rename_deployment("/openai/deployments/gpt-4o/chat/completions?api-version=1", &map),
+            "/openai/deployments/gpt-4o-ptu/chat/completions?api-version=1"
+        );
+        assert_eq!(rename_deployment("/openai/deployments/gpt-4o?x", &map), "/openai/deployments/gpt-4o-ptu?x");
+        let other = "/openai/deployments/gpt-4o-mini/chat/completions";
+        assert_eq!(rename_deployment(other, &map), other);
+        assert_eq!(rename_deployment("/v1/chat/completions", &map), "/v1/chat/completions");
+        assert_eq!(deployment("/openai/deployments//chat"), None);
+        assert_eq!(deployment("/openai/deployments/dall-e-3/images/generations"), Some("dall-e-3"));
+    }
+}

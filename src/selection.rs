@@ -1,0 +1,291 @@
+//! Backend selection: priority groups, smooth weighted round robin inside a
+//! group, availability from the health table. Pure: the rotation counters
+//! and probe leases come in through closures.
+
+use crate::config::Backend;
+use crate::health::{Availability, HealthTable};
+use crate::config::CircuitBreaker;
+
+/// The backends of one priority, with the order smooth weighted round robin
+/// visits them in (one full cycle; the shared counter indexes into it).
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub priority: u32,
+    pub members: Vec<usize>,
+    pub schedule: Vec<usize>,
+    /// Shared-data key of the group's rotation counter; includes the members
+    /// and weights so a changed config starts a fresh rotation.
+    pub counter_key: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub groups: Vec<Group>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Use this backend (index into `Config::backends`).
+    Backend(usize),
+    /// Nothing can take the request before this epoch ms (0 when nothing will).
+    NoneUntil(u64),
+}
+
+impl Pool {
+    pub fn new(backends: &[Backend]) -> Pool {
+        let mut priorities: Vec<u32> = backends.iter().map(|b| b.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        let groups = priorities
+            .into_iter()
+            .map(|priority| {
+                let members: Vec<usize> = (0..backends.len())
+                    .filter(|&i| backends.get(i).is_some_and(|b| b.priority == priority))
+                    .collect();
+                let weights: Vec<u32> =
+                    members.iter().filter_map(|&i| backends.get(i)).map(|b| b.weight).collect();
+                let schedule = smooth_wrr_cycle(&weights)
+                    .into_iter()
+                    .filter_map(|slot| members.get(slot).copied())
+                    .collect();
+                let mut counter_key = format!("spillway.rr.p{priority}");
+                for b in members.iter().filter_map(|&i| backends.get(i)) {
+                    counter_key.push_str(&format!(".{}*{}", b.name, b.weight));
+                }
+                Group { priority, members, schedule, counter_key }
+            })
+            .collect();
+        Pool { groups }
+    }
+
+    /// Chooses the backend for a request.
+    ///
+    /// Walks the groups in priority order; the first group with a usable,
+    /// not excluded member asks `rotation` for its position (the caller
+    /// increments the shared counter for a first pick and only reads it for
+    /// a fallback), then takes the first usable member from there in the
+    /// group's schedule. `probe` is asked to lease the single probe of a
+    /// half-open backend; with `probe = None` half-open backends are skipped.
+    pub fn pick(
+        &self,
+        health: &HealthTable,
+        cb: &CircuitBreaker,
+        now_ms: u64,
+        exclude: &[usize],
+        rotation: &mut dyn FnMut(&Group) -> u64,
+        mut probe: Option<&mut dyn FnMut(usize) -> bool>,
+    ) -> Pick {
+        let mut soonest: u64 = u64::MAX;
+        let mut usable = |i: usize, soonest: &mut u64| -> Option<bool> {
+            if exclude.contains(&i) {
+                return None;
+            }
+            match health.get(i).availability(now_ms, cb) {
+                Availability::Available => Some(false),
+                Availability::NeedsProbe => Some(true),
+                Availability::Unavailable { until_ms } => {
+                    *soonest = (*soonest).min(until_ms);
+                    None
+                }
+            }
+        };
+        for group in &self.groups {
+            let mut any = false;
+            for &i in &group.members {
+                if let Some(needs_probe) = usable(i, &mut soonest) {
+                    any |= !needs_probe || probe.is_some();
+                }
+            }
+            if !any || group.schedule.is_empty() {
+                continue;
+            }
+            let start = rotation(group);
+            let len = group.schedule.len() as u64;
+            for step in 0..len {
+                let slot = usize::try_from((start.wrapping_add(step)) % len).unwrap_or(0);
+                let Some(&i) = group.schedule.get(slot) else { continue };
+                match usable(i, &mut soonest) {
+                    Some(false) => return Pick::Backend(i),
+                    Some(true) => {
+                        if let Some(lease) = probe.as_mut() {
+                            if lease(i) {
+                                return Pick::Backend(i);
+                            }
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        Pick::NoneUntil(if soonest == u64::MAX { 0 } else { soonest })
+    }
+}
+
+/// One cycle of nginx's smooth weighted round robin over slots `0..weights.len()`:
+/// each slot appears `weight / gcd` times, spread out rather than in runs.
+pub fn smooth_wrr_cycle(weights: &[u32]) -> Vec<usize> {
+    let g = weights.iter().copied().fold(0, gcd).max(1);
+    let weights: Vec<i64> = weights.iter().map(|&w| i64::from(w / g)).collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut cycle = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for _ in 0..total {
+        for (c, w) in current.iter_mut().zip(&weights) {
+            *c += w;
+        }
+        // The first maximum wins ties, which keeps the cycle deterministic.
+        let mut best = 0;
+        let mut best_val = i64::MIN;
+        for (i, c) in current.iter().enumerate() {
+            if *c > best_val {
+                best_val = *c;
+                best = i;
+            }
+        }
+        if let Some(c) = current.get_mut(best) {
+            *c -= total;
+        }
+        cycle.push(best);
+    }
+    cycle
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Keys};
+    use std::collections::HashMap;
+
+    const CB: CircuitBreaker = CircuitBreaker { consecutive_failures: 2, open_ms: 10_000 };
+
+    fn config(backends: &[(&str, u32, u32)]) -> Config {
+        let list: Vec<String> = backends
+            .iter()
+            .map(|(n, p, w)| format!(r#"{{"name":"{n}","url":"http://{n}","priority":{p},"weight":{w}}}"#))
+            .collect();
+        Config::parse(format!(r#"{{"backends":[{}]}}"#, list.join(",")).as_bytes(), Keys::NamesOnly).unwrap()
+    }
+
+    /// Runs `n` first picks with a shared counter per group; counts per backend name.
+    fn run(cfg: &Config, health: &HealthTable, n: usize) -> HashMap<String, usize> {
+        let pool = Pool::new(&cfg.backends);
+        let mut counters: HashMap<String, u64> = HashMap::new();
+        let mut seen = HashMap::new();
+        for _ in 0..n {
+            let mut rot = |g: &Group| {
+                let c = counters.entry(g.counter_key.clone()).or_insert(0);
+                *c += 1;
+                *c - 1
+            };
+            if let Pick::Backend(i) = pool.pick(health, &CB, 0, &[], &mut rot, None) {
+                *seen.entry(cfg.backends[i].name.clone()).or_insert(0) += 1;
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn smooth_cycle_spreads_heavy_weights() {
+        assert_eq!(smooth_wrr_cycle(&[2, 1]), vec![0, 1, 0]);
+        assert_eq!(smooth_wrr_cycle(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_wrr_cycle(&[50, 50]), vec![0, 1]);
+        assert_eq!(smooth_wrr_cycle(&[1]), vec![0]);
+    }
+
+    #[test]
+    fn equal_weights_rotate_evenly() {
+        let cfg = config(&[("a", 1, 1), ("b", 1, 1), ("c", 1, 1)]);
+        let seen = run(&cfg, &HealthTable::new(3), 30);
+        assert_eq!((seen["a"], seen["b"], seen["c"]), (10, 10, 10));
+    }
+
+    #[test]
+    fn weights_set_the_ratio() {
+        let cfg = config(&[("a", 1, 3), ("b", 1, 1)]);
+        let seen = run(&cfg, &HealthTable::new(2), 400);
+        assert_eq!((seen["a"], seen["b"]), (300, 100));
+    }
+
+    #[test]
+    fn lower_priority_only_when_the_better_group_is_out() {
+        let cfg = config(&[("ptu", 1, 1), ("paygo", 2, 1)]);
+        let mut health = HealthTable::new(2);
+        assert_eq!(run(&cfg, &health, 10).get("paygo"), None);
+        health.entries[0].record_throttle(0, 5_000);
+        assert_eq!(run(&cfg, &health, 10)["paygo"], 10);
+    }
+
+    #[test]
+    fn throttled_member_is_skipped_within_its_group() {
+        let cfg = config(&[("a", 1, 1), ("b", 1, 1), ("c", 2, 1)]);
+        let mut health = HealthTable::new(3);
+        health.entries[0].record_throttle(0, 5_000);
+        let seen = run(&cfg, &health, 10);
+        assert_eq!(seen["b"], 10);
+        assert_eq!(seen.get("c"), None);
+    }
+
+    #[test]
+    fn all_unavailable_reports_the_soonest_deadline() {
+        let cfg = config(&[("a", 1, 1), ("b", 2, 1)]);
+        let mut health = HealthTable::new(2);
+        health.entries[0].record_throttle(0, 7_000);
+        health.entries[1].record_throttle(0, 3_000);
+        let pool = Pool::new(&cfg.backends);
+        let pick = pool.pick(&health, &CB, 0, &[], &mut |_| 0, None);
+        assert_eq!(pick, Pick::NoneUntil(3_000));
+    }
+
+    #[test]
+    fn exclusion_gives_a_different_backend_or_none() {
+        let cfg = config(&[("a", 1, 1), ("b", 1, 1)]);
+        let pool = Pool::new(&cfg.backends);
+        let health = HealthTable::new(2);
+        for start in 0..4 {
+            assert_eq!(pool.pick(&health, &CB, 0, &[0], &mut |_| start, None), Pick::Backend(1));
+        }
+        assert_eq!(pool.pick(&health, &CB, 0, &[0, 1], &mut |_| 0, None), Pick::NoneUntil(0));
+    }
+
+    #[test]
+    fn half_open_backend_takes_one_probe() {
+        let cfg = config(&[("a", 1, 1), ("b", 2, 1)]);
+        let pool = Pool::new(&cfg.backends);
+        let mut health = HealthTable::new(2);
+        health.entries[0].record_failure(0, &CB);
+        health.entries[0].record_failure(0, &CB);
+        let now = 10_000; // open time over
+        let mut leased = 0;
+        let mut lease = |_i: usize| {
+            leased += 1;
+            leased == 1
+        };
+        assert_eq!(pool.pick(&health, &CB, now, &[], &mut |_| 0, Some(&mut lease)), Pick::Backend(0));
+        // Lease taken by someone else: spill to the next priority.
+        assert_eq!(pool.pick(&health, &CB, now, &[], &mut |_| 0, Some(&mut lease)), Pick::Backend(1));
+        // Fallbacks never probe.
+        assert_eq!(pool.pick(&health, &CB, now, &[], &mut |_| 0, None), Pick::Backend(1));
+    }
+
+    #[test]
+    fn rotation_is_consulted_only_for_the_chosen_group() {
+        let cfg = config(&[("a", 1, 1), ("b", 2, 1)]);
+        let pool = Pool::new(&cfg.backends);
+        let mut health = HealthTable::new(2);
+        health.entries[0].record_throttle(0, 1_000);
+        let mut asked = Vec::new();
+        pool.pick(&health, &CB, 0, &[], &mut |g| {
+            asked.push(g.priority);
+            0
+        }, None);
+        assert_eq!(asked, vec![2]);
+    }
+}

@@ -1,0 +1,159 @@
+//! The host services the decisions need, behind small traits so the logic
+//! runs natively in `cargo test`: a clock and Envoy's shared data (a
+//! process-wide key/value store with compare-and-swap).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+pub trait Clock {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreError {
+    /// Another worker wrote the key since we read it.
+    CasMismatch,
+    /// Any other host failure.
+    Unavailable,
+}
+
+pub trait SharedStore {
+    /// The value and its CAS token (`None` when the key does not exist).
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Writes `value` if the key's token still equals `cas` (`None`: unconditional).
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
+}
+
+/// How often a CAS loop retries before giving up on a conflicting key.
+pub const CAS_ATTEMPTS: usize = 16;
+
+/// Read-modify-write with CAS retries. `change` gets the current bytes and
+/// returns the new value, or `None` when nothing needs writing. Returns the
+/// value that was written (or left alone), or `None` if every try conflicted.
+pub fn update<T>(
+    store: &dyn SharedStore,
+    key: &str,
+    mut change: impl FnMut(Option<&[u8]>) -> (T, Option<Vec<u8>>),
+) -> Option<T> {
+    for _ in 0..CAS_ATTEMPTS {
+        let (current, cas) = store.get(key);
+        let (result, new_value) = change(current.as_deref());
+        let Some(new_value) = new_value else {
+            return Some(result);
+        };
+        match store.set(key, &new_value, cas) {
+            Ok(()) => return Some(result),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Unavailable) => return None,
+        }
+    }
+    None
+}
+
+/// Atomically adds one to a decimal counter; returns the value before.
+/// Falls back to the last value read if every CAS try lost a race, so a
+/// request is never failed over bookkeeping.
+pub fn fetch_increment(store: &dyn SharedStore, key: &str) -> u64 {
+    let mut last = 0;
+    update(store, key, |current| {
+        let n = parse_counter(current);
+        last = n;
+        (n, Some(n.wrapping_add(1).to_string().into_bytes()))
+    })
+    .unwrap_or(last)
+}
+
+pub fn read_counter(store: &dyn SharedStore, key: &str) -> u64 {
+    parse_counter(store.get(key).0.as_deref())
+}
+
+fn parse_counter(bytes: Option<&[u8]>) -> u64 {
+    bytes
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// In-process store with Envoy's CAS semantics, for tests and native tools.
+#[derive(Default)]
+pub struct MemoryStore {
+    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    next_cas: Cell<u32>,
+    /// Forces the next N `set` calls to fail with `CasMismatch` (tests).
+    pub conflicts_to_inject: Cell<u32>,
+}
+
+impl SharedStore for MemoryStore {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        match self.map.borrow().get(key) {
+            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+            None => (None, None),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        if self.conflicts_to_inject.get() > 0 {
+            self.conflicts_to_inject.set(self.conflicts_to_inject.get() - 1);
+            return Err(StoreError::CasMismatch);
+        }
+        let mut map = self.map.borrow_mut();
+        if let (Some(expected), Some((_, current))) = (cas, map.get(key)) {
+            if expected != *current {
+                return Err(StoreError::CasMismatch);
+            }
+        }
+        self.next_cas.set(self.next_cas.get().wrapping_add(1).max(1));
+        map.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
+        Ok(())
+    }
+}
+
+/// A clock tests set by hand.
+pub struct ManualClock(pub Cell<u64>);
+
+impl ManualClock {
+    pub fn at(ms: u64) -> Self {
+        ManualClock(Cell::new(ms))
+    }
+    pub fn advance(&self, ms: u64) {
+        self.0.set(self.0.get() + ms);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn increment_survives_cas_conflicts() {
+        let s = MemoryStore::default();
+        assert_eq!(fetch_increment(&s, "c"), 0);
+        s.conflicts_to_inject.set(3);
+        assert_eq!(fetch_increment(&s, "c"), 1);
+        assert_eq!(read_counter(&s, "c"), 2);
+    }
+
+    #[test]
+    fn stale_cas_is_rejected() {
+        let s = MemoryStore::default();
+        s.set("k", b"1", None).unwrap();
+        let (_, cas) = s.get("k");
+        s.set("k", b"2", cas).unwrap();
+        assert_eq!(s.set("k", b"3", cas), Err(StoreError::CasMismatch));
+    }
+
+    #[test]
+    fn update_gives_up_after_persistent_conflicts() {
+        let s = MemoryStore::default();
+        s.conflicts_to_inject.set(CAS_ATTEMPTS as u32);
+        assert_eq!(update(&s, "k", |_| ((), Some(b"x".to_vec()))), None);
+        assert_eq!(update(&s, "k", |_| ((), None)), Some(()));
+    }
+}
