@@ -76,7 +76,7 @@ impl Pool {
         mut probe: Option<&mut dyn FnMut(usize) -> bool>,
     ) -> Pick {
         let mut soonest: u64 = u64::MAX;
-        let mut usable = |i: usize, soonest: &mut u64| -> Option<bool> {
+        let usable = |i: usize, soonest: &mut u64| -> Option<bool> {
             if exclude.contains(&i) {
                 return None;
             }

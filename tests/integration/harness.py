@@ -1,0 +1,192 @@
+"""Real processes for integration tests: Rust mock backends and Envoy with the built filter.
+
+Everything listens on 127.0.0.1 with ports picked at run time; every process is
+stopped when its context ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+WASM = TARGET / "wasm32-wasip1" / "release" / "spillway.wasm"
+RENDER = TARGET / "release" / "spillway-render"
+MOCK = TARGET / "release" / "spillway-mock"
+ENVOY = Path(os.environ.get("SPILLWAY_ENVOY", ROOT / ".venv" / "bin" / "envoy"))
+
+
+def require_artifacts() -> None:
+    missing = [str(p) for p in (WASM, RENDER, MOCK, ENVOY) if not p.exists()]
+    if missing:
+        raise RuntimeError(
+            "missing build artifacts (run scripts/test.sh, which builds them): " + ", ".join(missing)
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - retried until the deadline
+            last_error = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}: {last_error}")
+
+
+class MockBackend:
+    """One spillway-mock process (an Azure OpenAI look-alike)."""
+
+    def __init__(self, name: str, api_key: str | None = None, *args: str):
+        self.name = name
+        self.api_key = api_key
+        cmd = [str(MOCK), "--name", name, "--listen", "127.0.0.1:0"]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        cmd += list(args)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("LISTENING "):
+            self.stop()
+            raise RuntimeError(f"mock {name} did not start: {line!r}")
+        self.address = line.split(" ", 1)[1]
+        self.url = f"http://{self.address}"
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+
+    def configure(self, **settings: Any) -> dict:
+        r = self.client.post("/_mock/config", json=settings)
+        r.raise_for_status()
+        return r.json()
+
+    def reset(self) -> None:
+        self.client.post("/_mock/reset").raise_for_status()
+
+    def stats(self) -> dict:
+        r = self.client.get("/_mock/stats")
+        r.raise_for_status()
+        return r.json()
+
+    def requests(self) -> list[dict]:
+        return self.stats()["requests"]
+
+    def count(self) -> int:
+        return self.stats()["requests_total"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "client"):
+            self.client.close()
+
+
+def render(filter_config: dict | str, workdir: Path, listen_port: int, admin_port: int,
+           extra_args: list[str] | None = None) -> Path:
+    """Renders an Envoy bootstrap for a filter JSON with the project's renderer."""
+    cfg = workdir / "filter.json"
+    cfg.write_text(filter_config if isinstance(filter_config, str) else json.dumps(filter_config, indent=2))
+    out = workdir / "envoy.yaml"
+    cmd = [str(RENDER), str(cfg), "--wasm", str(WASM), "--listen", f"127.0.0.1:{listen_port}",
+           "--admin", f"127.0.0.1:{admin_port}", "--output", str(out)] + (extra_args or [])
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
+
+
+class Envoy:
+    """A real Envoy running the rendered bootstrap with the built filter."""
+
+    def __init__(self, filter_config: dict | str, env: dict[str, str] | None = None,
+                 concurrency: int = 2, render_args: list[str] | None = None):
+        self.tmp = tempfile.TemporaryDirectory(prefix="spillway-envoy-")
+        self.dir = Path(self.tmp.name)
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.config_path = render(filter_config, self.dir, self.port, self.admin_port, render_args)
+        self.log_path = self.dir / "envoy.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(
+            [str(ENVOY), "-c", str(self.config_path), "--concurrency", str(concurrency),
+             "--disable-hot-restart", "--base-id", str(random.randint(1000, 10_000_000)),
+             "-l", "info", "--log-path", str(self.log_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        try:
+            wait_until(self._ready, timeout=30, what="envoy ready")
+        except Exception:
+            log = self.log()
+            self.stop()
+            raise RuntimeError("envoy did not become ready; log tail:\n" + log[-4000:])
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"envoy exited with {self.proc.returncode}")
+        r = httpx.get(f"{self.admin}/ready", timeout=1)
+        if r.status_code != 200:
+            return False
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            return True
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stats(self) -> str:
+        return httpx.get(f"{self.admin}/stats", timeout=5).text
+
+    def chat(self, deployment: str = "gpt-4o", headers: dict | None = None, **body: Any) -> httpx.Response:
+        payload = {"messages": [{"role": "user", "content": "hi"}], **body}
+        return self.client.post(f"/openai/deployments/{deployment}/chat/completions",
+                                json=payload, headers=headers or {})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "client"):
+            self.client.close()
+        self.tmp.cleanup()
+
+
+def validate(filter_config: dict | str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs `envoy --mode validate` on the rendered bootstrap."""
+    with tempfile.TemporaryDirectory(prefix="spillway-validate-") as d:
+        path = render(filter_config, Path(d), free_port(), free_port())
+        return subprocess.run(
+            [str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
+             "--base-id", str(random.randint(1000, 10_000_000))],
+            capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60,
+        )
