@@ -163,9 +163,12 @@ class Envoy:
     def stats(self) -> str:
         return httpx.get(f"{self.admin}/stats", timeout=5).text
 
-    def chat(self, deployment: str = "gpt-4o", headers: dict | None = None, **body: Any) -> httpx.Response:
+    def chat(self, deployment: str = "gpt-4o", headers: dict | None = None,
+             api_version: str | None = "2024-10-21", **body: Any) -> httpx.Response:
+        """A chat completion the way AzureOpenAI sends it (with `api-version` unless None)."""
         payload = {"messages": [{"role": "user", "content": "hi"}], **body}
-        return self.client.post(f"/openai/deployments/{deployment}/chat/completions",
+        query = f"?api-version={api_version}" if api_version else ""
+        return self.client.post(f"/openai/deployments/{deployment}/chat/completions{query}",
                                 json=payload, headers=headers or {})
 
     def stop(self) -> None:

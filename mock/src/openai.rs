@@ -1,0 +1,778 @@
+//! OpenAI / Azure OpenAI wire format: routes, token estimates, response bodies
+//! and server-sent-event streams. Everything here is pure (no I/O).
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+/// Default `api-version` named in messages when the request has none (v1 routes).
+pub const DEFAULT_API_VERSION: &str = "2024-10-21";
+
+/// A data-plane operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    ImageGenerations,
+}
+
+impl Operation {
+    fn from_suffix(s: &str) -> Option<Self> {
+        match s {
+            "chat/completions" => Some(Operation::ChatCompletions),
+            "completions" => Some(Operation::Completions),
+            "embeddings" => Some(Operation::Embeddings),
+            "images/generations" => Some(Operation::ImageGenerations),
+            _ => None,
+        }
+    }
+
+    /// Azure's operation name as used in rate-limit messages.
+    pub fn azure_name(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "ChatCompletions_Create",
+            Operation::Completions => "Completions_Create",
+            Operation::Embeddings => "Embeddings_Create",
+            Operation::ImageGenerations => "ImageGenerations_Create",
+        }
+    }
+
+    /// Whether `"stream": true` is honoured for this operation.
+    pub fn can_stream(self) -> bool {
+        matches!(self, Operation::ChatCompletions | Operation::Completions)
+    }
+}
+
+/// A parsed data-plane path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/openai/deployments/{deployment}/{op}` (requires `api-version`).
+    Classic { deployment: String, op: Operation },
+    /// `/openai/v1/{op}` or `/v1/{op}`: the deployment is the body's `model`.
+    ModelInBody { op: Operation },
+}
+
+impl Route {
+    pub fn op(&self) -> Operation {
+        match self {
+            Route::Classic { op, .. } | Route::ModelInBody { op } => *op,
+        }
+    }
+}
+
+/// Parse a request path (without query string) into a data-plane route.
+pub fn parse_path(path: &str) -> Option<Route> {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        let (deployment, suffix) = rest.split_once('/')?;
+        if deployment.is_empty() {
+            return None;
+        }
+        let op = Operation::from_suffix(suffix)?;
+        return Some(Route::Classic {
+            deployment: deployment.to_string(),
+            op,
+        });
+    }
+    let suffix = path
+        .strip_prefix("/openai/v1/")
+        .or_else(|| path.strip_prefix("/v1/"))?;
+    Operation::from_suffix(suffix).map(|op| Route::ModelInBody { op })
+}
+
+/// Value of query parameter `name` in a raw query string (no percent-decoding).
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn count_text(v: &Value, chars: &mut u64, tokens: &mut u64) {
+    match v {
+        Value::String(s) => *chars += s.chars().count() as u64,
+        Value::Number(_) => *tokens += 1,
+        Value::Array(items) => items.iter().for_each(|i| count_text(i, chars, tokens)),
+        _ => {}
+    }
+}
+
+/// Estimated prompt tokens: ceil(chars / 4) over all message contents / prompt /
+/// input strings (token-id arrays count one per id), minimum 1.
+pub fn estimate_prompt_tokens(op: Operation, body: &Value) -> u64 {
+    let (mut chars, mut tokens) = (0u64, 0u64);
+    match op {
+        Operation::ChatCompletions => {
+            if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
+                for m in msgs {
+                    match m.get("content") {
+                        Some(Value::String(s)) => chars += s.chars().count() as u64,
+                        Some(Value::Array(parts)) => {
+                            for p in parts {
+                                if let Some(t) = p.get("text") {
+                                    count_text(t, &mut chars, &mut tokens);
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Operation::Completions | Operation::ImageGenerations => {
+            if let Some(p) = body.get("prompt") {
+                count_text(p, &mut chars, &mut tokens);
+            }
+        }
+        Operation::Embeddings => {
+            if let Some(i) = body.get("input") {
+                count_text(i, &mut chars, &mut tokens);
+            }
+        }
+    }
+    (chars.div_ceil(4) + tokens).max(1)
+}
+
+fn u64_field(body: &Value, key: &str) -> Option<u64> {
+    body.get(key).and_then(Value::as_u64)
+}
+
+/// Tokens charged against the quota at admission time.
+pub fn quota_charge(op: Operation, body: &Value) -> u64 {
+    match op {
+        Operation::ChatCompletions | Operation::Completions => {
+            let max = u64_field(body, "max_tokens")
+                .or_else(|| u64_field(body, "max_completion_tokens"))
+                .unwrap_or(16);
+            let best_of = u64_field(body, "best_of").unwrap_or(1).max(1);
+            estimate_prompt_tokens(op, body).saturating_add(max.saturating_mul(best_of))
+        }
+        Operation::Embeddings => estimate_prompt_tokens(op, body),
+        Operation::ImageGenerations => 0,
+    }
+}
+
+/// Whether the body asks for a stream.
+pub fn wants_stream(body: &Value) -> bool {
+    body.get("stream").and_then(Value::as_bool).unwrap_or(false)
+}
+
+fn include_usage(body: &Value) -> bool {
+    body.pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// `{"error":{"code":..,"message":..}}`
+pub fn error_body(code: &str, message: &str) -> Value {
+    json!({"error": {"code": code, "message": message}})
+}
+
+pub fn resource_not_found() -> Value {
+    error_body("404", "Resource not found")
+}
+
+pub fn deployment_not_found() -> Value {
+    error_body(
+        "DeploymentNotFound",
+        "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again.",
+    )
+}
+
+pub fn access_denied() -> Value {
+    error_body(
+        "401",
+        "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.",
+    )
+}
+
+/// Azure's 429 body. `call_limit` selects "call rate limit" vs "token rate limit".
+pub fn rate_limited(op: Operation, api_version: &str, call_limit: bool, retry_secs: u64) -> Value {
+    let what = if call_limit {
+        "call rate limit"
+    } else {
+        "token rate limit"
+    };
+    error_body(
+        "429",
+        &format!(
+            "Requests to the {} Operation under Azure OpenAI API version {} have exceeded {} of your current OpenAI S0 pricing tier. Please retry after {} second{}. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit.",
+            op.azure_name(),
+            api_version,
+            what,
+            retry_secs,
+            if retry_secs == 1 { "" } else { "s" }
+        ),
+    )
+}
+
+/// Body for an injected failure with `status`.
+pub fn injected_error(
+    status: u16,
+    op: Operation,
+    api_version: &str,
+    retry_after: Option<&str>,
+) -> Value {
+    match status {
+        429 => {
+            let secs = retry_after
+                .and_then(|r| r.trim().parse::<u64>().ok())
+                .unwrap_or(1);
+            rate_limited(op, api_version, true, secs)
+        }
+        500 => error_body(
+            "InternalServerError",
+            "The server had an error while processing your request. Sorry about that!",
+        ),
+        502 => error_body("BadGateway", "Bad gateway."),
+        503 => error_body(
+            "ServiceUnavailable",
+            "The service is temporarily unable to process your request. Please try again later.",
+        ),
+        504 => error_body("GatewayTimeout", "The operation was timeout."),
+        408 => error_body("Timeout", "The operation was timeout."),
+        400 => error_body("BadRequest", "Injected bad request."),
+        _ => error_body(
+            &status.to_string(),
+            &format!("Injected failure (status {status})."),
+        ),
+    }
+}
+
+/// Per-response identity.
+#[derive(Debug, Clone)]
+pub struct Ctx<'a> {
+    pub name: &'a str,
+    pub id: u64,
+    pub created: u64,
+    pub model: &'a str,
+}
+
+/// The answer text, split into `n` stream pieces: "Hello ", "from ", "NAME ",
+/// "part3 ", "part4 ", ... With fewer than 3 pieces the last one carries the
+/// rest, so the answer always contains "Hello from NAME".
+pub fn answer_chunks(name: &str, n: usize) -> Vec<String> {
+    let n = n.max(1);
+    let base = [
+        "Hello ".to_string(),
+        "from ".to_string(),
+        format!("{name} "),
+    ];
+    let mut out: Vec<String> = Vec::with_capacity(n.max(3));
+    for (i, piece) in base.into_iter().enumerate() {
+        if i < n {
+            out.push(piece);
+        } else if let Some(last) = out.last_mut() {
+            last.push_str(&piece);
+        }
+    }
+    for i in 3..n {
+        out.push(format!("part{i} "));
+    }
+    out
+}
+
+/// Full (non-stream) answer: the stream pieces joined, trimmed.
+pub fn answer_text(name: &str, n: usize) -> String {
+    answer_chunks(name, n).concat().trim_end().to_string()
+}
+
+fn usage(prompt: u64, completion: u64) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Non-stream chat completion.
+pub fn chat_completion(ctx: &Ctx, prompt_tokens: u64, chunks: usize) -> Value {
+    let chunks = chunks.max(1);
+    json!({
+        "id": format!("chatcmpl-mock-{}", ctx.id),
+        "object": "chat.completion",
+        "created": ctx.created,
+        "model": ctx.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": answer_text(ctx.name, chunks)},
+            "finish_reason": "stop",
+            "logprobs": null
+        }],
+        "usage": usage(prompt_tokens, chunks as u64)
+    })
+}
+
+/// Non-stream legacy completion.
+pub fn text_completion(ctx: &Ctx, prompt_tokens: u64, chunks: usize) -> Value {
+    let chunks = chunks.max(1);
+    json!({
+        "id": format!("cmpl-mock-{}", ctx.id),
+        "object": "text_completion",
+        "created": ctx.created,
+        "model": ctx.model,
+        "choices": [{
+            "text": answer_text(ctx.name, chunks),
+            "index": 0,
+            "finish_reason": "stop",
+            "logprobs": null
+        }],
+        "usage": usage(prompt_tokens, chunks as u64)
+    })
+}
+
+fn input_count(body: &Value) -> usize {
+    match body.get("input") {
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => 1,
+        Some(Value::Array(items)) => items.len(),
+        _ => 1,
+    }
+}
+
+/// Embeddings response: one 8-float vector per input item (deterministic per backend).
+pub fn embeddings(ctx: &Ctx, body: &Value, prompt_tokens: u64) -> Value {
+    let seed = ctx
+        .name
+        .bytes()
+        .fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let data: Vec<Value> = (0..input_count(body))
+        .map(|i| {
+            let v: Vec<f64> = (0..8u64)
+                .map(|j| {
+                    let x = seed
+                        .wrapping_add((i as u64) * 8 + j)
+                        .wrapping_mul(2_654_435_761)
+                        % 2000;
+                    (x as f64) / 1000.0 - 1.0
+                })
+                .collect();
+            json!({"object": "embedding", "index": i, "embedding": v})
+        })
+        .collect();
+    json!({
+        "object": "list",
+        "data": data,
+        "model": ctx.model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    })
+}
+
+/// A 1x1 transparent PNG.
+pub const TINY_PNG_B64: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAAC0lEQVR4nGNgAAIAAAUAAXpeqz8AAAAASUVORK5CYII=";
+
+/// Image generation response; `first_image` numbers the URLs.
+pub fn images(ctx: &Ctx, body: &Value, first_image: u64) -> Value {
+    let n = u64_field(body, "n").unwrap_or(1).clamp(1, 128);
+    let prompt = body.get("prompt").and_then(Value::as_str).unwrap_or("");
+    let b64 = body.get("response_format").and_then(Value::as_str) == Some("b64_json");
+    let data: Vec<Value> = (0..n)
+        .map(|i| {
+            let revised = format!("{prompt} (by {})", ctx.name);
+            if b64 {
+                json!({"b64_json": TINY_PNG_B64, "revised_prompt": revised})
+            } else {
+                json!({
+                    "url": format!("https://mock.invalid/{}/image-{}.png", ctx.name, first_image + i),
+                    "revised_prompt": revised
+                })
+            }
+        })
+        .collect();
+    json!({"created": ctx.created, "data": data})
+}
+
+/// Number of images an images request produces (for URL numbering).
+pub fn image_count(body: &Value) -> u64 {
+    u64_field(body, "n").unwrap_or(1).clamp(1, 128)
+}
+
+/// One SSE event: `data: <json>\n\n`.
+pub fn sse_event(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// A stream split into the part sent at once (`head`), the content events
+/// (each preceded by the chunk delay) and the closing events (`tail`).
+#[derive(Debug, Clone, Default)]
+pub struct StreamPlan {
+    pub head: Vec<Bytes>,
+    pub content: Vec<Bytes>,
+    pub tail: Vec<Bytes>,
+}
+
+impl StreamPlan {
+    /// All events in order.
+    #[cfg(test)]
+    pub fn all(&self) -> impl Iterator<Item = &Bytes> {
+        self.head.iter().chain(&self.content).chain(&self.tail)
+    }
+}
+
+/// Streamed chat completion.
+pub fn chat_stream(ctx: &Ctx, body: &Value, prompt_tokens: u64, chunks: usize) -> StreamPlan {
+    let chunks = chunks.max(1);
+    let with_usage = include_usage(body);
+    let id = format!("chatcmpl-mock-{}", ctx.id);
+    let chunk = |delta: Value, finish: Value| {
+        let mut v = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]
+        });
+        if with_usage {
+            v["usage"] = Value::Null;
+        }
+        sse_event(&v)
+    };
+    let mut plan = StreamPlan {
+        head: vec![chunk(
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+        )],
+        content: answer_chunks(ctx.name, chunks)
+            .into_iter()
+            .map(|c| chunk(json!({"content": c}), Value::Null))
+            .collect(),
+        tail: vec![chunk(json!({}), json!("stop"))],
+    };
+    if with_usage {
+        plan.tail.push(sse_event(&json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": [],
+            "usage": usage(prompt_tokens, chunks as u64)
+        })));
+    }
+    plan.tail.push(Bytes::from_static(SSE_DONE));
+    plan
+}
+
+/// Streamed legacy completion.
+pub fn completion_stream(ctx: &Ctx, body: &Value, prompt_tokens: u64, chunks: usize) -> StreamPlan {
+    let chunks = chunks.max(1);
+    let with_usage = include_usage(body);
+    let id = format!("cmpl-mock-{}", ctx.id);
+    let chunk = |text: &str, finish: Value| {
+        let mut v = json!({
+            "id": id,
+            "object": "text_completion",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": null}]
+        });
+        if with_usage {
+            v["usage"] = Value::Null;
+        }
+        sse_event(&v)
+    };
+    let mut plan = StreamPlan {
+        head: vec![],
+        content: answer_chunks(ctx.name, chunks)
+            .iter()
+            .map(|c| chunk(c, Value::Null))
+            .collect(),
+        tail: vec![chunk("", json!("stop"))],
+    };
+    if with_usage {
+        plan.tail.push(sse_event(&json!({
+            "id": id,
+            "object": "text_completion",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": [],
+            "usage": usage(prompt_tokens, chunks as u64)
+        })));
+    }
+    plan.tail.push(Bytes::from_static(SSE_DONE));
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Ctx<'static> {
+        Ctx {
+            name: "eastus",
+            id: 7,
+            created: 1_700_000_000,
+            model: "gpt-4o",
+        }
+    }
+
+    /// Parse an SSE byte stream into its `data:` payloads.
+    fn events(plan: &StreamPlan) -> Vec<String> {
+        let all: Vec<u8> = plan.all().flat_map(|b| b.iter().copied()).collect();
+        let text = String::from_utf8(all).unwrap();
+        text.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| e.strip_prefix("data: ").unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            parse_path("/openai/deployments/gpt4o/chat/completions"),
+            Some(Route::Classic {
+                deployment: "gpt4o".into(),
+                op: Operation::ChatCompletions
+            })
+        );
+        assert_eq!(
+            parse_path("/openai/deployments/emb/embeddings"),
+            Some(Route::Classic {
+                deployment: "emb".into(),
+                op: Operation::Embeddings
+            })
+        );
+        assert_eq!(
+            parse_path("/openai/deployments/d/images/generations").map(|r| r.op()),
+            Some(Operation::ImageGenerations)
+        );
+        assert_eq!(
+            parse_path("/openai/deployments/d/completions").map(|r| r.op()),
+            Some(Operation::Completions)
+        );
+        assert_eq!(
+            parse_path("/openai/v1/chat/completions"),
+            Some(Route::ModelInBody {
+                op: Operation::ChatCompletions
+            })
+        );
+        assert_eq!(
+            parse_path("/v1/embeddings"),
+            Some(Route::ModelInBody {
+                op: Operation::Embeddings
+            })
+        );
+        assert_eq!(parse_path("/openai/deployments//chat/completions"), None);
+        assert_eq!(parse_path("/openai/deployments/d/chat"), None);
+        assert_eq!(parse_path("/v2/chat/completions"), None);
+        assert_eq!(parse_path("/"), None);
+        assert_eq!(parse_path("/_mock/stats"), None);
+    }
+
+    #[test]
+    fn query() {
+        assert_eq!(
+            query_param("api-version=2024-10-21", "api-version"),
+            Some("2024-10-21")
+        );
+        assert_eq!(query_param("a=1&api-version=x&b", "api-version"), Some("x"));
+        assert_eq!(query_param("b", "b"), Some(""));
+        assert_eq!(query_param("", "api-version"), None);
+        assert_eq!(query_param("api-versionx=1", "api-version"), None);
+    }
+
+    #[test]
+    fn token_estimates() {
+        let chat = json!({"messages": [
+            {"role": "system", "content": "abcd"},
+            {"role": "user", "content": [{"type": "text", "text": "efghi"}, {"type": "image_url", "image_url": {"url": "x"}}]}
+        ]});
+        // 9 chars -> ceil(9/4) = 3
+        assert_eq!(estimate_prompt_tokens(Operation::ChatCompletions, &chat), 3);
+        assert_eq!(quota_charge(Operation::ChatCompletions, &chat), 3 + 16);
+        let chat2 = json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100, "best_of": 3});
+        assert_eq!(quota_charge(Operation::ChatCompletions, &chat2), 1 + 300);
+        let chat3 = json!({"messages": [], "max_tokens": 5, "max_completion_tokens": 100});
+        assert_eq!(
+            estimate_prompt_tokens(Operation::ChatCompletions, &chat3),
+            1
+        );
+        assert_eq!(quota_charge(Operation::ChatCompletions, &chat3), 6);
+
+        let comp = json!({"prompt": ["12345678", "1"], "max_tokens": 10});
+        assert_eq!(estimate_prompt_tokens(Operation::Completions, &comp), 3);
+        assert_eq!(quota_charge(Operation::Completions, &comp), 13);
+
+        let emb = json!({"input": "a".repeat(17)});
+        assert_eq!(quota_charge(Operation::Embeddings, &emb), 5);
+        let emb_tokens = json!({"input": [[1, 2, 3], [4, 5]]});
+        assert_eq!(
+            estimate_prompt_tokens(Operation::Embeddings, &emb_tokens),
+            5
+        );
+        assert_eq!(
+            quota_charge(Operation::ImageGenerations, &json!({"prompt": "a cat"})),
+            0
+        );
+        // Multi-byte characters count as characters, not bytes.
+        assert_eq!(
+            estimate_prompt_tokens(Operation::Embeddings, &json!({"input": "ééééé"})),
+            2
+        );
+    }
+
+    #[test]
+    fn answer_splitting() {
+        assert_eq!(
+            answer_chunks("x", 5),
+            vec!["Hello ", "from ", "x ", "part3 ", "part4 "]
+        );
+        assert_eq!(answer_chunks("x", 1), vec!["Hello from x "]);
+        assert_eq!(answer_chunks("x", 2), vec!["Hello ", "from x "]);
+        assert_eq!(answer_text("x", 3), "Hello from x");
+        assert_eq!(answer_text("x", 0), "Hello from x");
+    }
+
+    #[test]
+    fn chat_non_stream() {
+        let v = chat_completion(&ctx(), 4, 5);
+        assert_eq!(v["id"], "chatcmpl-mock-7");
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["model"], "gpt-4o");
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            "Hello from eastus part3 part4"
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert_eq!(
+            v["usage"],
+            json!({"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9})
+        );
+    }
+
+    #[test]
+    fn chat_stream_without_usage() {
+        let plan = chat_stream(&ctx(), &json!({"stream": true}), 4, 5);
+        assert_eq!(plan.head.len(), 1);
+        assert_eq!(plan.content.len(), 5);
+        let ev = events(&plan);
+        assert_eq!(ev.len(), 1 + 5 + 1 + 1);
+        assert_eq!(ev.last().unwrap(), "[DONE]");
+        let parsed: Vec<Value> = ev[..ev.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        assert_eq!(
+            parsed[0]["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
+        assert!(parsed[0].get("usage").is_none());
+        let text: String = parsed[1..6]
+            .iter()
+            .map(|p| {
+                p["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(text, "Hello from eastus part3 part4 ");
+        assert_eq!(parsed[6]["choices"][0]["delta"], json!({}));
+        assert_eq!(parsed[6]["choices"][0]["finish_reason"], "stop");
+        for p in &parsed {
+            assert_eq!(p["object"], "chat.completion.chunk");
+            assert_eq!(p["id"], "chatcmpl-mock-7");
+        }
+    }
+
+    #[test]
+    fn chat_stream_with_usage() {
+        let body = json!({"stream": true, "stream_options": {"include_usage": true}});
+        let plan = chat_stream(&ctx(), &body, 4, 3);
+        let ev = events(&plan);
+        assert_eq!(ev.len(), 1 + 3 + 1 + 1 + 1);
+        let parsed: Vec<Value> = ev[..ev.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        for p in &parsed[..parsed.len() - 1] {
+            assert_eq!(p["usage"], Value::Null);
+            assert!(p.get("usage").is_some());
+        }
+        let last = parsed.last().unwrap();
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!(
+            last["usage"],
+            json!({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7})
+        );
+    }
+
+    #[test]
+    fn completion_stream_shape() {
+        let plan = completion_stream(&ctx(), &json!({}), 2, 3);
+        let ev = events(&plan);
+        assert_eq!(ev.len(), 3 + 1 + 1);
+        let first: Value = serde_json::from_str(&ev[0]).unwrap();
+        assert_eq!(first["object"], "text_completion");
+        assert_eq!(first["choices"][0]["text"], "Hello ");
+        let fin: Value = serde_json::from_str(&ev[3]).unwrap();
+        assert_eq!(fin["choices"][0]["finish_reason"], "stop");
+        let v = text_completion(&ctx(), 2, 3);
+        assert_eq!(v["choices"][0]["text"], "Hello from eastus");
+        assert_eq!(v["usage"]["total_tokens"], 5);
+    }
+
+    #[test]
+    fn embeddings_shape() {
+        let v = embeddings(&ctx(), &json!({"input": ["a", "b", "c"]}), 3);
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["data"].as_array().unwrap().len(), 3);
+        assert_eq!(v["data"][2]["index"], 2);
+        assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 8);
+        assert_eq!(v["usage"], json!({"prompt_tokens": 3, "total_tokens": 3}));
+        assert_eq!(
+            embeddings(&ctx(), &json!({"input": [1, 2, 3]}), 3)["data"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            embeddings(&ctx(), &json!({"input": "x"}), 1)["data"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn images_shape() {
+        let v = images(&ctx(), &json!({"prompt": "a cat", "n": 2}), 10);
+        assert_eq!(
+            v["data"][0]["url"],
+            "https://mock.invalid/eastus/image-10.png"
+        );
+        assert_eq!(
+            v["data"][1]["url"],
+            "https://mock.invalid/eastus/image-11.png"
+        );
+        assert_eq!(v["data"][0]["revised_prompt"], "a cat (by eastus)");
+        let v = images(
+            &ctx(),
+            &json!({"prompt": "p", "response_format": "b64_json"}),
+            1,
+        );
+        assert_eq!(v["data"][0]["b64_json"], TINY_PNG_B64);
+        assert!(v["data"][0].get("url").is_none());
+    }
+
+    #[test]
+    fn rate_limit_messages() {
+        let v = rate_limited(Operation::ChatCompletions, "2024-10-21", false, 7);
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.starts_with("Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit"));
+        assert!(m.contains("Please retry after 7 seconds."));
+        assert_eq!(v["error"]["code"], "429");
+        let v = rate_limited(Operation::Embeddings, "x", true, 1);
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceeded call rate limit"));
+        assert_eq!(
+            injected_error(500, Operation::ChatCompletions, "x", None)["error"]["code"],
+            "InternalServerError"
+        );
+        assert_eq!(
+            injected_error(418, Operation::ChatCompletions, "x", None)["error"]["code"],
+            "418"
+        );
+    }
+}
