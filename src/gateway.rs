@@ -91,6 +91,14 @@ pub struct AttemptPlan<'a> {
     pub fallback_cluster: Option<&'a str>,
 }
 
+/// The parts of an attempt's response headers the decision reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttemptAnswer<'a> {
+    pub status: u32,
+    pub retry_after_ms: Option<&'a str>,
+    pub retry_after: Option<&'a str>,
+}
+
 /// What the attempt role does with one attempt's response headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseDecision {
@@ -253,10 +261,9 @@ impl Gateway {
         clock: &dyn Clock,
         backend: usize,
         has_fallback: bool,
-        status: u32,
-        retry_after_ms: Option<&str>,
-        retry_after: Option<&str>,
+        answer: &AttemptAnswer<'_>,
     ) -> ResponseDecision {
+        let AttemptAnswer { status, retry_after_ms, retry_after } = *answer;
         let now = clock.now_ms();
         let cb = self.config.circuit_breaker;
         let retriable = u16::try_from(status).is_ok_and(|s| self.config.retry_on.contains(&s));
@@ -412,7 +419,7 @@ mod tests {
     #[test]
     fn a_429_throttles_the_backend_and_retries_elsewhere() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(10_000));
-        let d = g.on_attempt_response(&s, &c, 0, true, 429, None, Some("20"));
+        let d = g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") });
         assert_eq!(d, ResponseDecision { retry: true, retry_after_ms: None });
         // East is now skipped by every new request until its deadline.
         for _ in 0..4 {
@@ -426,9 +433,9 @@ mod tests {
     #[test]
     fn last_429_reaches_the_client_with_the_soonest_wait() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        g.on_attempt_response(&s, &c, 0, true, 429, Some("30000"), None);
-        g.on_attempt_response(&s, &c, 1, true, 429, None, Some("8"));
-        let d = g.on_attempt_response(&s, &c, 2, false, 429, None, Some("60"));
+        g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 429, retry_after_ms: Some("30000"), retry_after: None });
+        g.on_attempt_response(&s, &c, 1, true, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("8") });
+        let d = g.on_attempt_response(&s, &c, 2, false, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("60") });
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000) });
         // A new request is answered locally with the same soonest wait.
         c.advance(500);
@@ -443,16 +450,16 @@ mod tests {
     #[test]
     fn status_not_in_retry_on_is_not_retried() {
         let (g, s, c) = (gateway(r#","retry_on":[429]"#), MemoryStore::default(), ManualClock::at(0));
-        let d = g.on_attempt_response(&s, &c, 0, true, 500, None, None);
+        let d = g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 500, retry_after_ms: None, retry_after: None });
         assert!(!d.retry);
-        let d = g.on_attempt_response(&s, &c, 0, true, 400, None, None);
+        let d = g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None });
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: None });
     }
 
     #[test]
     fn failures_open_the_circuit_and_a_probe_closes_it() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        assert!(g.on_attempt_response(&s, &c, 0, true, 503, None, None).retry);
+        assert!(g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None }).retry);
         g.on_attempt_lost(&s, &c, 0);
         for _ in 0..4 {
             assert_eq!(forward(&g, &s, &c).0, "spillway_west");
@@ -462,7 +469,7 @@ mod tests {
         let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 1, "{clusters:?}");
         // The probe answers 200: east is back in rotation.
-        g.on_attempt_response(&s, &c, 0, false, 200, None, None);
+        g.on_attempt_response(&s, &c, 0, false, &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None });
         let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 2, "{clusters:?}");
     }
@@ -470,7 +477,7 @@ mod tests {
     #[test]
     fn healthy_answers_do_not_write_shared_data() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        g.on_attempt_response(&s, &c, 0, true, 200, None, None);
+        g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None });
         assert_eq!(s.get(HEALTH_KEY), (None, None));
     }
 

@@ -3,7 +3,7 @@
 //! rather than the SDK's trait helpers (which panic on host errors).
 
 use crate::config::{Config, Keys};
-use crate::gateway::{header, Gateway, RequestDecision, ResponseDecision};
+use crate::gateway::{header, AttemptAnswer, Gateway, RequestDecision, ResponseDecision};
 use crate::store::{Clock, SharedStore, StoreError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -236,9 +236,11 @@ impl HttpContext for AttemptFilter {
             &HostClock,
             attempt.backend,
             attempt.has_fallback,
-            status,
-            retry_after_ms.as_deref(),
-            retry_after.as_deref(),
+            &AttemptAnswer {
+                status,
+                retry_after_ms: retry_after_ms.as_deref(),
+                retry_after: retry_after.as_deref(),
+            },
         );
         set_response_header(header::RETRY, retry.then_some("1"));
         if let Some(ms) = wait {
