@@ -29,8 +29,11 @@ pub struct RenderOptions {
     pub route_timeout_s: u64,
     /// Requests up to this size can be retried (Envoy buffers them).
     pub request_body_limit_bytes: u64,
-    /// Envoy's log format for access logs on stdout; `None` disables them.
+    /// Access log lines on stdout.
     pub access_log: bool,
+    /// Serve the listener from this file (LDS) instead of the bootstrap, so a
+    /// new filter JSON can be applied without restarting Envoy.
+    pub lds_path: Option<String>,
 }
 
 impl Default for RenderOptions {
@@ -44,6 +47,7 @@ impl Default for RenderOptions {
             route_timeout_s: 600,
             request_body_limit_bytes: 32 * 1024 * 1024,
             access_log: true,
+            lds_path: None,
         }
     }
 }
@@ -138,8 +142,8 @@ fn cluster_action(cluster: &str) -> Value {
     } })
 }
 
-/// The bootstrap as a JSON value.
-pub fn bootstrap(config: &Config, filter_json: &str, opts: &RenderOptions) -> Value {
+/// The bootstrap (and listener file) as JSON values.
+pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rendered {
     let env_keys: Vec<String> = config.backends.iter().filter_map(|b| b.api_key_env.clone()).collect();
     let request_plugin = plugin(REQUEST_ROOT_ID, filter_json, &env_keys, &opts.wasm_path);
     let attempt_plugin = plugin(ATTEMPT_ROOT_ID, filter_json, &env_keys, &opts.wasm_path);
@@ -225,21 +229,60 @@ pub fn bootstrap(config: &Config, filter_json: &str, opts: &RenderOptions) -> Va
     }
     let attempt_plugin_ref = &attempt_plugin;
     let clusters: Vec<Value> = config.backends.iter().map(|b| cluster(b, attempt_plugin_ref)).collect();
-    json!({
-        "admin": { "address": { "socket_address": { "address": opts.admin_address, "port_value": opts.admin_port } } },
-        "static_resources": {
-            "listeners": [{
-                "name": "spillway",
-                "address": { "socket_address": { "address": opts.listen_address, "port_value": opts.listen_port } },
-                "per_connection_buffer_limit_bytes": 1_048_576,
-                "filter_chains": [{ "filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }] }],
-            }],
-            "clusters": clusters,
+    let listener = json!({
+        "name": "spillway",
+        "address": { "socket_address": { "address": opts.listen_address, "port_value": opts.listen_port } },
+        "per_connection_buffer_limit_bytes": 1_048_576,
+        "filter_chains": [{ "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": hcm,
+        }] }],
+    });
+    let admin = json!({ "address": { "socket_address": { "address": opts.admin_address, "port_value": opts.admin_port } } });
+    match &opts.lds_path {
+        None => Rendered {
+            bootstrap: json!({
+                "admin": admin,
+                "static_resources": { "listeners": [listener], "clusters": clusters },
+            }),
+            lds: None,
         },
-    })
+        Some(path) => {
+            // Listener from a watched file: re-render and move the new file in
+            // place to change the request role's config without a restart.
+            let dir = std::path::Path::new(path)
+                .parent()
+                .map(|d| d.to_string_lossy().into_owned())
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| ".".to_string());
+            let mut listener = listener;
+            if let Some(obj) = listener.as_object_mut() {
+                obj.insert(
+                    "@type".to_string(),
+                    json!("type.googleapis.com/envoy.config.listener.v3.Listener"),
+                );
+            }
+            Rendered {
+                bootstrap: json!({
+                    "node": { "id": "spillway", "cluster": "spillway" },
+                    "admin": admin,
+                    "static_resources": { "clusters": clusters },
+                    "dynamic_resources": { "lds_config": {
+                        "resource_api_version": "V3",
+                        "path_config_source": { "path": path, "watched_directory": { "path": dir } },
+                    } },
+                }),
+                lds: Some(json!({ "resources": [listener] })),
+            }
+        }
+    }
+}
+
+/// A bootstrap, and the listener discovery file when `lds_path` is set.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub bootstrap: Value,
+    pub lds: Option<Value>,
 }
 
 /// YAML for a JSON value: block style, strings always double-quoted (JSON
@@ -307,14 +350,27 @@ mod tests {
         {"name":"eastus","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY"},
         {"name":"local","url":"http://127.0.0.1:8001","api_key":"k","priority":2}]}"#;
 
-    fn render() -> Value {
+    fn render_default() -> Value {
         let cfg = Config::parse(JSON.as_bytes(), Keys::NamesOnly).unwrap();
-        bootstrap(&cfg, JSON, &RenderOptions::default())
+        render(&cfg, JSON, &RenderOptions::default()).bootstrap
+    }
+
+    #[test]
+    fn lds_mode_moves_the_listener_to_its_own_file() {
+        let cfg = Config::parse(JSON.as_bytes(), Keys::NamesOnly).unwrap();
+        let opts = RenderOptions { lds_path: Some("/run/spillway/lds.yaml".into()), ..Default::default() };
+        let r = render(&cfg, JSON, &opts);
+        assert!(r.bootstrap["static_resources"].get("listeners").is_none());
+        let source = &r.bootstrap["dynamic_resources"]["lds_config"]["path_config_source"];
+        assert_eq!(source["path"], "/run/spillway/lds.yaml");
+        assert_eq!(source["watched_directory"]["path"], "/run/spillway");
+        let lds = r.lds.unwrap();
+        assert_eq!(lds["resources"][0]["@type"], "type.googleapis.com/envoy.config.listener.v3.Listener");
     }
 
     #[test]
     fn every_backend_gets_a_cluster_and_a_matcher_entry() {
-        let b = render();
+        let b = render_default();
         let clusters = b["static_resources"]["clusters"].as_array().unwrap();
         let names: Vec<&str> = clusters.iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["spillway_eastus", "spillway_local"]);
@@ -329,7 +385,7 @@ mod tests {
 
     #[test]
     fn https_backends_get_tls_with_sni_and_http_ones_do_not() {
-        let b = render();
+        let b = render_default();
         let clusters = b["static_resources"]["clusters"].as_array().unwrap();
         assert_eq!(
             clusters[0]["transport_socket"]["typed_config"]["sni"],
@@ -342,7 +398,7 @@ mod tests {
 
     #[test]
     fn key_env_vars_are_passed_to_the_vm_and_literal_keys_stay_in_the_config() {
-        let b = render();
+        let b = render_default();
         let text = b.to_string();
         assert!(text.contains(r#""host_env_keys":["EASTUS_KEY"]"#), "{text}");
     }

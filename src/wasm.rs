@@ -77,7 +77,7 @@ impl RootContext for Root {
         match Config::parse(&bytes, Keys::Resolve(&env)) {
             Ok(config) => {
                 log::info!(
-                    "spillway: {:?} role configured with {} backends",
+                    "{:?} role configured with {} backends",
                     self.role,
                     config.backends.len()
                 );
@@ -110,7 +110,7 @@ fn request_header(name: &str) -> Option<String> {
 
 fn set_request_header(name: &str, value: Option<&str>) {
     if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
-        log::warn!("spillway: cannot set request header {name}: {e:?}");
+        log::warn!("cannot set request header {name}: {e:?}");
     }
 }
 
@@ -120,7 +120,7 @@ fn response_header(name: &str) -> Option<String> {
 
 fn set_response_header(name: &str, value: Option<&str>) {
     if let Err(e) = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value) {
-        log::warn!("spillway: cannot set response header {name}: {e:?}");
+        log::warn!("cannot set response header {name}: {e:?}");
     }
 }
 
@@ -146,7 +146,7 @@ impl HttpContext for RequestFilter {
                 // The route (and its cluster) may already be cached from
                 // before our header existed.
                 if let Err(e) = hostcalls::call_foreign_function("clear_route_cache", None) {
-                    log::warn!("spillway: clear_route_cache failed: {e:?}");
+                    log::warn!("clear_route_cache failed: {e:?}");
                 }
                 Action::Continue
             }
@@ -154,7 +154,7 @@ impl HttpContext for RequestFilter {
                 let headers: Vec<(&str, &str)> =
                     reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 if let Err(e) = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes())) {
-                    log::warn!("spillway: cannot send local reply: {e:?}");
+                    log::warn!("cannot send local reply: {e:?}");
                     return Action::Continue;
                 }
                 Action::Pause

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
@@ -121,19 +122,26 @@ class Envoy:
     """A real Envoy running the rendered bootstrap with the built filter."""
 
     def __init__(self, filter_config: dict | str, env: dict[str, str] | None = None,
-                 concurrency: int = 2, render_args: list[str] | None = None):
+                 concurrency: int = 2, render_args: list[str] | None = None, lds: bool = False):
         self.tmp = tempfile.TemporaryDirectory(prefix="spillway-envoy-")
         self.dir = Path(self.tmp.name)
         self.port = free_port()
         self.admin_port = free_port()
-        self.config_path = render(filter_config, self.dir, self.port, self.admin_port, render_args)
+        self.render_args = list(render_args or [])
+        if lds:
+            (self.dir / "lds").mkdir()
+            self.lds_path = self.dir / "lds" / "listeners.yaml"
+            self.render_args += ["--lds", str(self.lds_path)]
+        self.config_path = render(filter_config, self.dir, self.port, self.admin_port, self.render_args)
         self.log_path = self.dir / "envoy.log"
         self.env = {**os.environ, **(env or {})}
+        # Envoy's own log goes to stderr unbuffered; the access log to stdout.
+        self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [str(ENVOY), "-c", str(self.config_path), "--concurrency", str(concurrency),
              "--disable-hot-restart", "--base-id", str(random.randint(1000, 10_000_000)),
-             "-l", "info", "--log-path", str(self.log_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env,
+             "-l", "info"],
+            stdout=self._log_file, stderr=self._log_file, env=self.env,
         )
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
@@ -153,6 +161,31 @@ class Envoy:
             return False
         with socket.create_connection(("127.0.0.1", self.port), timeout=1):
             return True
+
+    def apply(self, filter_config: dict | str, raw_filter_json: str | None = None) -> None:
+        """Renders a new listener file (LDS mode) and moves it into place.
+
+        `raw_filter_json` replaces the filter JSON inside the rendered listener,
+        to hand Envoy a config the renderer itself would refuse."""
+        scratch = self.dir / "scratch"
+        scratch.mkdir(exist_ok=True)
+        args = [a if a != str(self.lds_path) else str(scratch / "listeners.yaml") for a in self.render_args]
+        render(filter_config, scratch, self.port, self.admin_port, args)
+        text = (scratch / "listeners.yaml").read_text()
+        if raw_filter_json is not None:
+            doc = yaml.safe_load(text)
+            _replace_plugin_config(doc, raw_filter_json)
+            text = yaml.safe_dump(doc)
+        tmp = self.lds_path.with_suffix(".new")
+        tmp.write_text(text)
+        os.replace(tmp, self.lds_path)
+
+    def stat(self, name: str) -> int:
+        for line in self.stats().splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
 
     def log(self) -> str:
         try:
@@ -181,13 +214,31 @@ class Envoy:
                 self.proc.wait()
         if hasattr(self, "client"):
             self.client.close()
+        self._log_file.close()
         self.tmp.cleanup()
 
 
-def validate(filter_config: dict | str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Runs `envoy --mode validate` on the rendered bootstrap."""
+def _replace_plugin_config(node: Any, raw: str) -> None:
+    if isinstance(node, dict):
+        if node.get("@type") == "type.googleapis.com/google.protobuf.StringValue" and "value" in node:
+            node["value"] = raw
+        for v in node.values():
+            _replace_plugin_config(v, raw)
+    elif isinstance(node, list):
+        for v in node:
+            _replace_plugin_config(v, raw)
+
+
+def validate(filter_config: dict | str, env: dict[str, str] | None = None,
+             raw_filter_json: str | None = None) -> subprocess.CompletedProcess:
+    """Runs `envoy --mode validate` on the rendered bootstrap (optionally with
+    the filter JSON inside it replaced by `raw_filter_json`)."""
     with tempfile.TemporaryDirectory(prefix="spillway-validate-") as d:
         path = render(filter_config, Path(d), free_port(), free_port())
+        if raw_filter_json is not None:
+            doc = yaml.safe_load(path.read_text())
+            _replace_plugin_config(doc, raw_filter_json)
+            path.write_text(yaml.safe_dump(doc))
         return subprocess.run(
             [str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
              "--base-id", str(random.randint(1000, 10_000_000))],

@@ -1,0 +1,69 @@
+"""A bad filter JSON is refused with a log line naming the field; Envoy keeps the old config."""
+
+import json
+import time
+
+import pytest
+from conftest import backend_entry
+from harness import RENDER, validate, wait_until
+
+GOOD = {"backends": [{"name": "a", "url": "http://127.0.0.1:9", "api_key": "k"}]}
+
+
+@pytest.mark.parametrize("raw, field", [
+    ('{"backends":[{"name":"a","url":"http://127.0.0.1:9","wieght":2}]}', "unknown field `wieght`"),
+    ('{"backends":[{"name":"a","url":"http://127.0.0.1:9","weight":0}]}', "backends[0].weight"),
+    ('{"backends":[]}', "backends: must list at least one backend"),
+    ('{"backends":[{"name":"a","url":"http://x"},{"name":"a","url":"http://y"}]}', "backends[1].name"),
+    ('{"backends":[{"name":"a","url":"ftp://x"}]}', "backends[0].url"),
+    ('{"backends":[{"name":"a","url":"http://x","api_key_env":"SPILLWAY_UNSET_VAR"}]}', "backends[0].api_key_env"),
+    ('{"backends": [', "EOF while parsing"),
+])
+def test_envoy_refuses_a_bad_filter_config_naming_the_field(raw, field):
+    result = validate(GOOD, raw_filter_json=raw)
+    assert result.returncode != 0
+    lines = [l for l in (result.stdout + result.stderr).splitlines() if "invalid spillway config" in l]
+    assert lines, result.stderr[-2000:]
+    assert any(field in l for l in lines), lines
+
+
+def test_renderer_refuses_a_bad_config_before_envoy_sees_it(tmp_path):
+    import subprocess
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"backends":[{"name":"a","url":"http://x","weight":0}]}')
+    r = subprocess.run([str(RENDER), str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "backends[0].weight" in r.stderr and r.stdout == ""
+
+
+def test_a_key_never_appears_in_envoy_logs(start_mock, start_envoy):
+    m = start_mock("a", "super-secret-key-123")
+    envoy = start_envoy({"backends": [backend_entry(m)], "api_version": "2024-10-21"},
+                        render_args=["--no-access-log"])
+    assert envoy.chat(headers={"api-key": "client-secret-456"}).status_code == 200
+    time.sleep(0.2)
+    log = envoy.log()
+    assert "configured with 1 backends" in log
+    assert "super-secret-key-123" not in log and "client-secret-456" not in log
+
+
+def test_bad_update_is_rejected_and_the_old_config_keeps_serving(start_mock, start_envoy):
+    old, new = start_mock("old", "k-old"), start_mock("new", "k-new")
+    # Clusters (and the attempt role) are static; the listener (request role) is reloadable.
+    envoy = start_envoy({"backends": [backend_entry(old), backend_entry(new, priority=2)],
+                         "api_version": "2024-10-21"}, lds=True)
+    assert envoy.chat().headers["x-spillway-backend"] == "old"
+
+    # A config the filter refuses: Envoy rejects the listener update and logs why.
+    bad = json.dumps({"backends": [backend_entry(new)], "surprise": True})
+    envoy.apply({"backends": [backend_entry(new)]}, raw_filter_json=bad)
+    wait_until(lambda: envoy.stat("listener_manager.lds.update_rejected") >= 1, what="update rejected")
+    assert "unknown field `surprise`" in envoy.log()
+    for _ in range(3):
+        r = envoy.chat()
+        assert (r.status_code, r.headers["x-spillway-backend"]) == (200, "old")
+
+    # A good update (priorities swapped) applies without a restart.
+    envoy.apply({"backends": [backend_entry(old, priority=2), backend_entry(new)], "api_version": "2024-10-21"})
+    wait_until(lambda: envoy.stat("listener_manager.lds.update_success") >= 2, what="update applied")
+    wait_until(lambda: envoy.chat().headers.get("x-spillway-backend") == "new", what="new config serving")
