@@ -27,6 +27,28 @@ struct RawConfig {
     circuit_breaker: Option<RawCircuitBreaker>,
     #[serde(default)]
     api_version: Option<String>,
+    #[serde(default)]
+    clients: Vec<RawClient>,
+    #[serde(default)]
+    stream_usage: bool,
+    #[serde(default)]
+    log_bodies: bool,
+    #[serde(default = "default_log_body_max_bytes")]
+    log_body_max_bytes: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: String,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    key_env: Option<String>,
+    #[serde(default)]
+    requests_per_minute: Option<u64>,
+    #[serde(default)]
+    tokens_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +77,9 @@ struct RawCircuitBreaker {
     open_s: u64,
 }
 
+fn default_log_body_max_bytes() -> usize {
+    2048
+}
 fn one() -> u32 {
     1
 }
@@ -128,9 +153,27 @@ pub struct CircuitBreaker {
     pub open_ms: u64,
 }
 
+/// A gateway client (subscription key), with optional per-minute limits.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub name: String,
+    /// `None` only in names-only parsing (the renderer).
+    pub key: Option<Secret>,
+    pub key_env: Option<String>,
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub backends: Vec<Backend>,
+    /// Empty: the gateway is open. Otherwise every request needs a client key.
+    pub clients: Vec<Client>,
+    /// Ask streamed chat answers for a usage chunk and hide it from clients that did not ask.
+    pub stream_usage: bool,
+    /// Log (capped) prompts and answers in the per-request log line.
+    pub log_bodies: bool,
+    pub log_body_max_bytes: usize,
     pub retry_on: Vec<u16>,
     pub default_retry_after_ms: u64,
     pub max_retry_after_ms: u64,
@@ -250,8 +293,62 @@ impl Config {
                 return Err(err("api_version", "must look like 2024-10-21"));
             }
         }
+        let mut clients: Vec<Client> = Vec::with_capacity(raw.clients.len());
+        for (i, rc) in raw.clients.into_iter().enumerate() {
+            let field = |f: &str| format!("clients[{i}].{f}");
+            if !valid_name(&rc.name) {
+                return Err(err(field("name"), "must be 1-48 characters of a-z, A-Z, 0-9, '-' or '_'"));
+            }
+            if clients.iter().any(|c| c.name == rc.name) {
+                return Err(err(field("name"), format!("duplicate client name \"{}\"", rc.name)));
+            }
+            let key = match (&rc.key, &rc.key_env, &keys) {
+                (Some(_), Some(_), _) => return Err(err(field("key"), "set key or key_env, not both")),
+                (None, None, _) => return Err(err(field("key"), "set key or key_env")),
+                (Some(k), None, _) if k.len() < 8 => {
+                    return Err(err(field("key"), "must be at least 8 characters"))
+                }
+                (Some(k), None, _) => Some(Secret::new(k.clone())),
+                (None, Some(var), _) if var.is_empty() => return Err(err(field("key_env"), "is empty")),
+                (None, Some(_), Keys::NamesOnly) => None,
+                (None, Some(var), Keys::Resolve(lookup)) => match lookup(var) {
+                    Some(v) if v.len() >= 8 => Some(Secret::new(v)),
+                    _ => {
+                        return Err(err(
+                            field("key_env"),
+                            format!("environment variable {var} is not set or shorter than 8 characters in the Envoy process (list it in vm_config.environment_variables.host_env_keys)"),
+                        ))
+                    }
+                },
+            };
+            if let Some(k) = &key {
+                if clients.iter().any(|c| c.key.as_ref() == Some(k)) {
+                    return Err(err(field("key"), "the same key is already used by another client"));
+                }
+            }
+            if rc.requests_per_minute == Some(0) {
+                return Err(err(field("requests_per_minute"), "must be at least 1 (omit it for no limit)"));
+            }
+            if rc.tokens_per_minute == Some(0) {
+                return Err(err(field("tokens_per_minute"), "must be at least 1 (omit it for no limit)"));
+            }
+            clients.push(Client {
+                name: rc.name,
+                key,
+                key_env: rc.key_env,
+                requests_per_minute: rc.requests_per_minute,
+                tokens_per_minute: rc.tokens_per_minute,
+            });
+        }
+        if raw.log_body_max_bytes > 1 << 20 {
+            return Err(err("log_body_max_bytes", "must be at most 1048576"));
+        }
         Ok(Config {
             backends,
+            clients,
+            stream_usage: raw.stream_usage,
+            log_bodies: raw.log_bodies,
+            log_body_max_bytes: raw.log_body_max_bytes,
             retry_on: raw.retry_on,
             default_retry_after_ms: raw.default_retry_after_s.saturating_mul(1000),
             max_retry_after_ms: raw.max_retry_after_s.saturating_mul(1000),
@@ -411,6 +508,31 @@ mod tests {
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"circuit_breaker":{"consecutive_failures":0}}"#, "circuit_breaker.consecutive_failures");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"default_retry_after_s":0}"#, "default_retry_after_s");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"api_version":"x y"}"#, "api_version");
+    }
+
+    #[test]
+    fn clients_parse_and_validate() {
+        let env = |v: &str| (v == "TEAM_A_KEY").then(|| "team-a-secret".to_string());
+        let ok = r#"{"backends":[{"name":"a","url":"http://x"}],"clients":[
+            {"name":"team-a","key_env":"TEAM_A_KEY","requests_per_minute":60,"tokens_per_minute":120000},
+            {"name":"team-b","key":"team-b-secret"}]}"#;
+        let c = Config::parse(ok.as_bytes(), Keys::Resolve(&env)).unwrap();
+        assert_eq!(c.clients[0].key.as_ref().unwrap().expose(), "team-a-secret");
+        assert_eq!(c.clients[0].tokens_per_minute, Some(120_000));
+        assert_eq!(c.clients[1].requests_per_minute, None);
+        let base = r#"{"backends":[{"name":"a","url":"http://x"}],"clients":"#;
+        for (clients, field) in [
+            (r#"[{"name":"x"}]"#, "clients[0].key"),
+            (r#"[{"name":"x","key":"short"}]"#, "clients[0].key"),
+            (r#"[{"name":"x","key":"long-enough","requests_per_minute":0}]"#, "clients[0].requests_per_minute"),
+            (r#"[{"name":"x","key":"long-enough"},{"name":"y","key":"long-enough"}]"#, "clients[1].key"),
+            (r#"[{"name":"x","key":"long-enough"},{"name":"x","key":"other-key-1"}]"#, "clients[1].name"),
+            (r#"[{"name":"x","key_env":"MISSING"}]"#, "clients[0].key_env"),
+            (r#"[{"name":"x","key":"long-enough","rpm":1}]"#, "unknown field `rpm`"),
+        ] {
+            let e = Config::parse(format!("{base}{clients}}}").as_bytes(), Keys::Resolve(&env)).unwrap_err();
+            assert!(e.to_string().contains(field), "{e} should name {field}");
+        }
     }
 
     #[test]

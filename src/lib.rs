@@ -4,14 +4,17 @@
 //! Everything that decides lives in plain Rust modules tested natively; the
 //! `wasm` module is the thin glue to the proxy-wasm host.
 
+pub mod clients;
 pub mod config;
 pub mod gateway;
 pub mod health;
+pub mod limits;
 pub mod paths;
 pub mod render;
 pub mod retry_after;
 pub mod selection;
 pub mod store;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;

@@ -1,0 +1,327 @@
+//! Token accounting: estimates from request bodies, real `usage` from JSON
+//! answers and from SSE streams (scanned incrementally, optionally with the
+//! usage-only chunk removed for clients that did not ask for it).
+
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+}
+
+impl Usage {
+    fn from_json(v: &Value) -> Option<Usage> {
+        let u = v.get("usage")?;
+        let prompt = u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0);
+        let completion = u.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0);
+        let total = u.get("total_tokens").and_then(Value::as_u64).unwrap_or(prompt + completion);
+        u.is_object().then_some(Usage { prompt, completion, total })
+    }
+}
+
+/// What the gateway needs to know about a request body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Prompt estimate plus the completion budget: what the token limit charges up front.
+    pub estimated_tokens: u64,
+    pub model: Option<String>,
+}
+
+/// Characters per token for estimates (the usual rule of thumb for English).
+const CHARS_PER_TOKEN: u64 = 4;
+
+pub fn request_facts(body: &[u8]) -> RequestFacts {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        // Not JSON (e.g. multipart audio): estimate from the size.
+        return RequestFacts {
+            estimated_tokens: (body.len() as u64).div_ceil(CHARS_PER_TOKEN).max(1),
+            ..RequestFacts::default()
+        };
+    };
+    let mut chars = 0u64;
+    if let Some(messages) = v.get("messages").and_then(Value::as_array) {
+        for m in messages {
+            chars += text_chars(m.get("content"));
+        }
+    }
+    chars += text_chars(v.get("prompt")) + text_chars(v.get("input"));
+    let prompt = chars.div_ceil(CHARS_PER_TOKEN).max(1);
+    let budget = v
+        .get("max_completion_tokens")
+        .or_else(|| v.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let copies = [v.get("n"), v.get("best_of")]
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    RequestFacts {
+        stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        include_usage: v
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        estimated_tokens: prompt.saturating_add(budget.saturating_mul(copies)),
+        model: v.get("model").and_then(Value::as_str).map(str::to_string),
+    }
+}
+
+/// Characters of text in a string, an array of strings / token ids, or
+/// content parts (`[{"type":"text","text":...}]`).
+fn text_chars(v: Option<&Value>) -> u64 {
+    match v {
+        Some(Value::String(s)) => s.chars().count() as u64,
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => s.chars().count() as u64,
+                // A token id counts as one token's worth of characters.
+                Value::Number(_) => CHARS_PER_TOKEN,
+                Value::Array(_) => text_chars(Some(item)),
+                Value::Object(o) => text_chars(o.get("text")),
+                _ => 0,
+            })
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// The body with `stream_options.include_usage = true`, for streamed
+/// requests that did not ask for usage; `None` when nothing needs changing.
+pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    if v.get("stream").and_then(Value::as_bool) != Some(true) {
+        return None;
+    }
+    let obj = v.as_object_mut()?;
+    let options = obj.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
+    let options = options.as_object_mut()?;
+    if options.get("include_usage").and_then(Value::as_bool) == Some(true) {
+        return None;
+    }
+    options.insert("include_usage".to_string(), Value::Bool(true));
+    serde_json::to_vec(&v).ok()
+}
+
+/// Usage and `model` from a complete JSON answer.
+pub fn json_answer(body: &[u8]) -> (Option<Usage>, Option<String>) {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => (Usage::from_json(&v), v.get("model").and_then(Value::as_str).map(str::to_string)),
+        Err(_) => (None, None),
+    }
+}
+
+/// Longest partial event kept between chunks; a longer one is passed on
+/// unscanned rather than held (SSE events from these APIs are small).
+const MAX_PENDING: usize = 1 << 20;
+
+/// Incremental SSE scanner. Feed it each chunk as it passes; it finds the
+/// usage chunk and, when `strip_usage` is set, returns the chunk without it.
+#[derive(Debug, Default)]
+pub struct SseScanner {
+    strip_usage: bool,
+    pending: Vec<u8>,
+    pub usage: Option<Usage>,
+    pub model: Option<String>,
+    /// Text of the answer's content deltas (for body logging), capped.
+    pub text: String,
+    text_cap: usize,
+}
+
+impl SseScanner {
+    pub fn new(strip_usage: bool, text_cap: usize) -> SseScanner {
+        SseScanner { strip_usage, text_cap, ..SseScanner::default() }
+    }
+
+    /// Consumes a chunk; returns what to send on in its place. Without
+    /// stripping that is the chunk itself; with stripping, complete events
+    /// are sent and a trailing partial event waits for the next chunk.
+    pub fn feed(&mut self, chunk: &[u8], end_of_stream: bool) -> Vec<u8> {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(if self.strip_usage { pending.len() } else { 0 });
+        let mut start = 0;
+        while let Some(end) = find_event_end(&pending, start) {
+            let event = pending.get(start..end).unwrap_or(&[]);
+            let drop_it = self.scan_event(event);
+            if self.strip_usage && !drop_it {
+                out.extend_from_slice(event);
+            }
+            start = end;
+        }
+        self.pending = pending.split_off(start.min(pending.len()));
+        if end_of_stream || self.pending.len() > MAX_PENDING {
+            let tail = std::mem::take(&mut self.pending);
+            if end_of_stream {
+                self.scan_event(&tail);
+            }
+            if self.strip_usage {
+                out.extend_from_slice(&tail);
+            }
+        }
+        if self.strip_usage {
+            out
+        } else {
+            // Only scanning: the chunk goes on unchanged.
+            chunk.to_vec()
+        }
+    }
+
+    /// Records what the event says; true if it is a usage-only chunk to strip.
+    fn scan_event(&mut self, event: &[u8]) -> bool {
+        let Ok(text) = std::str::from_utf8(event) else { return false };
+        let mut is_usage_only = false;
+        for line in text.lines() {
+            let Some(data) = line.strip_prefix("data:") else { continue };
+            let data = data.trim();
+            if data == "[DONE]" || data.is_empty() {
+                continue;
+            }
+            let has_usage = data.contains("\"usage\"");
+            let wants_text = self.text.len() < self.text_cap;
+            if !has_usage && !wants_text && self.model.is_some() {
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+            if self.model.is_none() {
+                self.model = v.get("model").and_then(Value::as_str).map(str::to_string);
+            }
+            if wants_text {
+                if let Some(delta) = v.pointer("/choices/0/delta/content").and_then(Value::as_str) {
+                    push_capped(&mut self.text, delta, self.text_cap);
+                } else if let Some(t) = v.pointer("/choices/0/text").and_then(Value::as_str) {
+                    push_capped(&mut self.text, t, self.text_cap);
+                }
+            }
+            if let Some(u) = Usage::from_json(&v) {
+                self.usage = Some(u);
+                let no_choices = v.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
+                is_usage_only |= no_choices;
+            }
+        }
+        is_usage_only
+    }
+}
+
+/// Appends at most up to `cap` bytes, cutting on a character boundary.
+pub fn push_capped(buf: &mut String, s: &str, cap: usize) {
+    for ch in s.chars() {
+        if buf.len() + ch.len_utf8() > cap {
+            break;
+        }
+        buf.push(ch);
+    }
+}
+
+/// End (exclusive) of the first complete event at or after `from`: the
+/// position after a blank line (`\n\n` or `\r\n\r\n`).
+fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let hay = buf.get(from..)?;
+    let mut i = 0;
+    while i + 1 < hay.len() {
+        match (hay.get(i), hay.get(i + 1)) {
+            (Some(b'\n'), Some(b'\n')) => return Some(from + i + 2),
+            (Some(b'\r'), Some(b'\n')) if hay.get(i + 2..i + 4) == Some(b"\r\n") => {
+                return Some(from + i + 4)
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        "data: {\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+        "data: {\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello \"}}],\"usage\":null}\n\n",
+        "data: {\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"world\"}}],\"usage\":null}\n\n",
+        "data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    #[test]
+    fn estimates_prompt_and_budget() {
+        let f = request_facts(br#"{"messages":[{"role":"user","content":"12345678"},{"role":"user","content":[{"type":"text","text":"abcd"}]}],"max_tokens":100,"n":2,"stream":true}"#);
+        assert_eq!(f.estimated_tokens, 3 + 200);
+        assert!(f.stream && !f.include_usage);
+        assert_eq!(request_facts(br#"{"input":["abcd","efgh"],"model":"emb"}"#).estimated_tokens, 2);
+        assert_eq!(request_facts(br#"{"input":[[1,2,3]]}"#).estimated_tokens, 3);
+        assert_eq!(request_facts(b"not json at all!").estimated_tokens, 4);
+        assert_eq!(request_facts(br#"{"prompt":"x","max_completion_tokens":10}"#).estimated_tokens, 11);
+    }
+
+    #[test]
+    fn include_usage_is_added_only_when_missing() {
+        let out = with_include_usage(br#"{"stream":true,"messages":[]}"#).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert!(with_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#).is_none());
+        assert!(with_include_usage(br#"{"messages":[]}"#).is_none());
+        let kept = with_include_usage(br#"{"stream":true,"stream_options":{"x":1}}"#).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&kept).unwrap()["stream_options"]["x"], 1);
+    }
+
+    #[test]
+    fn json_answer_usage() {
+        let (u, m) = json_answer(br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
+        assert_eq!(u, Some(Usage { prompt: 3, completion: 4, total: 7 }));
+        assert_eq!(m.as_deref(), Some("gpt-4o"));
+        assert_eq!(json_answer(b"{}").0, None);
+    }
+
+    #[test]
+    fn scanning_passes_chunks_unchanged_and_finds_usage_across_splits() {
+        let bytes = STREAM.as_bytes();
+        for split in [1, 7, 50, 200, bytes.len()] {
+            let mut s = SseScanner::new(false, 100);
+            let mut out = Vec::new();
+            let chunks: Vec<&[u8]> = bytes.chunks(split).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                out.extend(s.feed(c, i + 1 == chunks.len()));
+            }
+            assert_eq!(out, bytes);
+            assert_eq!(s.usage, Some(Usage { prompt: 7, completion: 2, total: 9 }));
+            assert_eq!(s.text, "Hello world");
+            assert_eq!(s.model.as_deref(), Some("gpt-4o"));
+        }
+    }
+
+    #[test]
+    fn stripping_removes_only_the_usage_chunk() {
+        let bytes = STREAM.as_bytes();
+        for split in [1, 13, 64, bytes.len()] {
+            let mut s = SseScanner::new(true, 0);
+            let mut out = Vec::new();
+            let chunks: Vec<&[u8]> = bytes.chunks(split).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                out.extend(s.feed(c, i + 1 == chunks.len()));
+            }
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains("prompt_tokens"), "{text}");
+            assert_eq!(text.matches("data: ").count(), 4);
+            assert!(text.ends_with("data: [DONE]\n\n"));
+            assert_eq!(s.usage.map(|u| u.total), Some(9));
+        }
+    }
+
+    #[test]
+    fn crlf_events_and_capped_text() {
+        let mut s = SseScanner::new(true, 3);
+        let input: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"abcdef\"}}]}\r\n\r\ndata: [DONE]\r\n\r\n";
+        assert_eq!(s.feed(input, true), input);
+        assert_eq!(s.text, "abc");
+        let mut capped = String::new();
+        push_capped(&mut capped, "héllo", 2);
+        assert_eq!(capped, "h");
+    }
+}
