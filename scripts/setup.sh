@@ -7,6 +7,13 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 ENVOY_VERSION="${SPILLWAY_ENVOY_VERSION:-1.40.0}"
 VENV="$ROOT/.venv"
 
+# docker-compose (Debian package) lets the tests check docker-compose.yml;
+# there is no docker daemon here, only the file is checked.
+if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
+    || echo "setup: could not install docker-compose; the compose file check will be skipped" >&2
+fi
+
 if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi

@@ -13,6 +13,7 @@
 
 use crate::config::{Config, Secret};
 use crate::health::{Availability, HealthTable};
+use crate::metrics::{self, Metrics};
 use crate::paths;
 use crate::retry_after::RetryAfterPolicy;
 use crate::selection::{Group, Pick, Pool};
@@ -259,6 +260,7 @@ impl Gateway {
         &self,
         store: &dyn SharedStore,
         clock: &dyn Clock,
+        metrics: &dyn Metrics,
         backend: usize,
         has_fallback: bool,
         answer: &AttemptAnswer<'_>,
@@ -267,7 +269,11 @@ impl Gateway {
         let now = clock.now_ms();
         let cb = self.config.circuit_breaker;
         let retriable = u16::try_from(status).is_ok_and(|s| self.config.retry_on.contains(&s));
+        let name = self.names.get(backend).map_or("", String::as_str);
+        let class = metrics::status_class(status);
+        metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &[("backend", name), ("class", &class)]), 1);
         let table = if status == 429 {
+            metrics.add(&metrics::name(metrics::THROTTLE_EVENTS, &[("backend", name)]), 1);
             let wait = self.retry_after.wait_ms(retry_after_ms, retry_after, now);
             self.update_health(store, |t| match t.get_mut(backend) {
                 Some(h) => {
@@ -277,13 +283,7 @@ impl Gateway {
                 None => false,
             })
         } else if status >= 500 {
-            self.update_health(store, |t| match t.get_mut(backend) {
-                Some(h) => {
-                    h.record_failure(now, &cb);
-                    true
-                }
-                None => false,
-            })
+            self.record_failure(store, metrics, now, backend)
         } else {
             // Healthy answers are the common case: only write when a failure
             // run or an open circuit needs clearing.
@@ -299,6 +299,7 @@ impl Gateway {
             None
         };
         if retriable && has_fallback {
+            metrics.add(&metrics::name(metrics::FAILOVERS, &[("backend", name)]), 1);
             return ResponseDecision { retry: true, retry_after_ms: None };
         }
         let retry_after_ms = (status == 429).then(|| {
@@ -316,16 +317,61 @@ impl Gateway {
 
     /// Attempt role: the attempt ended without response headers (connection
     /// refused, reset, timeout). Counts as a failure for the circuit breaker.
-    pub fn on_attempt_lost(&self, store: &dyn SharedStore, clock: &dyn Clock, backend: usize) {
-        let now = clock.now_ms();
+    pub fn on_attempt_lost(
+        &self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        backend: usize,
+        has_fallback: bool,
+    ) {
+        let name = self.names.get(backend).map_or("", String::as_str);
+        metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &[("backend", name), ("class", "reset")]), 1);
+        if has_fallback {
+            // Envoy retries resets and refused connections by itself.
+            metrics.add(&metrics::name(metrics::FAILOVERS, &[("backend", name)]), 1);
+        }
+        self.record_failure(store, metrics, clock.now_ms(), backend);
+    }
+
+    fn record_failure(
+        &self,
+        store: &dyn SharedStore,
+        metrics: &dyn Metrics,
+        now: u64,
+        backend: usize,
+    ) -> Option<HealthTable> {
         let cb = self.config.circuit_breaker;
-        self.update_health(store, |t| match t.get_mut(backend) {
+        let mut opened = false;
+        let table = self.update_health(store, |t| match t.get_mut(backend) {
             Some(h) => {
+                let was_open = h.consecutive_failures >= cb.consecutive_failures;
                 h.record_failure(now, &cb);
+                opened = !was_open && h.consecutive_failures >= cb.consecutive_failures;
                 true
             }
             None => false,
         });
+        if opened {
+            let name = self.names.get(backend).map_or("", String::as_str);
+            metrics.add(&metrics::name(metrics::CIRCUIT_OPENS, &[("backend", name)]), 1);
+            log::warn!("circuit opened for backend {name}");
+        }
+        table
+    }
+
+    /// Gauges of what is out right now; refreshed periodically.
+    pub fn report_health(&self, store: &dyn SharedStore, clock: &dyn Clock, metrics: &dyn Metrics) {
+        let now = clock.now_ms();
+        let cb = self.config.circuit_breaker;
+        let table = self.read_health(store);
+        for (i, name) in self.names.iter().enumerate() {
+            let h = table.get(i);
+            let throttled = u64::from(h.throttled_until_ms > now);
+            let open = u64::from(h.consecutive_failures >= cb.consecutive_failures);
+            metrics.set(&metrics::name(metrics::BACKEND_THROTTLED, &[("backend", name)]), throttled);
+            metrics.set(&metrics::name(metrics::BACKEND_CIRCUIT_OPEN, &[("backend", name)]), open);
+        }
     }
 }
 
@@ -355,6 +401,7 @@ pub fn retry_after_secs(wait_ms: u64) -> u64 {
 mod tests {
     use super::*;
     use crate::config::Keys;
+    use crate::metrics::Recorder;
     use crate::store::{ManualClock, MemoryStore};
 
     fn gateway(extra: &str) -> Gateway {
@@ -419,7 +466,7 @@ mod tests {
     #[test]
     fn a_429_throttles_the_backend_and_retries_elsewhere() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(10_000));
-        let d = g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") });
+        let d = g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") });
         assert_eq!(d, ResponseDecision { retry: true, retry_after_ms: None });
         // East is now skipped by every new request until its deadline.
         for _ in 0..4 {
@@ -433,9 +480,9 @@ mod tests {
     #[test]
     fn last_429_reaches_the_client_with_the_soonest_wait() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 429, retry_after_ms: Some("30000"), retry_after: None });
-        g.on_attempt_response(&s, &c, 1, true, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("8") });
-        let d = g.on_attempt_response(&s, &c, 2, false, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("60") });
+        g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 429, retry_after_ms: Some("30000"), retry_after: None });
+        g.on_attempt_response(&s, &c, &Recorder::default(), 1, true, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("8") });
+        let d = g.on_attempt_response(&s, &c, &Recorder::default(), 2, false, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("60") });
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000) });
         // A new request is answered locally with the same soonest wait.
         c.advance(500);
@@ -450,17 +497,17 @@ mod tests {
     #[test]
     fn status_not_in_retry_on_is_not_retried() {
         let (g, s, c) = (gateway(r#","retry_on":[429]"#), MemoryStore::default(), ManualClock::at(0));
-        let d = g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 500, retry_after_ms: None, retry_after: None });
+        let d = g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 500, retry_after_ms: None, retry_after: None });
         assert!(!d.retry);
-        let d = g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None });
+        let d = g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None });
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: None });
     }
 
     #[test]
     fn failures_open_the_circuit_and_a_probe_closes_it() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        assert!(g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None }).retry);
-        g.on_attempt_lost(&s, &c, 0);
+        assert!(g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None }).retry);
+        g.on_attempt_lost(&s, &c, &Recorder::default(), 0, true);
         for _ in 0..4 {
             assert_eq!(forward(&g, &s, &c).0, "spillway_west");
         }
@@ -469,15 +516,40 @@ mod tests {
         let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 1, "{clusters:?}");
         // The probe answers 200: east is back in rotation.
-        g.on_attempt_response(&s, &c, 0, false, &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None });
+        g.on_attempt_response(&s, &c, &Recorder::default(), 0, false, &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None });
         let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 2, "{clusters:?}");
     }
 
     #[test]
+    fn attempt_metrics() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
+        let answer = |status| AttemptAnswer { status, retry_after_ms: None, retry_after: Some("5") };
+        g.on_attempt_response(&s, &c, &m, 0, true, &answer(429));
+        g.on_attempt_response(&s, &c, &m, 1, true, &answer(503));
+        g.on_attempt_lost(&s, &c, &m, 1, false);
+        g.on_attempt_response(&s, &c, &m, 2, false, &answer(200));
+        assert_eq!(m.get("spillway_upstream_requests_total.backend.east.class.4xx"), 1);
+        assert_eq!(m.get("spillway_upstream_requests_total.backend.west.class.5xx"), 1);
+        assert_eq!(m.get("spillway_upstream_requests_total.backend.west.class.reset"), 1);
+        assert_eq!(m.get("spillway_upstream_requests_total.backend.paygo.class.2xx"), 1);
+        assert_eq!(m.get("spillway_throttle_events_total.backend.east"), 1);
+        assert_eq!(m.get("spillway_failovers_total.backend.east"), 1);
+        assert_eq!(m.get("spillway_failovers_total.backend.west"), 1);
+        // consecutive_failures = 2: the second west failure opened the circuit, once.
+        assert_eq!(m.get("spillway_circuit_opens_total.backend.west"), 1);
+        g.on_attempt_lost(&s, &c, &m, 1, false);
+        assert_eq!(m.get("spillway_circuit_opens_total.backend.west"), 1);
+        g.report_health(&s, &c, &m);
+        assert_eq!(m.get("spillway_backend_throttled.backend.east"), 1);
+        assert_eq!(m.get("spillway_backend_circuit_open.backend.west"), 1);
+        assert_eq!(m.get("spillway_backend_circuit_open.backend.east"), 0);
+    }
+
+    #[test]
     fn healthy_answers_do_not_write_shared_data() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        g.on_attempt_response(&s, &c, 0, true, &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None });
+        g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None });
         assert_eq!(s.get(HEALTH_KEY), (None, None));
     }
 

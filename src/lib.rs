@@ -6,9 +6,11 @@
 
 pub mod clients;
 pub mod config;
+pub mod exchange;
 pub mod gateway;
 pub mod health;
 pub mod limits;
+pub mod metrics;
 pub mod paths;
 pub mod render;
 pub mod retry_after;

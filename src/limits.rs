@@ -142,18 +142,30 @@ pub fn admit(store: &dyn SharedStore, key: &str, limits: &Limits, now_ms: u64, t
     decision.unwrap_or(Admission::Admitted(Remaining::default()))
 }
 
-/// Corrects the token bucket once the real usage is known: `delta` is
-/// actual minus estimate (negative refunds).
-pub fn correct(store: &dyn SharedStore, key: &str, limits: &Limits, now_ms: u64, delta: i64) {
-    if limits.tokens_per_minute.is_none() || delta == 0 {
+/// Corrects the buckets once the outcome is known: `token_delta` is actual
+/// minus estimate (negative refunds); `refund_request` gives the request back
+/// (it was never served).
+pub fn correct(
+    store: &dyn SharedStore,
+    key: &str,
+    limits: &Limits,
+    now_ms: u64,
+    token_delta: i64,
+    refund_request: bool,
+) {
+    let tokens = limits.tokens_per_minute.is_some() && token_delta != 0;
+    let requests = limits.requests_per_minute.is_some() && refund_request;
+    if !tokens && !requests {
         return;
     }
     store::update(store, key, |current| {
         let mut b = Buckets::decode(current, limits, now_ms);
         b.refill(limits, now_ms);
-        b.tokens -= delta as f64;
-        if let Some(tpm) = limits.tokens_per_minute {
-            b.tokens = b.tokens.min(tpm as f64);
+        if let (true, Some(tpm)) = (tokens, limits.tokens_per_minute) {
+            b.tokens = (b.tokens - token_delta as f64).min(tpm as f64);
+        }
+        if let (true, Some(rpm)) = (requests, limits.requests_per_minute) {
+            b.requests = (b.requests + 1.0).min(rpm as f64);
         }
         ((), Some(b.encode()))
     });
@@ -213,10 +225,22 @@ mod tests {
         let k = key("c", &TPM);
         assert!(admitted(admit(&s, &k, &TPM, 0, 900)));
         assert!(!admitted(admit(&s, &k, &TPM, 0, 200)));
-        correct(&s, &k, &TPM, 0, -850); // used 50 of the 900 estimated
+        correct(&s, &k, &TPM, 0, -850, false); // used 50 of the 900 estimated
         assert!(admitted(admit(&s, &k, &TPM, 0, 200)));
-        correct(&s, &k, &TPM, 0, 5_000); // used far more than estimated: debt
+        correct(&s, &k, &TPM, 0, 5_000, false); // used far more than estimated: debt
         assert!(!admitted(admit(&s, &k, &TPM, 0, 1)));
+    }
+
+    #[test]
+    fn unserved_requests_are_refunded() {
+        let s = MemoryStore::default();
+        let k = key("c", &RPM);
+        for _ in 0..3 {
+            assert!(admitted(admit(&s, &k, &RPM, 0, 0)));
+        }
+        correct(&s, &k, &RPM, 0, 0, true);
+        assert!(admitted(admit(&s, &k, &RPM, 0, 0)));
+        assert!(!admitted(admit(&s, &k, &RPM, 0, 0)));
     }
 
     #[test]

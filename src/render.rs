@@ -238,10 +238,18 @@ pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rende
             "typed_config": hcm,
         }] }],
     });
+    let stats_config = json!({
+        "stats_tags": crate::metrics::stats_tags()
+            .into_iter()
+            .map(|(tag, regex)| json!({ "tag_name": tag, "regex": regex }))
+            .collect::<Vec<_>>(),
+    });
     let admin = json!({ "address": { "socket_address": { "address": opts.admin_address, "port_value": opts.admin_port } } });
     match &opts.lds_path {
         None => Rendered {
             bootstrap: json!({
+                "node": { "id": "spillway", "cluster": "spillway" },
+                "stats_config": stats_config,
                 "admin": admin,
                 "static_resources": { "listeners": [listener], "clusters": clusters },
             }),
@@ -265,6 +273,7 @@ pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rende
             Rendered {
                 bootstrap: json!({
                     "node": { "id": "spillway", "cluster": "spillway" },
+                    "stats_config": stats_config,
                     "admin": admin,
                     "static_resources": { "clusters": clusters },
                     "dynamic_resources": { "lds_config": {

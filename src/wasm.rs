@@ -3,13 +3,17 @@
 //! rather than the SDK's trait helpers (which panic on host errors).
 
 use crate::config::{Config, Keys};
-use crate::gateway::{header, AttemptAnswer, Gateway, RequestDecision, ResponseDecision};
+use crate::exchange::{Exchange, RequestHead, Step, CLIENT_CREDENTIAL_HEADERS};
+use crate::gateway::{header, AttemptAnswer, Gateway, ResponseDecision};
+use crate::metrics::Metrics;
 use crate::store::{Clock, SharedStore, StoreError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -28,6 +32,40 @@ impl SharedStore for HostStore {
             Ok(()) => Ok(()),
             Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
             Err(_) => Err(StoreError::Unavailable),
+        }
+    }
+}
+
+/// Envoy metrics; ids are defined once per name and worker.
+struct HostMetrics;
+
+thread_local! {
+    static METRIC_IDS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+}
+
+impl HostMetrics {
+    fn id(name: &str, kind: MetricType) -> Option<u32> {
+        METRIC_IDS.with(|ids| {
+            if let Some(id) = ids.borrow().get(name) {
+                return Some(*id);
+            }
+            let id = hostcalls::define_metric(kind, name).ok()?;
+            ids.borrow_mut().insert(name.to_string(), id);
+            Some(id)
+        })
+    }
+}
+
+impl Metrics for HostMetrics {
+    fn add(&self, name: &str, value: u64) {
+        if let Some(id) = Self::id(name, MetricType::Counter) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn set(&self, name: &str, value: u64) {
+        if let Some(id) = Self::id(name, MetricType::Gauge) {
+            let _ = hostcalls::record_metric(id, value);
         }
     }
 }
@@ -82,6 +120,12 @@ impl RootContext for Root {
                     config.backends.len()
                 );
                 self.gateway = Some(Rc::new(Gateway::new(config)));
+                if self.role == Role::Request {
+                    // Refreshes the "currently throttled / open" gauges.
+                    if let Err(e) = hostcalls::set_tick_period(Duration::from_secs(1)) {
+                        log::warn!("cannot set tick period: {e:?}");
+                    }
+                }
                 true
             }
             Err(e) => {
@@ -91,10 +135,20 @@ impl RootContext for Root {
         }
     }
 
+    fn on_tick(&mut self) {
+        if let Some(g) = &self.gateway {
+            g.report_health(&HostStore, &HostClock, &HostMetrics);
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let gateway = self.gateway.clone()?;
         Some(match self.role {
-            Role::Request => Box::new(RequestFilter { gateway }),
+            Role::Request => Box::new(RequestFilter {
+                gateway,
+                exchange: Exchange::new(HostClock.now_ms()),
+                waiting_for_body: false,
+            }),
             Role::Attempt => Box::new(AttemptFilter { gateway, attempt: None, answered: false }),
         })
     }
@@ -126,21 +180,25 @@ fn set_response_header(name: &str, value: Option<&str>) {
 
 struct RequestFilter {
     gateway: Rc<Gateway>,
+    exchange: Exchange,
+    waiting_for_body: bool,
 }
 
-impl Context for RequestFilter {}
-
-impl HttpContext for RequestFilter {
-    fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
-        // Clients must not steer routing or fake bookkeeping.
-        if let Ok(headers) = hostcalls::get_map(MapType::HttpRequestHeaders) {
-            for (name, _) in headers.iter().filter(|(n, _)| n.starts_with(header::PREFIX)) {
-                set_request_header(name, None);
+impl RequestFilter {
+    fn apply(&mut self, step: Step, body_size: Option<usize>) -> Action {
+        match step {
+            Step::NeedBody => {
+                self.waiting_for_body = true;
+                Action::Pause
             }
-        }
-        let path = request_header(":path").unwrap_or_default();
-        match self.gateway.route_request(&HostStore, &HostClock, &path) {
-            RequestDecision::Forward { cluster, path } => {
+            Step::Forward { cluster, path, body } => {
+                if let (Some(body), Some(size)) = (body, body_size) {
+                    if let Err(e) = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, &body) {
+                        log::warn!("cannot replace request body: {e:?}");
+                    } else {
+                        set_request_header("content-length", Some(&body.len().to_string()));
+                    }
+                }
                 set_request_header(header::CLUSTER, Some(&cluster));
                 set_request_header(header::PATH, Some(&path));
                 // The route (and its cluster) may already be cached from
@@ -150,9 +208,8 @@ impl HttpContext for RequestFilter {
                 }
                 Action::Continue
             }
-            RequestDecision::Reply(reply) => {
-                let headers: Vec<(&str, &str)> =
-                    reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Step::Reply(reply) => {
+                let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 if let Err(e) = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes())) {
                     log::warn!("cannot send local reply: {e:?}");
                     return Action::Continue;
@@ -161,10 +218,95 @@ impl HttpContext for RequestFilter {
             }
         }
     }
+}
+
+impl Context for RequestFilter {}
+
+impl HttpContext for RequestFilter {
+    fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        // Clients must not steer routing or fake bookkeeping.
+        if let Ok(headers) = hostcalls::get_map(MapType::HttpRequestHeaders) {
+            for (name, _) in headers.iter().filter(|(n, _)| n.starts_with(header::PREFIX)) {
+                set_request_header(name, None);
+            }
+        }
+        let (method, path) = (request_header(":method").unwrap_or_default(), request_header(":path").unwrap_or_default());
+        let (api_key, apim_key, authorization) = (
+            request_header("api-key"),
+            request_header("ocp-apim-subscription-key"),
+            request_header("authorization"),
+        );
+        let head = RequestHead {
+            method: &method,
+            path: &path,
+            api_key: api_key.as_deref(),
+            apim_key: apim_key.as_deref(),
+            authorization: authorization.as_deref(),
+            has_body: !end_of_stream,
+        };
+        let step = self.exchange.on_request_headers(&self.gateway, &HostStore, &HostClock, &HostMetrics, &head);
+        if !self.gateway.config.clients.is_empty() {
+            // A gateway key is for the gateway only.
+            for name in CLIENT_CREDENTIAL_HEADERS {
+                set_request_header(name, None);
+            }
+        }
+        self.apply(step, None)
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if !self.waiting_for_body {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.waiting_for_body = false;
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten().unwrap_or_default();
+        let step = self.exchange.on_request_body(&self.gateway, &HostStore, &HostClock, &HostMetrics, &body);
+        self.apply(step, Some(size))
+    }
 
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+        if self.exchange.is_local_reply() {
+            return Action::Continue;
+        }
         set_response_header(header::RETRY, None);
+        let status: u32 = response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let (content_type, backend, attempts) = (
+            response_header("content-type"),
+            response_header(header::BACKEND),
+            response_header(header::ATTEMPTS),
+        );
+        let extra = self.exchange.on_response_headers(
+            &self.gateway,
+            status,
+            content_type.as_deref(),
+            backend.as_deref(),
+            attempts.as_deref(),
+        );
+        for (name, value) in extra {
+            set_response_header(name, Some(&value));
+        }
         Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.exchange.is_local_reply() {
+            return Action::Continue;
+        }
+        let chunk = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default();
+        if let Some(replacement) = self.exchange.on_response_body(&chunk, end_of_stream) {
+            if let Err(e) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &replacement) {
+                log::warn!("cannot replace response body: {e:?}");
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let line = self.exchange.finish(&self.gateway, &HostStore, &HostClock, &HostMetrics);
+        log::info!("{line}");
     }
 }
 
@@ -184,7 +326,7 @@ impl Context for AttemptFilter {
     fn on_done(&mut self) -> bool {
         if let (Some(a), false) = (&self.attempt, self.answered) {
             // No response headers: refused, reset or timed out.
-            self.gateway.on_attempt_lost(&HostStore, &HostClock, a.backend);
+            self.gateway.on_attempt_lost(&HostStore, &HostClock, &HostMetrics, a.backend, a.has_fallback);
             self.answered = true;
         }
         true
@@ -234,6 +376,7 @@ impl HttpContext for AttemptFilter {
         let ResponseDecision { retry, retry_after_ms: wait } = self.gateway.on_attempt_response(
             &HostStore,
             &HostClock,
+            &HostMetrics,
             attempt.backend,
             attempt.has_fallback,
             &AttemptAnswer {

@@ -1,0 +1,543 @@
+//! One client request as the request role sees it, from headers to the log
+//! line: authentication, client limits, routing, token accounting. Pure: the
+//! glue feeds it what the host reports and applies what it returns.
+
+use crate::clients::{self, Auth};
+use crate::gateway::{Gateway, LocalReply, RequestDecision};
+use crate::limits::{self, Admission, Limits, Remaining};
+use crate::metrics::{self, Metrics};
+use crate::paths;
+use crate::store::{Clock, SharedStore};
+use crate::usage::{self, RequestFacts, SseScanner, Usage};
+use serde_json::{json, Value};
+
+/// Request headers the decisions read.
+#[derive(Debug, Clone, Default)]
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub api_key: Option<&'a str>,
+    pub apim_key: Option<&'a str>,
+    pub authorization: Option<&'a str>,
+    /// False when the headers ended the request (no body follows).
+    pub has_body: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Hold the headers and buffer the body; call `on_request_body` at its end.
+    NeedBody,
+    /// Route: set the internal headers (and replace the body, if given).
+    Forward { cluster: String, path: String, body: Option<Vec<u8>> },
+    Reply(LocalReply),
+}
+
+/// Largest JSON answer kept to read its `usage` (answers are small; a huge
+/// one is passed on without accounting rather than held in memory).
+const MAX_JSON_ANSWER: usize = 4 << 20;
+
+#[derive(Debug, Default)]
+pub struct Exchange {
+    started_ms: u64,
+    method: String,
+    path: String,
+    client: Option<usize>,
+    facts: RequestFacts,
+    charged_tokens: u64,
+    admitted: bool,
+    remaining: Remaining,
+    local_reason: Option<&'static str>,
+    status: u32,
+    backend: Option<String>,
+    attempts: Option<u32>,
+    sse: Option<SseScanner>,
+    json_answer: Option<Vec<u8>>,
+    strip_usage: bool,
+    prompt: Option<String>,
+    answer_model: Option<String>,
+    usage: Option<Usage>,
+}
+
+impl Exchange {
+    pub fn new(now_ms: u64) -> Exchange {
+        Exchange { started_ms: now_ms, ..Exchange::default() }
+    }
+
+    fn client_limits(&self, gw: &Gateway) -> Option<(String, Limits)> {
+        let c = gw.config.clients.get(self.client?)?;
+        let limits = Limits { requests_per_minute: c.requests_per_minute, tokens_per_minute: c.tokens_per_minute };
+        (limits.requests_per_minute.is_some() || limits.tokens_per_minute.is_some())
+            .then(|| (limits::key(&c.name, &limits), limits))
+    }
+
+    fn client_name<'g>(&self, gw: &'g Gateway) -> &'g str {
+        self.client.and_then(|i| gw.config.clients.get(i)).map_or("", |c| c.name.as_str())
+    }
+
+    fn reply(&mut self, metrics: &dyn Metrics, reason: &'static str, reply: LocalReply) -> Step {
+        self.local_reason = Some(reason);
+        self.status = reply.status;
+        metrics.add(&metrics::name(metrics::LOCAL_REPLIES, &[("reason", reason)]), 1);
+        Step::Reply(reply)
+    }
+
+    pub fn on_request_headers(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        head: &RequestHead<'_>,
+    ) -> Step {
+        self.method = head.method.to_string();
+        self.path = head.path.to_string();
+        if !paths::is_api_path(head.path) {
+            let reply = LocalReply::error(
+                404,
+                "404",
+                "Resource not found: Spillway serves /openai/... (Azure OpenAI) and /v1/... (OpenAI) paths",
+            );
+            return self.reply(metrics, "not_found", reply);
+        }
+        let presented = clients::presented_key(head.api_key, head.apim_key, head.authorization);
+        match clients::authenticate(&gw.config.clients, presented) {
+            Auth::Open => {}
+            Auth::Client(i) => self.client = Some(i),
+            Auth::Missing | Auth::Invalid => {
+                metrics.add(metrics::AUTH_FAILURES, 1);
+                let reply = LocalReply::error(
+                    401,
+                    "401",
+                    "Access denied due to a missing or invalid key. Send your gateway key in the api-key header (or Authorization: Bearer).",
+                );
+                return self.reply(metrics, "unauthorized", reply);
+            }
+        }
+        let tokens_limited = self.client_limits(gw).is_some_and(|(_, l)| l.tokens_per_minute.is_some());
+        if head.has_body && (tokens_limited || gw.config.stream_usage || gw.config.log_bodies) {
+            return Step::NeedBody;
+        }
+        self.admit_and_route(gw, store, clock, metrics, None)
+    }
+
+    pub fn on_request_body(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        body: &[u8],
+    ) -> Step {
+        self.facts = usage::request_facts(body);
+        if gw.config.log_bodies {
+            let mut prompt = String::new();
+            usage::push_capped(&mut prompt, &prompt_text(body), gw.config.log_body_max_bytes);
+            self.prompt = Some(prompt);
+        }
+        let mut new_body = None;
+        if gw.config.stream_usage && self.facts.stream && !self.facts.include_usage && is_chat(&self.path) {
+            new_body = usage::with_include_usage(body);
+            self.strip_usage = new_body.is_some();
+        }
+        self.admit_and_route(gw, store, clock, metrics, new_body)
+    }
+
+    fn admit_and_route(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        body: Option<Vec<u8>>,
+    ) -> Step {
+        let now = clock.now_ms();
+        if let Some((key, limits)) = self.client_limits(gw) {
+            let cost = if limits.tokens_per_minute.is_some() { self.facts.estimated_tokens } else { 0 };
+            match limits::admit(store, &key, &limits, now, cost) {
+                Admission::Admitted(remaining) => {
+                    self.remaining = remaining;
+                    self.charged_tokens = cost;
+                    self.admitted = true;
+                }
+                Admission::Limited { retry_after_ms, remaining, by_tokens } => {
+                    self.remaining = remaining;
+                    let secs = retry_after_ms.div_ceil(1000).max(1);
+                    let what = if by_tokens { "token" } else { "request" };
+                    let mut reply = LocalReply::error(
+                        429,
+                        "429",
+                        &format!(
+                            "Client {} exceeded its {what} rate limit. Please retry after {secs} seconds.",
+                            self.client_name(gw)
+                        ),
+                    );
+                    reply.headers.push(("retry-after", secs.to_string()));
+                    reply.headers.push(("retry-after-ms", retry_after_ms.to_string()));
+                    reply.headers.extend(self.remaining_headers());
+                    let reason = if by_tokens { "client_tokens" } else { "client_requests" };
+                    return self.reply(metrics, reason, reply);
+                }
+            }
+        }
+        match gw.route_request(store, clock, &self.path) {
+            RequestDecision::Forward { cluster, path } => Step::Forward { cluster, path, body },
+            RequestDecision::Reply(mut reply) => {
+                // Not served: give the client its request and tokens back.
+                self.refund(gw, store, now);
+                reply.headers.extend(self.remaining_headers());
+                let reason = if reply.status == 429 { "all_throttled" } else { "not_found" };
+                self.reply(metrics, reason, reply)
+            }
+        }
+    }
+
+    fn refund(&mut self, gw: &Gateway, store: &dyn SharedStore, now: u64) {
+        if let (true, Some((key, limits))) = (self.admitted, self.client_limits(gw)) {
+            let delta = -i64::try_from(self.charged_tokens).unwrap_or(i64::MAX);
+            limits::correct(store, &key, &limits, now, delta, true);
+            self.admitted = false;
+            self.charged_tokens = 0;
+        }
+    }
+
+    /// Azure-style remaining-quota headers for the client's limits.
+    pub fn remaining_headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(r) = self.remaining.requests {
+            out.push(("x-ratelimit-remaining-requests", r.to_string()));
+        }
+        if let Some(t) = self.remaining.tokens {
+            out.push(("x-ratelimit-remaining-tokens", t.to_string()));
+        }
+        out
+    }
+
+    pub fn is_local_reply(&self) -> bool {
+        self.local_reason.is_some()
+    }
+
+    /// Response headers arrived. Returns the headers to set on the response
+    /// (the backend's own rate-limit headers are replaced by the client's).
+    pub fn on_response_headers(
+        &mut self,
+        gw: &Gateway,
+        status: u32,
+        content_type: Option<&str>,
+        backend: Option<&str>,
+        attempts: Option<&str>,
+    ) -> Vec<(&'static str, String)> {
+        if self.is_local_reply() {
+            return Vec::new();
+        }
+        self.status = status;
+        self.backend = backend.map(str::to_string);
+        self.attempts = attempts.and_then(|a| a.parse().ok());
+        let text_cap = if gw.config.log_bodies { gw.config.log_body_max_bytes } else { 0 };
+        if content_type.is_some_and(|c| c.starts_with("text/event-stream")) {
+            self.sse = Some(SseScanner::new(self.strip_usage, text_cap));
+        } else if content_type.is_some_and(|c| c.contains("json")) {
+            self.json_answer = Some(Vec::new());
+        }
+        let mut headers = self.remaining_headers();
+        if self.client_limits(gw).is_none() {
+            headers.clear();
+        }
+        headers
+    }
+
+    /// A response body chunk passes. Returns a replacement when the chunk
+    /// must change (the usage-only SSE chunk removed).
+    pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<Vec<u8>> {
+        if let Some(sse) = &mut self.sse {
+            let out = sse.feed(chunk, end_of_stream);
+            return self.strip_usage.then_some(out);
+        }
+        if let Some(buf) = &mut self.json_answer {
+            if buf.len() + chunk.len() <= MAX_JSON_ANSWER {
+                buf.extend_from_slice(chunk);
+            } else {
+                self.json_answer = None;
+            }
+        }
+        None
+    }
+
+    /// The exchange is over: settle the client's tokens, count, and return
+    /// the structured log line.
+    pub fn finish(&mut self, gw: &Gateway, store: &dyn SharedStore, clock: &dyn Clock, metrics: &dyn Metrics) -> String {
+        let now = clock.now_ms();
+        let mut answer_text = None;
+        if let Some(sse) = &self.sse {
+            self.usage = sse.usage;
+            self.answer_model = sse.model.clone();
+            answer_text = Some(sse.text.clone());
+        } else if let Some(body) = &self.json_answer {
+            let (u, model) = usage::json_answer(body);
+            self.usage = u;
+            self.answer_model = model;
+            if gw.config.log_bodies {
+                let mut text = String::new();
+                usage::push_capped(&mut text, &answer_json_text(body), gw.config.log_body_max_bytes);
+                answer_text = Some(text);
+            }
+        }
+        if self.admitted {
+            if (200..300).contains(&self.status) {
+                if let (Some(u), Some((key, limits))) = (self.usage, self.client_limits(gw)) {
+                    let delta = i64::try_from(u.total).unwrap_or(i64::MAX)
+                        - i64::try_from(self.charged_tokens).unwrap_or(i64::MAX);
+                    limits::correct(store, &key, &limits, now, delta, false);
+                }
+            } else {
+                // Failed answers are not billed by the backend: refund the estimate.
+                self.refund(gw, store, now);
+            }
+        }
+        let client = self.client_name(gw).to_string();
+        let deployment = paths::deployment(&self.path)
+            .map(str::to_string)
+            .or_else(|| self.facts.model.clone())
+            .or_else(|| self.answer_model.clone())
+            .unwrap_or_default();
+        let backend = self.backend.clone().unwrap_or_default();
+        metrics.add(
+            &metrics::name(metrics::REQUESTS, &[("client", &client), ("class", &metrics::status_class(self.status))]),
+            1,
+        );
+        if let Some(u) = self.usage {
+            for (kind, n) in [("prompt", u.prompt), ("completion", u.completion)] {
+                let labels = [("backend", backend.as_str()), ("client", &client), ("deployment", &deployment), ("kind", kind)];
+                metrics.add(&metrics::name(metrics::TOKENS, &labels), n);
+            }
+        }
+        let mut line = json!({
+            "msg": "request",
+            "client": client,
+            "method": self.method,
+            "path": self.path.split('?').next().unwrap_or(""),
+            "deployment": deployment,
+            "backend": self.backend,
+            "attempts": self.attempts.unwrap_or(0),
+            "status": self.status,
+            "stream": self.facts.stream || self.sse.is_some(),
+            "prompt_tokens": self.usage.map(|u| u.prompt),
+            "completion_tokens": self.usage.map(|u| u.completion),
+            "total_tokens": self.usage.map(|u| u.total),
+            "duration_ms": now.saturating_sub(self.started_ms),
+        });
+        if let Some(obj) = line.as_object_mut() {
+            if let Some(reason) = self.local_reason {
+                obj.insert("local_reply".to_string(), json!(reason));
+            }
+            if gw.config.log_bodies {
+                obj.insert("prompt".to_string(), json!(self.prompt));
+                obj.insert("answer".to_string(), json!(answer_text));
+            }
+        }
+        line.to_string()
+    }
+}
+
+fn is_chat(path: &str) -> bool {
+    path.split('?').next().is_some_and(|p| p.ends_with("/chat/completions"))
+}
+
+/// The text a request asks about: message contents, `prompt` or `input`.
+fn prompt_text(body: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else { return String::new() };
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(messages) = v.get("messages").and_then(Value::as_array) {
+        for m in messages {
+            let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+            match m.get("content") {
+                Some(Value::String(s)) => parts.push(format!("{role}: {s}")),
+                Some(Value::Array(items)) => {
+                    for t in items.iter().filter_map(|i| i.get("text").and_then(Value::as_str)) {
+                        parts.push(format!("{role}: {t}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    for field in ["prompt", "input"] {
+        match v.get(field) {
+            Some(Value::String(s)) => parts.push(s.clone()),
+            Some(Value::Array(items)) => parts.extend(items.iter().filter_map(Value::as_str).map(str::to_string)),
+            _ => {}
+        }
+    }
+    parts.join("\n")
+}
+
+fn answer_json_text(body: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else { return String::new() };
+    v.pointer("/choices/0/message/content")
+        .or_else(|| v.pointer("/choices/0/text"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Request headers a client may use for its credentials; the request role
+/// removes them when clients are configured so no client key goes upstream.
+pub const CLIENT_CREDENTIAL_HEADERS: [&str; 3] = ["api-key", "ocp-apim-subscription-key", "authorization"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Keys};
+    use crate::metrics::Recorder;
+    use crate::store::{ManualClock, MemoryStore};
+
+    fn gateway(extra: &str) -> Gateway {
+        let json = format!(
+            r#"{{"backends":[{{"name":"east","url":"http://127.0.0.1:1"}}],
+                "clients":[{{"name":"team-a","key":"key-of-team-a","requests_per_minute":2,"tokens_per_minute":1000}},
+                           {{"name":"team-b","key":"key-of-team-b"}}]{extra}}}"#
+        );
+        Gateway::new(Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap())
+    }
+
+    const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=1";
+
+    fn head<'a>(key: Option<&'a str>, has_body: bool) -> RequestHead<'a> {
+        RequestHead { method: "POST", path: CHAT, api_key: key, has_body, ..RequestHead::default() }
+    }
+
+    struct World {
+        gw: Gateway,
+        store: MemoryStore,
+        clock: ManualClock,
+        metrics: Recorder,
+    }
+
+    impl World {
+        fn new(extra: &str) -> World {
+            World { gw: gateway(extra), store: MemoryStore::default(), clock: ManualClock::at(0), metrics: Recorder::default() }
+        }
+        fn start(&self, key: Option<&str>, body: &[u8]) -> (Exchange, Step) {
+            let mut ex = Exchange::new(self.clock.now_ms());
+            let step = ex.on_request_headers(&self.gw, &self.store, &self.clock, &self.metrics, &head(key, !body.is_empty()));
+            let step = match step {
+                Step::NeedBody => ex.on_request_body(&self.gw, &self.store, &self.clock, &self.metrics, body),
+                other => other,
+            };
+            (ex, step)
+        }
+    }
+
+    #[test]
+    fn missing_and_wrong_keys_get_401() {
+        let w = World::new("");
+        for key in [None, Some("nope-nope-nope")] {
+            let (_, step) = w.start(key, b"{}");
+            let Step::Reply(r) = step else { panic!("{step:?}") };
+            assert_eq!(r.status, 401);
+            assert_eq!(serde_json::from_str::<Value>(&r.body).unwrap()["error"]["type"], "authentication_error");
+        }
+        assert_eq!(w.metrics.get("spillway_auth_failures_total"), 2);
+        assert_eq!(w.metrics.get("spillway_local_replies_total.reason.unauthorized"), 2);
+    }
+
+    #[test]
+    fn request_limit_gives_429_with_retry_after_and_remaining() {
+        let w = World::new("");
+        for left in ["1", "0"] {
+            let (ex, step) = w.start(Some("key-of-team-a"), b"");
+            assert!(matches!(step, Step::Forward { .. }), "{step:?}");
+            assert!(ex.remaining_headers().contains(&("x-ratelimit-remaining-requests", left.to_string())));
+        }
+        let (_, step) = w.start(Some("key-of-team-a"), b"");
+        let Step::Reply(r) = step else { panic!("{step:?}") };
+        assert_eq!(r.status, 429);
+        // 2 per minute: the next one in 30 s.
+        assert!(r.headers.contains(&("retry-after", "30".to_string())), "{:?}", r.headers);
+        assert!(r.headers.contains(&("x-ratelimit-remaining-requests", "0".to_string())));
+        // team-b has no limits.
+        for _ in 0..5 {
+            assert!(matches!(w.start(Some("key-of-team-b"), b"").1, Step::Forward { .. }));
+        }
+    }
+
+    #[test]
+    fn token_limit_uses_the_estimate_then_the_real_usage() {
+        let w = World::new("");
+        let body = br#"{"messages":[{"role":"user","content":"12345678"}],"max_tokens":600}"#;
+        let (mut ex, step) = w.start(Some("key-of-team-a"), body);
+        assert!(matches!(step, Step::Forward { .. }));
+        // 602 charged: a second one does not fit.
+        let (_, step) = w.start(Some("key-of-team-a"), body);
+        let Step::Reply(r) = step else { panic!("{step:?}") };
+        assert_eq!(r.status, 429);
+        // The answer used 52 tokens: 550 come back, and the next request fits.
+        ex.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"));
+        ex.on_response_body(br#"{"model":"gpt-4o","usage":{"prompt_tokens":2,"completion_tokens":50,"total_tokens":52}}"#, true);
+        let line: Value = serde_json::from_str(&ex.finish(&w.gw, &w.store, &w.clock, &w.metrics)).unwrap();
+        assert_eq!(line["total_tokens"], 52);
+        assert_eq!(line["client"], "team-a");
+        assert_eq!(line["deployment"], "gpt-4o");
+        assert!(matches!(w.start(Some("key-of-team-a"), body).1, Step::Forward { .. }));
+        assert_eq!(w.metrics.get("spillway_tokens_total.backend.east.client.team-a.deployment.gpt-4o.kind.completion"), 50);
+    }
+
+    #[test]
+    fn failed_answers_refund_the_estimate() {
+        let w = World::new("");
+        let body = br#"{"messages":[{"role":"user","content":"1234"}],"max_tokens":900}"#;
+        let (mut ex, _) = w.start(Some("key-of-team-a"), body);
+        ex.on_response_headers(&w.gw, 503, Some("application/json"), Some("east"), Some("1"));
+        ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
+        assert!(matches!(w.start(Some("key-of-team-a"), body).1, Step::Forward { .. }));
+    }
+
+    #[test]
+    fn stream_usage_adds_include_usage_and_strips_the_chunk() {
+        let w = World::new(r#","stream_usage":true"#);
+        let (mut ex, step) = w.start(Some("key-of-team-b"), br#"{"stream":true,"messages":[]}"#);
+        let Step::Forward { body: Some(body), .. } = step else { panic!("{step:?}") };
+        assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["stream_options"]["include_usage"], true);
+        ex.on_response_headers(&w.gw, 200, Some("text/event-stream"), Some("east"), Some("1"));
+        let out = ex.on_response_body(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}\n\ndata: [DONE]\n\n",
+            true,
+        );
+        let out = String::from_utf8(out.unwrap()).unwrap();
+        assert!(!out.contains("usage") && out.ends_with("[DONE]\n\n"));
+        let line: Value = serde_json::from_str(&ex.finish(&w.gw, &w.store, &w.clock, &w.metrics)).unwrap();
+        assert_eq!(line["total_tokens"], 2);
+        assert_eq!(line["stream"], true);
+    }
+
+    #[test]
+    fn a_client_that_asked_for_usage_keeps_it() {
+        let w = World::new(r#","stream_usage":true"#);
+        let (mut ex, step) = w.start(Some("key-of-team-b"), br#"{"stream":true,"stream_options":{"include_usage":true}}"#);
+        assert!(matches!(step, Step::Forward { body: None, .. }));
+        ex.on_response_headers(&w.gw, 200, Some("text/event-stream"), None, None);
+        assert_eq!(ex.on_response_body(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":2}}\n\n", true), None);
+    }
+
+    #[test]
+    fn log_line_has_no_secrets_and_caps_bodies() {
+        let w = World::new(r#","log_bodies":true,"log_body_max_bytes":10"#);
+        let (mut ex, _) = w.start(Some("key-of-team-b"), br#"{"messages":[{"role":"user","content":"a very long prompt indeed"}]}"#);
+        ex.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"));
+        ex.on_response_body(br#"{"choices":[{"message":{"content":"a long long answer"}}]}"#, true);
+        let text = ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
+        let line: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(line["prompt"], "user: a ve");
+        assert_eq!(line["answer"], "a long lon");
+        assert!(!text.contains("key-of-team"));
+    }
+
+    #[test]
+    fn open_gateway_does_not_buffer_bodies() {
+        let gw = Gateway::new(
+            Config::parse(br#"{"backends":[{"name":"east","url":"http://127.0.0.1:1"}]}"#, Keys::NamesOnly).unwrap(),
+        );
+        let mut ex = Exchange::new(0);
+        let step = ex.on_request_headers(&gw, &MemoryStore::default(), &ManualClock::at(0), &Recorder::default(), &head(None, true));
+        assert!(matches!(step, Step::Forward { body: None, .. }), "{step:?}");
+    }
+}

@@ -1,0 +1,108 @@
+//! Metric names. proxy-wasm metrics have names, not labels: labels are
+//! encoded as `.key.value` pairs after the metric name, and the renderer adds
+//! Envoy `stats_tags` that turn each pair back into a Prometheus label, so
+//! `/stats/prometheus` shows `spillway_tokens_total{client="a",...}`.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+pub const UPSTREAM_REQUESTS: &str = "spillway_upstream_requests_total";
+pub const FAILOVERS: &str = "spillway_failovers_total";
+pub const THROTTLE_EVENTS: &str = "spillway_throttle_events_total";
+pub const CIRCUIT_OPENS: &str = "spillway_circuit_opens_total";
+pub const BACKEND_THROTTLED: &str = "spillway_backend_throttled";
+pub const BACKEND_CIRCUIT_OPEN: &str = "spillway_backend_circuit_open";
+pub const REQUESTS: &str = "spillway_requests_total";
+pub const LOCAL_REPLIES: &str = "spillway_local_replies_total";
+pub const AUTH_FAILURES: &str = "spillway_auth_failures_total";
+pub const TOKENS: &str = "spillway_tokens_total";
+
+/// Label keys, in the order they appear in names.
+pub const LABELS: [&str; 6] = ["backend", "client", "deployment", "class", "kind", "reason"];
+
+pub trait Metrics {
+    fn add(&self, name: &str, value: u64);
+    fn set(&self, name: &str, value: u64);
+}
+
+/// `metric.key.value...`; values are reduced to `[A-Za-z0-9_-]` so a dot in
+/// a deployment name cannot split a label.
+pub fn name(metric: &str, labels: &[(&str, &str)]) -> String {
+    let mut out = String::from(metric);
+    for (k, v) in labels {
+        out.push('.');
+        out.push_str(k);
+        out.push('.');
+        if v.is_empty() {
+            out.push_str("none");
+        }
+        out.extend(v.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }));
+    }
+    out
+}
+
+/// "2xx" for 200; "local" for 0 (no response).
+pub fn status_class(status: u32) -> String {
+    if (100..600).contains(&status) {
+        format!("{}xx", status / 100)
+    } else {
+        "none".to_string()
+    }
+}
+
+/// Envoy `stats_tags` (tag name, regex) that extract the labels. RE2 syntax:
+/// the first group is cut from the name, the second is the label value.
+pub fn stats_tags() -> Vec<(String, String)> {
+    LABELS
+        .iter()
+        .map(|k| {
+            (
+                (*k).to_string(),
+                format!(r"^wasmcustom\.spillway_\w+(?:\.\w+\.[\w-]+)*?(\.{k}\.([\w-]+))"),
+            )
+        })
+        .collect()
+}
+
+/// Collects metrics in memory, for tests.
+#[derive(Default)]
+pub struct Recorder(pub RefCell<BTreeMap<String, u64>>);
+
+impl Metrics for Recorder {
+    fn add(&self, name: &str, value: u64) {
+        *self.0.borrow_mut().entry(name.to_string()).or_insert(0) += value;
+    }
+    fn set(&self, name: &str, value: u64) {
+        self.0.borrow_mut().insert(name.to_string(), value);
+    }
+}
+
+impl Recorder {
+    pub fn get(&self, name: &str) -> u64 {
+        self.0.borrow().get(name).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_encode_labels_safely() {
+        assert_eq!(
+            name(TOKENS, &[("client", "team-a"), ("deployment", "gpt-4.1"), ("kind", "prompt")]),
+            "spillway_tokens_total.client.team-a.deployment.gpt-4_1.kind.prompt"
+        );
+        assert_eq!(name(AUTH_FAILURES, &[]), "spillway_auth_failures_total");
+        assert_eq!(name(REQUESTS, &[("client", "")]), "spillway_requests_total.client.none");
+        assert_eq!(status_class(429), "4xx");
+        assert_eq!(status_class(0), "none");
+    }
+
+    #[test]
+    fn one_tag_regex_per_label() {
+        let tags = stats_tags();
+        assert_eq!(tags.len(), LABELS.len());
+        assert!(tags[0].1.contains(r"(\.backend\.([\w-]+))"));
+    }
+}
