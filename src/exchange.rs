@@ -19,16 +19,25 @@ pub struct RequestHead<'a> {
     pub api_key: Option<&'a str>,
     pub apim_key: Option<&'a str>,
     pub authorization: Option<&'a str>,
+    pub content_length: Option<u64>,
     /// False when the headers ended the request (no body follows).
     pub has_body: bool,
 }
 
+/// What the request role does with the request headers. Everything is
+/// decided here: in Envoy, a wasm filter that holds the headers does not see
+/// the body until it lets them go, so the body can only be looked at (and
+/// rewritten) on its way to the already chosen backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Hold the headers and buffer the body; call `on_request_body` at its end.
-    NeedBody,
-    /// Route: set the internal headers (and replace the body, if given).
-    Forward { cluster: String, path: String, body: Option<Vec<u8>> },
+    Forward {
+        cluster: String,
+        path: String,
+        /// Buffer the body and hand it to `on_request_body`.
+        inspect_body: bool,
+        /// Remove `content-length`: the body may change size.
+        drop_content_length: bool,
+    },
     Reply(LocalReply),
 }
 
@@ -113,47 +122,18 @@ impl Exchange {
                 return self.reply(metrics, "unauthorized", reply);
             }
         }
-        let tokens_limited = self.client_limits(gw).is_some_and(|(_, l)| l.tokens_per_minute.is_some());
-        if head.has_body && (tokens_limited || gw.config.stream_usage || gw.config.log_bodies) {
-            return Step::NeedBody;
-        }
-        self.admit_and_route(gw, store, clock, metrics, None)
-    }
-
-    pub fn on_request_body(
-        &mut self,
-        gw: &Gateway,
-        store: &dyn SharedStore,
-        clock: &dyn Clock,
-        metrics: &dyn Metrics,
-        body: &[u8],
-    ) -> Step {
-        self.facts = usage::request_facts(body);
-        if gw.config.log_bodies {
-            let mut prompt = String::new();
-            usage::push_capped(&mut prompt, &prompt_text(body), gw.config.log_body_max_bytes);
-            self.prompt = Some(prompt);
-        }
-        let mut new_body = None;
-        if gw.config.stream_usage && self.facts.stream && !self.facts.include_usage && is_chat(&self.path) {
-            new_body = usage::with_include_usage(body);
-            self.strip_usage = new_body.is_some();
-        }
-        self.admit_and_route(gw, store, clock, metrics, new_body)
-    }
-
-    fn admit_and_route(
-        &mut self,
-        gw: &Gateway,
-        store: &dyn SharedStore,
-        clock: &dyn Clock,
-        metrics: &dyn Metrics,
-        body: Option<Vec<u8>>,
-    ) -> Step {
         let now = clock.now_ms();
-        if let Some((key, limits)) = self.client_limits(gw) {
-            let cost = if limits.tokens_per_minute.is_some() { self.facts.estimated_tokens } else { 0 };
-            match limits::admit(store, &key, &limits, now, cost) {
+        let limits = self.client_limits(gw);
+        let tokens_limited = limits.as_ref().is_some_and(|(_, l)| l.tokens_per_minute.is_some());
+        if let Some((key, limits)) = &limits {
+            // The prompt cannot be larger than the body: its size is the
+            // estimate until the body has been read.
+            let cost = if tokens_limited {
+                head.content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN)
+            } else {
+                0
+            };
+            match limits::admit(store, key, limits, now, cost) {
                 Admission::Admitted(remaining) => {
                     self.remaining = remaining;
                     self.charged_tokens = cost;
@@ -180,7 +160,15 @@ impl Exchange {
             }
         }
         match gw.route_request(store, clock, &self.path) {
-            RequestDecision::Forward { cluster, path } => Step::Forward { cluster, path, body },
+            RequestDecision::Forward { cluster, path } => {
+                let may_add_usage = gw.config.stream_usage && is_chat(&self.path);
+                Step::Forward {
+                    cluster,
+                    path,
+                    inspect_body: head.has_body && (tokens_limited || may_add_usage || gw.config.log_bodies),
+                    drop_content_length: head.has_body && may_add_usage,
+                }
+            }
             RequestDecision::Reply(mut reply) => {
                 // Not served: give the client its request and tokens back.
                 self.refund(gw, store, now);
@@ -189,6 +177,39 @@ impl Exchange {
                 self.reply(metrics, reason, reply)
             }
         }
+    }
+
+    /// The whole request body, when `inspect_body` asked for it. Charges the
+    /// client the rest of the estimate and returns a replacement body when
+    /// usage must be requested from the backend.
+    pub fn on_request_body(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        body: &[u8],
+    ) -> Option<Vec<u8>> {
+        self.facts = usage::request_facts(body);
+        if gw.config.log_bodies {
+            let mut prompt = String::new();
+            usage::push_capped(&mut prompt, &prompt_text(body), gw.config.log_body_max_bytes);
+            self.prompt = Some(prompt);
+        }
+        if let (true, Some((key, limits))) = (self.admitted, self.client_limits(gw)) {
+            if limits.tokens_per_minute.is_some() {
+                let estimate = self.facts.estimated_tokens;
+                let delta = i64::try_from(estimate).unwrap_or(i64::MAX)
+                    - i64::try_from(self.charged_tokens).unwrap_or(i64::MAX);
+                limits::correct(store, &key, &limits, clock.now_ms(), delta, false);
+                self.charged_tokens = estimate;
+            }
+        }
+        if gw.config.stream_usage && self.facts.stream && !self.facts.include_usage && is_chat(&self.path) {
+            let new_body = usage::with_include_usage(body);
+            self.strip_usage = new_body.is_some();
+            return new_body;
+        }
+        None
     }
 
     fn refund(&mut self, gw: &Gateway, store: &dyn SharedStore, now: u64) {
@@ -394,7 +415,8 @@ mod tests {
         let json = format!(
             r#"{{"backends":[{{"name":"east","url":"http://127.0.0.1:1"}}],
                 "clients":[{{"name":"team-a","key":"key-of-team-a","requests_per_minute":2,"tokens_per_minute":1000}},
-                           {{"name":"team-b","key":"key-of-team-b"}}]{extra}}}"#
+                           {{"name":"team-b","key":"key-of-team-b"}},
+                           {{"name":"team-c","key":"key-of-team-c","tokens_per_minute":1000}}]{extra}}}"#
         );
         Gateway::new(Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap())
     }
@@ -416,14 +438,18 @@ mod tests {
         fn new(extra: &str) -> World {
             World { gw: gateway(extra), store: MemoryStore::default(), clock: ManualClock::at(0), metrics: Recorder::default() }
         }
-        fn start(&self, key: Option<&str>, body: &[u8]) -> (Exchange, Step) {
+        /// Headers, then the body if the step asks for it; returns the
+        /// replacement body as `Step::Forward`'s companion.
+        fn start(&self, key: Option<&str>, body: &[u8]) -> (Exchange, Step, Option<Vec<u8>>) {
             let mut ex = Exchange::new(self.clock.now_ms());
-            let step = ex.on_request_headers(&self.gw, &self.store, &self.clock, &self.metrics, &head(key, !body.is_empty()));
-            let step = match step {
-                Step::NeedBody => ex.on_request_body(&self.gw, &self.store, &self.clock, &self.metrics, body),
-                other => other,
+            let mut h = head(key, !body.is_empty());
+            h.content_length = Some(body.len() as u64);
+            let step = ex.on_request_headers(&self.gw, &self.store, &self.clock, &self.metrics, &h);
+            let new_body = match &step {
+                Step::Forward { inspect_body: true, .. } => ex.on_request_body(&self.gw, &self.store, &self.clock, body),
+                _ => None,
             };
-            (ex, step)
+            (ex, step, new_body)
         }
     }
 
@@ -431,7 +457,7 @@ mod tests {
     fn missing_and_wrong_keys_get_401() {
         let w = World::new("");
         for key in [None, Some("nope-nope-nope")] {
-            let (_, step) = w.start(key, b"{}");
+            let (_, step, _) = w.start(key, b"{}");
             let Step::Reply(r) = step else { panic!("{step:?}") };
             assert_eq!(r.status, 401);
             assert_eq!(serde_json::from_str::<Value>(&r.body).unwrap()["error"]["type"], "authentication_error");
@@ -444,11 +470,11 @@ mod tests {
     fn request_limit_gives_429_with_retry_after_and_remaining() {
         let w = World::new("");
         for left in ["1", "0"] {
-            let (ex, step) = w.start(Some("key-of-team-a"), b"");
+            let (ex, step, _) = w.start(Some("key-of-team-a"), b"");
             assert!(matches!(step, Step::Forward { .. }), "{step:?}");
             assert!(ex.remaining_headers().contains(&("x-ratelimit-remaining-requests", left.to_string())));
         }
-        let (_, step) = w.start(Some("key-of-team-a"), b"");
+        let (_, step, _) = w.start(Some("key-of-team-a"), b"");
         let Step::Reply(r) = step else { panic!("{step:?}") };
         assert_eq!(r.status, 429);
         // 2 per minute: the next one in 30 s.
@@ -461,41 +487,61 @@ mod tests {
     }
 
     #[test]
-    fn token_limit_uses_the_estimate_then_the_real_usage() {
+    fn token_limit_admits_on_body_size_then_settles_on_real_usage() {
         let w = World::new("");
-        let body = br#"{"messages":[{"role":"user","content":"12345678"}],"max_tokens":600}"#;
-        let (mut ex, step) = w.start(Some("key-of-team-a"), body);
-        assert!(matches!(step, Step::Forward { .. }));
-        // 602 charged: a second one does not fit.
-        let (_, step) = w.start(Some("key-of-team-a"), body);
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(1800));
+        let body = body.as_bytes();
+        // ~460 tokens by size each: two fit in 1000, the third does not.
+        let (mut first, step, _) = w.start(Some("key-of-team-c"), body);
+        assert!(matches!(step, Step::Forward { inspect_body: true, .. }), "{step:?}");
+        assert!(matches!(w.start(Some("key-of-team-c"), body).1, Step::Forward { .. }));
+        let (_, step, _) = w.start(Some("key-of-team-c"), body);
         let Step::Reply(r) = step else { panic!("{step:?}") };
         assert_eq!(r.status, 429);
-        // The answer used 52 tokens: 550 come back, and the next request fits.
-        ex.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"));
-        ex.on_response_body(br#"{"model":"gpt-4o","usage":{"prompt_tokens":2,"completion_tokens":50,"total_tokens":52}}"#, true);
-        let line: Value = serde_json::from_str(&ex.finish(&w.gw, &w.store, &w.clock, &w.metrics)).unwrap();
+        assert!(r.headers.iter().any(|(k, _)| *k == "x-ratelimit-remaining-tokens"));
+        // The first answer used 52 tokens: the rest of its estimate comes back.
+        first.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"));
+        first.on_response_body(br#"{"model":"gpt-4o","usage":{"prompt_tokens":2,"completion_tokens":50,"total_tokens":52}}"#, true);
+        let line: Value = serde_json::from_str(&first.finish(&w.gw, &w.store, &w.clock, &w.metrics)).unwrap();
         assert_eq!(line["total_tokens"], 52);
-        assert_eq!(line["client"], "team-a");
+        assert_eq!(line["client"], "team-c");
         assert_eq!(line["deployment"], "gpt-4o");
-        assert!(matches!(w.start(Some("key-of-team-a"), body).1, Step::Forward { .. }));
-        assert_eq!(w.metrics.get("spillway_tokens_total.backend.east.client.team-a.deployment.gpt-4o.kind.completion"), 50);
+        assert!(matches!(w.start(Some("key-of-team-c"), body).1, Step::Forward { .. }));
+        assert_eq!(w.metrics.get("spillway_tokens_total.backend.east.client.team-c.deployment.gpt-4o.kind.completion"), 50);
+        assert_eq!(w.metrics.get("spillway_local_replies_total.reason.client_tokens"), 1);
+    }
+
+    #[test]
+    fn completion_budget_is_charged_once_the_body_is_read() {
+        let w = World::new("");
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":990}"#;
+        assert!(matches!(w.start(Some("key-of-team-c"), body).1, Step::Forward { .. }));
+        // 991 of 1000 are now reserved: a request of ~16 tokens by size waits.
+        let (_, step, _) = w.start(Some("key-of-team-c"), body);
+        assert!(matches!(step, Step::Reply(LocalReply { status: 429, .. })), "{step:?}");
     }
 
     #[test]
     fn failed_answers_refund_the_estimate() {
         let w = World::new("");
         let body = br#"{"messages":[{"role":"user","content":"1234"}],"max_tokens":900}"#;
-        let (mut ex, _) = w.start(Some("key-of-team-a"), body);
+        let (mut ex, _, _) = w.start(Some("key-of-team-c"), body);
         ex.on_response_headers(&w.gw, 503, Some("application/json"), Some("east"), Some("1"));
         ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
-        assert!(matches!(w.start(Some("key-of-team-a"), body).1, Step::Forward { .. }));
+        let (next, step, _) = w.start(Some("key-of-team-c"), body);
+        assert!(matches!(step, Step::Forward { .. }));
+        // Without the refund only ~99 tokens would be left before this one.
+        let left: u64 = next.remaining_headers().iter().find(|(k, _)| *k == "x-ratelimit-remaining-tokens")
+            .map(|(_, v)| v.parse().unwrap()).unwrap();
+        assert!(left > 900, "{left}");
     }
 
     #[test]
     fn stream_usage_adds_include_usage_and_strips_the_chunk() {
         let w = World::new(r#","stream_usage":true"#);
-        let (mut ex, step) = w.start(Some("key-of-team-b"), br#"{"stream":true,"messages":[]}"#);
-        let Step::Forward { body: Some(body), .. } = step else { panic!("{step:?}") };
+        let (mut ex, step, body) = w.start(Some("key-of-team-b"), br#"{"stream":true,"messages":[]}"#);
+        assert!(matches!(step, Step::Forward { inspect_body: true, drop_content_length: true, .. }), "{step:?}");
+        let body = body.unwrap();
         assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["stream_options"]["include_usage"], true);
         ex.on_response_headers(&w.gw, 200, Some("text/event-stream"), Some("east"), Some("1"));
         let out = ex.on_response_body(
@@ -512,8 +558,9 @@ mod tests {
     #[test]
     fn a_client_that_asked_for_usage_keeps_it() {
         let w = World::new(r#","stream_usage":true"#);
-        let (mut ex, step) = w.start(Some("key-of-team-b"), br#"{"stream":true,"stream_options":{"include_usage":true}}"#);
-        assert!(matches!(step, Step::Forward { body: None, .. }));
+        let (mut ex, step, body) = w.start(Some("key-of-team-b"), br#"{"stream":true,"stream_options":{"include_usage":true}}"#);
+        assert!(matches!(step, Step::Forward { .. }));
+        assert_eq!(body, None);
         ex.on_response_headers(&w.gw, 200, Some("text/event-stream"), None, None);
         assert_eq!(ex.on_response_body(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":2}}\n\n", true), None);
     }
@@ -521,7 +568,7 @@ mod tests {
     #[test]
     fn log_line_has_no_secrets_and_caps_bodies() {
         let w = World::new(r#","log_bodies":true,"log_body_max_bytes":10"#);
-        let (mut ex, _) = w.start(Some("key-of-team-b"), br#"{"messages":[{"role":"user","content":"a very long prompt indeed"}]}"#);
+        let (mut ex, _, _) = w.start(Some("key-of-team-b"), br#"{"messages":[{"role":"user","content":"a very long prompt indeed"}]}"#);
         ex.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"));
         ex.on_response_body(br#"{"choices":[{"message":{"content":"a long long answer"}}]}"#, true);
         let text = ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
@@ -538,6 +585,6 @@ mod tests {
         );
         let mut ex = Exchange::new(0);
         let step = ex.on_request_headers(&gw, &MemoryStore::default(), &ManualClock::at(0), &Recorder::default(), &head(None, true));
-        assert!(matches!(step, Step::Forward { body: None, .. }), "{step:?}");
+        assert!(matches!(step, Step::Forward { inspect_body: false, drop_content_length: false, .. }), "{step:?}");
     }
 }

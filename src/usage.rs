@@ -32,7 +32,7 @@ pub struct RequestFacts {
 }
 
 /// Characters per token for estimates (the usual rule of thumb for English).
-const CHARS_PER_TOKEN: u64 = 4;
+pub const CHARS_PER_TOKEN: u64 = 4;
 
 pub fn request_facts(body: &[u8]) -> RequestFacts {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {

@@ -147,7 +147,7 @@ impl RootContext for Root {
             Role::Request => Box::new(RequestFilter {
                 gateway,
                 exchange: Exchange::new(HostClock.now_ms()),
-                waiting_for_body: false,
+                inspect_body: false,
             }),
             Role::Attempt => Box::new(AttemptFilter { gateway, attempt: None, answered: false }),
         })
@@ -181,26 +181,21 @@ fn set_response_header(name: &str, value: Option<&str>) {
 struct RequestFilter {
     gateway: Rc<Gateway>,
     exchange: Exchange,
-    waiting_for_body: bool,
+    /// Buffer the request body and show it to the exchange.
+    inspect_body: bool,
 }
 
 impl RequestFilter {
-    fn apply(&mut self, step: Step, body_size: Option<usize>) -> Action {
+    fn apply(&mut self, step: Step) -> Action {
         match step {
-            Step::NeedBody => {
-                self.waiting_for_body = true;
-                Action::Pause
-            }
-            Step::Forward { cluster, path, body } => {
-                if let (Some(body), Some(size)) = (body, body_size) {
-                    if let Err(e) = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, &body) {
-                        log::warn!("cannot replace request body: {e:?}");
-                    } else {
-                        set_request_header("content-length", Some(&body.len().to_string()));
-                    }
-                }
+            Step::Forward { cluster, path, inspect_body, drop_content_length } => {
                 set_request_header(header::CLUSTER, Some(&cluster));
                 set_request_header(header::PATH, Some(&path));
+                if drop_content_length {
+                    // The body may grow (stream_options added); Envoy re-frames it.
+                    set_request_header("content-length", None);
+                }
+                self.inspect_body = inspect_body;
                 // The route (and its cluster) may already be cached from
                 // before our header existed.
                 if let Err(e) = hostcalls::call_foreign_function("clear_route_cache", None) {
@@ -236,12 +231,14 @@ impl HttpContext for RequestFilter {
             request_header("ocp-apim-subscription-key"),
             request_header("authorization"),
         );
+        let content_length = request_header("content-length").and_then(|v| v.parse().ok());
         let head = RequestHead {
             method: &method,
             path: &path,
             api_key: api_key.as_deref(),
             apim_key: apim_key.as_deref(),
             authorization: authorization.as_deref(),
+            content_length,
             has_body: !end_of_stream,
         };
         let step = self.exchange.on_request_headers(&self.gateway, &HostStore, &HostClock, &HostMetrics, &head);
@@ -251,20 +248,25 @@ impl HttpContext for RequestFilter {
                 set_request_header(name, None);
             }
         }
-        self.apply(step, None)
+        self.apply(step)
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        if !self.waiting_for_body {
+        if !self.inspect_body {
             return Action::Continue;
         }
         if !end_of_stream {
+            // Buffer until the whole body is here.
             return Action::Pause;
         }
-        self.waiting_for_body = false;
+        self.inspect_body = false;
         let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten().unwrap_or_default();
-        let step = self.exchange.on_request_body(&self.gateway, &HostStore, &HostClock, &HostMetrics, &body);
-        self.apply(step, Some(size))
+        if let Some(new_body) = self.exchange.on_request_body(&self.gateway, &HostStore, &HostClock, &body) {
+            if let Err(e) = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, &new_body) {
+                log::warn!("cannot replace request body: {e:?}");
+            }
+        }
+        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
