@@ -144,7 +144,12 @@ fn cluster_action(cluster: &str) -> Value {
 
 /// The bootstrap (and listener file) as JSON values.
 pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rendered {
-    let env_keys: Vec<String> = config.backends.iter().filter_map(|b| b.api_key_env.clone()).collect();
+    let env_keys: Vec<String> = config
+        .backends
+        .iter()
+        .filter_map(|b| b.api_key_env.clone())
+        .chain(config.clients.iter().filter_map(|c| c.key_env.clone()))
+        .collect();
     let request_plugin = plugin(REQUEST_ROOT_ID, filter_json, &env_keys, &opts.wasm_path);
     let attempt_plugin = plugin(ATTEMPT_ROOT_ID, filter_json, &env_keys, &opts.wasm_path);
     let mut map = serde_json::Map::new();
@@ -357,7 +362,8 @@ mod tests {
 
     const JSON: &str = r#"{"backends":[
         {"name":"eastus","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY"},
-        {"name":"local","url":"http://127.0.0.1:8001","api_key":"k","priority":2}]}"#;
+        {"name":"local","url":"http://127.0.0.1:8001","api_key":"k","priority":2}],
+        "clients":[{"name":"team","key_env":"TEAM_KEY"}]}"#;
 
     fn render_default() -> Value {
         let cfg = Config::parse(JSON.as_bytes(), Keys::NamesOnly).unwrap();
@@ -409,7 +415,7 @@ mod tests {
     fn key_env_vars_are_passed_to_the_vm_and_literal_keys_stay_in_the_config() {
         let b = render_default();
         let text = b.to_string();
-        assert!(text.contains(r#""host_env_keys":["EASTUS_KEY"]"#), "{text}");
+        assert!(text.contains(r#""host_env_keys":["EASTUS_KEY","TEAM_KEY"]"#), "{text}");
     }
 
     #[test]

@@ -41,6 +41,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ProcessExited(RuntimeError):
+    """A process the test waits for is gone: no point in waiting longer."""
+
+
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -49,6 +53,8 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: s
             value = predicate()
             if value:
                 return value
+        except ProcessExited:
+            raise
         except Exception as e:  # noqa: BLE001 - retried until the deadline
             last_error = e
         time.sleep(interval)
@@ -155,7 +161,7 @@ class Envoy:
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
-            raise RuntimeError(f"envoy exited with {self.proc.returncode}")
+            raise ProcessExited(f"envoy exited with {self.proc.returncode}")
         r = httpx.get(f"{self.admin}/ready", timeout=1)
         if r.status_code != 200:
             return False
