@@ -144,12 +144,18 @@ fn cluster_action(cluster: &str) -> Value {
 
 /// The bootstrap (and listener file) as JSON values.
 pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rendered {
-    let env_keys: Vec<String> = config
+    let mut env_keys: Vec<String> = Vec::new();
+    for var in config
         .backends
         .iter()
         .filter_map(|b| b.api_key_env.clone())
         .chain(config.clients.iter().filter_map(|c| c.key_env.clone()))
-        .collect();
+    {
+        // Envoy refuses a VM config that lists a variable twice.
+        if !env_keys.contains(&var) {
+            env_keys.push(var);
+        }
+    }
     let request_plugin = plugin(REQUEST_ROOT_ID, filter_json, &env_keys, &opts.wasm_path);
     let attempt_plugin = plugin(ATTEMPT_ROOT_ID, filter_json, &env_keys, &opts.wasm_path);
     let mut map = serde_json::Map::new();
@@ -362,7 +368,8 @@ mod tests {
 
     const JSON: &str = r#"{"backends":[
         {"name":"eastus","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY"},
-        {"name":"local","url":"http://127.0.0.1:8001","api_key":"k","priority":2}],
+        {"name":"local","url":"http://127.0.0.1:8001","api_key":"k","priority":2},
+        {"name":"eastus2","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY","priority":3}],
         "clients":[{"name":"team","key_env":"TEAM_KEY"}]}"#;
 
     fn render_default() -> Value {
@@ -388,13 +395,13 @@ mod tests {
         let b = render_default();
         let clusters = b["static_resources"]["clusters"].as_array().unwrap();
         let names: Vec<&str> = clusters.iter().map(|c| c["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["spillway_eastus", "spillway_local"]);
+        assert_eq!(names, ["spillway_eastus", "spillway_local", "spillway_eastus2"]);
         let route = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
             ["route_config"]["virtual_hosts"][0]["routes"][0]["route"];
         let map = &route["inline_cluster_specifier_plugin"]["extension"]["typed_config"]["cluster_matcher"]
             ["matcher_tree"]["exact_match_map"]["map"];
         assert_eq!(map["spillway_local"]["action"]["typed_config"]["cluster"], "spillway_local");
-        assert_eq!(route["retry_policy"]["num_retries"], 1);
+        assert_eq!(route["retry_policy"]["num_retries"], 2);
         assert_eq!(route["retry_policy"]["refresh_cluster_on_retry"], true);
     }
 
