@@ -208,6 +208,20 @@ pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rende
                 }],
             }],
         },
+        // Envoy's own error answers (no backend reachable, timeouts) in the
+        // OpenAI error shape clients already parse.
+        "local_reply_config": { "mappers": [{
+            "filter": { "response_flag_filter": { "flags": ["UF", "URX", "UH", "UO", "UT", "UC", "UR", "UMSDR", "NR"] } },
+            "body_format_override": {
+                "json_format": { "error": {
+                    "message": "%LOCAL_REPLY_BODY%",
+                    "type": "server_error",
+                    "code": "%RESPONSE_CODE%",
+                    "param": null,
+                } },
+                "content_type": "application/json",
+            },
+        }] },
         "http_filters": [
             {
                 "name": "spillway.request",

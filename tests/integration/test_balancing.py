@@ -185,3 +185,14 @@ def test_non_retriable_status_goes_straight_to_the_client(trio):
     assert r.status_code == 500
     assert (r.headers["x-spillway-backend"], r.headers["x-spillway-attempts"]) == ("east", "1")
     assert west.count() == 0
+
+
+def test_no_reachable_backend_gives_an_openai_style_error(start_envoy):
+    from harness import free_port
+    envoy = start_envoy({"backends": [{"name": "gone", "url": f"http://127.0.0.1:{free_port()}"}],
+                         "api_version": "2024-10-21"})
+    r = envoy.chat()
+    assert r.status_code == 503
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "upstream connect error" in err["message"]

@@ -269,3 +269,15 @@ def test_prompts_are_not_logged_by_default(gated):
     time.sleep(0.2)
     assert "very private words" not in envoy.log()
     assert "prompt" not in request_logs(envoy)[-1]
+
+
+def test_large_body_of_a_token_limited_client_is_inspected_and_retried(gated):
+    envoy, east, west = gated([{"name": "team-a", "key": TEAM_A, "tokens_per_minute": 10_000_000}])
+    east.configure(fail_next=[{"status": 429, "retry_after": "1"}])
+    big = "x" * (8 * 1024 * 1024)
+    r = envoy.client.post("/openai/deployments/emb/embeddings", json={"input": big}, headers={"api-key": TEAM_A})
+    assert r.status_code == 200
+    assert (r.headers["x-spillway-backend"], r.headers["x-spillway-attempts"]) == ("west", "2")
+    assert west.requests()[0]["body_len"] > 8 * 1024 * 1024
+    time.sleep(0.2)
+    assert request_logs(envoy)[-1]["prompt_tokens"] > 2_000_000
