@@ -41,7 +41,7 @@ pub fn name(metric: &str, labels: &[(&str, &str)]) -> String {
     out
 }
 
-/// "2xx" for 200; "local" for 0 (no response).
+/// "2xx" for 200; "none" when there was no status.
 pub fn status_class(status: u32) -> String {
     if (100..600).contains(&status) {
         format!("{}xx", status / 100)

@@ -61,6 +61,17 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: s
     raise TimeoutError(f"timed out waiting for {what}: {last_error}")
 
 
+def terminate(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after `timeout` s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class MockBackend:
     """One spillway-mock process (an Azure OpenAI look-alike)."""
 
@@ -101,13 +112,7 @@ class MockBackend:
         return self.stats()["requests_total"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 5)
         if hasattr(self, "client"):
             self.client.close()
 
@@ -211,13 +216,7 @@ class Envoy:
                                 json=payload, headers=headers or {})
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)
         if hasattr(self, "client"):
             self.client.close()
         self._log_file.close()
