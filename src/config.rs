@@ -28,6 +28,8 @@ struct RawConfig {
     #[serde(default)]
     api_version: Option<String>,
     #[serde(default)]
+    attempt_timeout_s: Option<u64>,
+    #[serde(default)]
     clients: Vec<RawClient>,
     #[serde(default)]
     stream_usage: bool,
@@ -179,6 +181,10 @@ pub struct Config {
     pub max_retry_after_ms: u64,
     pub circuit_breaker: CircuitBreaker,
     pub api_version: Option<String>,
+    /// Give up on an attempt that has not started answering after this long
+    /// and fail over (Envoy's per-try timeout). Off by default: a long
+    /// non-streamed completion sends nothing until it is done.
+    pub attempt_timeout_s: Option<u64>,
 }
 
 /// A rejected configuration; `Display` names the offending field.
@@ -340,6 +346,9 @@ impl Config {
                 tokens_per_minute: rc.tokens_per_minute,
             });
         }
+        if raw.attempt_timeout_s == Some(0) {
+            return Err(err("attempt_timeout_s", "must be at least 1 (omit it for no per-attempt timeout)"));
+        }
         if raw.log_body_max_bytes > 1 << 20 {
             return Err(err("log_body_max_bytes", "must be at most 1048576"));
         }
@@ -357,6 +366,7 @@ impl Config {
                 open_ms: cb.open_s.saturating_mul(1000),
             },
             api_version: raw.api_version,
+            attempt_timeout_s: raw.attempt_timeout_s,
         })
     }
 
@@ -508,6 +518,7 @@ mod tests {
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"circuit_breaker":{"consecutive_failures":0}}"#, "circuit_breaker.consecutive_failures");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"default_retry_after_s":0}"#, "default_retry_after_s");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"api_version":"x y"}"#, "api_version");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_timeout_s":0}"#, "attempt_timeout_s");
     }
 
     #[test]

@@ -163,6 +163,7 @@ pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rende
         map.insert(b.cluster.clone(), cluster_action(&b.cluster));
     }
     let num_retries = config.backends.len().saturating_sub(1).max(1);
+    let per_try_timeout = config.attempt_timeout_s.map(|s| format!("{s}s"));
     let mut hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "spillway",
@@ -201,6 +202,8 @@ pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rende
                             "num_retries": num_retries,
                             "retriable_headers": [{ "name": header::RETRY, "present_match": true }],
                             "refresh_cluster_on_retry": true,
+                            // Only until the answer starts: a stream may run longer.
+                            "per_try_timeout": per_try_timeout.clone(),
                             // Failover goes to another region: no reason to wait.
                             "retry_back_off": { "base_interval": "0.001s", "max_interval": "0.002s" },
                         },
@@ -236,6 +239,12 @@ pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rende
             },
         ],
     });
+    if per_try_timeout.is_none() {
+        let policy = hcm.pointer_mut("/route_config/virtual_hosts/0/routes/0/route/retry_policy");
+        if let Some(Value::Object(policy)) = policy {
+            policy.remove("per_try_timeout");
+        }
+    }
     if opts.access_log {
         if let Some(obj) = hcm.as_object_mut() {
             obj.insert(
@@ -417,6 +426,7 @@ mod tests {
         assert_eq!(map["spillway_local"]["action"]["typed_config"]["cluster"], "spillway_local");
         assert_eq!(route["retry_policy"]["num_retries"], 2);
         assert_eq!(route["retry_policy"]["refresh_cluster_on_retry"], true);
+        assert!(route["retry_policy"].get("per_try_timeout").is_none());
     }
 
     #[test]

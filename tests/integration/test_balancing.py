@@ -196,3 +196,21 @@ def test_no_reachable_backend_gives_an_openai_style_error(start_envoy):
     assert r.headers["content-type"] == "application/json"
     err = r.json()["error"]
     assert err["type"] == "server_error" and "upstream connect error" in err["message"]
+
+
+def test_attempt_timeout_fails_over_from_a_hung_backend_without_cutting_streams(trio):
+    envoy, east, west, paygo = trio({"attempt_timeout_s": 1})
+    east.configure(latency_ms=3000)
+    started = time.monotonic()
+    r = envoy.chat()
+    assert (r.status_code, r.headers["x-spillway-backend"], r.headers["x-spillway-attempts"]) == (200, "west", "2")
+    assert time.monotonic() - started < 2.5
+    # The timeout covers the wait for the answer to start, not the stream.
+    east.configure(latency_ms=0)
+    for m in (east, west):
+        m.configure(stream_chunks=6, stream_chunk_delay_ms=400)
+    with envoy.client.stream("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                             json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as s:
+        body = s.read().decode()
+    assert s.status_code == 200 and body.rstrip().endswith("data: [DONE]")
+    assert body.count('"content":"') >= 6
