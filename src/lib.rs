@@ -9,6 +9,7 @@ pub mod config;
 pub mod exchange;
 pub mod gateway;
 pub mod health;
+pub mod istio;
 pub mod limits;
 pub mod metrics;
 pub mod paths;

@@ -201,24 +201,28 @@ def test_stream_usage_counts_every_stream_and_hides_the_extra_chunk(gated):
 def test_metrics_after_a_scripted_run(gated):
     envoy, east, west = gated()
     good = {"api-key": TEAM_A}
-    assert envoy.chat(headers=good).status_code == 200            # east
-    east.configure(fail_next=[{"status": 429, "retry_after": "30"}])
-    west.configure(fail_next=[{"status": 500}])
-    r = envoy.chat(headers=good)                                    # west 500 -> east 429 -> none left
-    assert r.status_code == 429
+    first = envoy.chat(headers=good)
+    assert first.status_code == 200
+    # Round robin: the next request starts on the other backend.
+    a_name = first.headers["x-spillway-backend"]
+    a, b = (east, west) if a_name == "east" else (west, east)
+    b.configure(fail_next=[{"status": 500}])
+    a.configure(fail_next=[{"status": 429, "retry_after": "30"}])
+    r = envoy.chat(headers=good)                                    # b 500 -> a 429 -> none left
+    assert (r.status_code, r.headers["x-spillway-attempts"]) == (429, "2")
     assert envoy.chat(headers={"api-key": "wrong-key-000"}).status_code == 401
-    assert envoy.chat(headers=good).headers["x-spillway-backend"] == "west"
+    assert envoy.chat(headers=good).headers["x-spillway-backend"] == b.name
     time.sleep(1.5)  # health gauges refresh every second
     m = prometheus(envoy)
     expect = {
-        'spillway_upstream_requests_total{backend="east",class="2xx"}': 1,
-        'spillway_upstream_requests_total{backend="east",class="4xx"}': 1,
-        'spillway_upstream_requests_total{backend="west",class="5xx"}': 1,
-        'spillway_upstream_requests_total{backend="west",class="2xx"}': 1,
-        'spillway_failovers_total{backend="west"}': 1,
-        'spillway_throttle_events_total{backend="east"}': 1,
-        'spillway_backend_throttled{backend="east"}': 1,
-        'spillway_backend_throttled{backend="west"}': 0,
+        f'spillway_upstream_requests_total{{backend="{a.name}",class="2xx"}}': 1,
+        f'spillway_upstream_requests_total{{backend="{a.name}",class="4xx"}}': 1,
+        f'spillway_upstream_requests_total{{backend="{b.name}",class="5xx"}}': 1,
+        f'spillway_upstream_requests_total{{backend="{b.name}",class="2xx"}}': 1,
+        f'spillway_failovers_total{{backend="{b.name}"}}': 1,
+        f'spillway_throttle_events_total{{backend="{a.name}"}}': 1,
+        f'spillway_backend_throttled{{backend="{a.name}"}}': 1,
+        f'spillway_backend_throttled{{backend="{b.name}"}}': 0,
         'spillway_auth_failures_total{}': 1,
         'spillway_local_replies_total{reason="unauthorized"}': 1,
         'spillway_requests_total{client="team-a",class="2xx"}': 2,
