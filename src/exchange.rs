@@ -9,7 +9,8 @@ use crate::metrics::{self, Metrics};
 use crate::paths;
 use crate::store::{Clock, SharedStore};
 use crate::usage::{self, RequestFacts, SseScanner, Usage};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 /// Request headers the decisions read.
 #[derive(Debug, Clone, Default)]
@@ -331,32 +332,51 @@ impl Exchange {
                 metrics.add(&metrics::name(metrics::TOKENS, &labels), n);
             }
         }
-        let mut line = json!({
-            "msg": "request",
-            "client": client,
-            "method": self.method,
-            "path": self.path.split('?').next().unwrap_or(""),
-            "deployment": deployment,
-            "backend": self.backend,
-            "attempts": self.attempts.unwrap_or(0),
-            "status": self.status,
-            "stream": self.facts.stream || self.sse.is_some(),
-            "prompt_tokens": self.usage.map(|u| u.prompt),
-            "completion_tokens": self.usage.map(|u| u.completion),
-            "total_tokens": self.usage.map(|u| u.total),
-            "duration_ms": now.saturating_sub(self.started_ms),
-        });
-        if let Some(obj) = line.as_object_mut() {
-            if let Some(reason) = self.local_reason {
-                obj.insert("local_reply".to_string(), json!(reason));
-            }
-            if gw.config.log_bodies {
-                obj.insert("prompt".to_string(), json!(self.prompt));
-                obj.insert("answer".to_string(), json!(answer_text));
-            }
-        }
-        line.to_string()
+        let line = LogLine {
+            msg: "request",
+            client: &client,
+            method: &self.method,
+            path: self.path.split('?').next().unwrap_or(""),
+            deployment: &deployment,
+            backend: self.backend.as_deref(),
+            attempts: self.attempts.unwrap_or(0),
+            status: self.status,
+            stream: self.facts.stream || self.sse.is_some(),
+            prompt_tokens: self.usage.map(|u| u.prompt),
+            completion_tokens: self.usage.map(|u| u.completion),
+            total_tokens: self.usage.map(|u| u.total),
+            duration_ms: now.saturating_sub(self.started_ms),
+            local_reply: self.local_reason,
+            prompt: if gw.config.log_bodies { Some(self.prompt.as_deref()) } else { None },
+            answer: if gw.config.log_bodies { Some(answer_text.as_deref()) } else { None },
+        };
+        serde_json::to_string(&line).unwrap_or_default()
     }
+}
+
+/// The per-request log line.
+#[derive(Serialize)]
+struct LogLine<'a> {
+    msg: &'static str,
+    client: &'a str,
+    method: &'a str,
+    path: &'a str,
+    deployment: &'a str,
+    backend: Option<&'a str>,
+    attempts: u32,
+    status: u32,
+    stream: bool,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_reply: Option<&'static str>,
+    /// Outer `None`: body logging off (field absent); inner `None`: nothing captured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    answer: Option<Option<&'a str>>,
 }
 
 fn is_chat(path: &str) -> bool {

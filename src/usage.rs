@@ -110,12 +110,54 @@ pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
-/// Usage and `model` from a complete JSON answer.
+/// Usage and `model` from a complete JSON answer. Only the two values are
+/// parsed, not the whole answer (an embeddings answer can be megabytes of
+/// floats).
 pub fn json_answer(body: &[u8]) -> (Option<Usage>, Option<String>) {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(v) => (Usage::from_json(&v), v.get("model").and_then(Value::as_str).map(str::to_string)),
-        Err(_) => (None, None),
+    let usage = top_level_value(body, b"\"usage\"").and_then(|u| {
+        let wrapped = serde_json::json!({ "usage": u });
+        Usage::from_json(&wrapped)
+    });
+    let model = top_level_value(body, b"\"model\"").and_then(|m| m.as_str().map(str::to_string));
+    (usage, model)
+}
+
+/// The value after the last `"key":` in `body` that is not inside a string
+/// (an escaped quote comes after a backslash). OpenAI and Azure put `usage`
+/// and `model` at the top level; nested objects do not use these keys.
+fn top_level_value(body: &[u8], key: &[u8]) -> Option<Value> {
+    let mut end = body.len();
+    while let Some(pos) = rfind(body.get(..end)?, key) {
+        end = pos;
+        if pos > 0 && body.get(pos - 1) == Some(&b'\\') {
+            continue;
+        }
+        let rest = body.get(pos + key.len()..)?;
+        let rest = trim_start(rest);
+        let Some(rest) = rest.strip_prefix(b":") else { continue };
+        let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Value>();
+        if let Some(Ok(v)) = values.next() {
+            return Some(v);
+        }
     }
+    None
+}
+
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    (0..=hay.len() - needle.len()).rev().find(|&i| hay.get(i..i + needle.len()) == Some(needle))
+}
+
+fn trim_start(mut s: &[u8]) -> &[u8] {
+    while let Some((first, rest)) = s.split_first() {
+        if !first.is_ascii_whitespace() {
+            break;
+        }
+        s = rest;
+    }
+    s
 }
 
 /// Longest partial event kept between chunks; a longer one is passed on
@@ -184,7 +226,11 @@ impl SseScanner {
             if data == "[DONE]" || data.is_empty() {
                 continue;
             }
-            let has_usage = data.contains("\"usage\"");
+            // With include_usage every chunk carries `"usage":null`; only a
+            // real usage object is worth parsing.
+            let has_usage = data.contains("\"usage\"")
+                && !data.contains("\"usage\":null")
+                && !data.contains("\"usage\": null");
             let wants_text = self.text.len() < self.text_cap;
             if !has_usage && !wants_text && self.model.is_some() {
                 continue;
@@ -269,6 +315,19 @@ mod tests {
         assert!(with_include_usage(br#"{"messages":[]}"#).is_none());
         let kept = with_include_usage(br#"{"stream":true,"stream_options":{"x":1}}"#).unwrap();
         assert_eq!(serde_json::from_slice::<Value>(&kept).unwrap()["stream_options"]["x"], 1);
+    }
+
+    #[test]
+    fn json_answer_reads_only_top_level_usage_and_model() {
+        let body = br#"{"model":"gpt-4o","choices":[{"message":{"content":"say \"usage\": {\"total_tokens\": 999} and \"model\": \"x\""}}],
+            "usage" : {"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let (u, m) = json_answer(body);
+        assert_eq!(u, Some(Usage { prompt: 3, completion: 4, total: 7 }));
+        assert_eq!(m.as_deref(), Some("gpt-4o"));
+        let (u, _) = json_answer(br#"{"data":[{"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":5,"total_tokens":5}}"#);
+        assert_eq!(u, Some(Usage { prompt: 5, completion: 0, total: 5 }));
+        assert_eq!(json_answer(b"not json"), (None, None));
+        assert_eq!(json_answer(br#"{"usage":null}"#).0, None);
     }
 
     #[test]

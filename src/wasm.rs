@@ -219,19 +219,22 @@ impl Context for RequestFilter {}
 
 impl HttpContext for RequestFilter {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        // Clients must not steer routing or fake bookkeeping.
-        if let Ok(headers) = hostcalls::get_map(MapType::HttpRequestHeaders) {
-            for (name, _) in headers.iter().filter(|(n, _)| n.starts_with(header::PREFIX)) {
-                set_request_header(name, None);
-            }
-        }
+        // Clients must not steer routing or fake bookkeeping: of the internal
+        // headers the filter reads, CLUSTER and PATH are always overwritten
+        // before the request goes on; TRIED must go.
+        set_request_header(header::TRIED, None);
         let (method, path) = (request_header(":method").unwrap_or_default(), request_header(":path").unwrap_or_default());
-        let (api_key, apim_key, authorization) = (
-            request_header("api-key"),
-            request_header("ocp-apim-subscription-key"),
-            request_header("authorization"),
-        );
-        let content_length = request_header("content-length").and_then(|v| v.parse().ok());
+        let config = &self.gateway.config;
+        let (api_key, apim_key, authorization) = if config.clients.is_empty() {
+            (None, None, None)
+        } else {
+            (request_header("api-key"), request_header("ocp-apim-subscription-key"), request_header("authorization"))
+        };
+        let content_length = if config.clients.iter().any(|c| c.tokens_per_minute.is_some()) {
+            request_header("content-length").and_then(|v| v.parse().ok())
+        } else {
+            None
+        };
         let head = RequestHead {
             method: &method,
             path: &path,
@@ -373,8 +376,11 @@ impl HttpContext for AttemptFilter {
         let Some(attempt) = &self.attempt else { return Action::Continue };
         self.answered = true;
         let status: u32 = response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-        let retry_after_ms = response_header("retry-after-ms");
-        let retry_after = response_header("retry-after");
+        let (retry_after_ms, retry_after) = if status == 429 {
+            (response_header("retry-after-ms"), response_header("retry-after"))
+        } else {
+            (None, None)
+        };
         let ResponseDecision { retry, retry_after_ms: wait } = self.gateway.on_attempt_response(
             &HostStore,
             &HostClock,

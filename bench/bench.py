@@ -1,0 +1,733 @@
+"""Spillway benchmarks: proxy overhead, selection micro-benchmark, goodput
+under quotas. Started by `bench/run.sh` (which installs and builds first);
+writes everything to `bench/results/`, then `report.py` draws the charts and
+writes BENCHMARKS.md.
+
+    bench/.venv/bin/python bench/bench.py [--quick] [--only overhead,selection,goodput]
+
+Every process listens on 127.0.0.1 with a port picked at run time and is
+stopped at the end; every load run is bounded in requests and in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import configs
+import loadgen
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+RESULTS = BENCH / "results"
+WASM = TARGET / "wasm32-wasip1" / "release" / "spillway.wasm"
+TRIVIAL_WASM = TARGET / "wasm32-wasip1" / "release" / "spillway_bench_trivial_filter.wasm"
+RENDER = TARGET / "release" / "spillway-render"
+MOCK = TARGET / "release" / "spillway-mock"
+SELECTION = TARGET / "release" / "spillway-bench-selection"
+ENVOY = Path(os.environ.get("SPILLWAY_ENVOY", ROOT / ".venv" / "bin" / "envoy"))
+OHA = Path(os.environ.get("BENCH_OHA", BENCH / ".tools" / "bin" / "oha"))
+LITELLM = BENCH / ".venv" / "bin" / "litellm"
+
+CHAT_PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+BODY = json.dumps(loadgen.BODY)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process tree, seconds (from /proc/PID/stat)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def rss_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM summed over the process tree (kB)."""
+    out = {"rss_kb": 0, "hwm_kb": 0}
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out["rss_kb"] += int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    out["hwm_kb"] += int(line.split()[1])
+        except OSError:
+            continue
+    return out
+
+
+def wait_until(pred, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001
+            last = e
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}: {last}")
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], workdir: Path, env: dict | None = None,
+                 stdout_pipe: bool = False):
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE if stdout_pipe else self._log, stderr=self._log,
+            env={**os.environ, **(env or {})}, start_new_session=True, text=stdout_pipe or None,
+        )
+        self.pid = self.proc.pid
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            # Own session: the signal reaches this process and its workers only.
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def log_count(self, needle: str) -> int:
+        try:
+            return self.log_path.read_text(errors="replace").count(needle)
+        except OSError:
+            return 0
+
+    def mem(self) -> dict[str, int]:
+        return rss_kb(self.pid)
+
+
+class Mock(Proc):
+    def __init__(self, name: str, workdir: Path, *args: str):
+        super().__init__(f"mock-{name}", [str(MOCK), "--name", name, "--listen", "127.0.0.1:0", *args],
+                         workdir, stdout_pipe=True)
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("LISTENING "):
+            self.stop()
+            raise RuntimeError(f"mock {name} did not start: {line!r}")
+        self.port = int(line.rsplit(":", 1)[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/_mock/reset", timeout=5).raise_for_status()
+
+    def stats(self) -> dict:
+        r = httpx.get(f"{self.url}/_mock/stats", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+
+class Envoy(Proc):
+    def __init__(self, name: str, boot: dict, workdir: Path, concurrency: int = 2,
+                 extra: list[str] | None = None):
+        self.port, self.admin_port = free_port(), free_port()
+        path = configs.write(configs.with_ports(boot, self.port, self.admin_port), workdir / f"{name}.yaml")
+        self.config_path = path
+        # Envoy's default log level (info): Spillway's per-request JSON log
+        # line goes to this process's stderr, as it would in production.
+        super().__init__(name, [str(ENVOY), "-c", str(path), "--concurrency", str(concurrency),
+                                "--disable-hot-restart", "--base-id", str(random.randint(1000, 10_000_000)),
+                                "-l", "info", *(extra or [])], workdir)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_until(self._ready, 60, f"envoy {name} ready", self.proc)
+
+    def _ready(self) -> bool:
+        if httpx.get(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1).status_code != 200:
+            return False
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            return True
+
+
+class LiteLLM(Proc):
+    def __init__(self, name: str, config_text: str, workdir: Path, workers: int):
+        self.port = free_port()
+        cfg = workdir / f"{name}.yaml"
+        cfg.write_text(config_text)
+        env = {
+            # No network but loopback: use the bundled model cost map.
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "LITELLM_LOG": "ERROR",
+            "LITELLM_TELEMETRY": "False",
+            "DISABLE_SCHEMA_UPDATE": "True",
+        }
+        super().__init__(name, [str(LITELLM), "--config", str(cfg), "--host", "127.0.0.1",
+                                "--port", str(self.port), "--num_workers", str(workers)], workdir, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_until(lambda: httpx.get(f"{self.url}/health/liveliness", timeout=2).status_code == 200,
+                   180, f"litellm {name} ready", self.proc)
+        # Let every worker finish starting before load.
+        time.sleep(3)
+
+
+# ---------------------------------------------------------------- load with oha
+
+
+def oha(url: str, headers: dict[str, str], body_path: Path, out: Path, *, rate: float | None = None,
+        requests: int | None = None, duration_s: float | None = None, connections: int = 32) -> dict:
+    cmd = [str(OHA), "-c", str(connections), "-m", "POST", "-T", "application/json", "-D", str(body_path),
+           "--no-tui", "--output-format", "json", "-o", str(out), "-t", "30s"]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    if rate is not None:
+        cmd += ["-q", str(rate), "--latency-correction"]
+    if requests is not None:
+        cmd += ["-n", str(requests)]
+        bound = requests / (rate or 1) * 3 + 60
+    else:
+        # -w: wait for the requests in flight at the deadline instead of
+        # aborting them (an aborted request is a client disconnect, which
+        # Spillway's circuit breaker counts against the backend).
+        cmd += ["-z", f"{duration_s}s", "-w"]
+        bound = (duration_s or 0) + 60
+    subprocess.run(cmd + [url], check=True, timeout=bound, stdout=subprocess.DEVNULL)
+    d = json.loads(out.read_text())
+    codes = {str(k): v for k, v in (d.get("statusCodeDistribution") or {}).items()}
+    n = sum(codes.values())
+    p = d["latencyPercentiles"]
+    return {
+        "responses": n,
+        "ok": codes.get("200", 0),
+        "status": codes,
+        "errors": d.get("errorDistribution") or {},
+        "elapsed_s": d["summary"]["total"],
+        "rps": n / d["summary"]["total"] if d["summary"]["total"] else 0.0,
+        "p50_us": (p.get("p50") or 0) * 1e6,
+        "p90_us": (p.get("p90") or 0) * 1e6,
+        "p99_us": (p.get("p99") or 0) * 1e6,
+    }
+
+
+# ---------------------------------------------------------------- parts
+
+
+def machine() -> dict:
+    cpu = Path("/proc/cpuinfo").read_text()
+    model = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("model name")), "?")
+    mem_kb = int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines()
+                      if l.startswith("MemTotal:")))
+    envoy_v = subprocess.run([str(ENVOY), "--version"], capture_output=True, text=True).stdout.strip()
+    oha_v = subprocess.run([str(OHA), "--version"], capture_output=True, text=True).stdout.strip()
+    lite_v = subprocess.run([str(BENCH / ".venv" / "bin" / "python"), "-c",
+                             "import importlib.metadata as m; print(m.version('litellm'))"],
+                            capture_output=True, text=True).stdout.strip()
+    rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src", "mock"],
+                           capture_output=True, text=True).stdout
+    changed = [line[3:] for line in dirty.splitlines() if line.strip()]
+    import hashlib
+    return {
+        "uncommitted_changes_in": changed,
+        "spillway_wasm_sha256": hashlib.sha256(WASM.read_bytes()).hexdigest(),
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "mem_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": next((l.split("=", 1)[1].strip('"') for l in Path("/etc/os-release").read_text().splitlines()
+                    if l.startswith("PRETTY_NAME=")), "?"),
+        "envoy": envoy_v.split("version:", 1)[-1].strip(),
+        "oha": oha_v,
+        "litellm": lite_v,
+        "rustc": rustc,
+        "python": platform.python_version(),
+        "git_commit": git,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+
+
+def render_spillway(filter_cfg: dict, workdir: Path, name: str) -> dict:
+    fpath = workdir / f"{name}-filter.json"
+    fpath.write_text(json.dumps(filter_cfg, indent=2))
+    out = workdir / f"{name}-rendered.yaml"
+    subprocess.run([str(RENDER), str(fpath), "--wasm", str(WASM), "--listen", "127.0.0.1:1",
+                    "--admin", "127.0.0.1:2", "--no-access-log", "-o", str(out)],
+                   check=True, capture_output=True, text=True)
+    return configs.load_rendered(out)
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def overhead(args, workdir: Path) -> dict:
+    log("overhead: starting 3 mock backends")
+    mocks = [Mock(f"m{i}", workdir) for i in range(3)]
+    ports = [m.port for m in mocks]
+    procs: list[Proc] = list(mocks)
+    body = workdir / "body.json"
+    body.write_text(BODY)
+    try:
+        rendered = render_spillway(configs.spillway_filter(ports), workdir, "overhead")
+        plain = configs.plain(rendered, ports)
+        boots = {
+            "envoy-plain": plain,
+            "envoy-trivial-wasm": configs.with_trivial(plain, str(TRIVIAL_WASM)),
+            "envoy-trivial-wasm-x2": configs.with_trivial(plain, str(TRIVIAL_WASM), upstream_too=True),
+            "envoy-spillway": rendered,
+        }
+        setups: list[dict[str, Any]] = [
+            {"name": "direct", "url": mocks[0].url + CHAT_PATH, "proc": None, "rate": args.rate,
+             "kind": "mock"},
+        ]
+        for name, boot in boots.items():
+            log(f"overhead: starting {name}")
+            e = Envoy(name, boot, workdir)
+            procs.append(e)
+            setups.append({"name": name, "url": e.url + CHAT_PATH, "proc": e, "rate": args.rate, "kind": "envoy"})
+        # Ablation: the same Spillway bootstrap with Envoy's wasm log component at
+        # warning, i.e. without writing Spillway's per-request JSON log line.
+        e = Envoy("envoy-spillway-nolog", rendered, workdir, extra=["--component-log-level", "wasm:warning"])
+        procs.append(e)
+        setups.append({"name": "envoy-spillway-nolog", "url": e.url + CHAT_PATH, "proc": e, "rate": args.rate,
+                       "kind": "envoy"})
+        # Ablation: the request role alone (no attempt role on the clusters).
+        e = Envoy("envoy-spillway-request-role", configs.spillway_request_role_only(rendered), workdir)
+        procs.append(e)
+        setups.append({"name": "envoy-spillway-request-role", "url": e.url + CHAT_PATH, "proc": e,
+                       "rate": args.rate, "kind": "envoy"})
+        if not args.no_litellm:
+            log("overhead: starting LiteLLM proxy (2 workers)")
+            lite = LiteLLM("litellm", configs.litellm_config(ports, num_retries=2), workdir,
+                           workers=args.litellm_workers)
+            procs.append(lite)
+            setups.append({"name": "litellm", "url": lite.url + CHAT_PATH, "proc": lite,
+                           "rate": args.litellm_rate, "kind": "litellm"})
+        headers = {"api-key": configs.MASTER_KEY}
+
+        mem: dict[str, dict] = {}
+        for s in setups:
+            if s["proc"] is not None:
+                mem[s["name"]] = {"idle_after_start": s["proc"].mem()}
+
+        runs: list[dict] = []
+        for rep in range(args.repeats):
+            for s in setups:
+                name, proc, rate = s["name"], s["proc"], s["rate"]
+                rate_s = args.litellm_rate_s if s["kind"] == "litellm" else args.rate_s
+                # Warm-up (connections, V8 JIT, LiteLLM's lazily initialised
+                # workers): two seconds closed loop.
+                oha(s["url"], headers, body, workdir / "warmup.json", duration_s=2)
+                for mode in ("saturation", "fixed-rate"):
+                    out = workdir / f"oha-{name}-{mode}-{rep}.json"
+                    load0, cpu0 = loadavg(), (proc.cpu() if proc else 0.0)
+                    if mode == "saturation":
+                        r = oha(s["url"], headers, body, out, duration_s=args.sat_s)
+                    else:
+                        r = oha(s["url"], headers, body, out, rate=rate, requests=int(rate * rate_s))
+                    cpu1, load1 = (proc.cpu() if proc else 0.0), loadavg()
+                    row = {
+                        "setup": name, "repeat": rep, "mode": mode,
+                        "offered_rps": rate if mode == "fixed-rate" else "",
+                        "responses": r["responses"], "ok": r["ok"],
+                        "non_200": r["responses"] - r["ok"],
+                        "errors": sum(v for k, v in r["errors"].items() if "deadline" not in k),
+                        "elapsed_s": round(r["elapsed_s"], 3), "rps": round(r["rps"], 1),
+                        "p50_us": round(r["p50_us"], 1), "p90_us": round(r["p90_us"], 1),
+                        "p99_us": round(r["p99_us"], 1),
+                        "proxy_cpu_s": round(cpu1 - cpu0, 3) if proc else "",
+                        "cpu_us_per_req": round((cpu1 - cpu0) / r["responses"] * 1e6, 1)
+                        if proc and r["responses"] else "",
+                        "load1_before": load0[0], "load1_after": load1[0],
+                        "load5_before": load0[1], "load5_after": load1[1],
+                    }
+                    runs.append(row)
+                    log(f"overhead rep {rep} {name:24s} {mode:10s} rps={row['rps']:8.1f} "
+                        f"p50={row['p50_us']:9.0f}us p99={row['p99_us']:9.0f}us "
+                        f"cpu/req={row['cpu_us_per_req']}us non200={row['non_200']} load={load0[0]}->{load1[0]}")
+        for s in setups:
+            if s["proc"] is not None:
+                mem[s["name"]]["after_runs"] = s["proc"].mem()
+                # Sanity: no Spillway backend may have been taken out during the runs.
+                s["circuit_opens"] = s["proc"].log_count("circuit opened")
+                s["log_bytes"] = s["proc"].log_path.stat().st_size
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+    with open(RESULTS / "overhead_runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(runs[0]))
+        w.writeheader()
+        w.writerows(runs)
+
+    summary: dict[str, Any] = {}
+    for s in setups:
+        name = s["name"]
+        per_mode = {}
+        for mode in ("saturation", "fixed-rate"):
+            rows = [r for r in runs if r["setup"] == name and r["mode"] == mode]
+            m = {k: summarize([float(r[k]) for r in rows]) for k in ("rps", "p50_us", "p90_us", "p99_us")}
+            if s["proc"] is not None:
+                m["cpu_us_per_req"] = summarize([float(r["cpu_us_per_req"]) for r in rows])
+            m["non_200_total"] = sum(r["non_200"] for r in rows)
+            m["errors_total"] = sum(r["errors"] for r in rows)
+            m["load1"] = summarize([float(r["load1_before"]) for r in rows] + [float(r["load1_after"]) for r in rows])
+            per_mode[mode] = m
+        summary[name] = {"kind": s["kind"], "rate": s["rate"], **per_mode, "memory": mem.get(name),
+                         "circuit_opens": s.get("circuit_opens", 0), "log_bytes": s.get("log_bytes", 0)}
+
+    def med(name, mode, key):
+        return summary[name][mode][key]["median"]
+
+    ratios = {}
+    for name in summary:
+        if not name.startswith("envoy") or name == "envoy-plain":
+            continue
+        ratios[name] = {
+            "rps_vs_plain": med(name, "saturation", "rps") / med("envoy-plain", "saturation", "rps"),
+            "p50_added_us_at_rate": med(name, "fixed-rate", "p50_us") - med("envoy-plain", "fixed-rate", "p50_us"),
+            "p99_added_us_at_rate": med(name, "fixed-rate", "p99_us") - med("envoy-plain", "fixed-rate", "p99_us"),
+            "cpu_added_us_at_rate": med(name, "fixed-rate", "cpu_us_per_req")
+            - med("envoy-plain", "fixed-rate", "cpu_us_per_req"),
+            "cpu_added_us_at_saturation": med(name, "saturation", "cpu_us_per_req")
+            - med("envoy-plain", "saturation", "cpu_us_per_req"),
+            "rss_added_kb": summary[name]["memory"]["after_runs"]["rss_kb"]
+            - summary["envoy-plain"]["memory"]["after_runs"]["rss_kb"],
+        }
+    doc = {
+        "params": {
+            "connections": 32, "envoy_concurrency": 2, "repeats": args.repeats,
+            "saturation_s": args.sat_s, "fixed_rate_rps": args.rate, "fixed_rate_s": args.rate_s,
+            "litellm_rate_rps": args.litellm_rate, "litellm_rate_s": args.litellm_rate_s,
+            "litellm_workers": args.litellm_workers, "request_body": json.loads(BODY),
+            "path": CHAT_PATH,
+        },
+        "wasm_bytes": {"spillway.wasm": WASM.stat().st_size,
+                       "spillway_bench_trivial_filter.wasm": TRIVIAL_WASM.stat().st_size},
+        "setups": summary,
+        "ratios_vs_plain": ratios,
+    }
+    (RESULTS / "overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def selection(args) -> dict:
+    log("selection: native micro-benchmark")
+    out = RESULTS / "selection.json"
+    load0 = loadavg()
+    subprocess.run([str(SELECTION), "--json", str(out)] + (["--samples", "7"] if args.quick else []),
+                   check=True, timeout=600)
+    load1 = loadavg()
+    doc = json.loads(out.read_text())
+    doc["load1_before"], doc["load1_after"] = load0[0], load1[0]
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+# ------------------------------------------------------------ goodput + quotas
+
+
+def windows_from_records(records: list[dict], window_ms: int, limit: int) -> list[dict]:
+    """The mock's fixed windows, rebuilt from its request log: a window opens
+    at the first request after the previous one expired (any status) and
+    admits `requests_per_window` requests."""
+    wins: list[dict] = []
+    for r in sorted(records, key=lambda r: r["ts_ms"]):
+        if r["path"].startswith("/_mock"):
+            continue
+        # The log's time is the arrival (whole ms), the quota's is taken a
+        # little later: an admitted request beyond the limit shows the
+        # window had already rolled over.
+        rolled = bool(wins) and r["status"] == 200 and len(wins[-1]["ok_ts"]) >= limit
+        if not wins or r["ts_ms"] >= wins[-1]["start"] + window_ms or rolled:
+            wins.append({"start": r["ts_ms"], "end": r["ts_ms"] + window_ms, "ok_ts": []})
+        if r["status"] == 200:
+            wins[-1]["ok_ts"].append(r["ts_ms"])
+    return wins
+
+
+def capacity_back_at(t_ms: float, wins: list[dict], limit: int) -> float:
+    """Earliest time >= t_ms at which this backend admits a request."""
+    for w in reversed(wins):
+        if w["start"] <= t_ms:
+            if t_ms < w["end"] and sum(1 for ts in w["ok_ts"] if ts <= t_ms) >= limit:
+                return w["end"]
+            return t_ms
+    return t_ms
+
+
+RA_MS_TOLERANCE = 1.0
+
+
+def check_retry_after(results: list[loadgen.Result], per_mock_records: list[list[dict]], window_ms: int,
+                      limit: int) -> dict:
+    wins = [windows_from_records(recs, window_ms, limit) for recs in per_mock_records]
+    checked, short_s, short_ms, avoidable = 0, [], [], 0
+    avoidable_examples: list[dict] = []
+    max_short_ms_raw = float("-inf")
+    slack_s: list[float] = []
+    missing = 0
+    for r in results:
+        if r.status != 429:
+            continue
+        if not r.retry_after:
+            missing += 1
+            continue
+        t = r.done_epoch_ms
+        back = min(capacity_back_at(t, w, limit) for w in wins)
+        real_wait = back - t
+        if real_wait <= 0:
+            avoidable += 1
+            if len(avoidable_examples) < 10:
+                # How long before the 429 arrived each backend had room again
+                # (None: its window never filled).
+                since = []
+                for w in wins:
+                    last = next((x for x in reversed(w) if x["start"] <= t), None)
+                    full = last is not None and sum(1 for ts in last["ok_ts"] if ts <= t) >= limit
+                    since.append(round(t - last["end"], 1) if full and t >= last["end"] else None)
+                avoidable_examples.append({"done_epoch_ms": t, "retry_after": r.retry_after,
+                                           "ms_since_capacity_back": since})
+        checked += 1
+        ra_ms = float(r.retry_after) * 1000
+        slack_s.append(ra_ms - real_wait)
+        if ra_ms < real_wait:
+            short_s.append(real_wait - ra_ms)
+        # retry-after-ms is whole ms and the mock logs whole ms: allow 1 ms.
+        if r.retry_after_ms and float(r.retry_after_ms) + RA_MS_TOLERANCE < real_wait:
+            short_ms.append(real_wait - float(r.retry_after_ms))
+        if r.retry_after_ms:
+            max_short_ms_raw = max(max_short_ms_raw, real_wait - float(r.retry_after_ms))
+    return {
+        "client_429s": checked + missing,
+        "without_retry_after": missing,
+        "checked": checked,
+        "retry_after_shorter_than_real_wait": len(short_s),
+        "max_shortfall_ms": max(short_s) if short_s else 0.0,
+        "retry_after_ms_shorter_than_real_wait": len(short_ms),
+        "retry_after_ms_max_shortfall_ms": max(short_ms) if short_ms else 0.0,
+        "retry_after_ms_tolerance_ms": RA_MS_TOLERANCE,
+        "retry_after_ms_max_raw_shortfall_ms": max_short_ms_raw if checked else None,
+        "capacity_already_back_when_429_arrived": avoidable,
+        "capacity_already_back_examples": avoidable_examples,
+        "slack_ms": summarize(slack_s) if slack_s else None,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    k = min(len(v) - 1, max(0, int(round(q / 100 * (len(v) - 1)))))
+    return v[k]
+
+
+def goodput(args, workdir: Path) -> dict:
+    n_req, window_ms = args.quota_requests, args.quota_window_ms
+    log(f"goodput: starting 3 mock backends with {n_req} requests / {window_ms} ms each")
+    mocks = [Mock(f"q{i}", workdir, "--requests-per-window", str(n_req), "--window-ms", str(window_ms))
+             for i in range(3)]
+    ports = [m.port for m in mocks]
+    capacity_rps = 3 * n_req / (window_ms / 1000)
+    levels = [("below", capacity_rps * 2 / 3), ("at", capacity_rps), ("above", capacity_rps * 2)]
+    headers = {"api-key": configs.MASTER_KEY}
+    rendered = render_spillway(configs.spillway_filter(ports), workdir, "goodput")
+    native = configs.envoy_native_retry(configs.plain(rendered, ports), num_retries=2)
+    setups = ["spillway", "envoy-native-retry"] + ([] if args.no_litellm else ["litellm"])
+    runs, all_rows, ra_checks, mock_log = [], [], {}, []
+    try:
+        for setup in setups:
+            for level, rate in levels:
+                if setup == "spillway":
+                    proc: Proc = Envoy(f"gp-spillway-{level}", rendered, workdir)
+                elif setup == "envoy-native-retry":
+                    proc = Envoy(f"gp-native-{level}", native, workdir)
+                else:
+                    proc = LiteLLM(f"gp-litellm-{level}", configs.litellm_config(ports, num_retries=2), workdir,
+                                   workers=1)
+                try:
+                    # Warm-up (V8 JIT, LiteLLM's lazily created clients: its
+                    # first request takes ~0.8 s), then fresh quota windows.
+                    for _ in range(6):
+                        httpx.post(proc.url + CHAT_PATH, json=loadgen.BODY, headers=headers, timeout=30)
+                    for m in mocks:
+                        m.reset()
+                    load0 = loadavg()
+                    log(f"goodput: {setup} {level} ({rate:g} rps x {args.goodput_s:g} s)")
+                    res = loadgen.run(proc.url + CHAT_PATH, rate, args.goodput_s, headers, timeout=30)
+                    load1 = loadavg()
+                    stats = [m.stats() for m in mocks]
+                finally:
+                    proc.stop()
+                lat = [r.latency_ms for r in res if r.status]
+                ok_lat = [r.latency_ms for r in res if r.status == 200]
+                up_total = sum(s["requests_total"] for s in stats)
+                row = {
+                    "setup": setup, "level": level, "offered_rps": round(rate, 2),
+                    "duration_s": args.goodput_s, "requests": len(res),
+                    "client_2xx": sum(1 for r in res if r.status == 200),
+                    "client_429": sum(1 for r in res if r.status == 429),
+                    "client_other": sum(1 for r in res if r.status not in (0, 200, 429)),
+                    "client_errors": sum(1 for r in res if r.status == 0),
+                    "upstream_calls": up_total,
+                    "upstream_2xx": sum(s["by_status"].get("200", 0) for s in stats),
+                    "upstream_429": sum(s["by_status"].get("429", 0) for s in stats),
+                    "p50_ms": round(percentile(lat, 50), 2), "p99_ms": round(percentile(lat, 99), 2),
+                    "ok_p50_ms": round(percentile(ok_lat, 50), 2), "ok_p99_ms": round(percentile(ok_lat, 99), 2),
+                    "load1_before": load0[0], "load1_after": load1[0],
+                }
+                row["goodput_rps"] = round(row["client_2xx"] / args.goodput_s, 2)
+                row["upstream_calls_per_request"] = round(up_total / len(res), 2)
+                runs.append(row)
+                log(f"goodput: {setup} {level}: 2xx={row['client_2xx']} 429={row['client_429']} "
+                    f"other={row['client_other']} err={row['client_errors']} upstream={up_total} "
+                    f"(429: {row['upstream_429']}) p50={row['p50_ms']}ms p99={row['p99_ms']}ms")
+                for r in res:
+                    all_rows.append({"setup": setup, "level": level, "offered_rps": round(rate, 2),
+                                     **loadgen.asdict(r)})
+                if setup == "spillway":
+                    for i, st in enumerate(stats):
+                        for rec in st["requests"]:
+                            mock_log.append({"level": level, "mock": i, "ts_ms": rec["ts_ms"],
+                                             "status": rec["status"]})
+                    complete = all(s["requests_total"] <= len(s["requests"]) for s in stats)
+                    check = check_retry_after(res, [s["requests"] for s in stats], window_ms, n_req)
+                    check["mock_logs_complete"] = complete
+                    ra_checks[level] = check
+                    log(f"goodput: spillway {level} retry-after check: {check}")
+                # Let throttles and cooldowns expire before the next run.
+                time.sleep(1)
+    finally:
+        for m in mocks:
+            m.stop()
+
+    with open(RESULTS / "goodput_requests.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(all_rows[0]))
+        w.writeheader()
+        w.writerows(all_rows)
+    with open(RESULTS / "goodput_spillway_mock_log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["level", "mock", "ts_ms", "status"])
+        w.writeheader()
+        w.writerows(mock_log)
+    doc = {
+        "params": {"backends": 3, "requests_per_window": n_req, "window_ms": window_ms,
+                   "capacity_rps": capacity_rps, "duration_s": args.goodput_s,
+                   "levels": {k: v for k, v in levels}, "envoy_num_retries": 2, "litellm_num_retries": 2,
+                   "litellm_workers": 1, "client_timeout_s": 30},
+        "runs": runs,
+        "spillway_retry_after_check": ra_checks,
+    }
+    (RESULTS / "goodput.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Spillway benchmarks")
+    ap.add_argument("--quick", action="store_true", help="1 repeat, short runs (smoke test)")
+    ap.add_argument("--only", default="overhead,selection,goodput")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=1000, help="fixed rate for direct/Envoy setups (rps)")
+    ap.add_argument("--rate-s", type=float, default=10)
+    ap.add_argument("--sat-s", type=float, default=6)
+    ap.add_argument("--litellm-rate", type=float, default=20)
+    ap.add_argument("--litellm-rate-s", type=float, default=15)
+    ap.add_argument("--litellm-workers", type=int, default=2)
+    ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--quota-requests", type=int, default=10)
+    ap.add_argument("--quota-window-ms", type=int, default=2000)
+    ap.add_argument("--goodput-s", type=float, default=20)
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.rate_s, args.sat_s, args.litellm_rate_s, args.goodput_s = 1, 3, 3, 5, 8
+    for p in (WASM, TRIVIAL_WASM, RENDER, MOCK, SELECTION, ENVOY, OHA):
+        if not p.exists():
+            sys.exit(f"missing {p}: run bench/run.sh, which installs and builds everything")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    parts = set(args.only.split(","))
+    (BENCH / ".work").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="run-", dir=BENCH / ".work") as tmp:
+        workdir = Path(tmp)
+        m = machine()
+        m["load_at_start"] = loadavg()
+        m["quick"] = args.quick
+        t0 = time.monotonic()
+        if "selection" in parts:
+            selection(args)
+        if "overhead" in parts:
+            overhead(args, workdir)
+        if "goodput" in parts:
+            goodput(args, workdir)
+        m["load_at_end"] = loadavg()
+        m["bench_seconds"] = round(time.monotonic() - t0, 1)
+        if os.environ.get("BENCH_INSTALL_BUILD_SECONDS"):
+            m["install_build_seconds"] = int(os.environ["BENCH_INSTALL_BUILD_SECONDS"])
+        prev = RESULTS / "machine.json"
+        (prev).write_text(json.dumps(m, indent=2) + "\n")
+    log(f"done in {m['bench_seconds']} s; results in {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

