@@ -436,18 +436,23 @@ pub fn chat_stream(ctx: &Ctx, body: &Value, prompt_tokens: u64, chunks: usize) -
             .collect(),
         tail: vec![chunk(json!({}), json!("stop"))],
     };
+    finish_stream(&mut plan, with_usage, &id, "chat.completion.chunk", ctx, usage(prompt_tokens, chunks as u64));
+    plan
+}
+
+/// Ends a stream: the usage-only chunk (when the client asked for it), then `[DONE]`.
+fn finish_stream(plan: &mut StreamPlan, with_usage: bool, id: &str, object: &str, ctx: &Ctx, usage: Value) {
     if with_usage {
         plan.tail.push(sse_event(&json!({
             "id": id,
-            "object": "chat.completion.chunk",
+            "object": object,
             "created": ctx.created,
             "model": ctx.model,
             "choices": [],
-            "usage": usage(prompt_tokens, chunks as u64)
+            "usage": usage
         })));
     }
     plan.tail.push(Bytes::from_static(SSE_DONE));
-    plan
 }
 
 /// Streamed legacy completion.
@@ -476,17 +481,7 @@ pub fn completion_stream(ctx: &Ctx, body: &Value, prompt_tokens: u64, chunks: us
             .collect(),
         tail: vec![chunk("", json!("stop"))],
     };
-    if with_usage {
-        plan.tail.push(sse_event(&json!({
-            "id": id,
-            "object": "text_completion",
-            "created": ctx.created,
-            "model": ctx.model,
-            "choices": [],
-            "usage": usage(prompt_tokens, chunks as u64)
-        })));
-    }
-    plan.tail.push(Bytes::from_static(SSE_DONE));
+    finish_stream(&mut plan, with_usage, &id, "text_completion", ctx, usage(prompt_tokens, chunks as u64));
     plan
 }
 
