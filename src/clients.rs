@@ -24,10 +24,7 @@ pub fn presented_key<'a>(
         let (scheme, token) = v.trim().split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
     });
-    [api_key.map(str::trim), apim_key.map(str::trim), bearer]
-        .into_iter()
-        .flatten()
-        .find(|k| !k.is_empty())
+    [api_key.map(str::trim), apim_key.map(str::trim), bearer].into_iter().flatten().find(|k| !k.is_empty())
 }
 
 pub fn authenticate(clients: &[Client], presented: Option<&str>) -> Auth {

@@ -220,10 +220,7 @@ impl Config {
         for (i, rb) in raw.backends.into_iter().enumerate() {
             let field = |f: &str| format!("backends[{i}].{f}");
             if !valid_name(&rb.name) {
-                return Err(err(
-                    field("name"),
-                    "must be 1-48 characters of a-z, A-Z, 0-9, '-' or '_'",
-                ));
+                return Err(err(field("name"), "must be 1-48 characters of a-z, A-Z, 0-9, '-' or '_'"));
             }
             if backends.iter().any(|b| b.name == rb.name) {
                 return Err(err(field("name"), format!("duplicate backend name \"{}\"", rb.name)));
@@ -380,9 +377,7 @@ impl Config {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 48
-        && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    !name.is_empty() && name.len() <= 48 && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
 }
 
 fn valid_deployment(name: &str) -> bool {
@@ -409,9 +404,7 @@ fn parse_url(url: &str) -> Result<ParsedUrl, String> {
         return Err(format!("\"{url}\" has no host"));
     }
     if authority.contains(['/', '?', '#', '@', ' ']) {
-        return Err(format!(
-            "\"{url}\" must be scheme://host[:port] only (no path, query or credentials)"
-        ));
+        return Err(format!("\"{url}\" must be scheme://host[:port] only (no path, query or credentials)"));
     }
     let default_port = if scheme == Scheme::Https { 443 } else { 80 };
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
@@ -512,10 +505,19 @@ mod tests {
         rejects(r#"{"backends":[{"name":"a","url":"http://x:99999"}]}"#, "backends[0].url");
         rejects(r#"{"backends":[{"name":"a b","url":"http://x"}]}"#, "backends[0].name");
         rejects(r#"{"backends":[{"name":"a","url":"http://x","api_key_env":"NOPE"}]}"#, "backends[0].api_key_env");
-        rejects(r#"{"backends":[{"name":"a","url":"http://x","api_key":"k","api_key_env":"EASTUS_KEY"}]}"#, "backends[0].api_key");
-        rejects(r#"{"backends":[{"name":"a","url":"http://x","deployments":{"g":"a/b"}}]}"#, "backends[0].deployments.g");
+        rejects(
+            r#"{"backends":[{"name":"a","url":"http://x","api_key":"k","api_key_env":"EASTUS_KEY"}]}"#,
+            "backends[0].api_key",
+        );
+        rejects(
+            r#"{"backends":[{"name":"a","url":"http://x","deployments":{"g":"a/b"}}]}"#,
+            "backends[0].deployments.g",
+        );
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"retry_on":[200]}"#, "retry_on");
-        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"circuit_breaker":{"consecutive_failures":0}}"#, "circuit_breaker.consecutive_failures");
+        rejects(
+            r#"{"backends":[{"name":"a","url":"http://x"}],"circuit_breaker":{"consecutive_failures":0}}"#,
+            "circuit_breaker.consecutive_failures",
+        );
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"default_retry_after_s":0}"#, "default_retry_after_s");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"api_version":"x y"}"#, "api_version");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_timeout_s":0}"#, "attempt_timeout_s");

@@ -129,11 +129,8 @@ impl Exchange {
         if let Some((key, limits)) = &limits {
             // The prompt cannot be larger than the body: its size is the
             // estimate until the body has been read.
-            let cost = if tokens_limited {
-                head.content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN)
-            } else {
-                0
-            };
+            let cost =
+                if tokens_limited { head.content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN) } else { 0 };
             match limits::admit(store, key, limits, now, cost) {
                 Admission::Admitted(remaining) => {
                     self.remaining = remaining;
@@ -286,7 +283,13 @@ impl Exchange {
 
     /// The exchange is over: settle the client's tokens, count, and return
     /// the structured log line.
-    pub fn finish(&mut self, gw: &Gateway, store: &dyn SharedStore, clock: &dyn Clock, metrics: &dyn Metrics) -> String {
+    pub fn finish(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+    ) -> String {
         let now = clock.now_ms();
         let mut answer_text = None;
         if let Some(sse) = &self.sse {
@@ -328,7 +331,8 @@ impl Exchange {
         );
         if let Some(u) = self.usage {
             for (kind, n) in [("prompt", u.prompt), ("completion", u.completion)] {
-                let labels = [("backend", backend.as_str()), ("client", &client), ("deployment", &deployment), ("kind", kind)];
+                let labels =
+                    [("backend", backend.as_str()), ("client", &client), ("deployment", &deployment), ("kind", kind)];
                 metrics.add(&metrics::name(metrics::TOKENS, &labels), n);
             }
         }
@@ -456,7 +460,12 @@ mod tests {
 
     impl World {
         fn new(extra: &str) -> World {
-            World { gw: gateway(extra), store: MemoryStore::default(), clock: ManualClock::at(0), metrics: Recorder::default() }
+            World {
+                gw: gateway(extra),
+                store: MemoryStore::default(),
+                clock: ManualClock::at(0),
+                metrics: Recorder::default(),
+            }
         }
         /// Headers, then the body if the step asks for it; returns the
         /// replacement body as `Step::Forward`'s companion.
@@ -466,7 +475,9 @@ mod tests {
             h.content_length = Some(body.len() as u64);
             let step = ex.on_request_headers(&self.gw, &self.store, &self.clock, &self.metrics, &h);
             let new_body = match &step {
-                Step::Forward { inspect_body: true, .. } => ex.on_request_body(&self.gw, &self.store, &self.clock, body),
+                Step::Forward { inspect_body: true, .. } => {
+                    ex.on_request_body(&self.gw, &self.store, &self.clock, body)
+                }
                 _ => None,
             };
             (ex, step, new_body)
@@ -521,13 +532,19 @@ mod tests {
         assert!(r.headers.iter().any(|(k, _)| *k == "x-ratelimit-remaining-tokens"));
         // The first answer used 52 tokens: the rest of its estimate comes back.
         first.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"));
-        first.on_response_body(br#"{"model":"gpt-4o","usage":{"prompt_tokens":2,"completion_tokens":50,"total_tokens":52}}"#, true);
+        first.on_response_body(
+            br#"{"model":"gpt-4o","usage":{"prompt_tokens":2,"completion_tokens":50,"total_tokens":52}}"#,
+            true,
+        );
         let line: Value = serde_json::from_str(&first.finish(&w.gw, &w.store, &w.clock, &w.metrics)).unwrap();
         assert_eq!(line["total_tokens"], 52);
         assert_eq!(line["client"], "team-c");
         assert_eq!(line["deployment"], "gpt-4o");
         assert!(matches!(w.start(Some("key-of-team-c"), body).1, Step::Forward { .. }));
-        assert_eq!(w.metrics.get("spillway_tokens_total.backend.east.client.team-c.deployment.gpt-4o.kind.completion"), 50);
+        assert_eq!(
+            w.metrics.get("spillway_tokens_total.backend.east.client.team-c.deployment.gpt-4o.kind.completion"),
+            50
+        );
         assert_eq!(w.metrics.get("spillway_local_replies_total.reason.client_tokens"), 1);
     }
 
@@ -551,8 +568,12 @@ mod tests {
         let (next, step, _) = w.start(Some("key-of-team-c"), body);
         assert!(matches!(step, Step::Forward { .. }));
         // Without the refund only ~99 tokens would be left before this one.
-        let left: u64 = next.remaining_headers().iter().find(|(k, _)| *k == "x-ratelimit-remaining-tokens")
-            .map(|(_, v)| v.parse().unwrap()).unwrap();
+        let left: u64 = next
+            .remaining_headers()
+            .iter()
+            .find(|(k, _)| *k == "x-ratelimit-remaining-tokens")
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap();
         assert!(left > 900, "{left}");
     }
 
@@ -578,7 +599,8 @@ mod tests {
     #[test]
     fn a_client_that_asked_for_usage_keeps_it() {
         let w = World::new(r#","stream_usage":true"#);
-        let (mut ex, step, body) = w.start(Some("key-of-team-b"), br#"{"stream":true,"stream_options":{"include_usage":true}}"#);
+        let (mut ex, step, body) =
+            w.start(Some("key-of-team-b"), br#"{"stream":true,"stream_options":{"include_usage":true}}"#);
         assert!(matches!(step, Step::Forward { .. }));
         assert_eq!(body, None);
         ex.on_response_headers(&w.gw, 200, Some("text/event-stream"), None, None);
@@ -588,7 +610,8 @@ mod tests {
     #[test]
     fn log_line_has_no_secrets_and_caps_bodies() {
         let w = World::new(r#","log_bodies":true,"log_body_max_bytes":10"#);
-        let (mut ex, _, _) = w.start(Some("key-of-team-b"), br#"{"messages":[{"role":"user","content":"a very long prompt indeed"}]}"#);
+        let (mut ex, _, _) =
+            w.start(Some("key-of-team-b"), br#"{"messages":[{"role":"user","content":"a very long prompt indeed"}]}"#);
         ex.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"));
         ex.on_response_body(br#"{"choices":[{"message":{"content":"a long long answer"}}]}"#, true);
         let text = ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
@@ -604,7 +627,13 @@ mod tests {
             Config::parse(br#"{"backends":[{"name":"east","url":"http://127.0.0.1:1"}]}"#, Keys::NamesOnly).unwrap(),
         );
         let mut ex = Exchange::new(0);
-        let step = ex.on_request_headers(&gw, &MemoryStore::default(), &ManualClock::at(0), &Recorder::default(), &head(None, true));
+        let step = ex.on_request_headers(
+            &gw,
+            &MemoryStore::default(),
+            &ManualClock::at(0),
+            &Recorder::default(),
+            &head(None, true),
+        );
         assert!(matches!(step, Step::Forward { inspect_body: false, drop_content_length: false, .. }), "{step:?}");
     }
 }

@@ -71,7 +71,10 @@ fn error_type(status: u32) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestDecision {
     /// Set `CLUSTER` and `PATH` to these values and let Envoy route.
-    Forward { cluster: String, path: String },
+    Forward {
+        cluster: String,
+        path: String,
+    },
     Reply(LocalReply),
 }
 
@@ -121,10 +124,8 @@ impl Gateway {
     pub fn new(config: Config) -> Gateway {
         let pool = Pool::new(&config.backends);
         let names = config.backends.iter().map(|b| b.name.clone()).collect();
-        let retry_after = RetryAfterPolicy {
-            default_ms: config.default_retry_after_ms,
-            max_ms: config.max_retry_after_ms,
-        };
+        let retry_after =
+            RetryAfterPolicy { default_ms: config.default_retry_after_ms, max_ms: config.max_retry_after_ms };
         Gateway { config, pool, names, retry_after }
     }
 
@@ -219,19 +220,13 @@ impl Gateway {
     ) -> Option<AttemptPlan<'a>> {
         let backend_index = self.config.backend_by_cluster(cluster)?;
         let backend = self.config.backends.get(backend_index)?;
-        let mut tried_indices: Vec<usize> = tried
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|n| self.config.backend_by_name(n.trim()))
-            .collect();
+        let mut tried_indices: Vec<usize> =
+            tried.unwrap_or("").split(',').filter_map(|n| self.config.backend_by_name(n.trim())).collect();
         if !tried_indices.contains(&backend_index) {
             tried_indices.push(backend_index);
         }
-        let tried_value = tried_indices
-            .iter()
-            .filter_map(|&i| self.names.get(i).map(String::as_str))
-            .collect::<Vec<_>>()
-            .join(",");
+        let tried_value =
+            tried_indices.iter().filter_map(|&i| self.names.get(i).map(String::as_str)).collect::<Vec<_>>().join(",");
         let now = clock.now_ms();
         let health = self.read_health(store);
         let cb = self.config.circuit_breaker;
@@ -466,7 +461,14 @@ mod tests {
     #[test]
     fn a_429_throttles_the_backend_and_retries_elsewhere() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(10_000));
-        let d = g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") });
+        let d = g.on_attempt_response(
+            &s,
+            &c,
+            &Recorder::default(),
+            0,
+            true,
+            &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") },
+        );
         assert_eq!(d, ResponseDecision { retry: true, retry_after_ms: None });
         // East is now skipped by every new request until its deadline.
         for _ in 0..4 {
@@ -480,9 +482,30 @@ mod tests {
     #[test]
     fn last_429_reaches_the_client_with_the_soonest_wait() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 429, retry_after_ms: Some("30000"), retry_after: None });
-        g.on_attempt_response(&s, &c, &Recorder::default(), 1, true, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("8") });
-        let d = g.on_attempt_response(&s, &c, &Recorder::default(), 2, false, &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("60") });
+        g.on_attempt_response(
+            &s,
+            &c,
+            &Recorder::default(),
+            0,
+            true,
+            &AttemptAnswer { status: 429, retry_after_ms: Some("30000"), retry_after: None },
+        );
+        g.on_attempt_response(
+            &s,
+            &c,
+            &Recorder::default(),
+            1,
+            true,
+            &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("8") },
+        );
+        let d = g.on_attempt_response(
+            &s,
+            &c,
+            &Recorder::default(),
+            2,
+            false,
+            &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("60") },
+        );
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000) });
         // A new request is answered locally with the same soonest wait.
         c.advance(500);
@@ -497,16 +520,40 @@ mod tests {
     #[test]
     fn status_not_in_retry_on_is_not_retried() {
         let (g, s, c) = (gateway(r#","retry_on":[429]"#), MemoryStore::default(), ManualClock::at(0));
-        let d = g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 500, retry_after_ms: None, retry_after: None });
+        let d = g.on_attempt_response(
+            &s,
+            &c,
+            &Recorder::default(),
+            0,
+            true,
+            &AttemptAnswer { status: 500, retry_after_ms: None, retry_after: None },
+        );
         assert!(!d.retry);
-        let d = g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None });
+        let d = g.on_attempt_response(
+            &s,
+            &c,
+            &Recorder::default(),
+            0,
+            true,
+            &AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None },
+        );
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: None });
     }
 
     #[test]
     fn failures_open_the_circuit_and_a_probe_closes_it() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        assert!(g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None }).retry);
+        assert!(
+            g.on_attempt_response(
+                &s,
+                &c,
+                &Recorder::default(),
+                0,
+                true,
+                &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None }
+            )
+            .retry
+        );
         g.on_attempt_lost(&s, &c, &Recorder::default(), 0, true);
         for _ in 0..4 {
             assert_eq!(forward(&g, &s, &c).0, "spillway_west");
@@ -516,7 +563,14 @@ mod tests {
         let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 1, "{clusters:?}");
         // The probe answers 200: east is back in rotation.
-        g.on_attempt_response(&s, &c, &Recorder::default(), 0, false, &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None });
+        g.on_attempt_response(
+            &s,
+            &c,
+            &Recorder::default(),
+            0,
+            false,
+            &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None },
+        );
         let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 2, "{clusters:?}");
     }
@@ -549,7 +603,14 @@ mod tests {
     #[test]
     fn healthy_answers_do_not_write_shared_data() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        g.on_attempt_response(&s, &c, &Recorder::default(), 0, true, &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None });
+        g.on_attempt_response(
+            &s,
+            &c,
+            &Recorder::default(),
+            0,
+            true,
+            &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None },
+        );
         assert_eq!(s.get(HEALTH_KEY), (None, None));
     }
 

@@ -22,7 +22,9 @@ pub enum Availability {
     /// The circuit's open time has passed: one probe request may go.
     NeedsProbe,
     /// Out until this epoch ms.
-    Unavailable { until_ms: u64 },
+    Unavailable {
+        until_ms: u64,
+    },
 }
 
 impl Health {

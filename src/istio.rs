@@ -64,9 +64,7 @@ pub struct IstioOptions {
 pub fn parse_selector(s: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| format!("--workload-selector: {part}: expected KEY=VALUE"))?;
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("--workload-selector: {part}: expected KEY=VALUE"))?;
         if k.is_empty() {
             return Err(format!("--workload-selector: {part}: empty label name"));
         }
@@ -212,7 +210,9 @@ fn missing(what: &str) -> String {
 /// Replaces the attempt role's plugin config inside a rendered cluster.
 fn set_attempt_plugin(cluster: &mut Value, code: &Value) -> Result<(), String> {
     let filters = cluster
-        .pointer_mut("/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions/http_filters")
+        .pointer_mut(
+            "/typed_extension_protocol_options/envoy.extensions.upstreams.http.v3.HttpProtocolOptions/http_filters",
+        )
         .and_then(Value::as_array_mut)
         .ok_or_else(|| missing("upstream http_filters"))?;
     let vm = filters
@@ -246,8 +246,7 @@ pub fn render_istio(
             return Err("--wasm-sha256: expected 64 hex digits".to_string());
         }
     }
-    let plugin_config: Value =
-        serde_json::from_str(filter_json).map_err(|e| format!("filter JSON: {e}"))?;
+    let plugin_config: Value = serde_json::from_str(filter_json).map_err(|e| format!("filter JSON: {e}"))?;
     let bootstrap = render::render(config, filter_json, render_opts).bootstrap;
     let (code, remote) = attempt_code(opts)?;
 
@@ -262,10 +261,7 @@ pub fn render_istio(
     let hcm = bootstrap
         .pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
         .ok_or_else(|| missing("listener"))?;
-    let mut route = hcm
-        .pointer("/route_config/virtual_hosts/0/routes/0")
-        .cloned()
-        .ok_or_else(|| missing("route"))?;
+    let mut route = hcm.pointer("/route_config/virtual_hosts/0/routes/0").cloned().ok_or_else(|| missing("route"))?;
     if let Some(obj) = route.as_object_mut() {
         // The VirtualService owns the match; the patch brings the rest.
         obj.remove("match");
@@ -445,10 +441,7 @@ mod tests {
     #[test]
     fn one_service_entry_per_https_host() {
         let d = docs(&opts("https://example.com/spillway.wasm")).unwrap();
-        assert_eq!(
-            kinds(&d),
-            ["WasmPlugin", "EnvoyFilter", "VirtualService", "ServiceEntry", "DestinationRule"]
-        );
+        assert_eq!(kinds(&d), ["WasmPlugin", "EnvoyFilter", "VirtualService", "ServiceEntry", "DestinationRule"]);
         assert_eq!(d[3]["metadata"]["name"], "spillway-eastus-openai-azure-com");
         assert_eq!(d[4]["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"]["sni"], "eastus.openai.azure.com");
     }
@@ -477,8 +470,11 @@ mod tests {
             .collect();
         assert_eq!(names, [FETCH_CLUSTER, "spillway_eastus", "spillway_eastus-mini", "spillway_local"]);
         let fetch = &patches[0]["patch"]["value"];
-        assert_eq!(fetch["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-            ["socket_address"]["port_value"], 8443);
+        assert_eq!(
+            fetch["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+                ["port_value"],
+            8443
+        );
         let filters = &patches[1]["patch"]["value"]["typed_extension_protocol_options"]
             ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"];
         let vm = &filters[0]["typed_config"]["config"]["vm_config"];

@@ -82,7 +82,11 @@ pub struct Remaining {
 pub enum Admission {
     Admitted(Remaining),
     /// Over a limit: retry after this many ms (when the bucket holds enough).
-    Limited { retry_after_ms: u64, remaining: Remaining, by_tokens: bool },
+    Limited {
+        retry_after_ms: u64,
+        remaining: Remaining,
+        by_tokens: bool,
+    },
 }
 
 /// Shared-data key of a client's buckets; includes the limits so a changed
@@ -188,7 +192,10 @@ mod tests {
         let s = MemoryStore::default();
         let k = key("c", &RPM);
         for left in [2, 1, 0] {
-            assert_eq!(admit(&s, &k, &RPM, 0, 0), Admission::Admitted(Remaining { requests: Some(left), tokens: None }));
+            assert_eq!(
+                admit(&s, &k, &RPM, 0, 0),
+                Admission::Admitted(Remaining { requests: Some(left), tokens: None })
+            );
         }
         // 3 per minute: one more request every 20 s.
         match admit(&s, &k, &RPM, 5_000, 0) {

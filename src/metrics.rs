@@ -55,12 +55,7 @@ pub fn status_class(status: u32) -> String {
 pub fn stats_tags() -> Vec<(String, String)> {
     LABELS
         .iter()
-        .map(|k| {
-            (
-                (*k).to_string(),
-                format!(r"^wasmcustom\.spillway_\w+(?:\.\w+\.[\w-]+)*?(\.{k}\.([\w-]+))"),
-            )
-        })
+        .map(|k| ((*k).to_string(), format!(r"^wasmcustom\.spillway_\w+(?:\.\w+\.[\w-]+)*?(\.{k}\.([\w-]+))")))
         .collect()
 }
 

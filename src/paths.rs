@@ -17,8 +17,7 @@ pub fn with_api_version(path: &str, version: Option<&str>) -> String {
         return path.to_string();
     }
     let (_, query) = split_query(path);
-    let has_version = query
-        .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("api-version")));
+    let has_version = query.is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("api-version")));
     if has_version {
         return path.to_string();
     }
@@ -79,8 +78,14 @@ mod tests {
             with_api_version("/openai/deployments/g/chat/completions", v),
             "/openai/deployments/g/chat/completions?api-version=2024-10-21"
         );
-        assert_eq!(with_api_version("/openai/deployments/g/embeddings?x=1", v), "/openai/deployments/g/embeddings?x=1&api-version=2024-10-21");
-        assert_eq!(with_api_version("/openai/deployments/g/embeddings?", v), "/openai/deployments/g/embeddings?api-version=2024-10-21");
+        assert_eq!(
+            with_api_version("/openai/deployments/g/embeddings?x=1", v),
+            "/openai/deployments/g/embeddings?x=1&api-version=2024-10-21"
+        );
+        assert_eq!(
+            with_api_version("/openai/deployments/g/embeddings?", v),
+            "/openai/deployments/g/embeddings?api-version=2024-10-21"
+        );
         let kept = "/openai/deployments/g/embeddings?api-version=2023-05-15";
         assert_eq!(with_api_version(kept, v), kept);
         assert_eq!(with_api_version("/openai/v1/chat/completions", v), "/openai/v1/chat/completions");

@@ -278,7 +278,8 @@ pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rende
             .map(|(tag, regex)| json!({ "tag_name": tag, "regex": regex }))
             .collect::<Vec<_>>(),
     });
-    let admin = json!({ "address": { "socket_address": { "address": opts.admin_address, "port_value": opts.admin_port } } });
+    let admin =
+        json!({ "address": { "socket_address": { "address": opts.admin_address, "port_value": opts.admin_port } } });
     match &opts.lds_path {
         None => Rendered {
             bootstrap: json!({
@@ -299,10 +300,7 @@ pub fn render(config: &Config, filter_json: &str, opts: &RenderOptions) -> Rende
                 .unwrap_or_else(|| ".".to_string());
             let mut listener = listener;
             if let Some(obj) = listener.as_object_mut() {
-                obj.insert(
-                    "@type".to_string(),
-                    json!("type.googleapis.com/envoy.config.listener.v3.Listener"),
-                );
+                obj.insert("@type".to_string(), json!("type.googleapis.com/envoy.config.listener.v3.Listener"));
             }
             Rendered {
                 bootstrap: json!({
@@ -433,12 +431,12 @@ mod tests {
     fn https_backends_get_tls_with_sni_and_http_ones_do_not() {
         let b = render_default();
         let clusters = b["static_resources"]["clusters"].as_array().unwrap();
+        assert_eq!(clusters[0]["transport_socket"]["typed_config"]["sni"], "eastus.openai.azure.com");
         assert_eq!(
-            clusters[0]["transport_socket"]["typed_config"]["sni"],
-            "eastus.openai.azure.com"
+            clusters[0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+                ["port_value"],
+            443
         );
-        assert_eq!(clusters[0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-            ["socket_address"]["port_value"], 443);
         assert!(clusters[1].get("transport_socket").is_none());
     }
 

@@ -9,9 +9,8 @@ pub struct RetryAfterPolicy {
 impl RetryAfterPolicy {
     /// `now_ms` is the epoch time, needed for the HTTP-date form.
     pub fn wait_ms(&self, retry_after_ms: Option<&str>, retry_after: Option<&str>, now_ms: u64) -> u64 {
-        let parsed = retry_after_ms
-            .and_then(parse_millis)
-            .or_else(|| retry_after.and_then(|v| parse_retry_after(v, now_ms)));
+        let parsed =
+            retry_after_ms.and_then(parse_millis).or_else(|| retry_after.and_then(|v| parse_retry_after(v, now_ms)));
         match parsed {
             // Zero or nonsense means "no usable hint": use the default.
             Some(ms) if ms > 0 => ms.min(self.max_ms),
@@ -55,15 +54,31 @@ pub fn parse_http_date(v: &str) -> Option<u64> {
             let m = it.next()?;
             let y2 = it.next()?.parse::<i64>().ok()?;
             // RFC 9110: two-digit years more than 50 years ahead are in the past century.
-            let y = if y2 < 70 { 2000 + y2 } else if y2 < 100 { 1900 + y2 } else { y2 };
+            let y = if y2 < 70 {
+                2000 + y2
+            } else if y2 < 100 {
+                1900 + y2
+            } else {
+                y2
+            };
             (d, m, y, *t)
         }
         [_, m, d, t, y] => (d.parse::<u32>().ok()?, *m, y.parse::<i64>().ok()?, *t),
         _ => return None,
     };
     let month = match month {
-        "Jan" => 1, "Feb" => 2, "Mar" => 3, "Apr" => 4, "May" => 5, "Jun" => 6,
-        "Jul" => 7, "Aug" => 8, "Sep" => 9, "Oct" => 10, "Nov" => 11, "Dec" => 12,
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
         _ => return None,
     };
     let mut hms = time.split(':').map(|p| p.parse::<u32>().ok());

@@ -3,8 +3,8 @@
 //! and probe leases come in through closures.
 
 use crate::config::Backend;
-use crate::health::{Availability, HealthTable};
 use crate::config::CircuitBreaker;
+use crate::health::{Availability, HealthTable};
 
 /// The backends of one priority, with the order smooth weighted round robin
 /// visits them in (one full cycle; the shared counter indexes into it).
@@ -39,15 +39,11 @@ impl Pool {
         let groups = priorities
             .into_iter()
             .map(|priority| {
-                let members: Vec<usize> = (0..backends.len())
-                    .filter(|&i| backends.get(i).is_some_and(|b| b.priority == priority))
-                    .collect();
-                let weights: Vec<u32> =
-                    members.iter().filter_map(|&i| backends.get(i)).map(|b| b.weight).collect();
-                let schedule = smooth_wrr_cycle(&weights)
-                    .into_iter()
-                    .filter_map(|slot| members.get(slot).copied())
-                    .collect();
+                let members: Vec<usize> =
+                    (0..backends.len()).filter(|&i| backends.get(i).is_some_and(|b| b.priority == priority)).collect();
+                let weights: Vec<u32> = members.iter().filter_map(|&i| backends.get(i)).map(|b| b.weight).collect();
+                let schedule =
+                    smooth_wrr_cycle(&weights).into_iter().filter_map(|slot| members.get(slot).copied()).collect();
                 let mut counter_key = format!("spillway.rr.p{priority}");
                 for b in members.iter().filter_map(|&i| backends.get(i)) {
                     counter_key.push_str(&format!(".{}*{}", b.name, b.weight));
@@ -282,10 +278,17 @@ mod tests {
         let mut health = HealthTable::new(2);
         health.entries[0].record_throttle(0, 1_000);
         let mut asked = Vec::new();
-        pool.pick(&health, &CB, 0, &[], &mut |g| {
-            asked.push(g.priority);
-            0
-        }, None);
+        pool.pick(
+            &health,
+            &CB,
+            0,
+            &[],
+            &mut |g| {
+                asked.push(g.priority);
+                0
+            },
+            None,
+        );
         assert_eq!(asked, vec![2]);
     }
 }

@@ -69,10 +69,7 @@ pub fn read_counter(store: &dyn SharedStore, key: &str) -> u64 {
 }
 
 fn parse_counter(bytes: Option<&[u8]>) -> u64 {
-    bytes
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    bytes.and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 /// In-process store with Envoy's CAS semantics, for tests and native tools.

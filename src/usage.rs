@@ -50,24 +50,12 @@ pub fn request_facts(body: &[u8]) -> RequestFacts {
     }
     chars += text_chars(v.get("prompt")) + text_chars(v.get("input"));
     let prompt = chars.div_ceil(CHARS_PER_TOKEN).max(1);
-    let budget = v
-        .get("max_completion_tokens")
-        .or_else(|| v.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    let copies = [v.get("n"), v.get("best_of")]
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_u64)
-        .max()
-        .unwrap_or(1)
-        .max(1);
+    let budget = v.get("max_completion_tokens").or_else(|| v.get("max_tokens")).and_then(Value::as_u64).unwrap_or(0);
+    let copies =
+        [v.get("n"), v.get("best_of")].into_iter().flatten().filter_map(Value::as_u64).max().unwrap_or(1).max(1);
     RequestFacts {
         stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        include_usage: v
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        include_usage: v.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
         estimated_tokens: prompt.saturating_add(budget.saturating_mul(copies)),
         model: v.get("model").and_then(Value::as_str).map(str::to_string),
     }
@@ -228,9 +216,8 @@ impl SseScanner {
             }
             // With include_usage every chunk carries `"usage":null`; only a
             // real usage object is worth parsing.
-            let has_usage = data.contains("\"usage\"")
-                && !data.contains("\"usage\":null")
-                && !data.contains("\"usage\": null");
+            let has_usage =
+                data.contains("\"usage\"") && !data.contains("\"usage\":null") && !data.contains("\"usage\": null");
             let wants_text = self.text.len() < self.text_cap;
             if !has_usage && !wants_text && self.model.is_some() {
                 continue;
@@ -274,9 +261,7 @@ fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
     while i + 1 < hay.len() {
         match (hay.get(i), hay.get(i + 1)) {
             (Some(b'\n'), Some(b'\n')) => return Some(from + i + 2),
-            (Some(b'\r'), Some(b'\n')) if hay.get(i + 2..i + 4) == Some(b"\r\n") => {
-                return Some(from + i + 4)
-            }
+            (Some(b'\r'), Some(b'\n')) if hay.get(i + 2..i + 4) == Some(b"\r\n") => return Some(from + i + 4),
             _ => i += 1,
         }
     }
@@ -332,7 +317,8 @@ mod tests {
 
     #[test]
     fn json_answer_usage() {
-        let (u, m) = json_answer(br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
+        let (u, m) =
+            json_answer(br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
         assert_eq!(u, Some(Usage { prompt: 3, completion: 4, total: 7 }));
         assert_eq!(m.as_deref(), Some("gpt-4o"));
         assert_eq!(json_answer(b"{}").0, None);

@@ -114,11 +114,7 @@ impl RootContext for Root {
         let env = |var: &str| std::env::var(var).ok();
         match Config::parse(&bytes, Keys::Resolve(&env)) {
             Ok(config) => {
-                log::info!(
-                    "{:?} role configured with {} backends",
-                    self.role,
-                    config.backends.len()
-                );
+                log::info!("{:?} role configured with {} backends", self.role, config.backends.len());
                 self.gateway = Some(Rc::new(Gateway::new(config)));
                 if self.role == Role::Request {
                     // Refreshes the "currently throttled / open" gauges.
@@ -144,11 +140,9 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let gateway = self.gateway.clone()?;
         Some(match self.role {
-            Role::Request => Box::new(RequestFilter {
-                gateway,
-                exchange: Exchange::new(HostClock.now_ms()),
-                inspect_body: false,
-            }),
+            Role::Request => {
+                Box::new(RequestFilter { gateway, exchange: Exchange::new(HostClock.now_ms()), inspect_body: false })
+            }
             Role::Attempt => Box::new(AttemptFilter { gateway, attempt: None, answered: false }),
         })
     }
@@ -223,7 +217,8 @@ impl HttpContext for RequestFilter {
         // headers the filter reads, CLUSTER and PATH are always overwritten
         // before the request goes on; TRIED must go.
         set_request_header(header::TRIED, None);
-        let (method, path) = (request_header(":method").unwrap_or_default(), request_header(":path").unwrap_or_default());
+        let (method, path) =
+            (request_header(":method").unwrap_or_default(), request_header(":path").unwrap_or_default());
         let config = &self.gateway.config;
         let (api_key, apim_key, authorization) = if config.clients.is_empty() {
             (None, None, None)
@@ -278,11 +273,8 @@ impl HttpContext for RequestFilter {
         }
         set_response_header(header::RETRY, None);
         let status: u32 = response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-        let (content_type, backend, attempts) = (
-            response_header("content-type"),
-            response_header(header::BACKEND),
-            response_header(header::ATTEMPTS),
-        );
+        let (content_type, backend, attempts) =
+            (response_header("content-type"), response_header(header::BACKEND), response_header(header::ATTEMPTS));
         let extra = self.exchange.on_response_headers(
             &self.gateway,
             status,
@@ -345,9 +337,7 @@ impl HttpContext for AttemptFilter {
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
-        let original_path = request_header(header::PATH)
-            .or_else(|| request_header(":path"))
-            .unwrap_or_default();
+        let original_path = request_header(header::PATH).or_else(|| request_header(":path")).unwrap_or_default();
         let tried = request_header(header::TRIED);
         let gateway = Rc::clone(&self.gateway);
         let Some(plan) = gateway.plan_attempt(&HostStore, &HostClock, &cluster, &original_path, tried.as_deref())
@@ -387,11 +377,7 @@ impl HttpContext for AttemptFilter {
             &HostMetrics,
             attempt.backend,
             attempt.has_fallback,
-            &AttemptAnswer {
-                status,
-                retry_after_ms: retry_after_ms.as_deref(),
-                retry_after: retry_after.as_deref(),
-            },
+            &AttemptAnswer { status, retry_after_ms: retry_after_ms.as_deref(), retry_after: retry_after.as_deref() },
         );
         set_response_header(header::RETRY, retry.then_some("1"));
         if let Some(ms) = wait {

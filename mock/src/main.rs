@@ -39,8 +39,7 @@ struct Cli {
 }
 
 fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
-    v.parse()
-        .map_err(|_| format!("{flag}: invalid number {v:?}"))
+    v.parse().map_err(|_| format!("{flag}: invalid number {v:?}"))
 }
 
 /// Parse arguments (without the program name). `Ok(None)` means `--help`.
@@ -66,19 +65,12 @@ fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Cli>, St
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or(format!("{flag} needs a value"))
-        };
+        let mut value = || inline.clone().or_else(|| it.next()).ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--name" => cli.name = value()?,
             "--listen" => {
                 let v = value()?;
-                cli.listen = v
-                    .parse()
-                    .map_err(|_| format!("--listen: invalid address {v:?}"))?;
+                cli.listen = v.parse().map_err(|_| format!("--listen: invalid address {v:?}"))?;
             }
             "--api-key" => cli.api_key = Some(value()?),
             "--requests-per-window" => cli.requests_per_window = Some(num(&flag, &value()?)?),
@@ -86,13 +78,8 @@ fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Cli>, St
             "--window-ms" => cli.window_ms = num::<u64>(&flag, &value()?)?.max(1),
             "--deployments" => {
                 let v = value()?;
-                cli.deployments = Some(
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string)
-                        .collect(),
-                );
+                cli.deployments =
+                    Some(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect());
             }
             "--latency-ms" => cli.latency_ms = num(&flag, &value()?)?,
             "--stream-chunks" => cli.stream_chunks = num::<usize>(&flag, &value()?)?.max(1),
@@ -142,11 +129,7 @@ async fn main() {
     settings.latency_ms = cli.latency_ms;
     settings.stream_chunks = cli.stream_chunks;
     settings.stream_chunk_delay_ms = cli.stream_chunk_delay_ms;
-    let quota = Quota::new(
-        cli.requests_per_window,
-        cli.tokens_per_window,
-        cli.window_ms,
-    );
+    let quota = Quota::new(cli.requests_per_window, cli.tokens_per_window, cli.window_ms);
     let shared = Shared::new(Mock::new(settings, quota));
 
     let listener = match TcpListener::bind(cli.listen).await {
@@ -216,10 +199,7 @@ mod tests {
         assert_eq!(cli.requests_per_window, Some(3));
         assert_eq!(cli.tokens_per_window, Some(100));
         assert_eq!(cli.window_ms, 500);
-        assert_eq!(
-            cli.deployments,
-            Some(vec!["a".to_string(), "b".to_string()])
-        );
+        assert_eq!(cli.deployments, Some(vec!["a".to_string(), "b".to_string()]));
         assert_eq!(cli.latency_ms, 7);
         assert_eq!(cli.stream_chunks, 2);
         assert_eq!(cli.stream_chunk_delay_ms, 9);

@@ -69,14 +69,9 @@ pub fn parse_path(path: &str) -> Option<Route> {
             return None;
         }
         let op = Operation::from_suffix(suffix)?;
-        return Some(Route::Classic {
-            deployment: deployment.to_string(),
-            op,
-        });
+        return Some(Route::Classic { deployment: deployment.to_string(), op });
     }
-    let suffix = path
-        .strip_prefix("/openai/v1/")
-        .or_else(|| path.strip_prefix("/v1/"))?;
+    let suffix = path.strip_prefix("/openai/v1/").or_else(|| path.strip_prefix("/v1/"))?;
     Operation::from_suffix(suffix).map(|op| Route::ModelInBody { op })
 }
 
@@ -141,9 +136,7 @@ fn u64_field(body: &Value, key: &str) -> Option<u64> {
 pub fn quota_charge(op: Operation, body: &Value) -> u64 {
     match op {
         Operation::ChatCompletions | Operation::Completions => {
-            let max = u64_field(body, "max_tokens")
-                .or_else(|| u64_field(body, "max_completion_tokens"))
-                .unwrap_or(16);
+            let max = u64_field(body, "max_tokens").or_else(|| u64_field(body, "max_completion_tokens")).unwrap_or(16);
             let best_of = u64_field(body, "best_of").unwrap_or(1).max(1);
             estimate_prompt_tokens(op, body).saturating_add(max.saturating_mul(best_of))
         }
@@ -158,9 +151,7 @@ pub fn wants_stream(body: &Value) -> bool {
 }
 
 fn include_usage(body: &Value) -> bool {
-    body.pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
+    body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false)
 }
 
 /// `{"error":{"code":..,"message":..}}`
@@ -188,11 +179,7 @@ pub fn access_denied() -> Value {
 
 /// Azure's 429 body. `call_limit` selects "call rate limit" vs "token rate limit".
 pub fn rate_limited(op: Operation, api_version: &str, call_limit: bool, retry_secs: u64) -> Value {
-    let what = if call_limit {
-        "call rate limit"
-    } else {
-        "token rate limit"
-    };
+    let what = if call_limit { "call rate limit" } else { "token rate limit" };
     error_body(
         "429",
         &format!(
@@ -207,17 +194,10 @@ pub fn rate_limited(op: Operation, api_version: &str, call_limit: bool, retry_se
 }
 
 /// Body for an injected failure with `status`.
-pub fn injected_error(
-    status: u16,
-    op: Operation,
-    api_version: &str,
-    retry_after: Option<&str>,
-) -> Value {
+pub fn injected_error(status: u16, op: Operation, api_version: &str, retry_after: Option<&str>) -> Value {
     match status {
         429 => {
-            let secs = retry_after
-                .and_then(|r| r.trim().parse::<u64>().ok())
-                .unwrap_or(1);
+            let secs = retry_after.and_then(|r| r.trim().parse::<u64>().ok()).unwrap_or(1);
             rate_limited(op, api_version, true, secs)
         }
         500 => error_body(
@@ -232,10 +212,7 @@ pub fn injected_error(
         504 => error_body("GatewayTimeout", "The operation was timeout."),
         408 => error_body("Timeout", "The operation was timeout."),
         400 => error_body("BadRequest", "Injected bad request."),
-        _ => error_body(
-            &status.to_string(),
-            &format!("Injected failure (status {status})."),
-        ),
+        _ => error_body(&status.to_string(), &format!("Injected failure (status {status}).")),
     }
 }
 
@@ -253,11 +230,7 @@ pub struct Ctx<'a> {
 /// rest, so the answer always contains "Hello from NAME".
 pub fn answer_chunks(name: &str, n: usize) -> Vec<String> {
     let n = n.max(1);
-    let base = [
-        "Hello ".to_string(),
-        "from ".to_string(),
-        format!("{name} "),
-    ];
+    let base = ["Hello ".to_string(), "from ".to_string(), format!("{name} ")];
     let mut out: Vec<String> = Vec::with_capacity(n.max(3));
     for (i, piece) in base.into_iter().enumerate() {
         if i < n {
@@ -327,18 +300,12 @@ fn input_count(body: &Value) -> usize {
 
 /// Embeddings response: one 8-float vector per input item (deterministic per backend).
 pub fn embeddings(ctx: &Ctx, body: &Value, prompt_tokens: u64) -> Value {
-    let seed = ctx
-        .name
-        .bytes()
-        .fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let seed = ctx.name.bytes().fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
     let data: Vec<Value> = (0..input_count(body))
         .map(|i| {
             let v: Vec<f64> = (0..8u64)
                 .map(|j| {
-                    let x = seed
-                        .wrapping_add((i as u64) * 8 + j)
-                        .wrapping_mul(2_654_435_761)
-                        % 2000;
+                    let x = seed.wrapping_add((i as u64) * 8 + j).wrapping_mul(2_654_435_761) % 2000;
                     (x as f64) / 1000.0 - 1.0
                 })
                 .collect();
@@ -426,10 +393,7 @@ pub fn chat_stream(ctx: &Ctx, body: &Value, prompt_tokens: u64, chunks: usize) -
         sse_event(&v)
     };
     let mut plan = StreamPlan {
-        head: vec![chunk(
-            json!({"role": "assistant", "content": ""}),
-            Value::Null,
-        )],
+        head: vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)],
         content: answer_chunks(ctx.name, chunks)
             .into_iter()
             .map(|c| chunk(json!({"content": c}), Value::Null))
@@ -475,10 +439,7 @@ pub fn completion_stream(ctx: &Ctx, body: &Value, prompt_tokens: u64, chunks: us
     };
     let mut plan = StreamPlan {
         head: vec![],
-        content: answer_chunks(ctx.name, chunks)
-            .iter()
-            .map(|c| chunk(c, Value::Null))
-            .collect(),
+        content: answer_chunks(ctx.name, chunks).iter().map(|c| chunk(c, Value::Null)).collect(),
         tail: vec![chunk("", json!("stop"))],
     };
     finish_stream(&mut plan, with_usage, &id, "text_completion", ctx, usage(prompt_tokens, chunks as u64));
@@ -490,60 +451,36 @@ mod tests {
     use super::*;
 
     fn ctx() -> Ctx<'static> {
-        Ctx {
-            name: "eastus",
-            id: 7,
-            created: 1_700_000_000,
-            model: "gpt-4o",
-        }
+        Ctx { name: "eastus", id: 7, created: 1_700_000_000, model: "gpt-4o" }
     }
 
     /// Parse an SSE byte stream into its `data:` payloads.
     fn events(plan: &StreamPlan) -> Vec<String> {
         let all: Vec<u8> = plan.all().flat_map(|b| b.iter().copied()).collect();
         let text = String::from_utf8(all).unwrap();
-        text.split("\n\n")
-            .filter(|e| !e.is_empty())
-            .map(|e| e.strip_prefix("data: ").unwrap().to_string())
-            .collect()
+        text.split("\n\n").filter(|e| !e.is_empty()).map(|e| e.strip_prefix("data: ").unwrap().to_string()).collect()
     }
 
     #[test]
     fn paths() {
         assert_eq!(
             parse_path("/openai/deployments/gpt4o/chat/completions"),
-            Some(Route::Classic {
-                deployment: "gpt4o".into(),
-                op: Operation::ChatCompletions
-            })
+            Some(Route::Classic { deployment: "gpt4o".into(), op: Operation::ChatCompletions })
         );
         assert_eq!(
             parse_path("/openai/deployments/emb/embeddings"),
-            Some(Route::Classic {
-                deployment: "emb".into(),
-                op: Operation::Embeddings
-            })
+            Some(Route::Classic { deployment: "emb".into(), op: Operation::Embeddings })
         );
         assert_eq!(
             parse_path("/openai/deployments/d/images/generations").map(|r| r.op()),
             Some(Operation::ImageGenerations)
         );
-        assert_eq!(
-            parse_path("/openai/deployments/d/completions").map(|r| r.op()),
-            Some(Operation::Completions)
-        );
+        assert_eq!(parse_path("/openai/deployments/d/completions").map(|r| r.op()), Some(Operation::Completions));
         assert_eq!(
             parse_path("/openai/v1/chat/completions"),
-            Some(Route::ModelInBody {
-                op: Operation::ChatCompletions
-            })
+            Some(Route::ModelInBody { op: Operation::ChatCompletions })
         );
-        assert_eq!(
-            parse_path("/v1/embeddings"),
-            Some(Route::ModelInBody {
-                op: Operation::Embeddings
-            })
-        );
+        assert_eq!(parse_path("/v1/embeddings"), Some(Route::ModelInBody { op: Operation::Embeddings }));
         assert_eq!(parse_path("/openai/deployments//chat/completions"), None);
         assert_eq!(parse_path("/openai/deployments/d/chat"), None);
         assert_eq!(parse_path("/v2/chat/completions"), None);
@@ -553,10 +490,7 @@ mod tests {
 
     #[test]
     fn query() {
-        assert_eq!(
-            query_param("api-version=2024-10-21", "api-version"),
-            Some("2024-10-21")
-        );
+        assert_eq!(query_param("api-version=2024-10-21", "api-version"), Some("2024-10-21"));
         assert_eq!(query_param("a=1&api-version=x&b", "api-version"), Some("x"));
         assert_eq!(query_param("b", "b"), Some(""));
         assert_eq!(query_param("", "api-version"), None);
@@ -572,13 +506,11 @@ mod tests {
         // 9 chars -> ceil(9/4) = 3
         assert_eq!(estimate_prompt_tokens(Operation::ChatCompletions, &chat), 3);
         assert_eq!(quota_charge(Operation::ChatCompletions, &chat), 3 + 16);
-        let chat2 = json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100, "best_of": 3});
+        let chat2 =
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100, "best_of": 3});
         assert_eq!(quota_charge(Operation::ChatCompletions, &chat2), 1 + 300);
         let chat3 = json!({"messages": [], "max_tokens": 5, "max_completion_tokens": 100});
-        assert_eq!(
-            estimate_prompt_tokens(Operation::ChatCompletions, &chat3),
-            1
-        );
+        assert_eq!(estimate_prompt_tokens(Operation::ChatCompletions, &chat3), 1);
         assert_eq!(quota_charge(Operation::ChatCompletions, &chat3), 6);
 
         let comp = json!({"prompt": ["12345678", "1"], "max_tokens": 10});
@@ -588,27 +520,15 @@ mod tests {
         let emb = json!({"input": "a".repeat(17)});
         assert_eq!(quota_charge(Operation::Embeddings, &emb), 5);
         let emb_tokens = json!({"input": [[1, 2, 3], [4, 5]]});
-        assert_eq!(
-            estimate_prompt_tokens(Operation::Embeddings, &emb_tokens),
-            5
-        );
-        assert_eq!(
-            quota_charge(Operation::ImageGenerations, &json!({"prompt": "a cat"})),
-            0
-        );
+        assert_eq!(estimate_prompt_tokens(Operation::Embeddings, &emb_tokens), 5);
+        assert_eq!(quota_charge(Operation::ImageGenerations, &json!({"prompt": "a cat"})), 0);
         // Multi-byte characters count as characters, not bytes.
-        assert_eq!(
-            estimate_prompt_tokens(Operation::Embeddings, &json!({"input": "ééééé"})),
-            2
-        );
+        assert_eq!(estimate_prompt_tokens(Operation::Embeddings, &json!({"input": "ééééé"})), 2);
     }
 
     #[test]
     fn answer_splitting() {
-        assert_eq!(
-            answer_chunks("x", 5),
-            vec!["Hello ", "from ", "x ", "part3 ", "part4 "]
-        );
+        assert_eq!(answer_chunks("x", 5), vec!["Hello ", "from ", "x ", "part3 ", "part4 "]);
         assert_eq!(answer_chunks("x", 1), vec!["Hello from x "]);
         assert_eq!(answer_chunks("x", 2), vec!["Hello ", "from x "]);
         assert_eq!(answer_text("x", 3), "Hello from x");
@@ -621,15 +541,9 @@ mod tests {
         assert_eq!(v["id"], "chatcmpl-mock-7");
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["model"], "gpt-4o");
-        assert_eq!(
-            v["choices"][0]["message"]["content"],
-            "Hello from eastus part3 part4"
-        );
+        assert_eq!(v["choices"][0]["message"]["content"], "Hello from eastus part3 part4");
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
-        assert_eq!(
-            v["usage"],
-            json!({"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9})
-        );
+        assert_eq!(v["usage"], json!({"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}));
     }
 
     #[test]
@@ -640,24 +554,11 @@ mod tests {
         let ev = events(&plan);
         assert_eq!(ev.len(), 1 + 5 + 1 + 1);
         assert_eq!(ev.last().unwrap(), "[DONE]");
-        let parsed: Vec<Value> = ev[..ev.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect();
-        assert_eq!(
-            parsed[0]["choices"][0]["delta"],
-            json!({"role": "assistant", "content": ""})
-        );
+        let parsed: Vec<Value> = ev[..ev.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        assert_eq!(parsed[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
         assert!(parsed[0].get("usage").is_none());
-        let text: String = parsed[1..6]
-            .iter()
-            .map(|p| {
-                p["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
+        let text: String =
+            parsed[1..6].iter().map(|p| p["choices"][0]["delta"]["content"].as_str().unwrap().to_string()).collect();
         assert_eq!(text, "Hello from eastus part3 part4 ");
         assert_eq!(parsed[6]["choices"][0]["delta"], json!({}));
         assert_eq!(parsed[6]["choices"][0]["finish_reason"], "stop");
@@ -673,20 +574,14 @@ mod tests {
         let plan = chat_stream(&ctx(), &body, 4, 3);
         let ev = events(&plan);
         assert_eq!(ev.len(), 1 + 3 + 1 + 1 + 1);
-        let parsed: Vec<Value> = ev[..ev.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect();
+        let parsed: Vec<Value> = ev[..ev.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
         for p in &parsed[..parsed.len() - 1] {
             assert_eq!(p["usage"], Value::Null);
             assert!(p.get("usage").is_some());
         }
         let last = parsed.last().unwrap();
         assert_eq!(last["choices"], json!([]));
-        assert_eq!(
-            last["usage"],
-            json!({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7})
-        );
+        assert_eq!(last["usage"], json!({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}));
     }
 
     #[test]
@@ -712,39 +607,17 @@ mod tests {
         assert_eq!(v["data"][2]["index"], 2);
         assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 8);
         assert_eq!(v["usage"], json!({"prompt_tokens": 3, "total_tokens": 3}));
-        assert_eq!(
-            embeddings(&ctx(), &json!({"input": [1, 2, 3]}), 3)["data"]
-                .as_array()
-                .unwrap()
-                .len(),
-            1
-        );
-        assert_eq!(
-            embeddings(&ctx(), &json!({"input": "x"}), 1)["data"]
-                .as_array()
-                .unwrap()
-                .len(),
-            1
-        );
+        assert_eq!(embeddings(&ctx(), &json!({"input": [1, 2, 3]}), 3)["data"].as_array().unwrap().len(), 1);
+        assert_eq!(embeddings(&ctx(), &json!({"input": "x"}), 1)["data"].as_array().unwrap().len(), 1);
     }
 
     #[test]
     fn images_shape() {
         let v = images(&ctx(), &json!({"prompt": "a cat", "n": 2}), 10);
-        assert_eq!(
-            v["data"][0]["url"],
-            "https://mock.invalid/eastus/image-10.png"
-        );
-        assert_eq!(
-            v["data"][1]["url"],
-            "https://mock.invalid/eastus/image-11.png"
-        );
+        assert_eq!(v["data"][0]["url"], "https://mock.invalid/eastus/image-10.png");
+        assert_eq!(v["data"][1]["url"], "https://mock.invalid/eastus/image-11.png");
         assert_eq!(v["data"][0]["revised_prompt"], "a cat (by eastus)");
-        let v = images(
-            &ctx(),
-            &json!({"prompt": "p", "response_format": "b64_json"}),
-            1,
-        );
+        let v = images(&ctx(), &json!({"prompt": "p", "response_format": "b64_json"}), 1);
         assert_eq!(v["data"][0]["b64_json"], TINY_PNG_B64);
         assert!(v["data"][0].get("url").is_none());
     }
@@ -757,17 +630,8 @@ mod tests {
         assert!(m.contains("Please retry after 7 seconds."));
         assert_eq!(v["error"]["code"], "429");
         let v = rate_limited(Operation::Embeddings, "x", true, 1);
-        assert!(v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("exceeded call rate limit"));
-        assert_eq!(
-            injected_error(500, Operation::ChatCompletions, "x", None)["error"]["code"],
-            "InternalServerError"
-        );
-        assert_eq!(
-            injected_error(418, Operation::ChatCompletions, "x", None)["error"]["code"],
-            "418"
-        );
+        assert!(v["error"]["message"].as_str().unwrap().contains("exceeded call rate limit"));
+        assert_eq!(injected_error(500, Operation::ChatCompletions, "x", None)["error"]["code"], "InternalServerError");
+        assert_eq!(injected_error(418, Operation::ChatCompletions, "x", None)["error"]["code"], "418");
     }
 }

@@ -48,11 +48,7 @@ pub struct Quota {
 }
 
 impl Quota {
-    pub fn new(
-        requests_per_window: Option<u64>,
-        tokens_per_window: Option<u64>,
-        window_ms: u64,
-    ) -> Self {
+    pub fn new(requests_per_window: Option<u64>, tokens_per_window: Option<u64>, window_ms: u64) -> Self {
         Quota {
             requests_per_window,
             tokens_per_window,
@@ -82,12 +78,8 @@ impl Quota {
     pub fn remaining(&mut self, now_ms: u64) -> Remaining {
         self.roll(now_ms);
         Remaining {
-            requests: self
-                .requests_per_window
-                .map(|l| l.saturating_sub(self.used_requests)),
-            tokens: self
-                .tokens_per_window
-                .map(|l| l.saturating_sub(self.used_tokens)),
+            requests: self.requests_per_window.map(|l| l.saturating_sub(self.used_requests)),
+            tokens: self.tokens_per_window.map(|l| l.saturating_sub(self.used_tokens)),
         }
     }
 
@@ -96,24 +88,13 @@ impl Quota {
     pub fn try_admit(&mut self, now_ms: u64, tokens: u64) -> Result<Remaining, Rejection> {
         self.roll(now_ms);
         let start = *self.window_start.get_or_insert(now_ms);
-        let over_requests = self
-            .requests_per_window
-            .is_some_and(|l| self.used_requests.saturating_add(1) > l);
-        let over_tokens = self
-            .tokens_per_window
-            .is_some_and(|l| self.used_tokens.saturating_add(tokens) > l);
+        let over_requests = self.requests_per_window.is_some_and(|l| self.used_requests.saturating_add(1) > l);
+        let over_tokens = self.tokens_per_window.is_some_and(|l| self.used_tokens.saturating_add(tokens) > l);
         if over_requests || over_tokens {
-            let reset_in_ms = start
-                .saturating_add(self.window_ms)
-                .saturating_sub(now_ms)
-                .max(1);
+            let reset_in_ms = start.saturating_add(self.window_ms).saturating_sub(now_ms).max(1);
             let remaining = self.remaining(now_ms);
             return Err(Rejection {
-                kind: if over_requests {
-                    LimitKind::Requests
-                } else {
-                    LimitKind::Tokens
-                },
+                kind: if over_requests { LimitKind::Requests } else { LimitKind::Tokens },
                 reset_in_ms,
                 remaining,
             });
@@ -176,36 +157,12 @@ mod tests {
     fn reset_and_remaining() {
         let mut q = Quota::new(Some(3), Some(30), 1000);
         q.try_admit(0, 10).unwrap();
-        assert_eq!(
-            q.remaining(10),
-            Remaining {
-                requests: Some(2),
-                tokens: Some(20)
-            }
-        );
+        assert_eq!(q.remaining(10), Remaining { requests: Some(2), tokens: Some(20) });
         q.reset();
-        assert_eq!(
-            q.remaining(20),
-            Remaining {
-                requests: Some(3),
-                tokens: Some(30)
-            }
-        );
+        assert_eq!(q.remaining(20), Remaining { requests: Some(3), tokens: Some(30) });
         // Window expiry also refills.
         q.try_admit(20, 30).unwrap();
-        assert_eq!(
-            q.remaining(1019),
-            Remaining {
-                requests: Some(2),
-                tokens: Some(0)
-            }
-        );
-        assert_eq!(
-            q.remaining(1020),
-            Remaining {
-                requests: Some(3),
-                tokens: Some(30)
-            }
-        );
+        assert_eq!(q.remaining(1019), Remaining { requests: Some(2), tokens: Some(0) });
+        assert_eq!(q.remaining(1020), Remaining { requests: Some(3), tokens: Some(30) });
     }
 }

@@ -50,13 +50,8 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(mock: Mock) -> Arc<Self> {
-        let name =
-            HeaderValue::from_str(&mock.settings.name).unwrap_or(HeaderValue::from_static("mock"));
-        Arc::new(Shared {
-            mock: Mutex::new(mock),
-            epoch: Instant::now(),
-            name,
-        })
+        let name = HeaderValue::from_str(&mock.settings.name).unwrap_or(HeaderValue::from_static("mock"));
+        Arc::new(Shared { mock: Mutex::new(mock), epoch: Instant::now(), name })
     }
 
     fn lock(&self) -> MutexGuard<'_, Mock> {
@@ -80,10 +75,7 @@ impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
@@ -132,9 +124,7 @@ fn stream_response(shared: &Shared, plan: StreamPlan, delay_ms: u64) -> Response
 }
 
 fn unix_now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 fn header_map(req: &Request<Incoming>) -> BTreeMap<String, String> {
@@ -156,17 +146,11 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |req| handle(Arc::clone(&shared), req));
     // Errors here are client disconnects or injected resets.
-    let _ = http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+    let _ = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service).await;
 }
 
 /// The hyper service function.
-pub async fn handle(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ResetConnection> {
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ResetConnection> {
     let ts_ms = u64::try_from(unix_now().as_millis()).unwrap_or(0);
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
@@ -176,9 +160,7 @@ pub async fn handle(
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                 let err = openai::error_body("RequestEntityTooLarge", "Request body too large.");
                 return Ok(json_response(&shared, 413, &err));
             }
@@ -191,14 +173,7 @@ pub async fn handle(
         return Ok(control(&shared, &method, cmd, &body));
     }
 
-    let info = RequestInfo {
-        ts_ms,
-        method,
-        path,
-        query,
-        headers,
-        body,
-    };
+    let info = RequestInfo { ts_ms, method, path, query, headers, body };
     let now_ms = shared.now_ms();
     let outcome = shared.lock().handle(info, now_ms, unix_now().as_secs());
     match outcome {
@@ -212,8 +187,7 @@ pub async fn handle(
                 ReplyBody::Json(v) => json_response(&shared, reply.status, &v),
                 ReplyBody::Stream(plan) => stream_response(&shared, plan, reply.stream_delay_ms),
             };
-            *resp.status_mut() =
-                StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             for (name, value) in reply.headers {
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     resp.headers_mut().insert(name, v);
@@ -304,11 +278,7 @@ mod tests {
         let mut tmp = [0u8; 4096];
         loop {
             let n = s.read(&mut tmp).await.unwrap();
-            assert!(
-                n > 0,
-                "connection closed early: {:?}",
-                String::from_utf8_lossy(&buf)
-            );
+            assert!(n > 0, "connection closed early: {:?}", String::from_utf8_lossy(&buf));
             buf.extend_from_slice(&tmp[..n]);
             let text = String::from_utf8_lossy(&buf).to_string();
             if let Some((head, body)) = text.split_once("\r\n\r\n") {
@@ -331,23 +301,15 @@ mod tests {
         let addr = start(Settings::new("eastus")).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         for _ in 0..2 {
-            s.write_all(post(CHAT, r#"{"messages":[]}"#).as_bytes())
-                .await
-                .unwrap();
+            s.write_all(post(CHAT, r#"{"messages":[]}"#).as_bytes()).await.unwrap();
             let r = read_response(&mut s).await;
             assert!(r.starts_with("HTTP/1.1 200"), "{r}");
             assert!(r.contains("x-mock-backend: eastus"));
             assert!(r.contains("Hello from eastus"));
         }
-        s.write_all(post("/_mock/config", r#"{"fail_next":[{"reset":true}]}"#).as_bytes())
-            .await
-            .unwrap();
-        assert!(read_response(&mut s)
-            .await
-            .contains("\"fail_next_pending\":1"));
-        s.write_all(post(CHAT, r#"{"messages":[]}"#).as_bytes())
-            .await
-            .unwrap();
+        s.write_all(post("/_mock/config", r#"{"fail_next":[{"reset":true}]}"#).as_bytes()).await.unwrap();
+        assert!(read_response(&mut s).await.contains("\"fail_next_pending\":1"));
+        s.write_all(post(CHAT, r#"{"messages":[]}"#).as_bytes()).await.unwrap();
         let mut rest = Vec::new();
         // The server closes without a response (EOF, or a reset error).
         let _ = s.read_to_end(&mut rest).await;
@@ -361,9 +323,7 @@ mod tests {
         settings.stream_chunk_delay_ms = 60;
         let addr = start(settings).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(post(CHAT, r#"{"messages":[],"stream":true}"#).as_bytes())
-            .await
-            .unwrap();
+        s.write_all(post(CHAT, r#"{"messages":[],"stream":true}"#).as_bytes()).await.unwrap();
         let started = Instant::now();
         let mut all = Vec::new();
         let mut first_content_at = None;
@@ -382,10 +342,7 @@ mod tests {
         assert!(text.contains("content-type: text/event-stream"));
         assert!(text.contains("west "));
         // 3 delayed chunks of 60 ms; the first arrives only after one delay.
-        assert!(
-            first_content_at.unwrap() >= Duration::from_millis(50),
-            "{first_content_at:?}"
-        );
+        assert!(first_content_at.unwrap() >= Duration::from_millis(50), "{first_content_at:?}");
         assert!(total >= Duration::from_millis(170), "{total:?}");
     }
 }

@@ -48,11 +48,7 @@ impl Settings {
 pub enum Fault {
     /// Answer with this status and an Azure-style error body.
     /// A status below 400 means "no fault": the request is served normally.
-    Status {
-        status: u16,
-        retry_after: Option<String>,
-        retry_after_ms: Option<String>,
-    },
+    Status { status: u16, retry_after: Option<String>, retry_after_ms: Option<String> },
     /// Close the connection without any response.
     Reset,
 }
@@ -138,9 +134,7 @@ fn authorized(key: &str, headers: &BTreeMap<String, String>) -> bool {
         return true;
     }
     headers.get("authorization").is_some_and(|v| {
-        v.split_once(' ').is_some_and(|(scheme, token)| {
-            scheme.eq_ignore_ascii_case("bearer") && token.trim() == key
-        })
+        v.split_once(' ').is_some_and(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer") && token.trim() == key)
     })
 }
 
@@ -195,9 +189,7 @@ impl Mock {
 
     /// Apply a `/_mock/config` body. Validates everything before changing anything.
     pub fn apply_config(&mut self, body: &Value) -> Result<(), String> {
-        let obj = body
-            .as_object()
-            .ok_or("config body must be a JSON object")?;
+        let obj = body.as_object().ok_or("config body must be a JSON object")?;
         let mut settings = self.settings.clone();
         let mut quota = self.quota.clone();
         let mut faults = Vec::new();
@@ -267,20 +259,11 @@ impl Mock {
         Ok(())
     }
 
-    fn record(
-        &mut self,
-        req: RequestInfo,
-        parsed: Option<&Value>,
-        deployment: Option<String>,
-        status: u16,
-    ) {
+    fn record(&mut self, req: RequestInfo, parsed: Option<&Value>, deployment: Option<String>, status: u16) {
         self.total += 1;
         *self.by_status.entry(status.to_string()).or_insert(0) += 1;
-        let body_json = if req.body.len() <= MAX_STORED_BODY {
-            parsed.cloned().unwrap_or(Value::Null)
-        } else {
-            Value::Null
-        };
+        let body_json =
+            if req.body.len() <= MAX_STORED_BODY { parsed.cloned().unwrap_or(Value::Null) } else { Value::Null };
         let stream = parsed.is_some_and(openai::wants_stream);
         if self.records.len() >= MAX_RECORDS {
             self.records.pop_front();
@@ -326,19 +309,13 @@ impl Mock {
             _ => reply!(404, openai::resource_not_found(), None),
         };
         let op = route.op();
-        let api_version = openai::query_param(&req.query, "api-version")
-            .filter(|v| !v.is_empty())
-            .map(str::to_string);
-        let api_version_text = api_version
-            .clone()
-            .unwrap_or_else(|| openai::DEFAULT_API_VERSION.into());
+        let api_version = openai::query_param(&req.query, "api-version").filter(|v| !v.is_empty()).map(str::to_string);
+        let api_version_text = api_version.clone().unwrap_or_else(|| openai::DEFAULT_API_VERSION.into());
         let deployment: Option<String> = match &route {
             Route::Classic { deployment, .. } => Some(deployment.clone()),
-            Route::ModelInBody { .. } => parsed
-                .as_ref()
-                .and_then(|b| b.get("model"))
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            Route::ModelInBody { .. } => {
+                parsed.as_ref().and_then(|b| b.get("model")).and_then(Value::as_str).map(str::to_string)
+            }
         };
 
         // Every data-plane response reports the remaining quota; admission
@@ -350,11 +327,7 @@ impl Mock {
                 self.record(req, parsed.as_ref(), deployment, 0);
                 return Outcome::Reset { latency_ms };
             }
-            Some(Fault::Status {
-                status,
-                retry_after,
-                retry_after_ms,
-            }) if status >= 400 => {
+            Some(Fault::Status { status, retry_after, retry_after_ms }) if status >= 400 => {
                 remaining_headers(before, &mut headers);
                 headers.push(("x-mock-injected", "true".into()));
                 if let Some(r) = &retry_after {
@@ -363,8 +336,7 @@ impl Mock {
                 if let Some(r) = retry_after_ms {
                     headers.push(("retry-after-ms", r));
                 }
-                let body =
-                    openai::injected_error(status, op, &api_version_text, retry_after.as_deref());
+                let body = openai::injected_error(status, op, &api_version_text, retry_after.as_deref());
                 reply!(status, body, deployment)
             }
             _ => {}
@@ -396,11 +368,7 @@ impl Mock {
             ),
         };
         let Some(model) = deployment.clone() else {
-            reply!(
-                400,
-                openai::error_body("BadRequest", "you must provide a model parameter"),
-                None
-            )
+            reply!(400, openai::error_body("BadRequest", "you must provide a model parameter"), None)
         };
         if let Some(list) = &self.settings.deployments {
             if !list.iter().any(|d| d == &model) {
@@ -422,12 +390,7 @@ impl Mock {
                     headers.push(("retry-after", secs.to_string()));
                     headers.push(("retry-after-ms", rej.reset_in_ms.to_string()));
                 }
-                let err = openai::rate_limited(
-                    op,
-                    &api_version_text,
-                    rej.kind == LimitKind::Requests,
-                    secs,
-                );
+                let err = openai::rate_limited(op, &api_version_text, rej.kind == LimitKind::Requests, secs);
                 reply!(429, err, deployment)
             }
         }
@@ -436,27 +399,14 @@ impl Mock {
         self.next_id += 1;
         let name = self.settings.name.clone();
         let chunks = self.settings.stream_chunks.max(1);
-        let ctx = Ctx {
-            name: &name,
-            id,
-            created: unix_s,
-            model: &model,
-        };
+        let ctx = Ctx { name: &name, id, created: unix_s, model: &model };
         let prompt = openai::estimate_prompt_tokens(op, &body);
         let stream = op.can_stream() && openai::wants_stream(&body);
         let reply_body = match (op, stream) {
-            (Operation::ChatCompletions, true) => {
-                ReplyBody::Stream(openai::chat_stream(&ctx, &body, prompt, chunks))
-            }
-            (Operation::ChatCompletions, false) => {
-                ReplyBody::Json(openai::chat_completion(&ctx, prompt, chunks))
-            }
-            (Operation::Completions, true) => {
-                ReplyBody::Stream(openai::completion_stream(&ctx, &body, prompt, chunks))
-            }
-            (Operation::Completions, false) => {
-                ReplyBody::Json(openai::text_completion(&ctx, prompt, chunks))
-            }
+            (Operation::ChatCompletions, true) => ReplyBody::Stream(openai::chat_stream(&ctx, &body, prompt, chunks)),
+            (Operation::ChatCompletions, false) => ReplyBody::Json(openai::chat_completion(&ctx, prompt, chunks)),
+            (Operation::Completions, true) => ReplyBody::Stream(openai::completion_stream(&ctx, &body, prompt, chunks)),
+            (Operation::Completions, false) => ReplyBody::Json(openai::text_completion(&ctx, prompt, chunks)),
             (Operation::Embeddings, _) => ReplyBody::Json(openai::embeddings(&ctx, &body, prompt)),
             (Operation::ImageGenerations, _) => {
                 let first = self.next_image;
@@ -465,27 +415,18 @@ impl Mock {
             }
         };
         self.record(req, parsed.as_ref(), deployment, 200);
-        Outcome::Reply(Reply {
-            status: 200,
-            headers,
-            body: reply_body,
-            latency_ms,
-            stream_delay_ms,
-        })
+        Outcome::Reply(Reply { status: 200, headers, body: reply_body, latency_ms, stream_delay_ms })
     }
 }
 
 fn req_u64(key: &str, v: &Value) -> Result<u64, String> {
-    v.as_u64()
-        .ok_or_else(|| format!("{key} must be a non-negative integer"))
+    v.as_u64().ok_or_else(|| format!("{key} must be a non-negative integer"))
 }
 
 fn opt_u64(key: &str, v: &Value) -> Result<Option<u64>, String> {
     match v {
         Value::Null => Ok(None),
-        _ => req_u64(key, v)
-            .map(Some)
-            .map_err(|e| format!("{e} or null")),
+        _ => req_u64(key, v).map(Some).map_err(|e| format!("{e} or null")),
     }
 }
 
@@ -502,10 +443,7 @@ fn header_value(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, S
 fn parse_fault(v: &Value) -> Result<Fault, String> {
     let obj = v.as_object().ok_or("fail_next entries must be objects")?;
     for k in obj.keys() {
-        if !matches!(
-            k.as_str(),
-            "status" | "reset" | "retry_after" | "retry_after_ms"
-        ) {
+        if !matches!(k.as_str(), "status" | "reset" | "retry_after" | "retry_after_ms") {
             return Err(format!("unknown fail_next key: {k}"));
         }
     }
@@ -533,9 +471,7 @@ mod tests {
     }
 
     fn req(path_and_query: &str, body: Value) -> RequestInfo {
-        let (path, query) = path_and_query
-            .split_once('?')
-            .unwrap_or((path_and_query, ""));
+        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
         RequestInfo {
             ts_ms: 1,
             method: "POST".into(),
@@ -560,10 +496,7 @@ mod tests {
     }
 
     fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
-        r.headers
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
+        r.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
     }
 
     fn json_body(r: &Reply) -> &Value {
@@ -580,10 +513,7 @@ mod tests {
         assert_eq!(r.status, 200);
         let v = json_body(&r);
         assert_eq!(v["model"], "gpt4o");
-        assert_eq!(
-            v["choices"][0]["message"]["content"],
-            "Hello from eastus part3 part4"
-        );
+        assert_eq!(v["choices"][0]["message"]["content"], "Hello from eastus part3 part4");
         assert_eq!(v["usage"]["prompt_tokens"], 2);
         assert!(r.headers.is_empty(), "no limits -> no ratelimit headers");
         let s = m.stats_json();
@@ -601,15 +531,8 @@ mod tests {
     #[test]
     fn routing_errors() {
         let mut m = mock();
-        let r = reply(m.handle(
-            req("/openai/deployments/gpt4o/chat/completions", chat_body()),
-            0,
-            0,
-        ));
-        assert_eq!(
-            (r.status, json_body(&r)),
-            (404, &openai::resource_not_found())
-        );
+        let r = reply(m.handle(req("/openai/deployments/gpt4o/chat/completions", chat_body()), 0, 0));
+        assert_eq!((r.status, json_body(&r)), (404, &openai::resource_not_found()));
         let r = reply(m.handle(req("/nope", chat_body()), 0, 0));
         assert_eq!(r.status, 404);
         let mut get = req(CHAT, chat_body());
@@ -623,14 +546,7 @@ mod tests {
         // v1 routes take the deployment from the body.
         let r = reply(m.handle(req("/v1/chat/completions", json!({"messages": []})), 0, 0));
         assert_eq!(r.status, 400);
-        let r = reply(m.handle(
-            req(
-                "/openai/v1/chat/completions",
-                json!({"model": "m1", "messages": []}),
-            ),
-            0,
-            0,
-        ));
+        let r = reply(m.handle(req("/openai/v1/chat/completions", json!({"model": "m1", "messages": []})), 0, 0));
         assert_eq!(r.status, 200);
         assert_eq!(json_body(&r)["model"], "m1");
         assert_eq!(m.stats_json()["by_status"]["404"], 3);
@@ -641,14 +557,7 @@ mod tests {
         let mut m = mock();
         m.settings.deployments = Some(vec!["gpt4o".into()]);
         assert_eq!(reply(m.handle(req(CHAT, chat_body()), 0, 0)).status, 200);
-        let r = reply(m.handle(
-            req(
-                "/openai/deployments/other/chat/completions?api-version=1",
-                chat_body(),
-            ),
-            0,
-            0,
-        ));
+        let r = reply(m.handle(req("/openai/deployments/other/chat/completions?api-version=1", chat_body()), 0, 0));
         assert_eq!(r.status, 404);
         assert_eq!(json_body(&r)["error"]["code"], "DeploymentNotFound");
         let r = reply(m.handle(req("/v1/chat/completions", json!({"model": "other"})), 0, 0));
@@ -666,22 +575,17 @@ mod tests {
         ok.headers.insert("api-key".into(), "k1".into());
         assert_eq!(reply(m.handle(ok, 0, 0)).status, 200);
         let mut ok = req(CHAT, chat_body());
-        ok.headers
-            .insert("authorization".into(), "Bearer k1".into());
+        ok.headers.insert("authorization".into(), "Bearer k1".into());
         assert_eq!(reply(m.handle(ok, 0, 0)).status, 200);
         let mut bad = req(CHAT, chat_body());
-        bad.headers
-            .insert("authorization".into(), "Bearer k2".into());
+        bad.headers.insert("authorization".into(), "Bearer k2".into());
         assert_eq!(reply(m.handle(bad, 0, 0)).status, 401);
     }
 
     #[test]
     fn quota_429_and_headers() {
         let mut m = mock();
-        m.apply_config(
-            &json!({"requests_per_window": 2, "tokens_per_window": 1000, "window_ms": 10_000}),
-        )
-        .unwrap();
+        m.apply_config(&json!({"requests_per_window": 2, "tokens_per_window": 1000, "window_ms": 10_000})).unwrap();
         // charge = 2 prompt + 10 max_tokens = 12
         let r = reply(m.handle(req(CHAT, chat_body()), 1000, 0));
         assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("1"));
@@ -693,19 +597,10 @@ mod tests {
         assert_eq!(header(&r, "retry-after"), Some("8"));
         assert_eq!(header(&r, "retry-after-ms"), Some("7500"));
         assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), Some("976"));
-        let msg = json_body(&r)["error"]["message"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        assert!(
-            msg.contains("call rate limit") && msg.contains("retry after 8 seconds"),
-            "{msg}"
-        );
+        let msg = json_body(&r)["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains("call rate limit") && msg.contains("retry after 8 seconds"), "{msg}");
         // Window resets.
-        assert_eq!(
-            reply(m.handle(req(CHAT, chat_body()), 11_000, 0)).status,
-            200
-        );
+        assert_eq!(reply(m.handle(req(CHAT, chat_body()), 11_000, 0)).status, 200);
 
         // Token limit, and "omit" mode.
         m.apply_config(&json!({"requests_per_window": null, "tokens_per_window": 20, "retry_after_header": "omit"}))
@@ -716,10 +611,7 @@ mod tests {
         assert!(header(&r, "retry-after").is_none());
         assert!(header(&r, "x-ratelimit-remaining-requests").is_none());
         assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), Some("8"));
-        assert!(json_body(&r)["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("token rate limit"));
+        assert!(json_body(&r)["error"]["message"].as_str().unwrap().contains("token rate limit"));
         assert_eq!(m.stats_json()["by_status"]["429"], 2);
     }
 
@@ -737,18 +629,12 @@ mod tests {
         let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
         assert_eq!(r.status, 500);
         assert_eq!(json_body(&r)["error"]["code"], "InternalServerError");
-        assert!(matches!(
-            m.handle(req(CHAT, chat_body()), 0, 0),
-            Outcome::Reset { .. }
-        ));
+        assert!(matches!(m.handle(req(CHAT, chat_body()), 0, 0), Outcome::Reset { .. }));
         let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
         assert_eq!(r.status, 429);
         assert_eq!(header(&r, "retry-after"), Some("3"));
         assert_eq!(header(&r, "retry-after-ms"), Some("2500"));
-        assert!(json_body(&r)["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("retry after 3 seconds"));
+        assert!(json_body(&r)["error"]["message"].as_str().unwrap().contains("retry after 3 seconds"));
         assert_eq!(reply(m.handle(req(CHAT, chat_body()), 0, 0)).status, 200);
         assert_eq!(reply(m.handle(req(CHAT, chat_body()), 0, 0)).status, 200);
         let s = m.stats_json();
@@ -763,20 +649,13 @@ mod tests {
     #[test]
     fn config_validation_is_atomic() {
         let mut m = mock();
-        assert!(m
-            .apply_config(&json!({"latency_ms": 5, "bogus": 1}))
-            .is_err());
+        assert!(m.apply_config(&json!({"latency_ms": 5, "bogus": 1})).is_err());
         assert_eq!(m.settings.latency_ms, 0);
-        assert!(m
-            .apply_config(&json!({"fail_next": [{"status": 1000}]}))
-            .is_err());
+        assert!(m.apply_config(&json!({"fail_next": [{"status": 1000}]})).is_err());
         assert!(m.apply_config(&json!({"fail_next": [{}]})).is_err());
         assert!(m.apply_config(&json!({"retry_after_header": "x"})).is_err());
         assert!(m.apply_config(&json!([1])).is_err());
-        m.apply_config(
-            &json!({"latency_ms": 5, "api_key": "k", "stream_chunks": 3, "deployments": ["a"]}),
-        )
-        .unwrap();
+        m.apply_config(&json!({"latency_ms": 5, "api_key": "k", "stream_chunks": 3, "deployments": ["a"]})).unwrap();
         let c = m.config_json();
         assert_eq!(c["latency_ms"], 5);
         assert_eq!(c["api_key"], "k");
@@ -792,43 +671,27 @@ mod tests {
         let r = reply(m.handle(req(CHAT, json!({"messages": [], "stream": true})), 0, 0));
         assert!(matches!(r.body, ReplyBody::Stream(ref p) if p.content.len() == 5));
         assert_eq!(m.stats_json()["requests"][0]["stream"], true);
-        let r = reply(m.handle(
-            req(
-                "/openai/deployments/e/embeddings?api-version=1",
-                json!({"input": ["a", "b"]}),
-            ),
-            0,
-            0,
-        ));
+        let r =
+            reply(m.handle(req("/openai/deployments/e/embeddings?api-version=1", json!({"input": ["a", "b"]})), 0, 0));
         assert_eq!(json_body(&r)["data"].as_array().unwrap().len(), 2);
         // Embeddings never stream.
         let r = reply(m.handle(
-            req(
-                "/openai/deployments/e/embeddings?api-version=1",
-                json!({"input": "a", "stream": true}),
-            ),
+            req("/openai/deployments/e/embeddings?api-version=1", json!({"input": "a", "stream": true})),
             0,
             0,
         ));
         assert!(matches!(r.body, ReplyBody::Json(_)));
         let img = "/openai/deployments/dalle/images/generations?api-version=1";
         let r = reply(m.handle(req(img, json!({"prompt": "cat", "n": 2})), 0, 0));
-        assert_eq!(
-            json_body(&r)["data"][1]["url"],
-            "https://mock.invalid/eastus/image-2.png"
-        );
+        assert_eq!(json_body(&r)["data"][1]["url"], "https://mock.invalid/eastus/image-2.png");
         let r = reply(m.handle(req(img, json!({"prompt": "cat"})), 0, 0));
-        assert_eq!(
-            json_body(&r)["data"][0]["url"],
-            "https://mock.invalid/eastus/image-3.png"
-        );
+        assert_eq!(json_body(&r)["data"][0]["url"], "https://mock.invalid/eastus/image-3.png");
     }
 
     #[test]
     fn images_cost_requests_only() {
         let mut m = mock();
-        m.apply_config(&json!({"requests_per_window": 5, "tokens_per_window": 1}))
-            .unwrap();
+        m.apply_config(&json!({"requests_per_window": 5, "tokens_per_window": 1})).unwrap();
         let img = "/openai/deployments/dalle/images/generations?api-version=1";
         let r = reply(m.handle(req(img, json!({"prompt": "a long prompt here"})), 0, 0));
         assert_eq!(r.status, 200);
@@ -840,14 +703,7 @@ mod tests {
     fn large_bodies_not_stored() {
         let mut m = mock();
         let big = "x".repeat(MAX_STORED_BODY + 10);
-        let r = reply(m.handle(
-            req(
-                CHAT,
-                json!({"messages": [{"role": "user", "content": big}]}),
-            ),
-            0,
-            0,
-        ));
+        let r = reply(m.handle(req(CHAT, json!({"messages": [{"role": "user", "content": big}]})), 0, 0));
         assert_eq!(r.status, 200);
         let s = m.stats_json();
         assert_eq!(s["requests"][0]["body_json"], Value::Null);

@@ -102,7 +102,8 @@ fn run() -> Result<(), String> {
                 istio_opts.hosts.push(value("--host")?)
             }
             "--route-timeout-s" => {
-                opts.route_timeout_s = value("--route-timeout-s")?.parse().map_err(|_| "--route-timeout-s: not a number")?
+                opts.route_timeout_s =
+                    value("--route-timeout-s")?.parse().map_err(|_| "--route-timeout-s: not a number")?
             }
             "--body-limit-bytes" => {
                 opts.request_body_limit_bytes =
@@ -126,9 +127,7 @@ fn run() -> Result<(), String> {
     let text = std::fs::read_to_string(&input).map_err(|e| format!("{input}: {e}"))?;
     let config = Config::parse(text.as_bytes(), Keys::NamesOnly).map_err(|e| format!("{input}: {e}"))?;
     // The filter gets the JSON compacted: one line in the bootstrap, same meaning.
-    let compact = serde_json::from_str::<serde_json::Value>(&text)
-        .map_err(|e| format!("{input}: {e}"))?
-        .to_string();
+    let compact = serde_json::from_str::<serde_json::Value>(&text).map_err(|e| format!("{input}: {e}"))?.to_string();
     if istio {
         if let Some(flag) = bootstrap_only.first() {
             return Err(format!("{flag} does not apply with --istio\n{USAGE}"));
@@ -141,9 +140,8 @@ fn run() -> Result<(), String> {
         }
         let docs = render_istio(&config, &compact, &istio_opts, &opts)?;
         let vars = env_vars(&docs);
-        let mut yaml = format!(
-            "# Rendered by spillway-render --istio from {input}; edit the filter JSON and render again.\n"
-        );
+        let mut yaml =
+            format!("# Rendered by spillway-render --istio from {input}; edit the filter JSON and render again.\n");
         if !vars.is_empty() {
             yaml.push_str(&format!(
                 "# The istio-proxy container of the selected pods needs these environment variables\n\

@@ -39,7 +39,15 @@ const NOW_MS: u64 = 1_700_000_000_000;
 fn config_json(n: usize) -> String {
     let backends: Vec<Value> = (0..n)
         .map(|i| {
-            let priority = if n <= 3 { if i < 2 { 1 } else { 2 } } else { 1 + (i * 3 / n) as u32 };
+            let priority = if n <= 3 {
+                if i < 2 {
+                    1
+                } else {
+                    2
+                }
+            } else {
+                1 + (i * 3 / n) as u32
+            };
             json!({
                 "name": format!("b{i:02}"),
                 "url": format!("http://127.0.0.1:{}", 10_000 + i),
@@ -56,8 +64,7 @@ fn config_json(n: usize) -> String {
 /// last one, so a pick must scan past them.
 fn throttled_set(cfg: &Config) -> Vec<usize> {
     let first = cfg.backends.iter().map(|b| b.priority).min().unwrap_or(1);
-    let mut members: Vec<usize> =
-        (0..cfg.backends.len()).filter(|&i| cfg.backends[i].priority == first).collect();
+    let mut members: Vec<usize> = (0..cfg.backends.len()).filter(|&i| cfg.backends[i].priority == first).collect();
     members.pop();
     members
 }
@@ -140,10 +147,7 @@ fn main() {
         let throttled = throttled_set(&cfg);
         for state in ["healthy", "throttled"] {
             let mut record = |case: &str, s: Stats| {
-                println!(
-                    "{case:<16} {n:>8} {state:<10} {:>10.1} {:>10.1} {:>10.1}",
-                    s.median_ns, s.min_ns, s.max_ns
-                );
+                println!("{case:<16} {n:>8} {state:<10} {:>10.1} {:>10.1} {:>10.1}", s.median_ns, s.min_ns, s.max_ns);
                 rows.push(json!({
                     "case": case, "backends": n, "health": state,
                     "median_ns": s.median_ns, "min_ns": s.min_ns, "max_ns": s.max_ns,
