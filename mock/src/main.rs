@@ -1,96 +1,101 @@
 //! `spillway-mock`: a mock Azure OpenAI backend for Spillway's integration
 //! tests and benchmarks. See `--help`.
 
+mod fault;
 mod openai;
 mod quota;
 mod server;
 mod state;
 
+use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use clap::builder::NonEmptyStringValueParser;
+use clap::Parser;
 use tokio::net::TcpListener;
 
 use crate::quota::Quota;
 use crate::server::Shared;
 use crate::state::{Mock, Settings};
 
-const USAGE: &str = "\
-usage: spillway-mock --name NAME [--listen ADDR:PORT (default 127.0.0.1:0)]
-                     [--api-key KEY] [--requests-per-window N] [--tokens-per-window N]
-                     [--window-ms MS (default 60000)] [--deployments a,b,c]
-                     [--latency-ms N] [--stream-chunks N (default 5)]
-                     [--stream-chunk-delay-ms N (default 0)]
-Prints `LISTENING ADDR:PORT` on stdout once bound. Control API under /_mock/.";
+/// Shown by `--help` (details in the `server` module docs).
+const CONTROL_API: &str = r#"Control API (JSON), under /_mock/:
+  GET  /_mock/health    {"ok": true}
+  GET  /_mock/stats     requests_total, by_status, requests: one record per data-plane
+                        request (method, path, query, headers, body_len, body_json,
+                        deployment, status: 0 = no response head, stream, fault)
+  POST /_mock/reset     clear stats, quota window and the fail_next queue
+  GET  /_mock/config    current settings
+  POST /_mock/config    change any of: requests_per_window, tokens_per_window, window_ms,
+                        latency_ms, stream_chunks, stream_chunk_delay_ms, api_key,
+                        deployments, retry_after_header ("keep"|"omit"), fail_next
 
-#[derive(Debug, Clone, PartialEq)]
+fail_next: [entry, ...], one entry per later data-plane request, in order:
+  {"status": N}               N >= 400: Azure-style error (404 DeploymentNotFound,
+                              401 access denied, 429 rate limit, ...); N < 400: serve
+                              normally. Extra headers (status only): "retry_after",
+                              "retry_after_ms", "headers": {"name": "value"},
+                              "raw_headers": [["name", "hex bytes, e.g. ff fe"]]
+  {"reset": true}             close the connection without a response
+  {"reset_after_events": N}   serve, then abort mid-body: after N SSE events of a
+                              stream, after half of a JSON body
+  {"hang": true}              never answer; hold the connection until the client closes
+  {"hang_ms": N}              answer normally after N more ms (a slow backend)"#;
+
+/// Mock Azure OpenAI backend for Spillway's integration tests and benchmarks.
+///
+/// Prints `LISTENING ADDR:PORT` on stdout once bound.
+#[derive(Debug, Clone, PartialEq, Parser)]
+#[command(
+    name = "spillway-mock",
+    version,
+    args_override_self = true,
+    after_help = "Control API under /_mock/ (see --help).",
+    after_long_help = CONTROL_API
+)]
 struct Cli {
+    /// Backend name: in answers ("Hello from NAME") and the x-mock-backend header
+    #[arg(long, value_name = "NAME", default_value = "mock", value_parser = NonEmptyStringValueParser::new())]
     name: String,
+    /// Address to listen on (port 0: any free port)
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Require this key in `api-key` or `Authorization: Bearer` (else 401)
+    #[arg(long, value_name = "KEY")]
     api_key: Option<String>,
+    /// Requests allowed per quota window (default: unlimited)
+    #[arg(long, value_name = "N")]
     requests_per_window: Option<u64>,
+    /// Tokens allowed per quota window (default: unlimited)
+    #[arg(long, value_name = "N")]
     tokens_per_window: Option<u64>,
+    /// Quota window length in milliseconds (0 counts as 1)
+    #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = at_least_one::<u64>)]
     window_ms: u64,
-    deployments: Option<Vec<String>>,
+    /// Comma-separated deployments that exist; others get 404 DeploymentNotFound (default: any)
+    #[arg(long, value_name = "A,B,C", value_parser = name_list)]
+    deployments: Option<std::vec::Vec<String>>,
+    /// Delay before each data-plane response, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 0)]
     latency_ms: u64,
+    /// Content events per answer (stream events; words of a non-stream answer; 0 counts as 1)
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = at_least_one::<usize>)]
     stream_chunks: usize,
+    /// Delay before each streamed content event, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 0)]
     stream_chunk_delay_ms: u64,
 }
 
-fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
-    v.parse().map_err(|_| format!("{flag}: invalid number {v:?}"))
+/// A number where 0 means 1.
+fn at_least_one<T: std::str::FromStr + Ord + From<u8>>(v: &str) -> Result<T, T::Err> {
+    v.parse().map(|n: T| n.max(T::from(1)))
 }
 
-/// Parse arguments (without the program name). `Ok(None)` means `--help`.
-fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Cli>, String> {
-    let mut cli = Cli {
-        name: "mock".into(),
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        api_key: None,
-        requests_per_window: None,
-        tokens_per_window: None,
-        window_ms: 60_000,
-        deployments: None,
-        latency_ms: 0,
-        stream_chunks: 5,
-        stream_chunk_delay_ms: 0,
-    };
-    let mut it = args.into_iter();
-    while let Some(arg) = it.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(None);
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || inline.clone().or_else(|| it.next()).ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--name" => cli.name = value()?,
-            "--listen" => {
-                let v = value()?;
-                cli.listen = v.parse().map_err(|_| format!("--listen: invalid address {v:?}"))?;
-            }
-            "--api-key" => cli.api_key = Some(value()?),
-            "--requests-per-window" => cli.requests_per_window = Some(num(&flag, &value()?)?),
-            "--tokens-per-window" => cli.tokens_per_window = Some(num(&flag, &value()?)?),
-            "--window-ms" => cli.window_ms = num::<u64>(&flag, &value()?)?.max(1),
-            "--deployments" => {
-                let v = value()?;
-                cli.deployments =
-                    Some(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect());
-            }
-            "--latency-ms" => cli.latency_ms = num(&flag, &value()?)?,
-            "--stream-chunks" => cli.stream_chunks = num::<usize>(&flag, &value()?)?.max(1),
-            "--stream-chunk-delay-ms" => cli.stream_chunk_delay_ms = num(&flag, &value()?)?,
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    if cli.name.is_empty() {
-        return Err("--name must not be empty".into());
-    }
-    Ok(Some(cli))
+/// `a, b,,c` → `["a", "b", "c"]`.
+fn name_list(v: &str) -> Result<Vec<String>, Infallible> {
+    Ok(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect())
 }
 
 async fn shutdown_signal() {
@@ -111,17 +116,7 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() {
-    let cli = match parse_args(std::env::args().skip(1)) {
-        Ok(Some(cli)) => cli,
-        Ok(None) => {
-            println!("{USAGE}");
-            return;
-        }
-        Err(e) => {
-            eprintln!("spillway-mock: {e}\n{USAGE}");
-            std::process::exit(2);
-        }
-    };
+    let cli = Cli::parse();
 
     let mut settings = Settings::new(&cli.name);
     settings.api_key = cli.api_key;
@@ -169,30 +164,40 @@ async fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_string).collect()
+    fn parse_args(s: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("spillway-mock").chain(s.split_whitespace()))
+    }
+
+    #[test]
+    fn command_is_consistent() {
+        Cli::command().debug_assert();
     }
 
     #[test]
     fn defaults() {
-        let cli = parse_args(args("--name eastus")).unwrap().unwrap();
+        let cli = parse_args("--name eastus").unwrap();
         assert_eq!(cli.name, "eastus");
         assert_eq!(cli.listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(cli.window_ms, 60_000);
         assert_eq!(cli.stream_chunks, 5);
         assert_eq!(cli.stream_chunk_delay_ms, 0);
+        assert_eq!(cli.latency_ms, 0);
         assert_eq!(cli.requests_per_window, None);
+        assert_eq!(cli.tokens_per_window, None);
+        assert_eq!(cli.api_key, None);
         assert_eq!(cli.deployments, None);
+        assert_eq!(parse_args("").unwrap().name, "mock");
     }
 
     #[test]
     fn all_flags() {
-        let cli = parse_args(args(
+        let cli = parse_args(
             "--name w --listen 127.0.0.1:8080 --api-key k --requests-per-window 3 --tokens-per-window=100 \
              --window-ms 500 --deployments a,b --latency-ms 7 --stream-chunks 2 --stream-chunk-delay-ms 9",
-        ))
-        .unwrap()
+        )
         .unwrap();
         assert_eq!(cli.listen.port(), 8080);
         assert_eq!(cli.api_key.as_deref(), Some("k"));
@@ -206,11 +211,27 @@ mod tests {
     }
 
     #[test]
+    fn clamps_and_lists() {
+        let cli = parse_args("--window-ms 0 --stream-chunks 0 --deployments a,,b,").unwrap();
+        assert_eq!(cli.window_ms, 1);
+        assert_eq!(cli.stream_chunks, 1);
+        assert_eq!(cli.deployments, Some(vec!["a".to_string(), "b".to_string()]));
+        // The last occurrence wins, as with any other flag.
+        let cli = parse_args("--deployments a --deployments b,c").unwrap();
+        assert_eq!(cli.deployments, Some(vec!["b".to_string(), "c".to_string()]));
+    }
+
+    #[test]
     fn errors_and_help() {
-        assert!(parse_args(args("--bogus 1")).is_err());
-        assert!(parse_args(args("--latency-ms x")).is_err());
-        assert!(parse_args(args("--name")).is_err());
-        assert!(parse_args(args("--listen nope")).is_err());
-        assert_eq!(parse_args(args("--help")).unwrap(), None);
+        for bad in ["--bogus 1", "--latency-ms x", "--latency-ms -1", "--name", "--listen nope", "--window-ms 1.5"] {
+            assert!(parse_args(bad).is_err(), "{bad}");
+        }
+        assert!(Cli::try_parse_from(["spillway-mock", "--name", ""]).is_err());
+        assert_eq!(parse_args("--help").unwrap_err().kind(), ErrorKind::DisplayHelp);
+        assert_eq!(parse_args("-h").unwrap_err().kind(), ErrorKind::DisplayHelp);
+        let help = Cli::command().render_long_help().to_string();
+        for needle in ["--stream-chunk-delay-ms <MS>", "[default: 60000]", "reset_after_events", "raw_headers"] {
+            assert!(help.contains(needle), "{needle} not in help:\n{help}");
+        }
     }
 }

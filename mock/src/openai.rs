@@ -193,9 +193,12 @@ pub fn rate_limited(op: Operation, api_version: &str, call_limit: bool, retry_se
     )
 }
 
-/// Body for an injected failure with `status`.
+/// Body for an injected failure with `status`: Azure's own body where the
+/// mock knows it (401, 404, 429, 5xx, ...), else a generic one.
 pub fn injected_error(status: u16, op: Operation, api_version: &str, retry_after: Option<&str>) -> Value {
     match status {
+        401 => access_denied(),
+        404 => deployment_not_found(),
         429 => {
             let secs = retry_after.and_then(|r| r.trim().parse::<u64>().ok()).unwrap_or(1);
             rate_limited(op, api_version, true, secs)
@@ -257,36 +260,36 @@ fn usage(prompt: u64, completion: u64) -> Value {
 /// Non-stream chat completion.
 pub fn chat_completion(ctx: &Ctx, prompt_tokens: u64, chunks: usize) -> Value {
     let chunks = chunks.max(1);
-    json!({
-        "id": format!("chatcmpl-mock-{}", ctx.id),
-        "object": "chat.completion",
-        "created": ctx.created,
-        "model": ctx.model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": answer_text(ctx.name, chunks)},
-            "finish_reason": "stop",
-            "logprobs": null
-        }],
-        "usage": usage(prompt_tokens, chunks as u64)
-    })
+    let choice = json!({
+        "index": 0,
+        "message": {"role": "assistant", "content": answer_text(ctx.name, chunks)},
+        "finish_reason": "stop",
+        "logprobs": null
+    });
+    completion_object(ctx, "chatcmpl", "chat.completion", choice, usage(prompt_tokens, chunks as u64))
 }
 
 /// Non-stream legacy completion.
 pub fn text_completion(ctx: &Ctx, prompt_tokens: u64, chunks: usize) -> Value {
     let chunks = chunks.max(1);
+    let choice = json!({
+        "text": answer_text(ctx.name, chunks),
+        "index": 0,
+        "finish_reason": "stop",
+        "logprobs": null
+    });
+    completion_object(ctx, "cmpl", "text_completion", choice, usage(prompt_tokens, chunks as u64))
+}
+
+/// A non-stream completion around its single choice.
+fn completion_object(ctx: &Ctx, id_prefix: &str, object: &str, choice: Value, usage: Value) -> Value {
     json!({
-        "id": format!("cmpl-mock-{}", ctx.id),
-        "object": "text_completion",
+        "id": format!("{id_prefix}-mock-{}", ctx.id),
+        "object": object,
         "created": ctx.created,
         "model": ctx.model,
-        "choices": [{
-            "text": answer_text(ctx.name, chunks),
-            "index": 0,
-            "finish_reason": "stop",
-            "logprobs": null
-        }],
-        "usage": usage(prompt_tokens, chunks as u64)
+        "choices": [choice],
+        "usage": usage
     })
 }
 
@@ -633,5 +636,9 @@ mod tests {
         assert!(v["error"]["message"].as_str().unwrap().contains("exceeded call rate limit"));
         assert_eq!(injected_error(500, Operation::ChatCompletions, "x", None)["error"]["code"], "InternalServerError");
         assert_eq!(injected_error(418, Operation::ChatCompletions, "x", None)["error"]["code"], "418");
+        assert_eq!(injected_error(401, Operation::ChatCompletions, "x", None), access_denied());
+        assert_eq!(injected_error(404, Operation::Embeddings, "x", None), deployment_not_found());
+        let v = injected_error(429, Operation::ChatCompletions, "x", Some("12"));
+        assert!(v["error"]["message"].as_str().unwrap().contains("retry after 12 seconds"));
     }
 }

@@ -1,7 +1,62 @@
-//! HTTP layer: hyper service, control plane (`/_mock/*`), streaming bodies.
+//! HTTP layer: hyper service, control plane (`/_mock/*`), streaming bodies,
+//! and the wire side of injected faults (resets, hangs, cut bodies).
+//!
+//! # Control API
+//!
+//! All bodies are JSON.
+//!
+//! | request | effect |
+//! | --- | --- |
+//! | `GET /_mock/health` | `{"ok": true}` |
+//! | `GET /_mock/stats` | `name`, `requests_total`, `by_status` (`{"200": n, ...}`), `requests`: the last 2000 data-plane request records |
+//! | `POST /_mock/reset` | clear stats, the quota window and the `fail_next` queue |
+//! | `GET /_mock/config` | the current settings and `fail_next_pending` |
+//! | `POST /_mock/config` | change settings; the body is validated whole (400 and no change on any error) |
+//!
+//! `POST /_mock/config` keys: `requests_per_window`, `tokens_per_window`
+//! (integer or null = unlimited; changing a limit restarts the window),
+//! `window_ms`, `latency_ms`, `stream_chunks`, `stream_chunk_delay_ms`,
+//! `api_key` (string or null), `deployments` (array of strings or null = any),
+//! `retry_after_header` (`"keep"` or `"omit"` on quota 429s), and `fail_next`.
+//!
+//! A stats record has `ts_ms`, `method`, `path`, `query`, `headers` (request
+//! headers; values that are not UTF-8 are decoded lossily), `body_len`,
+//! `body_json` (null when not JSON or over 64 KiB), `deployment`, `status` (of
+//! the response head; 0 when none was sent), `stream` (the body asked for
+//! one) and `fault` (the `fail_next` kind the request used, else null).
+//!
+//! # `fail_next`
+//!
+//! `"fail_next": [entry, ...]` appends to a queue; each data-plane request
+//! (a known route, POST) takes the next entry, in order. An entry is an object
+//! with exactly one of the kind keys below; unknown keys, wrong types and
+//! mixed kinds are rejected. The record's `fault` is the name in the first
+//! column.
+//!
+//! | entry | `fault` | effect |
+//! | --- | --- | --- |
+//! | `{"status": N}`, N >= 400 | `status` | answer N with an Azure-style error body (404: `DeploymentNotFound`, 401: access denied, 429: rate-limit message, 500/502/503/504/408/400: Azure's texts) and `x-mock-injected: true`; no auth or quota check, no quota used |
+//! | `{"status": N}`, N < 400 | `pass` | no error: serve the request normally (checks and quota apply), with any extra headers below added |
+//! | `{"reset": true}` | `reset` | close the connection without any response (after `latency_ms`); status 0 |
+//! | `{"reset_after_events": N}` | `reset_after_events` | serve normally, then abort the connection mid-body: a stream stops after its first N SSE events (0: right after the head), without `[DONE]` or the closing chunk; a JSON body stops after half its bytes (`content-length` announces all of them). Status: the head's |
+//! | `{"hang": true}` | `hang` | read the request and never answer; the connection stays open until the client closes it; status 0 |
+//! | `{"hang_ms": N}` | `hang_ms` | wait N ms (on top of `latency_ms`), then serve normally: a slow backend |
+//!
+//! Extra response headers, only together with `status` (for N >= 400 on the
+//! error, for N < 400 on the normal answer); later ones replace earlier ones
+//! of the same name, in this order:
+//!
+//! - `"retry_after": "S"` / `"retry_after_ms": "MS"` (string or number):
+//!   `retry-after` / `retry-after-ms`.
+//! - `"headers": {"name": "value", ...}` (string or number values).
+//! - `"raw_headers": [["name", "hex bytes"], ...]`: a value given as hex
+//!   (whitespace ignored), e.g. `"ff fe"`, so it can be bytes that are not
+//!   UTF-8. Control bytes other than tab cannot be sent. `content-length` and
+//!   `transfer-encoding` cannot be injected.
+//!
+//! An injected 429's message names the last `retry-after` value (default 1 s).
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,8 +66,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -22,14 +77,19 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::openai::{self, StreamPlan};
-use crate::state::{Mock, Outcome, ReplyBody, RequestInfo};
+use crate::state::{Mock, Outcome, Reply, ReplyBody, RequestInfo};
 
 /// Largest request body accepted (bigger → 413).
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
-pub type Body = BoxBody<Bytes, Infallible>;
+/// Before aborting a cut body: time for hyper to flush what was already sent.
+const ABORT_GRACE: Duration = Duration::from_millis(20);
 
-/// Returned to hyper to make it drop the connection without a response.
+/// A response body; its only error is an injected abort.
+pub type Body = BoxBody<Bytes, ResetConnection>;
+
+/// Returned to hyper (from the service or a body) to make it drop the
+/// connection: without a response, or in the middle of one.
 #[derive(Debug)]
 pub struct ResetConnection;
 
@@ -66,60 +126,93 @@ impl Shared {
 }
 
 /// A response body fed by a channel; each message becomes one body frame
-/// (one HTTP/1.1 chunk), so SSE events are flushed individually.
+/// (one HTTP/1.1 chunk), so SSE events are flushed individually. An `Err`
+/// message aborts the connection. `len` is announced as `content-length`.
 struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Result<Bytes, ResetConnection>>,
+    len: Option<u64>,
 }
 
 impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = ResetConnection;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ResetConnection>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.len.map(SizeHint::with_exact).unwrap_or_default()
     }
 }
 
-fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed()
+/// A body sent piece by piece by a task, each piece after its delay (ms);
+/// then the end, or with `abort` a dropped connection.
+fn paced_body(pieces: Vec<(Bytes, u64)>, abort: bool, len: Option<u64>) -> Body {
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        for (bytes, delay_ms) in pieces {
+            sleep_ms(delay_ms).await;
+            if tx.send(Ok(bytes)).await.is_err() {
+                return;
+            }
+        }
+        if abort {
+            // hyper drops its unflushed buffer with the connection.
+            tokio::time::sleep(ABORT_GRACE).await;
+            let _ = tx.send(Err(ResetConnection)).await;
+        }
+    });
+    ChannelBody { rx, len }.boxed()
 }
 
-fn json_response(shared: &Shared, status: u16, v: &Value) -> Response<Body> {
-    let mut resp = Response::new(full(v.to_string()));
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+fn response(shared: &Shared, status: u16, content_type: &'static str, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert("x-mock-backend", shared.name.clone());
     resp
 }
 
-fn stream_response(shared: &Shared, plan: StreamPlan, delay_ms: u64) -> Response<Body> {
-    let (tx, rx) = mpsc::channel::<Bytes>(8);
-    tokio::spawn(async move {
-        for b in plan.head {
-            if tx.send(b).await.is_err() {
-                return;
-            }
-        }
-        for b in plan.content {
-            if delay_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            }
-            if tx.send(b).await.is_err() {
-                return;
-            }
-        }
-        for b in plan.tail {
-            if tx.send(b).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut resp = Response::new(ChannelBody { rx }.boxed());
-    let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert("cache-control", HeaderValue::from_static("no-cache"));
-    h.insert("x-mock-backend", shared.name.clone());
+fn json_response(shared: &Shared, status: u16, v: &Value) -> Response<Body> {
+    response(shared, status, "application/json", full(v.to_string()))
+}
+
+/// A JSON body cut after half its bytes, then an abort.
+fn cut_json_response(shared: &Shared, status: u16, v: &Value) -> Response<Body> {
+    let all = Bytes::from(v.to_string());
+    let half = all.slice(..all.len() / 2);
+    let len = u64::try_from(all.len()).ok();
+    response(shared, status, "application/json", paced_body(vec![(half, 0)], true, len))
+}
+
+/// An SSE stream; `reset_after_events` cuts it after that many events.
+fn stream_response(
+    shared: &Shared,
+    status: u16,
+    plan: StreamPlan,
+    delay_ms: u64,
+    reset_after_events: Option<usize>,
+) -> Response<Body> {
+    let pieces = plan
+        .head
+        .into_iter()
+        .map(|b| (b, 0))
+        .chain(plan.content.into_iter().map(|b| (b, delay_ms)))
+        .chain(plan.tail.into_iter().map(|b| (b, 0)))
+        .take(reset_after_events.unwrap_or(usize::MAX))
+        .collect();
+    let mut resp =
+        response(shared, status, "text/event-stream", paced_body(pieces, reset_after_events.is_some(), None));
+    resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
 
@@ -127,16 +220,18 @@ fn unix_now() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
-fn header_map(req: &Request<Incoming>) -> BTreeMap<String, String> {
+/// Request headers for stats: repeated names joined with ", ", values that
+/// are not UTF-8 (a proxy may forward any bytes) decoded lossily.
+fn header_map(headers: &hyper::HeaderMap) -> BTreeMap<String, String> {
     let mut out: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in req.headers() {
-        let v = String::from_utf8_lossy(value.as_bytes()).into_owned();
+    for (name, value) in headers {
+        let v = String::from_utf8_lossy(value.as_bytes());
         out.entry(name.as_str().to_string())
             .and_modify(|e| {
                 e.push_str(", ");
                 e.push_str(&v);
             })
-            .or_insert(v);
+            .or_insert_with(|| v.into_owned());
     }
     out
 }
@@ -155,7 +250,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Respo
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
-    let headers = header_map(&req);
+    let headers = header_map(req.headers());
 
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(c) => c.to_bytes(),
@@ -181,21 +276,25 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Respo
             sleep_ms(latency_ms).await;
             Err(ResetConnection)
         }
+        // hyper drops this future when the client closes the connection.
+        Outcome::Hang => std::future::pending().await,
         Outcome::Reply(reply) => {
             sleep_ms(reply.latency_ms).await;
-            let mut resp = match reply.body {
-                ReplyBody::Json(v) => json_response(&shared, reply.status, &v),
-                ReplyBody::Stream(plan) => stream_response(&shared, plan, reply.stream_delay_ms),
-            };
-            *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            for (name, value) in reply.headers {
-                if let Ok(v) = HeaderValue::from_str(&value) {
-                    resp.headers_mut().insert(name, v);
-                }
-            }
-            Ok(resp)
+            Ok(reply_response(&shared, reply))
         }
     }
+}
+
+fn reply_response(shared: &Shared, reply: Reply) -> Response<Body> {
+    let mut resp = match (reply.body, reply.reset_after_events) {
+        (ReplyBody::Json(v), None) => json_response(shared, reply.status, &v),
+        (ReplyBody::Json(v), Some(_)) => cut_json_response(shared, reply.status, &v),
+        (ReplyBody::Stream(plan), cut) => stream_response(shared, reply.status, plan, reply.stream_delay_ms, cut),
+    };
+    for (name, value) in reply.headers {
+        resp.headers_mut().insert(name, value);
+    }
+    resp
 }
 
 async fn sleep_ms(ms: u64) {
@@ -220,24 +319,16 @@ fn control(shared: &Shared, method: &str, cmd: &str, body: &[u8]) -> Response<Bo
             json_response(shared, 200, &v)
         }
         ("POST", "config") => {
-            let parsed: Value = match serde_json::from_slice(body) {
-                Ok(v) => v,
-                Err(e) => {
-                    let err = openai::error_body("BadRequest", &format!("invalid JSON: {e}"));
-                    return json_response(shared, 400, &err);
+            let result = match serde_json::from_slice::<Value>(body) {
+                Ok(parsed) => {
+                    let mut mock = shared.lock();
+                    mock.apply_config(&parsed).map(|()| mock.config_json())
                 }
+                Err(e) => Err(format!("invalid JSON: {e}")),
             };
-            let mut mock = shared.lock();
-            match mock.apply_config(&parsed) {
-                Ok(()) => {
-                    let v = mock.config_json();
-                    drop(mock);
-                    json_response(shared, 200, &v)
-                }
-                Err(msg) => {
-                    drop(mock);
-                    json_response(shared, 400, &openai::error_body("BadRequest", &msg))
-                }
+            match result {
+                Ok(v) => json_response(shared, 200, &v),
+                Err(msg) => json_response(shared, 400, &openai::error_body("BadRequest", &msg)),
             }
         }
         _ => json_response(shared, 404, &openai::resource_not_found()),
@@ -314,6 +405,143 @@ mod tests {
         // The server closes without a response (EOF, or a reset error).
         let _ = s.read_to_end(&mut rest).await;
         assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    }
+
+    /// One control request on its own connection; the JSON answer.
+    async fn control_call(addr: std::net::SocketAddr, request: String) -> Value {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let text = read_response(&mut s).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
+    }
+
+    async fn fail_next(addr: std::net::SocketAddr, list: Value) {
+        control_call(addr, post("/_mock/config", &json!({ "fail_next": list }).to_string())).await;
+    }
+
+    async fn stats(addr: std::net::SocketAddr) -> Value {
+        control_call(addr, "GET /_mock/stats HTTP/1.1\r\nhost: x\r\n\r\n".to_string()).await
+    }
+
+    /// Everything the server sends until it closes the connection (EOF or reset).
+    async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        let mut tmp = [0u8; 4096];
+        loop {
+            let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut tmp)).await;
+            match read.expect("server did not close the connection") {
+                Ok(0) | Err(_) => return all,
+                Ok(n) => all.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[tokio::test]
+    async fn reset_after_events_cuts_a_stream() {
+        let addr = start(Settings::new("eastus")).await;
+        fail_next(addr, json!([{"reset_after_events": 2}])).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(post(CHAT, r#"{"messages":[],"stream":true}"#).as_bytes()).await.unwrap();
+        let raw = read_until_closed(&mut s).await;
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("transfer-encoding: chunked"), "{text}");
+        assert_eq!(text.matches("data: ").count(), 2, "{text}");
+        assert!(!text.contains("[DONE]"), "{text}");
+        assert!(!text.ends_with("0\r\n\r\n"), "no terminating chunk: {text:?}");
+        let rec = &stats(addr).await["requests"][0];
+        assert_eq!((&rec["status"], &rec["fault"]), (&json!(200), &json!("reset_after_events")));
+    }
+
+    #[tokio::test]
+    async fn reset_after_events_cuts_a_json_body() {
+        let addr = start(Settings::new("eastus")).await;
+        fail_next(addr, json!([{"reset_after_events": 0}])).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(post(CHAT, r#"{"messages":[]}"#).as_bytes()).await.unwrap();
+        let raw = read_until_closed(&mut s).await;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{text}");
+        let announced: usize = head.lines().find_map(|l| l.strip_prefix("content-length: ")).unwrap().parse().unwrap();
+        assert!(!body.is_empty() && body.len() < announced, "{} of {announced}: {body}", body.len());
+        assert!(body.starts_with('{') && serde_json::from_str::<Value>(body).is_err(), "{body}");
+    }
+
+    #[tokio::test]
+    async fn hang_holds_the_connection_and_hang_ms_delays() {
+        let addr = start(Settings::new("eastus")).await;
+        fail_next(addr, json!([{"hang": true}, {"hang_ms": 150}])).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(post(CHAT, r#"{"messages":[]}"#).as_bytes()).await.unwrap();
+        let mut tmp = [0u8; 64];
+        let waited = tokio::time::timeout(Duration::from_millis(300), s.read(&mut tmp)).await;
+        assert!(waited.is_err(), "expected silence with the connection open, got {waited:?}");
+        let rec = &stats(addr).await["requests"][0];
+        assert_eq!((&rec["status"], &rec["fault"]), (&json!(0), &json!("hang")));
+        drop(s);
+
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        s.write_all(post(CHAT, r#"{"messages":[]}"#).as_bytes()).await.unwrap();
+        let r = read_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("Hello from eastus"), "{r}");
+        assert!(started.elapsed() >= Duration::from_millis(140), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn injected_headers_reach_the_wire_even_when_not_utf8() {
+        let addr = start(Settings::new("eastus")).await;
+        fail_next(
+            addr,
+            json!([
+                {"status": 503, "headers": {"x-ms-region": "East US"}, "raw_headers": [["x-bin", "ff fe"]]},
+                {"status": 200, "raw_headers": [["x-bin", "41 ff"]]}
+            ]),
+        )
+        .await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(post(CHAT, r#"{"messages":[]}"#).as_bytes()).await.unwrap();
+        let r = read_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 503") && r.contains("ServiceUnavailable"), "{r}");
+        assert!(r.contains("x-ms-region: East US\r\n") && r.contains("x-mock-injected: true"), "{r}");
+        assert!(r.contains("x-bin: \u{fffd}\u{fffd}\r\n"), "{r}");
+        // Raw bytes: read again and look at the bytes themselves.
+        s.write_all(post(CHAT, r#"{"messages":[]}"#).as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let mut tmp = [0u8; 4096];
+        while !contains(&raw, b"Hello from eastus") {
+            let n = s.read(&mut tmp).await.unwrap();
+            assert!(n > 0);
+            raw.extend_from_slice(&tmp[..n]);
+        }
+        assert!(raw.starts_with(b"HTTP/1.1 200"));
+        assert!(contains(&raw, b"\r\nx-bin: A\xff\r\n"), "{:?}", String::from_utf8_lossy(&raw));
+    }
+
+    #[tokio::test]
+    async fn request_headers_that_are_not_utf8_are_served_and_recorded() {
+        let addr = start(Settings::new("eastus")).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let body = r#"{"messages":[]}"#;
+        let mut request = format!(
+            "POST {CHAT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(b"x-proxy-said: caf\xe9 \xff\xfe\r\nx-proxy-said: ok\r\n\r\n");
+        request.extend_from_slice(body.as_bytes());
+        s.write_all(&request).await.unwrap();
+        let r = read_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let rec = &stats(addr).await["requests"][0];
+        assert_eq!(rec["headers"]["x-proxy-said"], "caf\u{fffd} \u{fffd}\u{fffd}, ok");
+        assert_eq!(rec["fault"], Value::Null);
     }
 
     #[tokio::test]

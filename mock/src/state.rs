@@ -1,13 +1,28 @@
 //! The mock's mutable state (runtime settings, quota, injected faults, stats)
 //! and the synchronous request decision. No I/O happens here: the server layer
 //! turns an [`Outcome`] into bytes on the wire (sleeping for latency/stream
-//! delays), so the whole decision logic is unit-testable with a fake clock.
+//! delays, cutting bodies short, hanging), so the whole decision logic is
+//! unit-testable with a fake clock.
+//!
+//! A data-plane request goes through, in order: the route (unknown path or
+//! not POST: 404, no fault used), the next queued [`Fault`] (see
+//! [`crate::fault`]), then the normal checks — key, `api-version`, JSON body,
+//! model, deployment allow-list, quota — and finally the generated answer.
+//! Faults that keep the request on the normal path (`hang_ms`,
+//! `reset_after_events`, `status` < 400) shape how that answer is delivered.
+//!
+//! Every data-plane request is recorded for `/_mock/stats`, faulted ones too:
+//! the record's `status` is what the response head said (0 when no head was
+//! sent: `reset`, `hang`) and `fault` names the `fail_next` kind it used
+//! ([`Fault::kind`]; `null` when the queue was empty).
 
 use std::collections::{BTreeMap, VecDeque};
 
+use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
+use crate::fault::{self, Fault, Headers};
 use crate::openai::{self, Ctx, Operation, Route, StreamPlan};
 use crate::quota::{LimitKind, Quota, Remaining};
 
@@ -43,16 +58,6 @@ impl Settings {
     }
 }
 
-/// One queued fault (`fail_next` entry).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fault {
-    /// Answer with this status and an Azure-style error body.
-    /// A status below 400 means "no fault": the request is served normally.
-    Status { status: u16, retry_after: Option<String>, retry_after_ms: Option<String> },
-    /// Close the connection without any response.
-    Reset,
-}
-
 /// One request as seen by `/_mock/stats`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
@@ -64,8 +69,11 @@ pub struct Record {
     pub body_len: usize,
     pub body_json: Value,
     pub deployment: Option<String>,
+    /// The response head's status; 0 when none was sent (`reset`, `hang`).
     pub status: u16,
     pub stream: bool,
+    /// The `fail_next` kind this request used ([`Fault::kind`]), if any.
+    pub fault: Option<&'static str>,
 }
 
 /// A data-plane request, already fully read.
@@ -76,7 +84,8 @@ pub struct RequestInfo {
     pub method: String,
     pub path: String,
     pub query: String,
-    /// Lowercased names; repeated headers joined with ", ".
+    /// Lowercased names; repeated headers joined with ", "; values decoded
+    /// lossily (bytes that are not UTF-8 become U+FFFD).
     pub headers: BTreeMap<String, String>,
     pub body: bytes::Bytes,
 }
@@ -90,12 +99,17 @@ pub enum ReplyBody {
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
+    /// Sent after the mock's own `content-type` etc.; a later one replaces an
+    /// earlier one of the same name.
+    pub headers: Headers,
     pub body: ReplyBody,
     /// Sleep before sending the response head.
     pub latency_ms: u64,
     /// Sleep before each stream content event.
     pub stream_delay_ms: u64,
+    /// Abort the connection mid-body (`reset_after_events`): after this many
+    /// events of a stream; after half the bytes of a JSON body.
+    pub reset_after_events: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -105,6 +119,18 @@ pub enum Outcome {
     Reset {
         latency_ms: u64,
     },
+    /// Never respond; keep the connection until the client closes it.
+    Hang,
+}
+
+impl Outcome {
+    /// The status recorded in stats: 0 when no response head is sent.
+    fn status(&self) -> u16 {
+        match self {
+            Outcome::Reply(r) => r.status,
+            Outcome::Reset { .. } | Outcome::Hang => 0,
+        }
+    }
 }
 
 /// Everything mutable, behind one mutex in the server.
@@ -120,13 +146,60 @@ pub struct Mock {
     next_image: u64,
 }
 
-fn remaining_headers(r: Remaining, headers: &mut Vec<(&'static str, String)>) {
+/// What a data-plane route implies for one request.
+struct Call {
+    op: Operation,
+    /// `/openai/deployments/...` routes require `api-version`.
+    needs_api_version: bool,
+    api_version: Option<String>,
+    /// From the path, or the body's `model` on v1 routes.
+    deployment: Option<String>,
+}
+
+impl Call {
+    fn new(route: Route, query: &str, parsed: Option<&Value>) -> Self {
+        let op = route.op();
+        let api_version = openai::query_param(query, "api-version").filter(|v| !v.is_empty()).map(str::to_string);
+        let (needs_api_version, deployment) = match route {
+            Route::Classic { deployment, .. } => (true, Some(deployment)),
+            Route::ModelInBody { .. } => {
+                (false, parsed.and_then(|b| b.get("model")).and_then(Value::as_str).map(str::to_string))
+            }
+        };
+        Call { op, needs_api_version, api_version, deployment }
+    }
+
+    /// The `api-version` named in error messages.
+    fn api_version_text(&self) -> &str {
+        self.api_version.as_deref().unwrap_or(openai::DEFAULT_API_VERSION)
+    }
+}
+
+/// A decided status, headers and body, before delivery (latency, cuts).
+struct Answer {
+    status: u16,
+    headers: Headers,
+    body: ReplyBody,
+}
+
+impl Answer {
+    fn json(status: u16, headers: Headers, body: Value) -> Self {
+        Answer { status, headers, body: ReplyBody::Json(body) }
+    }
+}
+
+/// A request the normal checks turned down: status and error body.
+type Refusal = (u16, Value);
+
+fn remaining_headers(r: Remaining) -> Headers {
+    let mut headers = Headers::new();
     if let Some(n) = r.requests {
-        headers.push(("x-ratelimit-remaining-requests", n.to_string()));
+        headers.push((HeaderName::from_static("x-ratelimit-remaining-requests"), HeaderValue::from(n)));
     }
     if let Some(n) = r.tokens {
-        headers.push(("x-ratelimit-remaining-tokens", n.to_string()));
+        headers.push((HeaderName::from_static("x-ratelimit-remaining-tokens"), HeaderValue::from(n)));
     }
+    headers
 }
 
 fn authorized(key: &str, headers: &BTreeMap<String, String>) -> bool {
@@ -137,6 +210,48 @@ fn authorized(key: &str, headers: &BTreeMap<String, String>) -> bool {
         v.split_once(' ').is_some_and(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer") && token.trim() == key)
     })
 }
+
+/// An injected error (`fail_next` `status` >= 400).
+fn injected_answer(status: u16, fault_headers: &Headers, call: &Call, before: Remaining) -> Answer {
+    let mut headers = remaining_headers(before);
+    headers.push((HeaderName::from_static("x-mock-injected"), HeaderValue::from_static("true")));
+    headers.extend(fault_headers.iter().cloned());
+    let retry_after = fault::last_retry_after(fault_headers);
+    let body = openai::injected_error(status, call.op, call.api_version_text(), retry_after);
+    Answer::json(status, headers, body)
+}
+
+/// The normal checks, in Azure's order: key, `api-version`, JSON object body,
+/// model, deployment allow-list. Returns the body and the model.
+fn check<'a>(
+    settings: &Settings,
+    req: &RequestInfo,
+    parsed: Option<&'a Value>,
+    call: &'a Call,
+) -> Result<(&'a Value, &'a str), Refusal> {
+    if let Some(key) = &settings.api_key {
+        if !authorized(key, &req.headers) {
+            return Err((401, openai::access_denied()));
+        }
+    }
+    if call.needs_api_version && call.api_version.is_none() {
+        return Err((404, openai::resource_not_found()));
+    }
+    let body = match parsed {
+        Some(b @ Value::Object(_)) => b,
+        Some(_) => return Err((400, openai::error_body("BadRequest", "The request body must be a JSON object."))),
+        None => return Err((400, openai::error_body("BadRequest", NOT_JSON))),
+    };
+    let Some(model) = call.deployment.as_deref() else {
+        return Err((400, openai::error_body("BadRequest", "you must provide a model parameter")));
+    };
+    if settings.deployments.as_ref().is_some_and(|list| !list.iter().any(|d| d == model)) {
+        return Err((404, openai::deployment_not_found()));
+    }
+    Ok((body, model))
+}
+
+const NOT_JSON: &str = "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)";
 
 impl Mock {
     pub fn new(settings: Settings, quota: Quota) -> Self {
@@ -190,76 +305,33 @@ impl Mock {
     /// Apply a `/_mock/config` body. Validates everything before changing anything.
     pub fn apply_config(&mut self, body: &Value) -> Result<(), String> {
         let obj = body.as_object().ok_or("config body must be a JSON object")?;
-        let mut settings = self.settings.clone();
-        let mut quota = self.quota.clone();
-        let mut faults = Vec::new();
-        let mut limits_changed = false;
+        let mut staged = StagedConfig {
+            settings: self.settings.clone(),
+            quota: self.quota.clone(),
+            faults: Vec::new(),
+            limits_changed: false,
+        };
         for (key, v) in obj {
-            match key.as_str() {
-                "requests_per_window" => {
-                    quota.requests_per_window = opt_u64(key, v)?;
-                    limits_changed = true;
-                }
-                "tokens_per_window" => {
-                    quota.tokens_per_window = opt_u64(key, v)?;
-                    limits_changed = true;
-                }
-                "window_ms" => {
-                    quota.window_ms = req_u64(key, v)?.max(1);
-                    limits_changed = true;
-                }
-                "latency_ms" => settings.latency_ms = req_u64(key, v)?,
-                "stream_chunks" => {
-                    settings.stream_chunks = usize::try_from(req_u64(key, v)?.clamp(1, 100_000))
-                        .map_err(|_| "stream_chunks out of range".to_string())?
-                }
-                "stream_chunk_delay_ms" => settings.stream_chunk_delay_ms = req_u64(key, v)?,
-                "api_key" => {
-                    settings.api_key = match v {
-                        Value::Null => None,
-                        Value::String(s) => Some(s.clone()),
-                        _ => return Err("api_key must be a string or null".into()),
-                    }
-                }
-                "deployments" => {
-                    settings.deployments = match v {
-                        Value::Null => None,
-                        Value::Array(items) => Some(
-                            items
-                                .iter()
-                                .map(|i| i.as_str().map(str::to_string))
-                                .collect::<Option<Vec<_>>>()
-                                .ok_or("deployments must be an array of strings or null")?,
-                        ),
-                        _ => return Err("deployments must be an array of strings or null".into()),
-                    }
-                }
-                "retry_after_header" => {
-                    settings.retry_after_header = match v.as_str() {
-                        Some("keep") => true,
-                        Some("omit") => false,
-                        _ => return Err("retry_after_header must be \"keep\" or \"omit\"".into()),
-                    }
-                }
-                "fail_next" => {
-                    let items = v.as_array().ok_or("fail_next must be an array")?;
-                    for item in items {
-                        faults.push(parse_fault(item)?);
-                    }
-                }
-                other => return Err(format!("unknown config key: {other}")),
-            }
+            staged.apply(key, v)?;
         }
-        self.settings = settings;
-        self.quota = quota;
-        if limits_changed {
+        self.settings = staged.settings;
+        self.quota = staged.quota;
+        if staged.limits_changed {
             self.quota.reset();
         }
-        self.faults.extend(faults);
+        self.faults.extend(staged.faults);
         Ok(())
     }
 
-    fn record(&mut self, req: RequestInfo, parsed: Option<&Value>, deployment: Option<String>, status: u16) {
+    fn record(
+        &mut self,
+        req: RequestInfo,
+        parsed: Option<&Value>,
+        deployment: Option<String>,
+        outcome: &Outcome,
+        fault: Option<&'static str>,
+    ) {
+        let status = outcome.status();
         self.total += 1;
         *self.by_status.entry(status.to_string()).or_insert(0) += 1;
         let body_json =
@@ -279,6 +351,7 @@ impl Mock {
             deployment,
             status,
             stream,
+            fault,
         });
     }
 
@@ -286,136 +359,157 @@ impl Mock {
     /// `now_ms` is the quota clock, `unix_s` the `created` timestamp.
     pub fn handle(&mut self, req: RequestInfo, now_ms: u64, unix_s: u64) -> Outcome {
         let parsed: Option<Value> = serde_json::from_slice(&req.body).ok();
-        let latency_ms = self.settings.latency_ms;
-        let stream_delay_ms = self.settings.stream_chunk_delay_ms;
-        let mut headers: Vec<(&'static str, String)> = Vec::new();
-
-        macro_rules! reply {
-            ($status:expr, $body:expr, $deployment:expr) => {{
-                let status: u16 = $status;
-                self.record(req, parsed.as_ref(), $deployment, status);
-                return Outcome::Reply(Reply {
-                    status,
-                    headers,
-                    body: ReplyBody::Json($body),
-                    latency_ms,
-                    stream_delay_ms,
-                });
-            }};
-        }
-
-        let route = match (req.method.as_str(), openai::parse_path(&req.path)) {
-            ("POST", Some(route)) => route,
-            _ => reply!(404, openai::resource_not_found(), None),
-        };
-        let op = route.op();
-        let api_version = openai::query_param(&req.query, "api-version").filter(|v| !v.is_empty()).map(str::to_string);
-        let api_version_text = api_version.clone().unwrap_or_else(|| openai::DEFAULT_API_VERSION.into());
-        let deployment: Option<String> = match &route {
-            Route::Classic { deployment, .. } => Some(deployment.clone()),
-            Route::ModelInBody { .. } => {
-                parsed.as_ref().and_then(|b| b.get("model")).and_then(Value::as_str).map(str::to_string)
+        let (deployment, fault, outcome) = match (req.method.as_str(), openai::parse_path(&req.path)) {
+            ("POST", Some(route)) => {
+                let call = Call::new(route, &req.query, parsed.as_ref());
+                let fault = self.faults.pop_front();
+                let outcome = self.decide(&req, parsed.as_ref(), &call, fault.as_ref(), now_ms, unix_s);
+                (call.deployment, fault, outcome)
             }
+            // Not a data-plane route: no fault is used up.
+            _ => (None, None, self.deliver(Answer::json(404, Headers::new(), openai::resource_not_found()))),
         };
+        self.record(req, parsed.as_ref(), deployment, &outcome, fault.as_ref().map(Fault::kind));
+        outcome
+    }
 
-        // Every data-plane response reports the remaining quota; admission
-        // below replaces these with the post-admission numbers.
-        let before = self.quota.remaining(now_ms);
-
-        match self.faults.pop_front() {
-            Some(Fault::Reset) => {
-                self.record(req, parsed.as_ref(), deployment, 0);
-                return Outcome::Reset { latency_ms };
-            }
-            Some(Fault::Status { status, retry_after, retry_after_ms }) if status >= 400 => {
-                remaining_headers(before, &mut headers);
-                headers.push(("x-mock-injected", "true".into()));
-                if let Some(r) = &retry_after {
-                    headers.push(("retry-after", r.clone()));
-                }
-                if let Some(r) = retry_after_ms {
-                    headers.push(("retry-after-ms", r));
-                }
-                let body = openai::injected_error(status, op, &api_version_text, retry_after.as_deref());
-                reply!(status, body, deployment)
+    /// The outcome of a routed request, with the queued `fault` (if any) applied.
+    fn decide(
+        &mut self,
+        req: &RequestInfo,
+        parsed: Option<&Value>,
+        call: &Call,
+        fault: Option<&Fault>,
+        now_ms: u64,
+        unix_s: u64,
+    ) -> Outcome {
+        match fault {
+            Some(Fault::Reset) => return Outcome::Reset { latency_ms: self.settings.latency_ms },
+            Some(Fault::Hang) => return Outcome::Hang,
+            Some(Fault::Status { status, headers }) if *status >= 400 => {
+                let before = self.quota.remaining(now_ms);
+                return self.deliver(injected_answer(*status, headers, call, before));
             }
             _ => {}
         }
-
-        remaining_headers(before, &mut headers);
-        if let Some(key) = &self.settings.api_key {
-            if !authorized(key, &req.headers) {
-                reply!(401, openai::access_denied(), deployment)
+        let answer = self.serve(req, parsed, call, now_ms, unix_s);
+        let mut outcome = self.deliver(answer);
+        if let Outcome::Reply(reply) = &mut outcome {
+            match fault {
+                Some(Fault::Status { headers, .. }) => reply.headers.extend(headers.iter().cloned()),
+                Some(Fault::HangMs(ms)) => reply.latency_ms = reply.latency_ms.saturating_add(*ms),
+                Some(Fault::ResetAfterEvents(n)) => reply.reset_after_events = Some(*n),
+                _ => {}
             }
         }
-        if matches!(route, Route::Classic { .. }) && api_version.is_none() {
-            reply!(404, openai::resource_not_found(), deployment)
-        }
-        let body = match &parsed {
-            Some(b @ Value::Object(_)) => b.clone(),
-            Some(_) => reply!(
-                400,
-                openai::error_body("BadRequest", "The request body must be a JSON object."),
-                deployment
-            ),
-            None => reply!(
-                400,
-                openai::error_body(
-                    "BadRequest",
-                    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
-                ),
-                deployment
-            ),
+        outcome
+    }
+
+    /// Wrap an answer with the configured delays.
+    fn deliver(&self, answer: Answer) -> Outcome {
+        Outcome::Reply(Reply {
+            status: answer.status,
+            headers: answer.headers,
+            body: answer.body,
+            latency_ms: self.settings.latency_ms,
+            stream_delay_ms: self.settings.stream_chunk_delay_ms,
+            reset_after_events: None,
+        })
+    }
+
+    /// The fault-free answer: checks, quota admission, then the generated body.
+    fn serve(&mut self, req: &RequestInfo, parsed: Option<&Value>, call: &Call, now_ms: u64, unix_s: u64) -> Answer {
+        let (body, model) = match check(&self.settings, req, parsed, call) {
+            Ok(checked) => checked,
+            // Every data-plane response reports the remaining quota.
+            Err((status, err)) => return Answer::json(status, remaining_headers(self.quota.remaining(now_ms)), err),
         };
-        let Some(model) = deployment.clone() else {
-            reply!(400, openai::error_body("BadRequest", "you must provide a model parameter"), None)
+        match self.admit(call, body, now_ms) {
+            Ok(headers) => Answer { status: 200, headers, body: self.generate(call.op, body, model, unix_s) },
+            Err(answer) => answer,
+        }
+    }
+
+    /// Charge the quota; the remaining-quota headers, or Azure's 429.
+    fn admit(&mut self, call: &Call, body: &Value, now_ms: u64) -> Result<Headers, Answer> {
+        let charge = openai::quota_charge(call.op, body);
+        let rej = match self.quota.try_admit(now_ms, charge) {
+            Ok(after) => return Ok(remaining_headers(after)),
+            Err(rej) => rej,
         };
-        if let Some(list) = &self.settings.deployments {
-            if !list.iter().any(|d| d == &model) {
-                reply!(404, openai::deployment_not_found(), deployment)
-            }
+        let mut headers = remaining_headers(rej.remaining);
+        let secs = rej.retry_after_secs();
+        if self.settings.retry_after_header {
+            headers.push((RETRY_AFTER, HeaderValue::from(secs)));
+            headers.push((HeaderName::from_static("retry-after-ms"), HeaderValue::from(rej.reset_in_ms)));
         }
+        let err = openai::rate_limited(call.op, call.api_version_text(), rej.kind == LimitKind::Requests, secs);
+        Err(Answer::json(429, headers, err))
+    }
 
-        let charge = openai::quota_charge(op, &body);
-        match self.quota.try_admit(now_ms, charge) {
-            Ok(after) => {
-                headers.clear();
-                remaining_headers(after, &mut headers);
-            }
-            Err(rej) => {
-                headers.clear();
-                remaining_headers(rej.remaining, &mut headers);
-                let secs = rej.retry_after_secs();
-                if self.settings.retry_after_header {
-                    headers.push(("retry-after", secs.to_string()));
-                    headers.push(("retry-after-ms", rej.reset_in_ms.to_string()));
-                }
-                let err = openai::rate_limited(op, &api_version_text, rej.kind == LimitKind::Requests, secs);
-                reply!(429, err, deployment)
-            }
-        }
-
+    /// The 200 body for an admitted request.
+    fn generate(&mut self, op: Operation, body: &Value, model: &str, unix_s: u64) -> ReplyBody {
         let id = self.next_id;
         self.next_id += 1;
-        let name = self.settings.name.clone();
         let chunks = self.settings.stream_chunks.max(1);
-        let ctx = Ctx { name: &name, id, created: unix_s, model: &model };
-        let prompt = openai::estimate_prompt_tokens(op, &body);
-        let stream = op.can_stream() && openai::wants_stream(&body);
-        let reply_body = match (op, stream) {
-            (Operation::ChatCompletions, true) => ReplyBody::Stream(openai::chat_stream(&ctx, &body, prompt, chunks)),
+        let ctx = Ctx { name: &self.settings.name, id, created: unix_s, model };
+        let prompt = openai::estimate_prompt_tokens(op, body);
+        let stream = op.can_stream() && openai::wants_stream(body);
+        match (op, stream) {
+            (Operation::ChatCompletions, true) => ReplyBody::Stream(openai::chat_stream(&ctx, body, prompt, chunks)),
             (Operation::ChatCompletions, false) => ReplyBody::Json(openai::chat_completion(&ctx, prompt, chunks)),
-            (Operation::Completions, true) => ReplyBody::Stream(openai::completion_stream(&ctx, &body, prompt, chunks)),
+            (Operation::Completions, true) => ReplyBody::Stream(openai::completion_stream(&ctx, body, prompt, chunks)),
             (Operation::Completions, false) => ReplyBody::Json(openai::text_completion(&ctx, prompt, chunks)),
-            (Operation::Embeddings, _) => ReplyBody::Json(openai::embeddings(&ctx, &body, prompt)),
+            (Operation::Embeddings, _) => ReplyBody::Json(openai::embeddings(&ctx, body, prompt)),
             (Operation::ImageGenerations, _) => {
                 let first = self.next_image;
-                self.next_image += openai::image_count(&body);
-                ReplyBody::Json(openai::images(&ctx, &body, first))
+                self.next_image += openai::image_count(body);
+                ReplyBody::Json(openai::images(&ctx, body, first))
             }
-        };
-        self.record(req, parsed.as_ref(), deployment, 200);
-        Outcome::Reply(Reply { status: 200, headers, body: reply_body, latency_ms, stream_delay_ms })
+        }
+    }
+}
+
+/// A `/_mock/config` being applied: copies that replace the live state only
+/// when every key was valid.
+struct StagedConfig {
+    settings: Settings,
+    quota: Quota,
+    faults: Vec<Fault>,
+    limits_changed: bool,
+}
+
+impl StagedConfig {
+    fn apply(&mut self, key: &str, v: &Value) -> Result<(), String> {
+        let s = &mut self.settings;
+        match key {
+            "requests_per_window" => self.quota.requests_per_window = opt_u64(key, v)?,
+            "tokens_per_window" => self.quota.tokens_per_window = opt_u64(key, v)?,
+            "window_ms" => self.quota.window_ms = req_u64(key, v)?.max(1),
+            "latency_ms" => s.latency_ms = req_u64(key, v)?,
+            "stream_chunks" => {
+                s.stream_chunks = usize::try_from(req_u64(key, v)?.clamp(1, 100_000))
+                    .map_err(|_| "stream_chunks out of range".to_string())?
+            }
+            "stream_chunk_delay_ms" => s.stream_chunk_delay_ms = req_u64(key, v)?,
+            "api_key" => s.api_key = opt_string(v).ok_or("api_key must be a string or null")?,
+            "deployments" => {
+                s.deployments = opt_string_list(v).ok_or("deployments must be an array of strings or null")?
+            }
+            "retry_after_header" => {
+                s.retry_after_header = match v.as_str() {
+                    Some("keep") => true,
+                    Some("omit") => false,
+                    _ => return Err("retry_after_header must be \"keep\" or \"omit\"".into()),
+                }
+            }
+            "fail_next" => self.faults.extend(fault::parse_faults(v)?),
+            other => return Err(format!("unknown config key: {other}")),
+        }
+        if matches!(key, "requests_per_window" | "tokens_per_window" | "window_ms") {
+            self.limits_changed = true;
+        }
+        Ok(())
     }
 }
 
@@ -430,36 +524,24 @@ fn opt_u64(key: &str, v: &Value) -> Result<Option<u64>, String> {
     }
 }
 
-/// A header value given as a string or a number.
-fn header_value(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(_) => Err(format!("fail_next.{key} must be a string or number")),
+/// A string or null; `None` for anything else.
+fn opt_string(v: &Value) -> Option<Option<String>> {
+    match v {
+        Value::Null => Some(None),
+        Value::String(s) => Some(Some(s.clone())),
+        _ => None,
     }
 }
 
-fn parse_fault(v: &Value) -> Result<Fault, String> {
-    let obj = v.as_object().ok_or("fail_next entries must be objects")?;
-    for k in obj.keys() {
-        if !matches!(k.as_str(), "status" | "reset" | "retry_after" | "retry_after_ms") {
-            return Err(format!("unknown fail_next key: {k}"));
+/// An array of strings or null; `None` for anything else.
+fn opt_string_list(v: &Value) -> Option<Option<Vec<String>>> {
+    match v {
+        Value::Null => Some(None),
+        Value::Array(items) => {
+            items.iter().map(|i| i.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().map(Some)
         }
+        _ => None,
     }
-    if obj.get("reset").and_then(Value::as_bool) == Some(true) {
-        return Ok(Fault::Reset);
-    }
-    let status = obj
-        .get("status")
-        .and_then(Value::as_u64)
-        .filter(|s| (100..=599).contains(s))
-        .ok_or("fail_next entry needs \"status\" (100-599) or \"reset\": true")?;
-    Ok(Fault::Status {
-        status: u16::try_from(status).map_err(|_| "bad status".to_string())?,
-        retry_after: header_value(obj, "retry_after")?,
-        retry_after_ms: header_value(obj, "retry_after_ms")?,
-    })
 }
 
 #[cfg(test)]
@@ -491,12 +573,13 @@ mod tests {
     fn reply(o: Outcome) -> Reply {
         match o {
             Outcome::Reply(r) => r,
-            Outcome::Reset { .. } => panic!("unexpected reset"),
+            other => panic!("unexpected {other:?}"),
         }
     }
 
+    /// The value a client sees: the last one of that name.
     fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
-        r.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+        r.headers.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.to_str().unwrap())
     }
 
     fn json_body(r: &Reply) -> &Value {
@@ -644,6 +727,115 @@ mod tests {
         let s = m.stats_json();
         assert_eq!(s["requests_total"], 0);
         assert_eq!(s["requests"], json!([]));
+    }
+
+    fn faults(m: &mut Mock, list: Value) {
+        m.apply_config(&json!({ "fail_next": list })).unwrap();
+    }
+
+    fn raw_header<'a>(r: &'a Reply, name: &str) -> Option<&'a [u8]> {
+        r.headers.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_bytes())
+    }
+
+    #[test]
+    fn injected_404_and_401_have_azure_bodies() {
+        let mut m = mock();
+        faults(&mut m, json!([{"status": 404}, {"status": 401}]));
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!((r.status, json_body(&r)), (404, &openai::deployment_not_found()));
+        assert_eq!(json_body(&r)["error"]["code"], "DeploymentNotFound");
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!((r.status, json_body(&r)), (401, &openai::access_denied()));
+        assert_eq!(header(&r, "x-mock-injected"), Some("true"));
+    }
+
+    #[test]
+    fn injected_error_with_extra_headers() {
+        let mut m = mock();
+        m.apply_config(&json!({"requests_per_window": 10})).unwrap();
+        faults(
+            &mut m,
+            json!([{
+                "status": 429,
+                "retry_after": 3,
+                "headers": {"retry-after": "9", "x-ms-region": "East US"},
+                "raw_headers": [["x-bin", "ff fe"]]
+            }]),
+        );
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!(r.status, 429);
+        assert_eq!(header(&r, "retry-after"), Some("9"));
+        assert_eq!(header(&r, "x-ms-region"), Some("East US"));
+        assert_eq!(raw_header(&r, "x-bin"), Some(&[0xff, 0xfe][..]));
+        assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("10"), "no quota used");
+        assert!(json_body(&r)["error"]["message"].as_str().unwrap().contains("retry after 9 seconds"));
+        assert_eq!(m.stats_json()["requests"][0]["fault"], "status");
+    }
+
+    #[test]
+    fn pass_with_raw_headers_serves_normally() {
+        let mut m = mock();
+        faults(&mut m, json!([{"status": 200, "raw_headers": [["x-weird", "6f6b ff"]], "headers": {"x-a": 1}}]));
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!(r.status, 200);
+        assert_eq!(json_body(&r)["choices"][0]["message"]["content"], "Hello from eastus part3 part4");
+        assert_eq!(raw_header(&r, "x-weird"), Some(&b"ok\xff"[..]));
+        assert_eq!(header(&r, "x-a"), Some("1"));
+        assert_eq!(header(&r, "x-mock-injected"), None);
+        // The normal checks still apply: here the headers ride on a 401.
+        m.settings.api_key = Some("k".into());
+        faults(&mut m, json!([{"status": 204, "headers": {"x-a": "2"}}]));
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!((r.status, header(&r, "x-a")), (401, Some("2")));
+        let recs = m.stats_json()["requests"].clone();
+        assert_eq!((recs[0]["fault"].clone(), recs[0]["status"].clone()), (json!("pass"), json!(200)));
+        assert_eq!((recs[1]["fault"].clone(), recs[1]["status"].clone()), (json!("pass"), json!(401)));
+    }
+
+    #[test]
+    fn reset_after_events_serves_then_marks_the_cut() {
+        let mut m = mock();
+        m.apply_config(&json!({"requests_per_window": 5})).unwrap();
+        faults(&mut m, json!([{"reset_after_events": 2}, {"reset_after_events": 0}]));
+        let r = reply(m.handle(req(CHAT, json!({"messages": [], "stream": true})), 0, 0));
+        assert_eq!((r.status, r.reset_after_events), (200, Some(2)));
+        assert!(matches!(r.body, ReplyBody::Stream(_)));
+        assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("4"), "the quota is used");
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!(r.reset_after_events, Some(0));
+        assert!(matches!(r.body, ReplyBody::Json(_)));
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!(r.reset_after_events, None);
+        let s = m.stats_json();
+        let rec = &s["requests"][0];
+        assert_eq!(
+            (&rec["status"], &rec["fault"], &rec["stream"]),
+            (&json!(200), &json!("reset_after_events"), &json!(true))
+        );
+        assert_eq!(s["requests"][2]["fault"], Value::Null);
+    }
+
+    #[test]
+    fn hang_and_reset_are_recorded_with_status_0() {
+        let mut m = mock();
+        m.settings.latency_ms = 7;
+        faults(&mut m, json!([{"hang": true}, {"reset": true}, {"hang_ms": 300}]));
+        // Not a data-plane route: no fault is used up.
+        assert_eq!(reply(m.handle(req("/nope", chat_body()), 0, 0)).status, 404);
+        assert!(matches!(m.handle(req(CHAT, chat_body()), 0, 0), Outcome::Hang));
+        assert!(matches!(m.handle(req(CHAT, chat_body()), 0, 0), Outcome::Reset { latency_ms: 7 }));
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!((r.status, r.latency_ms), (200, 307));
+        assert_eq!(reply(m.handle(req(CHAT, chat_body()), 0, 0)).latency_ms, 7);
+        let s = m.stats_json();
+        let got: Vec<(Value, Value)> =
+            s["requests"].as_array().unwrap().iter().map(|r| (r["status"].clone(), r["fault"].clone())).collect();
+        let want =
+            [(404, Value::Null), (0, json!("hang")), (0, json!("reset")), (200, json!("hang_ms")), (200, Value::Null)];
+        assert_eq!(got, want.map(|(st, f)| (json!(st), f)));
+        assert_eq!(s["by_status"]["0"], 2);
+        assert_eq!(s["requests"][1]["path"], "/openai/deployments/gpt4o/chat/completions");
+        assert_eq!(s["requests"][1]["body_json"]["max_tokens"], 10);
     }
 
     #[test]
