@@ -331,7 +331,7 @@ def selection_section(sel: dict) -> list[str]:
         "",
         "- `pick`: `selection::Pool::pick` alone (priority groups, smooth weighted round robin, throttle / "
         "circuit check against a `HealthTable`), rotation counter = a local counter.",
-        "- `route_request`: `Gateway::route_request` with `store::MemoryStore` + `ManualClock`: everything the "
+        "- `route_request`: `Gateway::pick_first` plus the forwarded path, with `testing::MemoryStore` + `ManualClock`: everything the "
         "request role decides per request, including reading and decoding the shared health table and the "
         "CAS increment of the rotation counter in the (in-memory) shared store.",
         "- `plan_attempt`: `Gateway::plan_attempt`, the attempt role's per-attempt decision (health read, "
@@ -610,7 +610,7 @@ def commands_section(ov: dict | None, gp: dict | None) -> list[str]:
         "cargo install oha --version 1.16.0 --locked --no-default-features --features native-tls --root bench/.tools",
         "cargo build --locked --target wasm32-wasip1 --release --lib",
         "cargo build --locked --target wasm32-wasip1 --release -p spillway-bench-trivial-filter",
-        "cargo build --locked --release --bin spillway-render -p spillway",
+        "cargo build --locked --release -p spillway-render",
         "cargo build --locked --release -p spillway-mock -p spillway-bench-selection",
         "bench/.venv/bin/python bench/bench.py             # all parts → bench/results/*.json|csv",
         "bench/.venv/bin/python bench/report.py            # charts + this file",

@@ -42,7 +42,7 @@ fi
 say "building (release)"
 cargo build --locked --quiet --target wasm32-wasip1 --release --lib
 cargo build --locked --quiet --target wasm32-wasip1 --release -p spillway-bench-trivial-filter
-cargo build --locked --quiet --release --bin spillway-render -p spillway
+cargo build --locked --quiet --release -p spillway-render
 cargo build --locked --quiet --release -p spillway-mock -p spillway-bench-selection
 
 BENCH_INSTALL_BUILD_SECONDS=$(( $(date +%s) - START ))

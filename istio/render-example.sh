@@ -7,7 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 if [ -z "${SPILLWAY_RENDER:-}" ]; then
-  cargo build --quiet --release --bin spillway-render
+  cargo build --quiet --release -p spillway-render
   SPILLWAY_RENDER="${CARGO_TARGET_DIR:-$ROOT/target}/release/spillway-render"
 fi
 OUT=istio/example-manifests.yaml

@@ -139,7 +139,7 @@ say "setting up (scripts/setup.sh)"
 bash "$ROOT/scripts/setup.sh"
 say "building spillway.wasm, spillway-render and spillway-mock (release)"
 cargo build --quiet --target wasm32-wasip1 --release --lib || die "building spillway.wasm failed"
-cargo build --quiet --release --bin spillway-render || die "building spillway-render failed"
+cargo build --quiet --release -p spillway-render || die "building spillway-render failed"
 cargo build --quiet --release -p spillway-mock || die "building spillway-mock failed"
 for f in "$WASM" "$RENDER" "$MOCK" "$ENVOY" "$PY"; do
   [[ -x "$f" || -f "$f" ]] || die "missing $f after setup and build"

@@ -21,7 +21,7 @@ case "${1:-}" in
   *) echo "usage: scripts/render-examples.sh [--check]" >&2; exit 2 ;;
 esac
 
-cargo build --quiet --release --bin spillway-render
+cargo build --quiet --release -p spillway-render
 
 # input json | output yaml | renderer options
 EXAMPLES=(

@@ -28,7 +28,7 @@ fi
 
 echo "== build"
 cargo build --locked --target wasm32-wasip1 --release --lib
-cargo build --locked --release --bin spillway-render -p spillway
+cargo build --locked --release -p spillway-render
 cargo build --locked --release -p spillway-mock
 
 echo "== clippy"

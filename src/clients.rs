@@ -12,6 +12,10 @@ pub enum Auth {
     Invalid,
 }
 
+/// Request headers a client may use for its credentials; the request role
+/// removes them when clients are configured so no client key goes upstream.
+pub const CLIENT_CREDENTIAL_HEADERS: [&str; 3] = ["api-key", "ocp-apim-subscription-key", "authorization"];
+
 /// The credential a client sent, from the headers clients use: `api-key`
 /// (AzureOpenAI SDK), `Ocp-Apim-Subscription-Key` (API Management habit),
 /// `Authorization: Bearer` (OpenAI SDK), in that order.

@@ -1,17 +1,10 @@
 //! The filter JSON: parsed strictly (unknown fields are errors) and validated
 //! once, so the per-request code never meets an invalid value.
 
+use crate::contract::cluster_name;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
-
-/// Prefix of the Envoy cluster that carries a backend's traffic. The renderer
-/// and both filter roles derive cluster names from backend names with it.
-pub const CLUSTER_PREFIX: &str = "spillway_";
-
-pub fn cluster_name(backend: &str) -> String {
-    format!("{CLUSTER_PREFIX}{backend}")
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,131 +211,25 @@ impl Config {
         }
         let mut backends: Vec<Backend> = Vec::with_capacity(raw.backends.len());
         for (i, rb) in raw.backends.into_iter().enumerate() {
-            let field = |f: &str| format!("backends[{i}].{f}");
-            if !valid_name(&rb.name) {
-                return Err(err(field("name"), "must be 1-48 characters of a-z, A-Z, 0-9, '-' or '_'"));
+            let backend = parse_backend(i, rb, &keys)?;
+            if backends.iter().any(|b| b.name == backend.name) {
+                return Err(err(format!("backends[{i}].name"), format!("duplicate backend name \"{}\"", backend.name)));
             }
-            if backends.iter().any(|b| b.name == rb.name) {
-                return Err(err(field("name"), format!("duplicate backend name \"{}\"", rb.name)));
-            }
-            let url = parse_url(&rb.url).map_err(|why| err(field("url"), why))?;
-            if rb.weight == 0 || rb.weight > MAX_WEIGHT {
-                return Err(err(field("weight"), format!("must be between 1 and {MAX_WEIGHT}")));
-            }
-            let api_key = match (&rb.api_key, &rb.api_key_env, &keys) {
-                (Some(_), Some(_), _) => {
-                    return Err(err(field("api_key"), "set api_key or api_key_env, not both"))
-                }
-                (Some(k), None, _) if k.is_empty() => return Err(err(field("api_key"), "is empty")),
-                (Some(k), None, _) => Some(Secret::new(k.clone())),
-                (None, Some(var), _) if var.is_empty() => {
-                    return Err(err(field("api_key_env"), "is empty"))
-                }
-                (None, Some(_), Keys::NamesOnly) => None,
-                (None, Some(var), Keys::Resolve(lookup)) => match lookup(var) {
-                    Some(v) if !v.is_empty() => Some(Secret::new(v)),
-                    _ => {
-                        return Err(err(
-                            field("api_key_env"),
-                            format!("environment variable {var} is not set or empty in the Envoy process (list it in vm_config.environment_variables.host_env_keys)"),
-                        ))
-                    }
-                },
-                (None, None, _) => None,
-            };
-            for (from, to) in &rb.deployments {
-                if !valid_deployment(from) || !valid_deployment(to) {
-                    return Err(err(
-                        field(&format!("deployments.{from}")),
-                        "deployment names must be non-empty URL path segments without '/', '?', '%' or '#'",
-                    ));
-                }
-            }
-            backends.push(Backend {
-                cluster: cluster_name(&rb.name),
-                name: rb.name,
-                scheme: url.scheme,
-                authority: url.authority,
-                host: url.host,
-                port: url.port,
-                api_key_env: rb.api_key_env,
-                api_key,
-                priority: rb.priority,
-                weight: rb.weight,
-                deployments: rb.deployments,
-            });
-        }
-        if raw.retry_on.iter().any(|s| !(400..=599).contains(s)) {
-            return Err(err("retry_on", "status codes must be between 400 and 599"));
-        }
-        if raw.default_retry_after_s == 0 {
-            return Err(err("default_retry_after_s", "must be at least 1"));
-        }
-        if raw.max_retry_after_s < raw.default_retry_after_s {
-            return Err(err("max_retry_after_s", "must be at least default_retry_after_s"));
-        }
-        let cb = raw.circuit_breaker.unwrap_or(RawCircuitBreaker {
-            consecutive_failures: default_consecutive_failures(),
-            open_s: default_open_s(),
-        });
-        if cb.consecutive_failures == 0 {
-            return Err(err("circuit_breaker.consecutive_failures", "must be at least 1"));
-        }
-        if cb.open_s == 0 {
-            return Err(err("circuit_breaker.open_s", "must be at least 1"));
-        }
-        if let Some(v) = &raw.api_version {
-            if v.is_empty() || !v.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.') {
-                return Err(err("api_version", "must look like 2024-10-21"));
-            }
+            backends.push(backend);
         }
         let mut clients: Vec<Client> = Vec::with_capacity(raw.clients.len());
         for (i, rc) in raw.clients.into_iter().enumerate() {
-            let field = |f: &str| format!("clients[{i}].{f}");
-            if !valid_name(&rc.name) {
-                return Err(err(field("name"), "must be 1-48 characters of a-z, A-Z, 0-9, '-' or '_'"));
+            let client = parse_client(i, rc, &keys)?;
+            if clients.iter().any(|c| c.name == client.name) {
+                return Err(err(format!("clients[{i}].name"), format!("duplicate client name \"{}\"", client.name)));
             }
-            if clients.iter().any(|c| c.name == rc.name) {
-                return Err(err(field("name"), format!("duplicate client name \"{}\"", rc.name)));
+            if client.key.is_some() && clients.iter().any(|c| c.key == client.key) {
+                return Err(err(format!("clients[{i}].key"), "the same key is already used by another client"));
             }
-            let key = match (&rc.key, &rc.key_env, &keys) {
-                (Some(_), Some(_), _) => return Err(err(field("key"), "set key or key_env, not both")),
-                (None, None, _) => return Err(err(field("key"), "set key or key_env")),
-                (Some(k), None, _) if k.len() < 8 => {
-                    return Err(err(field("key"), "must be at least 8 characters"))
-                }
-                (Some(k), None, _) => Some(Secret::new(k.clone())),
-                (None, Some(var), _) if var.is_empty() => return Err(err(field("key_env"), "is empty")),
-                (None, Some(_), Keys::NamesOnly) => None,
-                (None, Some(var), Keys::Resolve(lookup)) => match lookup(var) {
-                    Some(v) if v.len() >= 8 => Some(Secret::new(v)),
-                    _ => {
-                        return Err(err(
-                            field("key_env"),
-                            format!("environment variable {var} is not set or shorter than 8 characters in the Envoy process (list it in vm_config.environment_variables.host_env_keys)"),
-                        ))
-                    }
-                },
-            };
-            if let Some(k) = &key {
-                if clients.iter().any(|c| c.key.as_ref() == Some(k)) {
-                    return Err(err(field("key"), "the same key is already used by another client"));
-                }
-            }
-            if rc.requests_per_minute == Some(0) {
-                return Err(err(field("requests_per_minute"), "must be at least 1 (omit it for no limit)"));
-            }
-            if rc.tokens_per_minute == Some(0) {
-                return Err(err(field("tokens_per_minute"), "must be at least 1 (omit it for no limit)"));
-            }
-            clients.push(Client {
-                name: rc.name,
-                key,
-                key_env: rc.key_env,
-                requests_per_minute: rc.requests_per_minute,
-                tokens_per_minute: rc.tokens_per_minute,
-            });
+            clients.push(client);
         }
+        validate_globals(&raw.retry_on, raw.default_retry_after_s, raw.max_retry_after_s, &raw.api_version)?;
+        let circuit_breaker = parse_circuit_breaker(raw.circuit_breaker)?;
         if raw.attempt_timeout_s == Some(0) {
             return Err(err("attempt_timeout_s", "must be at least 1 (omit it for no per-attempt timeout)"));
         }
@@ -358,10 +245,7 @@ impl Config {
             retry_on: raw.retry_on,
             default_retry_after_ms: raw.default_retry_after_s.saturating_mul(1000),
             max_retry_after_ms: raw.max_retry_after_s.saturating_mul(1000),
-            circuit_breaker: CircuitBreaker {
-                consecutive_failures: cb.consecutive_failures,
-                open_ms: cb.open_s.saturating_mul(1000),
-            },
+            circuit_breaker,
             api_version: raw.api_version,
             attempt_timeout_s: raw.attempt_timeout_s,
         })
@@ -376,12 +260,165 @@ impl Config {
     }
 }
 
+const NAME_RULE: &str = "must be 1-48 characters of a-z, A-Z, 0-9, '-' or '_'";
+
+fn parse_backend(i: usize, rb: RawBackend, keys: &Keys<'_>) -> Result<Backend, ConfigError> {
+    let field = |f: &str| format!("backends[{i}].{f}");
+    if !valid_name(&rb.name) {
+        return Err(err(field("name"), NAME_RULE));
+    }
+    let url = parse_url(&rb.url).map_err(|why| err(field("url"), why))?;
+    if rb.weight == 0 || rb.weight > MAX_WEIGHT {
+        return Err(err(field("weight"), format!("must be between 1 and {MAX_WEIGHT}")));
+    }
+    let source = SecretSource {
+        literal: rb.api_key,
+        env: rb.api_key_env.clone(),
+        literal_field: "api_key",
+        env_field: "api_key_env",
+    };
+    let api_key = resolve_secret(source, keys, 1, &field)?;
+    for (from, to) in &rb.deployments {
+        if !valid_deployment(from) || !valid_deployment(to) {
+            return Err(err(
+                field(&format!("deployments.{from}")),
+                "deployment names must be non-empty URL path segments without '/', '?', '%', '#', whitespace or control characters",
+            ));
+        }
+    }
+    Ok(Backend {
+        cluster: cluster_name(&rb.name),
+        name: rb.name,
+        scheme: url.scheme,
+        authority: url.authority,
+        host: url.host,
+        port: url.port,
+        api_key_env: rb.api_key_env,
+        api_key,
+        priority: rb.priority,
+        weight: rb.weight,
+        deployments: rb.deployments,
+    })
+}
+
+/// Shortest accepted client key.
+const MIN_CLIENT_KEY: usize = 8;
+
+fn parse_client(i: usize, rc: RawClient, keys: &Keys<'_>) -> Result<Client, ConfigError> {
+    let field = |f: &str| format!("clients[{i}].{f}");
+    if !valid_name(&rc.name) {
+        return Err(err(field("name"), NAME_RULE));
+    }
+    if rc.key.is_none() && rc.key_env.is_none() {
+        return Err(err(field("key"), "set key or key_env"));
+    }
+    let source = SecretSource { literal: rc.key, env: rc.key_env.clone(), literal_field: "key", env_field: "key_env" };
+    let key = resolve_secret(source, keys, MIN_CLIENT_KEY, &field)?;
+    if rc.requests_per_minute == Some(0) {
+        return Err(err(field("requests_per_minute"), "must be at least 1 (omit it for no limit)"));
+    }
+    if rc.tokens_per_minute == Some(0) {
+        return Err(err(field("tokens_per_minute"), "must be at least 1 (omit it for no limit)"));
+    }
+    Ok(Client {
+        name: rc.name,
+        key,
+        key_env: rc.key_env,
+        requests_per_minute: rc.requests_per_minute,
+        tokens_per_minute: rc.tokens_per_minute,
+    })
+}
+
+/// Where a secret comes from: a literal or an environment variable, and the
+/// field names to report either under.
+struct SecretSource {
+    literal: Option<String>,
+    env: Option<String>,
+    literal_field: &'static str,
+    env_field: &'static str,
+}
+
+/// A key from its literal or its environment variable (never both), at least
+/// `min_len` bytes, without whitespace or control characters (they would end
+/// or split a header). `None` when neither is set, or when only the variable
+/// name is wanted (`Keys::NamesOnly`).
+fn resolve_secret(
+    src: SecretSource,
+    keys: &Keys<'_>,
+    min_len: usize,
+    field: &dyn Fn(&str) -> String,
+) -> Result<Option<Secret>, ConfigError> {
+    let too_short =
+        if min_len <= 1 { "is empty".to_string() } else { format!("must be at least {min_len} characters") };
+    let check = |value: String, at: &str, what: &str| -> Result<Option<Secret>, ConfigError> {
+        if value.len() < min_len {
+            return Err(err(field(at), format!("{what}{too_short}")));
+        }
+        if value.bytes().any(|c| c <= b' ' || c == 0x7f) {
+            return Err(err(field(at), format!("{what}must not contain whitespace or control characters")));
+        }
+        Ok(Some(Secret::new(value)))
+    };
+    match (src.literal, src.env, keys) {
+        (Some(_), Some(_), _) => {
+            Err(err(field(src.literal_field), format!("set {} or {}, not both", src.literal_field, src.env_field)))
+        }
+        (Some(literal), None, _) => check(literal, src.literal_field, ""),
+        (None, Some(var), _) if var.is_empty() => Err(err(field(src.env_field), "is empty")),
+        (None, Some(_), Keys::NamesOnly) | (None, None, _) => Ok(None),
+        (None, Some(var), Keys::Resolve(lookup)) => match lookup(&var) {
+            Some(value) => check(value, src.env_field, &format!("the value of environment variable {var} ")),
+            None => Err(err(
+                field(src.env_field),
+                format!("environment variable {var} is not set in the Envoy process (list it in vm_config.environment_variables.host_env_keys)"),
+            )),
+        },
+    }
+}
+
+fn validate_globals(
+    retry_on: &[u16],
+    default_retry_after_s: u64,
+    max_retry_after_s: u64,
+    api_version: &Option<String>,
+) -> Result<(), ConfigError> {
+    if retry_on.iter().any(|s| !(400..=599).contains(s)) {
+        return Err(err("retry_on", "status codes must be between 400 and 599"));
+    }
+    if default_retry_after_s == 0 {
+        return Err(err("default_retry_after_s", "must be at least 1"));
+    }
+    if max_retry_after_s < default_retry_after_s {
+        return Err(err("max_retry_after_s", "must be at least default_retry_after_s"));
+    }
+    if let Some(v) = api_version {
+        if v.is_empty() || !v.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.') {
+            return Err(err("api_version", "must look like 2024-10-21"));
+        }
+    }
+    Ok(())
+}
+
+fn parse_circuit_breaker(raw: Option<RawCircuitBreaker>) -> Result<CircuitBreaker, ConfigError> {
+    let cb = raw.unwrap_or(RawCircuitBreaker {
+        consecutive_failures: default_consecutive_failures(),
+        open_s: default_open_s(),
+    });
+    if cb.consecutive_failures == 0 {
+        return Err(err("circuit_breaker.consecutive_failures", "must be at least 1"));
+    }
+    if cb.open_s == 0 {
+        return Err(err("circuit_breaker.open_s", "must be at least 1"));
+    }
+    Ok(CircuitBreaker { consecutive_failures: cb.consecutive_failures, open_ms: cb.open_s.saturating_mul(1000) })
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 48 && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
 }
 
 fn valid_deployment(name: &str) -> bool {
-    !name.is_empty() && !name.bytes().any(|c| matches!(c, b'/' | b'?' | b'#' | b'%' | b' '))
+    !name.is_empty() && !name.bytes().any(|c| matches!(c, b'/' | b'?' | b'#' | b'%') || c <= b' ' || c == 0x7f)
 }
 
 struct ParsedUrl {
@@ -391,47 +428,58 @@ struct ParsedUrl {
     authority: String,
 }
 
+/// The URL as an error message may show it: credentials (`user:pass@`)
+/// replaced, so a rejected config never echoes them into Envoy's log.
+fn shown_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}{tail}"),
+        None => url.to_string(),
+    }
+}
+
 fn parse_url(url: &str) -> Result<ParsedUrl, String> {
+    let shown = shown_url(url);
     let (scheme, rest) = if let Some(r) = url.strip_prefix("https://") {
         (Scheme::Https, r)
     } else if let Some(r) = url.strip_prefix("http://") {
         (Scheme::Http, r)
     } else {
-        return Err(format!("\"{url}\" must start with http:// or https://"));
+        return Err(format!("\"{shown}\" must start with http:// or https://"));
     };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.is_empty() {
-        return Err(format!("\"{url}\" has no host"));
+        return Err(format!("\"{shown}\" has no host"));
     }
-    if authority.contains(['/', '?', '#', '@', ' ']) {
-        return Err(format!("\"{url}\" must be scheme://host[:port] only (no path, query or credentials)"));
+    if authority.bytes().any(|c| matches!(c, b'/' | b'?' | b'#' | b'@') || c <= b' ' || c == 0x7f) {
+        return Err(format!("\"{shown}\" must be scheme://host[:port] only (no path, query or credentials)"));
     }
     let default_port = if scheme == Scheme::Https { 443 } else { 80 };
+    let bad_port = || format!("\"{shown}\" has a bad port");
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(|| format!("\"{url}\" has a bad IPv6 host"))?;
+        let (h, after) = v6.split_once(']').ok_or_else(|| format!("\"{shown}\" has a bad IPv6 host"))?;
         let port = match after.strip_prefix(':') {
-            Some(p) => parse_port(p, url)?,
+            Some(p) => parse_port(p).ok_or_else(bad_port)?,
             None if after.is_empty() => default_port,
-            None => return Err(format!("\"{url}\" has a bad IPv6 host")),
+            None => return Err(format!("\"{shown}\" has a bad IPv6 host")),
         };
         (h.to_string(), port)
     } else {
         match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), parse_port(p, url)?),
+            Some((h, p)) => (h.to_string(), parse_port(p).ok_or_else(bad_port)?),
             None => (authority.to_string(), default_port),
         }
     };
     if host.is_empty() {
-        return Err(format!("\"{url}\" has no host"));
+        return Err(format!("\"{shown}\" has no host"));
     }
     Ok(ParsedUrl { scheme, host, port, authority: authority.to_string() })
 }
 
-fn parse_port(p: &str, url: &str) -> Result<u16, String> {
-    match p.parse::<u16>() {
-        Ok(port) if port > 0 => Ok(port),
-        _ => Err(format!("\"{url}\" has a bad port")),
-    }
+fn parse_port(p: &str) -> Option<u16> {
+    p.parse::<u16>().ok().filter(|&port| port > 0)
 }
 
 #[cfg(test)]
@@ -563,6 +611,36 @@ mod tests {
         let c = parse(ISSUE_EXAMPLE).unwrap();
         let dump = format!("{c:?}");
         assert!(!dump.contains("literal-key") && !dump.contains("k-east"), "{dump}");
+    }
+
+    #[test]
+    fn url_errors_never_show_credentials() {
+        for url in ["https://user:s3cret@host.example.com", "ftp://user:s3cret@host/x", "http://u:s3cret@h:99999"] {
+            let e = parse(&format!(r#"{{"backends":[{{"name":"a","url":"{url}"}}]}}"#)).unwrap_err().to_string();
+            assert!(e.contains("backends[0].url") && !e.contains("s3cret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn keys_and_names_with_whitespace_or_control_characters_are_refused() {
+        for (json, field) in [
+            (r#"{"backends":[{"name":"a","url":"http://x","api_key":"k\r\nx-evil: 1"}]}"#, "backends[0].api_key"),
+            (r#"{"backends":[{"name":"a","url":"http://x","api_key":"k k"}]}"#, "backends[0].api_key"),
+            (r#"{"backends":[{"name":"a","url":"http://x","deployments":{"g":"a\tb"}}]}"#, "backends[0].deployments.g"),
+            (r#"{"backends":[{"name":"a","url":"http://x\n"}]}"#, "backends[0].url"),
+            (
+                r#"{"backends":[{"name":"a","url":"http://x"}],"clients":[{"name":"c","key":"long-key\n123"}]}"#,
+                "clients[0].key",
+            ),
+        ] {
+            rejects(json, field);
+        }
+        let env = |_: &str| Some("key-with\nnewline".to_string());
+        let e =
+            Config::parse(br#"{"backends":[{"name":"a","url":"http://x","api_key_env":"K"}]}"#, Keys::Resolve(&env))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("backends[0].api_key_env") && !e.contains("newline"), "{e}");
     }
 
     #[test]

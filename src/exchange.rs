@@ -3,10 +3,11 @@
 //! glue feeds it what the host reports and applies what it returns.
 
 use crate::clients::{self, Auth};
-use crate::gateway::{Gateway, LocalReply, RequestDecision};
-use crate::limits::{self, Admission, Limits, Remaining};
+use crate::gateway::Gateway;
+use crate::limits::{self, Admission, Remaining, Settlement};
 use crate::metrics::{self, Metrics};
 use crate::paths;
+use crate::replies::LocalReply;
 use crate::store::{Clock, SharedStore};
 use crate::usage::{self, RequestFacts, SseScanner, Usage};
 use serde::Serialize;
@@ -46,26 +47,62 @@ pub enum Step {
 /// one is passed on without accounting rather than held in memory).
 const MAX_JSON_ANSWER: usize = 4 << 20;
 
+/// The client's side of the request: who it is and what its limits were charged.
+#[derive(Debug, Default)]
+struct ClientCharge {
+    /// Index into `Config::clients`.
+    client: Option<usize>,
+    /// Charged against the client's limits: settled when the exchange ends.
+    admitted: bool,
+    charged_tokens: u64,
+    remaining: Remaining,
+}
+
+/// What the request body told us (when it was read).
+#[derive(Debug, Default)]
+struct BodyFacts {
+    facts: RequestFacts,
+    /// Capped prompt text, with `log_bodies`.
+    prompt: Option<String>,
+    /// The body was changed to ask for a usage chunk the client did not ask
+    /// for: remove that chunk from the answer.
+    strip_usage: bool,
+}
+
+/// How an answer's body is read on its way to the client.
+#[derive(Debug)]
+enum Capture {
+    /// Neither JSON nor SSE, or a JSON answer too large to keep.
+    Nothing,
+    Sse(SseScanner),
+    Json(Vec<u8>),
+}
+
+/// Where the answer stands: nothing yet, the gateway's own, or a backend's.
+#[derive(Debug, Default)]
+enum Answer {
+    #[default]
+    Pending,
+    Local {
+        reason: &'static str,
+        status: u32,
+    },
+    Upstream {
+        status: u32,
+        backend: Option<String>,
+        attempts: Option<u32>,
+        capture: Capture,
+    },
+}
+
 #[derive(Debug, Default)]
 pub struct Exchange {
     started_ms: u64,
     method: String,
     path: String,
-    client: Option<usize>,
-    facts: RequestFacts,
-    charged_tokens: u64,
-    admitted: bool,
-    remaining: Remaining,
-    local_reason: Option<&'static str>,
-    status: u32,
-    backend: Option<String>,
-    attempts: Option<u32>,
-    sse: Option<SseScanner>,
-    json_answer: Option<Vec<u8>>,
-    strip_usage: bool,
-    prompt: Option<String>,
-    answer_model: Option<String>,
-    usage: Option<Usage>,
+    charge: ClientCharge,
+    body: BodyFacts,
+    answer: Answer,
 }
 
 impl Exchange {
@@ -73,20 +110,12 @@ impl Exchange {
         Exchange { started_ms: now_ms, ..Exchange::default() }
     }
 
-    fn client_limits(&self, gw: &Gateway) -> Option<(String, Limits)> {
-        let c = gw.config.clients.get(self.client?)?;
-        let limits = Limits { requests_per_minute: c.requests_per_minute, tokens_per_minute: c.tokens_per_minute };
-        (limits.requests_per_minute.is_some() || limits.tokens_per_minute.is_some())
-            .then(|| (limits::key(&c.name, &limits), limits))
-    }
-
     fn client_name<'g>(&self, gw: &'g Gateway) -> &'g str {
-        self.client.and_then(|i| gw.config.clients.get(i)).map_or("", |c| c.name.as_str())
+        self.charge.client.and_then(|i| gw.config.clients.get(i)).map_or("", |c| c.name.as_str())
     }
 
     fn reply(&mut self, metrics: &dyn Metrics, reason: &'static str, reply: LocalReply) -> Step {
-        self.local_reason = Some(reason);
-        self.status = reply.status;
+        self.answer = Answer::Local { reason, status: reply.status };
         metrics.add(&metrics::name(metrics::LOCAL_REPLIES, &[("reason", reason)]), 1);
         Step::Reply(reply)
     }
@@ -102,77 +131,74 @@ impl Exchange {
         self.method = head.method.to_string();
         self.path = head.path.to_string();
         if !paths::is_api_path(head.path) {
-            let reply = LocalReply::error(
-                404,
-                "404",
-                "Resource not found: Spillway serves /openai/... (Azure OpenAI) and /v1/... (OpenAI) paths",
-            );
-            return self.reply(metrics, "not_found", reply);
+            return self.reply(metrics, "not_found", LocalReply::not_found());
         }
         let presented = clients::presented_key(head.api_key, head.apim_key, head.authorization);
         match clients::authenticate(&gw.config.clients, presented) {
             Auth::Open => {}
-            Auth::Client(i) => self.client = Some(i),
+            Auth::Client(i) => self.charge.client = Some(i),
             Auth::Missing | Auth::Invalid => {
                 metrics.add(metrics::AUTH_FAILURES, 1);
-                let reply = LocalReply::error(
-                    401,
-                    "401",
-                    "Access denied due to a missing or invalid key. Send your gateway key in the api-key header (or Authorization: Bearer).",
-                );
-                return self.reply(metrics, "unauthorized", reply);
+                return self.reply(metrics, "unauthorized", LocalReply::unauthorized());
             }
         }
         let now = clock.now_ms();
-        let limits = self.client_limits(gw);
-        let tokens_limited = limits.as_ref().is_some_and(|(_, l)| l.tokens_per_minute.is_some());
-        if let Some((key, limits)) = &limits {
-            // The prompt cannot be larger than the body: its size is the
-            // estimate until the body has been read.
-            let cost =
-                if tokens_limited { head.content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN) } else { 0 };
-            match limits::admit(store, key, limits, now, cost) {
-                Admission::Admitted(remaining) => {
-                    self.remaining = remaining;
-                    self.charged_tokens = cost;
-                    self.admitted = true;
-                }
-                Admission::Limited { retry_after_ms, remaining, by_tokens } => {
-                    self.remaining = remaining;
-                    let secs = retry_after_ms.div_ceil(1000).max(1);
-                    let what = if by_tokens { "token" } else { "request" };
-                    let mut reply = LocalReply::error(
-                        429,
-                        "429",
-                        &format!(
-                            "Client {} exceeded its {what} rate limit. Please retry after {secs} seconds.",
-                            self.client_name(gw)
-                        ),
-                    );
-                    reply.headers.push(("retry-after", secs.to_string()));
-                    reply.headers.push(("retry-after-ms", retry_after_ms.to_string()));
-                    reply.headers.extend(self.remaining_headers());
-                    let reason = if by_tokens { "client_tokens" } else { "client_requests" };
-                    return self.reply(metrics, reason, reply);
-                }
-            }
+        if let Err(LimitedReply { reason, reply }) = self.admit(gw, store, now, head.content_length) {
+            return self.reply(metrics, reason, reply);
         }
-        match gw.route_request(store, clock, &self.path) {
-            RequestDecision::Forward { cluster, path } => {
+        match gw.pick_first(store, clock) {
+            Ok(backend) => {
+                let tokens_limited = self.tokens_limited(gw);
                 let may_add_usage = gw.config.stream_usage && is_chat(&self.path);
                 Step::Forward {
-                    cluster,
-                    path,
+                    cluster: backend.cluster.clone(),
+                    path: paths::with_api_version(&self.path, gw.config.api_version.as_deref()),
                     inspect_body: head.has_body && (tokens_limited || may_add_usage || gw.config.log_bodies),
                     drop_content_length: head.has_body && may_add_usage,
                 }
             }
-            RequestDecision::Reply(mut reply) => {
+            Err(mut reply) => {
                 // Not served: give the client its request and tokens back.
                 self.refund(gw, store, now);
                 reply.headers.extend(self.remaining_headers());
-                let reason = if reply.status == 429 { "all_throttled" } else { "not_found" };
-                self.reply(metrics, reason, reply)
+                self.reply(metrics, "all_throttled", reply)
+            }
+        }
+    }
+
+    fn tokens_limited(&self, gw: &Gateway) -> bool {
+        self.charge.client.and_then(|c| gw.client_limits(c)).is_some_and(|(_, l)| l.tokens_per_minute.is_some())
+    }
+
+    /// Charges the client's limits for one request; the prompt cannot be
+    /// larger than the body, so its size is the token estimate until the
+    /// body has been read. `Err` is the 429 to answer.
+    fn admit(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        now: u64,
+        content_length: Option<u64>,
+    ) -> Result<(), LimitedReply> {
+        let Some((key, limits)) = self.charge.client.and_then(|c| gw.client_limits(c)) else { return Ok(()) };
+        let cost = if limits.tokens_per_minute.is_some() {
+            content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN)
+        } else {
+            0
+        };
+        match limits::admit(store, key, limits, now, cost) {
+            Admission::Admitted(remaining) => {
+                self.charge.remaining = remaining;
+                self.charge.charged_tokens = cost;
+                self.charge.admitted = true;
+                Ok(())
+            }
+            Admission::Limited { retry_after_ms, remaining, by_tokens } => {
+                self.charge.remaining = remaining;
+                let mut reply = LocalReply::client_limited(self.client_name(gw), by_tokens, retry_after_ms);
+                reply.headers.extend(self.remaining_headers());
+                let reason = if by_tokens { "client_tokens" } else { "client_requests" };
+                Err(LimitedReply { reason, reply })
             }
         }
     }
@@ -187,52 +213,56 @@ impl Exchange {
         clock: &dyn Clock,
         body: &[u8],
     ) -> Option<Vec<u8>> {
-        self.facts = usage::request_facts(body);
+        self.body.facts = usage::request_facts(body);
         if gw.config.log_bodies {
             let mut prompt = String::new();
             usage::push_capped(&mut prompt, &prompt_text(body), gw.config.log_body_max_bytes);
-            self.prompt = Some(prompt);
+            self.body.prompt = Some(prompt);
         }
-        if let (true, Some((key, limits))) = (self.admitted, self.client_limits(gw)) {
-            if limits.tokens_per_minute.is_some() {
-                let estimate = self.facts.estimated_tokens;
-                let delta = i64::try_from(estimate).unwrap_or(i64::MAX)
-                    - i64::try_from(self.charged_tokens).unwrap_or(i64::MAX);
-                limits::correct(store, &key, &limits, clock.now_ms(), delta, false);
-                self.charged_tokens = estimate;
-            }
+        if self.tokens_limited(gw) {
+            let estimate = self.body.facts.estimated_tokens;
+            self.settle(gw, store, clock.now_ms(), estimate, false);
+            self.charge.charged_tokens = estimate;
         }
-        if gw.config.stream_usage && self.facts.stream && !self.facts.include_usage && is_chat(&self.path) {
+        let facts = &self.body.facts;
+        if gw.config.stream_usage && facts.stream && !facts.include_usage && is_chat(&self.path) {
             let new_body = usage::with_include_usage(body);
-            self.strip_usage = new_body.is_some();
+            self.body.strip_usage = new_body.is_some();
             return new_body;
         }
         None
     }
 
-    fn refund(&mut self, gw: &Gateway, store: &dyn SharedStore, now: u64) {
-        if let (true, Some((key, limits))) = (self.admitted, self.client_limits(gw)) {
-            let delta = -i64::try_from(self.charged_tokens).unwrap_or(i64::MAX);
-            limits::correct(store, &key, &limits, now, delta, true);
-            self.admitted = false;
-            self.charged_tokens = 0;
+    /// Brings the client's token charge to `used_tokens` (and gives the
+    /// request back with `refund_request`), if it was admitted.
+    fn settle(&self, gw: &Gateway, store: &dyn SharedStore, now: u64, used_tokens: u64, refund_request: bool) {
+        let Some((key, limits)) = self.charge.client.and_then(|c| gw.client_limits(c)) else { return };
+        if self.charge.admitted {
+            let settlement = Settlement { charged_tokens: self.charge.charged_tokens, used_tokens, refund_request };
+            limits::settle(store, key, limits, now, settlement);
         }
+    }
+
+    fn refund(&mut self, gw: &Gateway, store: &dyn SharedStore, now: u64) {
+        self.settle(gw, store, now, 0, true);
+        self.charge.admitted = false;
+        self.charge.charged_tokens = 0;
     }
 
     /// Azure-style remaining-quota headers for the client's limits.
     pub fn remaining_headers(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        if let Some(r) = self.remaining.requests {
+        if let Some(r) = self.charge.remaining.requests {
             out.push(("x-ratelimit-remaining-requests", r.to_string()));
         }
-        if let Some(t) = self.remaining.tokens {
+        if let Some(t) = self.charge.remaining.tokens {
             out.push(("x-ratelimit-remaining-tokens", t.to_string()));
         }
         out
     }
 
     pub fn is_local_reply(&self) -> bool {
-        self.local_reason.is_some()
+        matches!(self.answer, Answer::Local { .. })
     }
 
     /// Response headers arrived. Returns the headers to set on the response
@@ -248,37 +278,45 @@ impl Exchange {
         if self.is_local_reply() {
             return Vec::new();
         }
-        self.status = status;
-        self.backend = backend.map(str::to_string);
-        self.attempts = attempts.and_then(|a| a.parse().ok());
         let text_cap = if gw.config.log_bodies { gw.config.log_body_max_bytes } else { 0 };
-        if content_type.is_some_and(|c| c.starts_with("text/event-stream")) {
-            self.sse = Some(SseScanner::new(self.strip_usage, text_cap));
-        } else if content_type.is_some_and(|c| c.contains("json")) {
-            self.json_answer = Some(Vec::new());
+        let capture = match content_type {
+            Some(c) if c.starts_with("text/event-stream") => {
+                Capture::Sse(SseScanner::new(self.body.strip_usage, text_cap))
+            }
+            Some(c) if c.contains("json") => Capture::Json(Vec::new()),
+            _ => Capture::Nothing,
+        };
+        self.answer = Answer::Upstream {
+            status,
+            backend: backend.map(str::to_string),
+            attempts: attempts.and_then(|a| a.parse().ok()),
+            capture,
+        };
+        match self.charge.client.and_then(|c| gw.client_limits(c)) {
+            Some(_) => self.remaining_headers(),
+            None => Vec::new(),
         }
-        let mut headers = self.remaining_headers();
-        if self.client_limits(gw).is_none() {
-            headers.clear();
-        }
-        headers
     }
 
     /// A response body chunk passes. Returns a replacement when the chunk
     /// must change (the usage-only SSE chunk removed).
     pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<Vec<u8>> {
-        if let Some(sse) = &mut self.sse {
-            let out = sse.feed(chunk, end_of_stream);
-            return self.strip_usage.then_some(out);
-        }
-        if let Some(buf) = &mut self.json_answer {
-            if buf.len() + chunk.len() <= MAX_JSON_ANSWER {
-                buf.extend_from_slice(chunk);
-            } else {
-                self.json_answer = None;
+        let Answer::Upstream { capture, .. } = &mut self.answer else { return None };
+        match capture {
+            Capture::Sse(sse) => {
+                let out = sse.feed(chunk, end_of_stream);
+                self.body.strip_usage.then_some(out)
             }
+            Capture::Json(buf) if buf.len() + chunk.len() <= MAX_JSON_ANSWER => {
+                buf.extend_from_slice(chunk);
+                None
+            }
+            Capture::Json(_) => {
+                *capture = Capture::Nothing;
+                None
+            }
+            Capture::Nothing => None,
         }
-        None
     }
 
     /// The exchange is over: settle the client's tokens, count, and return
@@ -291,71 +329,120 @@ impl Exchange {
         metrics: &dyn Metrics,
     ) -> String {
         let now = clock.now_ms();
-        let mut answer_text = None;
-        if let Some(sse) = &self.sse {
-            self.usage = sse.usage;
-            self.answer_model = sse.model.clone();
-            answer_text = Some(sse.text.clone());
-        } else if let Some(body) = &self.json_answer {
-            let (u, model) = usage::json_answer(body);
-            self.usage = u;
-            self.answer_model = model;
-            if gw.config.log_bodies {
-                let mut text = String::new();
-                usage::push_capped(&mut text, &answer_json_text(body), gw.config.log_body_max_bytes);
-                answer_text = Some(text);
+        let read = self.read_answer(gw);
+        let status = self.status();
+        if (200..300).contains(&status) {
+            if let Some(u) = read.usage {
+                self.settle(gw, store, now, u.total, false);
             }
-        }
-        if self.admitted {
-            if (200..300).contains(&self.status) {
-                if let (Some(u), Some((key, limits))) = (self.usage, self.client_limits(gw)) {
-                    let delta = i64::try_from(u.total).unwrap_or(i64::MAX)
-                        - i64::try_from(self.charged_tokens).unwrap_or(i64::MAX);
-                    limits::correct(store, &key, &limits, now, delta, false);
-                }
-            } else {
-                // Failed answers are not billed by the backend: refund the estimate.
-                self.refund(gw, store, now);
-            }
+        } else {
+            // Failed answers are not billed by the backend: refund the estimate.
+            self.refund(gw, store, now);
         }
         let client = self.client_name(gw).to_string();
         let deployment = paths::deployment(&self.path)
             .map(str::to_string)
-            .or_else(|| self.facts.model.clone())
-            .or_else(|| self.answer_model.clone())
+            .or_else(|| self.body.facts.model.clone())
+            .or(read.model)
             .unwrap_or_default();
-        let backend = self.backend.clone().unwrap_or_default();
-        metrics.add(
-            &metrics::name(metrics::REQUESTS, &[("client", &client), ("class", &metrics::status_class(self.status))]),
-            1,
-        );
-        if let Some(u) = self.usage {
+        self.count(metrics, &client, &deployment, read.usage);
+        self.log_line(gw, now, &client, &deployment, read.usage, read.text.as_deref())
+    }
+
+    fn status(&self) -> u32 {
+        match &self.answer {
+            Answer::Pending => 0,
+            Answer::Local { status, .. } | Answer::Upstream { status, .. } => *status,
+        }
+    }
+
+    fn backend(&self) -> Option<&str> {
+        match &self.answer {
+            Answer::Upstream { backend, .. } => backend.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Usage, model and (with `log_bodies`) text of the captured answer.
+    fn read_answer(&self, gw: &Gateway) -> AnswerRead {
+        let Answer::Upstream { capture, .. } = &self.answer else { return AnswerRead::default() };
+        match capture {
+            Capture::Sse(sse) => {
+                AnswerRead { usage: sse.usage, model: sse.model.clone(), text: Some(sse.text.clone()) }
+            }
+            Capture::Json(body) => {
+                let (usage, model) = usage::json_answer(body);
+                let text = gw.config.log_bodies.then(|| {
+                    let mut text = String::new();
+                    usage::push_capped(&mut text, &answer_json_text(body), gw.config.log_body_max_bytes);
+                    text
+                });
+                AnswerRead { usage, model, text }
+            }
+            Capture::Nothing => AnswerRead::default(),
+        }
+    }
+
+    fn count(&self, metrics: &dyn Metrics, client: &str, deployment: &str, usage: Option<Usage>) {
+        let class = metrics::status_class(self.status());
+        metrics.add(&metrics::name(metrics::REQUESTS, &[("client", client), ("class", &class)]), 1);
+        if let Some(u) = usage {
+            let backend = self.backend().unwrap_or_default();
             for (kind, n) in [("prompt", u.prompt), ("completion", u.completion)] {
-                let labels =
-                    [("backend", backend.as_str()), ("client", &client), ("deployment", &deployment), ("kind", kind)];
+                let labels = [("backend", backend), ("client", client), ("deployment", deployment), ("kind", kind)];
                 metrics.add(&metrics::name(metrics::TOKENS, &labels), n);
             }
         }
+    }
+
+    fn log_line(
+        &self,
+        gw: &Gateway,
+        now: u64,
+        client: &str,
+        deployment: &str,
+        usage: Option<Usage>,
+        answer_text: Option<&str>,
+    ) -> String {
+        let (attempts, streamed, local_reply) = match &self.answer {
+            Answer::Upstream { attempts, capture, .. } => (*attempts, matches!(capture, Capture::Sse(_)), None),
+            Answer::Local { reason, .. } => (None, false, Some(*reason)),
+            Answer::Pending => (None, false, None),
+        };
         let line = LogLine {
             msg: "request",
-            client: &client,
+            client,
             method: &self.method,
             path: self.path.split('?').next().unwrap_or(""),
-            deployment: &deployment,
-            backend: self.backend.as_deref(),
-            attempts: self.attempts.unwrap_or(0),
-            status: self.status,
-            stream: self.facts.stream || self.sse.is_some(),
-            prompt_tokens: self.usage.map(|u| u.prompt),
-            completion_tokens: self.usage.map(|u| u.completion),
-            total_tokens: self.usage.map(|u| u.total),
+            deployment,
+            backend: self.backend(),
+            attempts: attempts.unwrap_or(0),
+            status: self.status(),
+            stream: self.body.facts.stream || streamed,
+            prompt_tokens: usage.map(|u| u.prompt),
+            completion_tokens: usage.map(|u| u.completion),
+            total_tokens: usage.map(|u| u.total),
             duration_ms: now.saturating_sub(self.started_ms),
-            local_reply: self.local_reason,
-            prompt: if gw.config.log_bodies { Some(self.prompt.as_deref()) } else { None },
-            answer: if gw.config.log_bodies { Some(answer_text.as_deref()) } else { None },
+            local_reply,
+            prompt: gw.config.log_bodies.then_some(self.body.prompt.as_deref()),
+            answer: gw.config.log_bodies.then_some(answer_text),
         };
         serde_json::to_string(&line).unwrap_or_default()
     }
+}
+
+/// A client over its own limit: the 429 and the reason it is counted under.
+struct LimitedReply {
+    reason: &'static str,
+    reply: LocalReply,
+}
+
+/// What the captured answer said.
+#[derive(Debug, Default)]
+struct AnswerRead {
+    usage: Option<Usage>,
+    model: Option<String>,
+    text: Option<String>,
 }
 
 /// The per-request log line.
@@ -424,16 +511,12 @@ fn answer_json_text(body: &[u8]) -> String {
         .to_string()
 }
 
-/// Request headers a client may use for its credentials; the request role
-/// removes them when clients are configured so no client key goes upstream.
-pub const CLIENT_CREDENTIAL_HEADERS: [&str; 3] = ["api-key", "ocp-apim-subscription-key", "authorization"];
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Config, Keys};
-    use crate::metrics::Recorder;
-    use crate::store::{ManualClock, MemoryStore};
+    use crate::testing::Recorder;
+    use crate::testing::{ManualClock, MemoryStore};
 
     fn gateway(extra: &str) -> Gateway {
         let json = format!(

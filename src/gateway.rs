@@ -1,8 +1,7 @@
 //! The decisions of both filter roles, free of proxy-wasm:
 //!
-//! * request role (downstream HTTP filter, once per client request): checks
-//!   the path, picks the first backend and names its cluster in a header the
-//!   route's cluster matcher reads;
+//! * request role (downstream HTTP filter, once per client request): picks
+//!   the first backend, whose cluster the route's matcher then selects;
 //! * attempt role (upstream HTTP filter, once per attempt, Envoy retries
 //!   included): rewrites key, Host and deployment for the attempt's backend,
 //!   names the fallback cluster for the next attempt, and after the answer
@@ -11,72 +10,16 @@
 //! State that must survive from one attempt to the next travels in request
 //! headers: Envoy shares one header map across attempts.
 
-use crate::config::{Config, Secret};
+use crate::config::{Backend, Config, Secret};
+use crate::contract::shared_data::HEALTH;
 use crate::health::{Availability, HealthTable};
+use crate::limits::{self, Limits};
 use crate::metrics::{self, Metrics};
 use crate::paths;
+use crate::replies::LocalReply;
 use crate::retry_after::RetryAfterPolicy;
 use crate::selection::{Group, Pick, Pool};
 use crate::store::{self, Clock, SharedStore};
-
-/// Internal headers. Clients cannot set them: the request role removes every
-/// `x-spillway-` header a client sends before it writes its own.
-pub mod header {
-    pub const PREFIX: &str = "x-spillway-";
-    /// Request: the cluster the route's matcher sends this attempt to.
-    pub const CLUSTER: &str = "x-spillway-cluster";
-    /// Request: path as the client sent it (plus `api-version`), before any rename.
-    pub const PATH: &str = "x-spillway-path";
-    /// Request: backends already tried for this request, comma separated.
-    pub const TRIED: &str = "x-spillway-tried";
-    /// Response: makes Envoy's `retriable_headers` policy retry this attempt.
-    pub const RETRY: &str = "x-spillway-retry";
-    /// Response: the backend that answered.
-    pub const BACKEND: &str = "x-spillway-backend";
-    /// Response: how many backends were tried.
-    pub const ATTEMPTS: &str = "x-spillway-attempts";
-}
-
-const HEALTH_KEY: &str = "spillway.health.v1";
-
-/// A response the filter answers itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalReply {
-    pub status: u32,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: String,
-}
-
-impl LocalReply {
-    /// An OpenAI-style JSON error.
-    pub fn error(status: u32, code: &str, message: &str) -> LocalReply {
-        let body = serde_json::json!({
-            "error": { "message": message, "type": error_type(status), "param": null, "code": code }
-        })
-        .to_string();
-        LocalReply { status, headers: vec![("content-type", "application/json".to_string())], body }
-    }
-}
-
-fn error_type(status: u32) -> &'static str {
-    match status {
-        401 => "authentication_error",
-        404 => "not_found_error",
-        429 => "rate_limit_error",
-        400..=499 => "invalid_request_error",
-        _ => "server_error",
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RequestDecision {
-    /// Set `CLUSTER` and `PATH` to these values and let Envoy route.
-    Forward {
-        cluster: String,
-        path: String,
-    },
-    Reply(LocalReply),
-}
 
 /// What the attempt role does to one attempt's request headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +61,9 @@ pub struct Gateway {
     pool: Pool,
     names: Vec<String>,
     retry_after: RetryAfterPolicy,
+    /// Per client (same index as `config.clients`): its limits and their
+    /// shared-data key, `None` for clients without limits.
+    client_limits: Vec<Option<(String, Limits)>>,
 }
 
 impl Gateway {
@@ -126,7 +72,22 @@ impl Gateway {
         let names = config.backends.iter().map(|b| b.name.clone()).collect();
         let retry_after =
             RetryAfterPolicy { default_ms: config.default_retry_after_ms, max_ms: config.max_retry_after_ms };
-        Gateway { config, pool, names, retry_after }
+        let client_limits = config
+            .clients
+            .iter()
+            .map(|c| {
+                let limits =
+                    Limits { requests_per_minute: c.requests_per_minute, tokens_per_minute: c.tokens_per_minute };
+                (limits.requests_per_minute.is_some() || limits.tokens_per_minute.is_some())
+                    .then(|| (limits::key(&c.name, &limits), limits))
+            })
+            .collect();
+        Gateway { config, pool, names, retry_after, client_limits }
+    }
+
+    /// A client's limits and their shared-data key; `None` when unlimited.
+    pub fn client_limits(&self, client: usize) -> Option<(&str, &Limits)> {
+        self.client_limits.get(client)?.as_ref().map(|(key, limits)| (key.as_str(), limits))
     }
 
     fn name_refs(&self) -> Vec<&str> {
@@ -134,7 +95,7 @@ impl Gateway {
     }
 
     pub fn read_health(&self, store: &dyn SharedStore) -> HealthTable {
-        match store.get(HEALTH_KEY).0 {
+        match store.get(HEALTH).0 {
             Some(bytes) => HealthTable::decode(&bytes, &self.name_refs()),
             None => HealthTable::new(self.names.len()),
         }
@@ -148,7 +109,7 @@ impl Gateway {
         mut change: impl FnMut(&mut HealthTable) -> bool,
     ) -> Option<HealthTable> {
         let names = self.name_refs();
-        store::update(store, HEALTH_KEY, |bytes| {
+        store::update(store, HEALTH, |bytes| {
             let mut table = match bytes {
                 Some(b) => HealthTable::decode(b, &names),
                 None => HealthTable::new(names.len()),
@@ -159,30 +120,17 @@ impl Gateway {
         })
     }
 
-    /// Request role: decide where a client request goes first.
-    pub fn route_request(&self, store: &dyn SharedStore, clock: &dyn Clock, path: &str) -> RequestDecision {
-        if !paths::is_api_path(path) {
-            return RequestDecision::Reply(LocalReply::error(
-                404,
-                "404",
-                "Resource not found: Spillway serves /openai/... (Azure OpenAI) and /v1/... (OpenAI) paths",
-            ));
-        }
+    /// Request role: the backend a client request goes to first, or the
+    /// 429 to answer when every backend is throttled or open.
+    pub fn pick_first(&self, store: &dyn SharedStore, clock: &dyn Clock) -> Result<&Backend, LocalReply> {
         let now = clock.now_ms();
         let health = self.read_health(store);
         let cb = self.config.circuit_breaker;
         let mut rotate = |g: &Group| store::fetch_increment(store, &g.counter_key);
         let mut lease_probe = |i: usize| self.lease_probe(store, now, i);
-        let pick = self.pool.pick(&health, &cb, now, &[], &mut rotate, Some(&mut lease_probe));
-        match pick {
-            Pick::Backend(i) => match self.config.backends.get(i) {
-                Some(b) => RequestDecision::Forward {
-                    cluster: b.cluster.clone(),
-                    path: paths::with_api_version(path, self.config.api_version.as_deref()),
-                },
-                None => RequestDecision::Reply(all_busy(1_000)),
-            },
-            Pick::NoneUntil(until) => RequestDecision::Reply(all_busy(until.saturating_sub(now))),
+        match self.pool.pick(&health, &cb, now, &[], &mut rotate, Some(&mut lease_probe)) {
+            Pick::Backend(i) => self.config.backends.get(i).ok_or_else(|| LocalReply::all_busy(1_000)),
+            Pick::NoneUntil(until) => Err(LocalReply::all_busy(until.saturating_sub(now))),
         }
     }
 
@@ -370,34 +318,12 @@ impl Gateway {
     }
 }
 
-/// Every backend is throttled or open: answer 429 with the wait until the
-/// first one frees (whole seconds, at least 1, rounded up so it is never
-/// shorter than the real wait).
-fn all_busy(wait_ms: u64) -> LocalReply {
-    let wait_ms = wait_ms.max(1);
-    let secs = wait_ms.div_ceil(1000).max(1);
-    let mut reply = LocalReply::error(
-        429,
-        "429",
-        &format!("All backends are throttled or unavailable. Please retry after {secs} seconds."),
-    );
-    reply.headers.push(("retry-after", secs.to_string()));
-    reply.headers.push(("retry-after-ms", wait_ms.to_string()));
-    reply.headers.push((header::ATTEMPTS, "0".to_string()));
-    reply
-}
-
-/// `retry-after` seconds for a wait in ms, rounded up.
-pub fn retry_after_secs(wait_ms: u64) -> u64 {
-    wait_ms.div_ceil(1000).max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Keys;
-    use crate::metrics::Recorder;
-    use crate::store::{ManualClock, MemoryStore};
+    use crate::testing::Recorder;
+    use crate::testing::{ManualClock, MemoryStore};
 
     fn gateway(extra: &str) -> Gateway {
         let json = format!(
@@ -412,28 +338,19 @@ mod tests {
 
     const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions";
 
-    fn forward(g: &Gateway, s: &MemoryStore, c: &ManualClock) -> (String, String) {
-        match g.route_request(s, c, CHAT) {
-            RequestDecision::Forward { cluster, path } => (cluster, path),
-            other => panic!("expected forward, got {other:?}"),
+    /// The first pick's cluster.
+    fn forward(g: &Gateway, s: &MemoryStore, c: &ManualClock) -> String {
+        match g.pick_first(s, c) {
+            Ok(backend) => backend.cluster.clone(),
+            Err(reply) => panic!("expected a backend, got {reply:?}"),
         }
     }
 
     #[test]
-    fn requests_rotate_within_the_first_priority_and_get_api_version() {
+    fn requests_rotate_within_the_first_priority() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(1_000));
-        let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
+        let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c)).collect();
         assert_eq!(clusters, ["spillway_east", "spillway_west", "spillway_east", "spillway_west"]);
-        assert_eq!(forward(&g, &s, &c).1, format!("{CHAT}?api-version=2024-10-21"));
-    }
-
-    #[test]
-    fn unknown_paths_get_an_openai_style_404() {
-        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        let RequestDecision::Reply(r) = g.route_request(&s, &c, "/admin") else { panic!() };
-        assert_eq!(r.status, 404);
-        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-        assert_eq!(body["error"]["type"], "not_found_error");
     }
 
     #[test]
@@ -472,10 +389,10 @@ mod tests {
         assert_eq!(d, ResponseDecision { retry: true, retry_after_ms: None });
         // East is now skipped by every new request until its deadline.
         for _ in 0..4 {
-            assert_eq!(forward(&g, &s, &c).0, "spillway_west");
+            assert_eq!(forward(&g, &s, &c), "spillway_west");
         }
         c.advance(20_000);
-        let clusters: Vec<String> = (0..2).map(|_| forward(&g, &s, &c).0).collect();
+        let clusters: Vec<String> = (0..2).map(|_| forward(&g, &s, &c)).collect();
         assert!(clusters.contains(&"spillway_east".to_string()));
     }
 
@@ -509,7 +426,7 @@ mod tests {
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000) });
         // A new request is answered locally with the same soonest wait.
         c.advance(500);
-        let RequestDecision::Reply(r) = g.route_request(&s, &c, CHAT) else { panic!() };
+        let r = g.pick_first(&s, &c).unwrap_err();
         assert_eq!(r.status, 429);
         assert!(r.headers.contains(&("retry-after", "8".to_string())), "{:?}", r.headers);
         assert!(r.headers.contains(&("retry-after-ms", "7500".to_string())));
@@ -556,11 +473,11 @@ mod tests {
         );
         g.on_attempt_lost(&s, &c, &Recorder::default(), 0, true);
         for _ in 0..4 {
-            assert_eq!(forward(&g, &s, &c).0, "spillway_west");
+            assert_eq!(forward(&g, &s, &c), "spillway_west");
         }
         c.advance(30_000);
         // Exactly one request probes east; the others keep going west.
-        let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
+        let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c)).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 1, "{clusters:?}");
         // The probe answers 200: east is back in rotation.
         g.on_attempt_response(
@@ -571,7 +488,7 @@ mod tests {
             false,
             &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None },
         );
-        let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c).0).collect();
+        let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c)).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 2, "{clusters:?}");
     }
 
@@ -611,7 +528,7 @@ mod tests {
             true,
             &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None },
         );
-        assert_eq!(s.get(HEALTH_KEY), (None, None));
+        assert_eq!(s.get(HEALTH), (None, None));
     }
 
     #[test]

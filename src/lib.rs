@@ -2,21 +2,24 @@
 //! OpenAI-compatible deployments, as a proxy-wasm filter for Envoy.
 //!
 //! Everything that decides lives in plain Rust modules tested natively; the
-//! `wasm` module is the thin glue to the proxy-wasm host.
+//! `wasm` module is the thin glue to the proxy-wasm host. The names the filter
+//! and its Envoy configuration share are in `contract`.
 
 pub mod clients;
 pub mod config;
+pub mod contract;
 pub mod exchange;
 pub mod gateway;
 pub mod health;
-pub mod istio;
 pub mod limits;
 pub mod metrics;
 pub mod paths;
-pub mod render;
+pub mod replies;
 pub mod retry_after;
 pub mod selection;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]

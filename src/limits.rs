@@ -8,6 +8,7 @@
 //! admitted only while its estimate fits, so the limit can be overshot only by
 //! what in-flight requests use beyond their estimates.
 
+use crate::contract::shared_data::LIMITS_PREFIX;
 use crate::store::{self, SharedStore};
 
 const MINUTE_MS: f64 = 60_000.0;
@@ -93,7 +94,7 @@ pub enum Admission {
 /// limit starts from a full bucket.
 pub fn key(client: &str, limits: &Limits) -> String {
     format!(
-        "spillway.limit.{client}.{}.{}",
+        "{LIMITS_PREFIX}{client}.{}.{}",
         limits.requests_per_minute.unwrap_or(0),
         limits.tokens_per_minute.unwrap_or(0)
     )
@@ -146,27 +147,31 @@ pub fn admit(store: &dyn SharedStore, key: &str, limits: &Limits, now_ms: u64, t
     decision.unwrap_or(Admission::Admitted(Remaining::default()))
 }
 
-/// Corrects the buckets once the outcome is known: `token_delta` is actual
-/// minus estimate (negative refunds); `refund_request` gives the request back
-/// (it was never served).
-pub fn correct(
-    store: &dyn SharedStore,
-    key: &str,
-    limits: &Limits,
-    now_ms: u64,
-    token_delta: i64,
-    refund_request: bool,
-) {
-    let tokens = limits.tokens_per_minute.is_some() && token_delta != 0;
-    let requests = limits.requests_per_minute.is_some() && refund_request;
+/// What a request turned out to cost, against what admission charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settlement {
+    /// Tokens admission (and later estimates) took from the bucket.
+    pub charged_tokens: u64,
+    /// Tokens the request really used (0: refund them all).
+    pub used_tokens: u64,
+    /// Give the request itself back (it was never served).
+    pub refund_request: bool,
+}
+
+/// Corrects the buckets once a request's cost is known: the difference
+/// between used and charged tokens is taken (or given back).
+pub fn settle(store: &dyn SharedStore, key: &str, limits: &Limits, now_ms: u64, s: Settlement) {
+    let tokens = limits.tokens_per_minute.is_some() && s.used_tokens != s.charged_tokens;
+    let requests = limits.requests_per_minute.is_some() && s.refund_request;
     if !tokens && !requests {
         return;
     }
+    let token_delta = s.used_tokens as f64 - s.charged_tokens as f64;
     store::update(store, key, |current| {
         let mut b = Buckets::decode(current, limits, now_ms);
         b.refill(limits, now_ms);
         if let (true, Some(tpm)) = (tokens, limits.tokens_per_minute) {
-            b.tokens = (b.tokens - token_delta as f64).min(tpm as f64);
+            b.tokens = (b.tokens - token_delta).min(tpm as f64);
         }
         if let (true, Some(rpm)) = (requests, limits.requests_per_minute) {
             b.requests = (b.requests + 1.0).min(rpm as f64);
@@ -178,7 +183,7 @@ pub fn correct(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
+    use crate::testing::MemoryStore;
 
     const RPM: Limits = Limits { requests_per_minute: Some(3), tokens_per_minute: None };
     const TPM: Limits = Limits { requests_per_minute: None, tokens_per_minute: Some(1_000) };
@@ -232,9 +237,10 @@ mod tests {
         let k = key("c", &TPM);
         assert!(admitted(admit(&s, &k, &TPM, 0, 900)));
         assert!(!admitted(admit(&s, &k, &TPM, 0, 200)));
-        correct(&s, &k, &TPM, 0, -850, false); // used 50 of the 900 estimated
+        let used = |charged_tokens, used_tokens| Settlement { charged_tokens, used_tokens, refund_request: false };
+        settle(&s, &k, &TPM, 0, used(900, 50));
         assert!(admitted(admit(&s, &k, &TPM, 0, 200)));
-        correct(&s, &k, &TPM, 0, 5_000, false); // used far more than estimated: debt
+        settle(&s, &k, &TPM, 0, used(0, 5_000)); // used far more than estimated: debt
         assert!(!admitted(admit(&s, &k, &TPM, 0, 1)));
     }
 
@@ -245,7 +251,7 @@ mod tests {
         for _ in 0..3 {
             assert!(admitted(admit(&s, &k, &RPM, 0, 0)));
         }
-        correct(&s, &k, &RPM, 0, 0, true);
+        settle(&s, &k, &RPM, 0, Settlement { charged_tokens: 0, used_tokens: 0, refund_request: true });
         assert!(admitted(admit(&s, &k, &RPM, 0, 0)));
         assert!(!admitted(admit(&s, &k, &RPM, 0, 0)));
     }

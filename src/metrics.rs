@@ -1,10 +1,8 @@
 //! Metric names. proxy-wasm metrics have names, not labels: labels are
-//! encoded as `.key.value` pairs after the metric name, and the renderer adds
-//! Envoy `stats_tags` that turn each pair back into a Prometheus label, so
-//! `/stats/prometheus` shows `spillway_tokens_total{client="a",...}`.
-
-use std::cell::RefCell;
-use std::collections::BTreeMap;
+//! encoded as `.key.value` pairs after the metric name (keys from
+//! `contract::metric::LABELS`), and the renderer adds Envoy `stats_tags` that
+//! turn each pair back into a Prometheus label, so `/stats/prometheus` shows
+//! `spillway_tokens_total{client="a",...}`.
 
 pub const UPSTREAM_REQUESTS: &str = "spillway_upstream_requests_total";
 pub const FAILOVERS: &str = "spillway_failovers_total";
@@ -16,9 +14,6 @@ pub const REQUESTS: &str = "spillway_requests_total";
 pub const LOCAL_REPLIES: &str = "spillway_local_replies_total";
 pub const AUTH_FAILURES: &str = "spillway_auth_failures_total";
 pub const TOKENS: &str = "spillway_tokens_total";
-
-/// Label keys, in the order they appear in names.
-pub const LABELS: [&str; 6] = ["backend", "client", "deployment", "class", "kind", "reason"];
 
 pub trait Metrics {
     fn add(&self, name: &str, value: u64);
@@ -50,34 +45,6 @@ pub fn status_class(status: u32) -> String {
     }
 }
 
-/// Envoy `stats_tags` (tag name, regex) that extract the labels. RE2 syntax:
-/// the first group is cut from the name, the second is the label value.
-pub fn stats_tags() -> Vec<(String, String)> {
-    LABELS
-        .iter()
-        .map(|k| ((*k).to_string(), format!(r"^wasmcustom\.spillway_\w+(?:\.\w+\.[\w-]+)*?(\.{k}\.([\w-]+))")))
-        .collect()
-}
-
-/// Collects metrics in memory, for tests.
-#[derive(Default)]
-pub struct Recorder(pub RefCell<BTreeMap<String, u64>>);
-
-impl Metrics for Recorder {
-    fn add(&self, name: &str, value: u64) {
-        *self.0.borrow_mut().entry(name.to_string()).or_insert(0) += value;
-    }
-    fn set(&self, name: &str, value: u64) {
-        self.0.borrow_mut().insert(name.to_string(), value);
-    }
-}
-
-impl Recorder {
-    pub fn get(&self, name: &str) -> u64 {
-        self.0.borrow().get(name).copied().unwrap_or(0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,12 +59,5 @@ mod tests {
         assert_eq!(name(REQUESTS, &[("client", "")]), "spillway_requests_total.client.none");
         assert_eq!(status_class(429), "4xx");
         assert_eq!(status_class(0), "none");
-    }
-
-    #[test]
-    fn one_tag_regex_per_label() {
-        let tags = stats_tags();
-        assert_eq!(tags.len(), LABELS.len());
-        assert!(tags[0].1.contains(r"(\.backend\.([\w-]+))"));
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::config::Backend;
 use crate::config::CircuitBreaker;
+use crate::contract::shared_data::ROTATION_PREFIX;
 use crate::health::{Availability, HealthTable};
 
 /// The backends of one priority, with the order smooth weighted round robin
@@ -44,7 +45,7 @@ impl Pool {
                 let weights: Vec<u32> = members.iter().filter_map(|&i| backends.get(i)).map(|b| b.weight).collect();
                 let schedule =
                     smooth_wrr_cycle(&weights).into_iter().filter_map(|slot| members.get(slot).copied()).collect();
-                let mut counter_key = format!("spillway.rr.p{priority}");
+                let mut counter_key = format!("{ROTATION_PREFIX}p{priority}");
                 for b in members.iter().filter_map(|&i| backends.get(i)) {
                     counter_key.push_str(&format!(".{}*{}", b.name, b.weight));
                 }

@@ -2,9 +2,6 @@
 //! runs natively in `cargo test`: a clock and Envoy's shared data (a
 //! process-wide key/value store with compare-and-swap).
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-
 pub trait Clock {
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
@@ -72,61 +69,10 @@ fn parse_counter(bytes: Option<&[u8]>) -> u64 {
     bytes.and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-/// In-process store with Envoy's CAS semantics, for tests and native tools.
-#[derive(Default)]
-pub struct MemoryStore {
-    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-    next_cas: Cell<u32>,
-    /// Forces the next N `set` calls to fail with `CasMismatch` (tests).
-    pub conflicts_to_inject: Cell<u32>,
-}
-
-impl SharedStore for MemoryStore {
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        match self.map.borrow().get(key) {
-            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
-            None => (None, None),
-        }
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        if self.conflicts_to_inject.get() > 0 {
-            self.conflicts_to_inject.set(self.conflicts_to_inject.get() - 1);
-            return Err(StoreError::CasMismatch);
-        }
-        let mut map = self.map.borrow_mut();
-        if let (Some(expected), Some((_, current))) = (cas, map.get(key)) {
-            if expected != *current {
-                return Err(StoreError::CasMismatch);
-            }
-        }
-        self.next_cas.set(self.next_cas.get().wrapping_add(1).max(1));
-        map.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));
-        Ok(())
-    }
-}
-
-/// A clock tests set by hand.
-pub struct ManualClock(pub Cell<u64>);
-
-impl ManualClock {
-    pub fn at(ms: u64) -> Self {
-        ManualClock(Cell::new(ms))
-    }
-    pub fn advance(&self, ms: u64) {
-        self.0.set(self.0.get() + ms);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> u64 {
-        self.0.get()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::MemoryStore;
 
     #[test]
     fn increment_survives_cas_conflicts() {

@@ -2,9 +2,11 @@
 //! contexts. Host calls go through `hostcalls` (which return `Result`)
 //! rather than the SDK's trait helpers (which panic on host errors).
 
+use crate::clients::CLIENT_CREDENTIAL_HEADERS;
 use crate::config::{Config, Keys};
-use crate::exchange::{Exchange, RequestHead, Step, CLIENT_CREDENTIAL_HEADERS};
-use crate::gateway::{header, AttemptAnswer, Gateway, ResponseDecision};
+use crate::contract::{header, Role};
+use crate::exchange::{Exchange, RequestHead, Step};
+use crate::gateway::{AttemptAnswer, Gateway, ResponseDecision};
 use crate::metrics::Metrics;
 use crate::store::{Clock, SharedStore, StoreError};
 use proxy_wasm::hostcalls;
@@ -17,7 +19,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { role: Role::Request, gateway: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { role: None, gateway: None }) });
 }}
 
 struct HostStore;
@@ -81,16 +83,9 @@ impl Clock for HostClock {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Role {
-    /// Downstream filter: once per client request.
-    Request,
-    /// Upstream (cluster) filter: once per attempt.
-    Attempt,
-}
-
 struct Root {
-    role: Role,
+    /// Set by `on_configure` from the plugin's root id.
+    role: Option<Role>,
     gateway: Option<Rc<Gateway>>,
 }
 
@@ -101,9 +96,17 @@ impl RootContext for Root {
         let root_id = hostcalls::get_property(vec!["plugin_root_id"])
             .ok()
             .flatten()
-            .and_then(|b| String::from_utf8(b).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        self.role = if root_id.contains("attempt") { Role::Attempt } else { Role::Request };
+        let Some(role) = Role::from_root_id(&root_id) else {
+            log::error!(
+                "invalid spillway config: root_id \"{root_id}\" is neither \"{}\" nor \"{}\"",
+                Role::Request.root_id(),
+                Role::Attempt.root_id()
+            );
+            return false;
+        };
+        self.role = Some(role);
         let bytes = match hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(b)) => b,
             _ => {
@@ -114,9 +117,9 @@ impl RootContext for Root {
         let env = |var: &str| std::env::var(var).ok();
         match Config::parse(&bytes, Keys::Resolve(&env)) {
             Ok(config) => {
-                log::info!("{:?} role configured with {} backends", self.role, config.backends.len());
+                log::info!("{role:?} role configured with {} backends", config.backends.len());
                 self.gateway = Some(Rc::new(Gateway::new(config)));
-                if self.role == Role::Request {
+                if role == Role::Request {
                     // Refreshes the "currently throttled / open" gauges.
                     if let Err(e) = hostcalls::set_tick_period(Duration::from_secs(1)) {
                         log::warn!("cannot set tick period: {e:?}");
@@ -139,7 +142,7 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let gateway = self.gateway.clone()?;
-        Some(match self.role {
+        Some(match self.role? {
             Role::Request => {
                 Box::new(RequestFilter { gateway, exchange: Exchange::new(HostClock.now_ms()), inspect_body: false })
             }
@@ -381,8 +384,9 @@ impl HttpContext for AttemptFilter {
         );
         set_response_header(header::RETRY, retry.then_some("1"));
         if let Some(ms) = wait {
-            set_response_header("retry-after", Some(&crate::gateway::retry_after_secs(ms).to_string()));
-            set_response_header("retry-after-ms", Some(&ms.to_string()));
+            for (name, value) in crate::replies::retry_after_headers(ms) {
+                set_response_header(name, Some(&value));
+            }
         }
         if let Some(b) = self.gateway.config.backends.get(attempt.backend) {
             set_response_header(header::BACKEND, Some(&b.name));

@@ -246,8 +246,8 @@ def test_renderer_refuses_incomplete_istio_options(tmp_path):
          "--wasm-sha256"),
         (["--istio", "--namespace", "n", "--wasm-url", "https://h/s.wasm", "--wasm-sha256", SHA],
          "--workload-selector"),
-        (["--namespace", "n"], "needs --istio"),
-        (["--istio", "--lds", "/tmp/x"], "does not apply with --istio"),
+        (["--namespace", "n"], "required arguments were not provided:\n  --istio"),
+        (["--istio", "--lds", "/tmp/x"], "'--istio' cannot be used with:\n  --lds"),
     ]
     for args, message in cases:
         r = subprocess.run([str(RENDER), str(cfg), *args], capture_output=True, text=True)

@@ -4,10 +4,10 @@
 //! * `pick`: `selection::Pool::pick` alone — priority groups, smooth weighted
 //!   round robin, throttle/circuit check against a `HealthTable`; the rotation
 //!   counter is a plain local counter (no shared store).
-//! * `route_request`: `gateway::Gateway::route_request` with `MemoryStore` and
-//!   `ManualClock` — what the request role does per client request: read and
-//!   decode the shared health table, CAS-increment the group's rotation
-//!   counter, pick, build the path.
+//! * `route_request`: `gateway::Gateway::pick_first` plus the forwarded path,
+//!   with `MemoryStore` and `ManualClock` — what the request role does to
+//!   route a client request: read and decode the shared health table,
+//!   CAS-increment the group's rotation counter, pick, build the path.
 //! * `plan_attempt`: `Gateway::plan_attempt` — what the attempt role does per
 //!   attempt (health read, fallback pick that only reads the counter, path
 //!   rewrite).
@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway::config::{Config, Keys};
-use spillway::gateway::{Gateway, RequestDecision};
+use spillway::gateway::Gateway;
 use spillway::health::HealthTable;
+use spillway::paths;
 use spillway::selection::{Group, Pick, Pool};
-use spillway::store::{ManualClock, MemoryStore};
+use spillway::testing::{ManualClock, MemoryStore};
 
 const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions";
 const NOW_MS: u64 = 1_700_000_000_000;
@@ -180,7 +181,7 @@ fn main() {
             });
             record("pick", s);
 
-            // 2. Gateway::route_request on the in-memory shared store.
+            // 2. The request role's routing step on the in-memory shared store.
             let gw = Gateway::new(cfg.clone());
             let store = MemoryStore::default();
             let clock = ManualClock::at(NOW_MS);
@@ -195,16 +196,17 @@ fn main() {
                 });
             }
             let s = measure(samples, sample, || {
-                let d = gw.route_request(&store, &clock, black_box(CHAT));
-                assert!(matches!(d, RequestDecision::Forward { .. }));
-                black_box(d);
+                let backend = gw.pick_first(&store, &clock).map(|b| b.cluster.len());
+                assert!(backend.is_ok());
+                let _ = black_box(backend);
+                black_box(paths::with_api_version(black_box(CHAT), gw.config.api_version.as_deref()));
             });
             record("route_request", s);
 
             // 3. Gateway::plan_attempt (attempt role, first attempt).
-            let cluster = match gw.route_request(&store, &clock, CHAT) {
-                RequestDecision::Forward { cluster, .. } => cluster,
-                RequestDecision::Reply(r) => {
+            let cluster = match gw.pick_first(&store, &clock) {
+                Ok(backend) => backend.cluster.clone(),
+                Err(r) => {
                     eprintln!("unexpected local reply {}", r.status);
                     std::process::exit(1);
                 }

@@ -1,0 +1,389 @@
+//! Builders for the Envoy resources Spillway needs, shared by the plain
+//! bootstrap (`bootstrap`) and the Istio manifests (`istio`). The shape of
+//! the retry machinery lives here:
+//!
+//! * the route picks its cluster with the matcher cluster specifier on the
+//!   `x-spillway-cluster` request header and re-evaluates it on every retry
+//!   (`refresh_cluster_on_retry`);
+//! * retries happen on connection failures and when the attempt role marks a
+//!   response with `x-spillway-retry` (never on raw status codes, so the
+//!   filter decides, e.g. it does not retry a 429 when no backend is left);
+//! * every backend cluster runs the attempt role as an upstream HTTP filter.
+
+use serde_json::{json, Map, Value};
+use spillway::config::{Backend, Config, Scheme};
+use spillway::contract::{header, metric, Role, VM_ID};
+
+/// Route settings both outputs share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteOptions {
+    /// Timeout for a whole request, retries included; long because streamed
+    /// completions can run for minutes.
+    pub timeout_s: u64,
+    /// Requests up to this size can be retried (Envoy buffers them).
+    pub request_body_limit_bytes: u64,
+}
+
+impl Default for RouteOptions {
+    fn default() -> Self {
+        RouteOptions { timeout_s: 600, request_body_limit_bytes: 32 * 1024 * 1024 }
+    }
+}
+
+/// Name of the attempt role's upstream HTTP filter in each cluster.
+pub const ATTEMPT_FILTER_NAME: &str = "spillway.attempt";
+/// Name of the request role's HTTP filter in the listener.
+pub const REQUEST_FILTER_NAME: &str = "spillway.request";
+
+/// Environment variables the VM must see: every `api_key_env` and `key_env`,
+/// once each (Envoy refuses a VM config that lists a variable twice).
+pub fn env_keys(config: &Config) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    let vars = config
+        .backends
+        .iter()
+        .filter_map(|b| b.api_key_env.as_ref())
+        .chain(config.clients.iter().filter_map(|c| c.key_env.as_ref()));
+    for var in vars {
+        if !keys.contains(var) {
+            keys.push(var.clone());
+        }
+    }
+    keys
+}
+
+/// Where the VM gets its code.
+pub fn local_code(wasm_path: &str) -> Value {
+    json!({ "local": { "filename": wasm_path } })
+}
+
+/// A Wasm plugin config for one role. `vm_id: None` leaves it out (Istio
+/// leaves it empty for WasmPlugins; both roles must then use the same).
+pub fn plugin(role: Role, filter_json: &str, env_keys: &[String], code: Value, vm_id: Option<&str>) -> Value {
+    let mut vm_config = Map::new();
+    if let Some(id) = vm_id {
+        vm_config.insert("vm_id".into(), json!(id));
+    }
+    vm_config.insert("runtime".into(), json!("envoy.wasm.runtime.v8"));
+    vm_config.insert("code".into(), code);
+    vm_config.insert("environment_variables".into(), json!({ "host_env_keys": env_keys }));
+    json!({
+        "name": role.root_id(),
+        "root_id": role.root_id(),
+        "vm_config": vm_config,
+        "configuration": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": filter_json,
+        },
+        // A broken VM must fail requests, not silently skip the key rewrite.
+        "fail_open": false,
+    })
+}
+
+/// The default vm id for plain Envoy.
+pub fn default_vm_id() -> Option<&'static str> {
+    Some(VM_ID)
+}
+
+fn wasm_filter(name: &str, plugin: &Value) -> Value {
+    json!({
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": plugin,
+        },
+    })
+}
+
+/// TLS to `host`, with SNI and a certificate check against the system CAs.
+pub fn upstream_tls(host: &str) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": host,
+            "common_tls_context": {
+                "validation_context": {
+                    "trusted_ca": { "filename": "/etc/ssl/certs/ca-certificates.crt" },
+                    "match_typed_subject_alt_names": [{
+                        "san_type": "DNS",
+                        "matcher": { "exact": host },
+                    }],
+                },
+            },
+        },
+    })
+}
+
+/// A DNS cluster with one endpoint, TLS when `tls`.
+pub fn dns_cluster(name: &str, host: &str, port: u16, connect_timeout: &str, tls: bool) -> Value {
+    let mut c = json!({
+        "name": name,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": connect_timeout,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": {
+                "address": { "socket_address": { "address": host, "port_value": port } },
+                "hostname": host,
+            } }] }],
+        },
+    });
+    if let (true, Some(obj)) = (tls, c.as_object_mut()) {
+        obj.insert("transport_socket".into(), upstream_tls(host));
+    }
+    c
+}
+
+/// A backend's cluster, with the attempt role as its upstream HTTP filter.
+pub fn backend_cluster(b: &Backend, attempt_plugin: &Value) -> Value {
+    let mut c = dns_cluster(&b.cluster, &b.host, b.port, "5s", b.scheme == Scheme::Https);
+    if let Some(obj) = c.as_object_mut() {
+        obj.insert(
+            "typed_extension_protocol_options".into(),
+            json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": { "http_protocol_options": {} },
+                    "http_filters": [
+                        wasm_filter(ATTEMPT_FILTER_NAME, attempt_plugin),
+                        {
+                            "name": "envoy.filters.http.upstream_codec",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
+                            },
+                        },
+                    ],
+                },
+            }),
+        );
+    }
+    c
+}
+
+fn cluster_matcher(config: &Config) -> Value {
+    let map: Map<String, Value> = config
+        .backends
+        .iter()
+        .map(|b| {
+            let action = json!({ "action": {
+                "name": "cluster",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers.matcher.v3.ClusterAction",
+                    "cluster": b.cluster,
+                },
+            } });
+            (b.cluster.clone(), action)
+        })
+        .collect();
+    json!({ "extension": {
+        "name": "envoy.router.cluster_specifier_plugin.matcher",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers.matcher.v3.MatcherClusterSpecifier",
+            "cluster_matcher": { "matcher_tree": {
+                "input": {
+                    "name": "request-headers",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                        "header_name": header::CLUSTER,
+                    },
+                },
+                "exact_match_map": { "map": map },
+            } },
+        },
+    } })
+}
+
+fn retry_policy(config: &Config) -> Value {
+    let mut policy = json!({
+        "retry_on": "reset,connect-failure,refused-stream,retriable-headers",
+        "num_retries": config.backends.len().saturating_sub(1).max(1),
+        "retriable_headers": [{ "name": header::RETRY, "present_match": true }],
+        "refresh_cluster_on_retry": true,
+        // Failover goes to another region: no reason to wait.
+        "retry_back_off": { "base_interval": "0.001s", "max_interval": "0.002s" },
+    });
+    if let (Some(s), Some(obj)) = (config.attempt_timeout_s, policy.as_object_mut()) {
+        // Only until the answer starts: a stream may run longer.
+        obj.insert("per_try_timeout".into(), json!(format!("{s}s")));
+    }
+    policy
+}
+
+/// The one route: every path to the cluster the request role chose, with the
+/// retry policy that fails over. No `match`: callers add their own.
+pub fn route_action(config: &Config, opts: &RouteOptions) -> Value {
+    json!({
+        // Envoy can only retry a request whose body it still holds.
+        "request_body_buffer_limit": opts.request_body_limit_bytes,
+        "route": {
+            "inline_cluster_specifier_plugin": cluster_matcher(config),
+            "timeout": format!("{}s", opts.timeout_s),
+            "retry_policy": retry_policy(config),
+        },
+    })
+}
+
+/// Envoy's own error answers (no backend reachable, timeouts) in the OpenAI
+/// error shape clients already parse.
+fn local_reply_config() -> Value {
+    json!({ "mappers": [{
+        "filter": { "response_flag_filter": { "flags": ["UF", "URX", "UH", "UO", "UT", "UC", "UR", "UMSDR", "NR"] } },
+        "body_format_override": {
+            "json_format": { "error": {
+                "message": "%LOCAL_REPLY_BODY%",
+                "type": "server_error",
+                "code": "%RESPONSE_CODE%",
+                "param": null,
+            } },
+            "content_type": "application/json",
+        },
+    }] })
+}
+
+fn stdout_access_log() -> Value {
+    json!([{
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": { "text_format_source": { "inline_string":
+                "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% %RESPONSE_FLAGS% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% cluster=%UPSTREAM_CLUSTER% %DURATION%ms\n"
+            } },
+        },
+    }])
+}
+
+/// The HTTP connection manager: the route, the request role, the router.
+pub fn http_connection_manager(route: Value, request_plugin: &Value, access_log: bool) -> Value {
+    let mut hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "spillway",
+        "codec_type": "AUTO",
+        // Streams can be quiet while a model thinks.
+        "stream_idle_timeout": "600s",
+        "route_config": {
+            "name": "spillway",
+            "virtual_hosts": [{ "name": "spillway", "domains": ["*"], "routes": [route] }],
+        },
+        "local_reply_config": local_reply_config(),
+        "http_filters": [
+            wasm_filter(REQUEST_FILTER_NAME, request_plugin),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
+            },
+        ],
+    });
+    if let (true, Some(obj)) = (access_log, hcm.as_object_mut()) {
+        obj.insert("access_log".into(), stdout_access_log());
+    }
+    hcm
+}
+
+/// A listener serving `hcm` on `address:port`.
+pub fn listener(hcm: Value, address: &str, port: u16) -> Value {
+    json!({
+        "name": "spillway",
+        "address": { "socket_address": { "address": address, "port_value": port } },
+        "per_connection_buffer_limit_bytes": 1_048_576,
+        "filter_chains": [{ "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": hcm,
+        }] }],
+    })
+}
+
+/// Envoy `stats_tags` that turn the `.key.value` pairs of Spillway's metric
+/// names back into Prometheus labels. RE2 syntax: the first group is cut
+/// from the name, the second is the label value.
+pub fn stats_config() -> Value {
+    let tags: Vec<Value> = metric::LABELS
+        .iter()
+        .map(|k| {
+            json!({
+                "tag_name": k,
+                "regex": format!(r"^wasmcustom\.{}\w+(?:\.\w+\.[\w-]+)*?(\.{k}\.([\w-]+))", metric::PREFIX),
+            })
+        })
+        .collect();
+    json!({ "stats_tags": tags })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway::config::Keys;
+
+    const JSON: &str = r#"{"backends":[
+        {"name":"eastus","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY"},
+        {"name":"local","url":"http://127.0.0.1:8001","api_key":"k","priority":2},
+        {"name":"eastus2","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY","priority":3}],
+        "clients":[{"name":"team","key_env":"TEAM_KEY"}]}"#;
+
+    fn config(json: &str) -> Config {
+        Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap()
+    }
+
+    #[test]
+    fn env_keys_are_listed_once() {
+        assert_eq!(env_keys(&config(JSON)), ["EASTUS_KEY", "TEAM_KEY"]);
+    }
+
+    #[test]
+    fn the_route_matches_every_backend_cluster_and_retries_on_the_filters_word() {
+        let route = route_action(&config(JSON), &RouteOptions::default());
+        let map = &route["route"]["inline_cluster_specifier_plugin"]["extension"]["typed_config"]["cluster_matcher"]
+            ["matcher_tree"]["exact_match_map"]["map"];
+        assert_eq!(map.as_object().unwrap().len(), 3);
+        assert_eq!(map["spillway_local"]["action"]["typed_config"]["cluster"], "spillway_local");
+        let policy = &route["route"]["retry_policy"];
+        assert_eq!(policy["num_retries"], 2);
+        assert_eq!(policy["refresh_cluster_on_retry"], true);
+        assert_eq!(policy["retriable_headers"][0]["name"], header::RETRY);
+        assert!(policy.get("per_try_timeout").is_none());
+        assert_eq!(route["request_body_buffer_limit"], 32 * 1024 * 1024);
+        let timed = config(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_timeout_s":7}"#);
+        let route = route_action(&timed, &RouteOptions::default());
+        assert_eq!(route["route"]["retry_policy"]["per_try_timeout"], "7s");
+        assert_eq!(route["route"]["retry_policy"]["num_retries"], 1);
+    }
+
+    #[test]
+    fn https_backends_get_tls_with_sni_and_http_ones_do_not() {
+        let cfg = config(JSON);
+        let plugin = plugin(Role::Attempt, JSON, &[], local_code("/x.wasm"), default_vm_id());
+        let east = backend_cluster(&cfg.backends[0], &plugin);
+        assert_eq!(east["transport_socket"]["typed_config"]["sni"], "eastus.openai.azure.com");
+        assert_eq!(
+            east["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+                ["port_value"],
+            443
+        );
+        let local = backend_cluster(&cfg.backends[1], &plugin);
+        assert!(local.get("transport_socket").is_none());
+        let filters = &local["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"];
+        assert_eq!(filters[0]["typed_config"]["config"]["root_id"], "spillway_attempt");
+        assert_eq!(filters[1]["name"], "envoy.filters.http.upstream_codec");
+    }
+
+    #[test]
+    fn plugins_name_their_role_and_vm() {
+        let p = plugin(Role::Request, "{}", &["K".to_string()], local_code("/x.wasm"), default_vm_id());
+        assert_eq!(p["root_id"], "spillway_request");
+        assert_eq!(p["vm_config"]["vm_id"], "spillway");
+        assert_eq!(p["vm_config"]["environment_variables"]["host_env_keys"], json!(["K"]));
+        assert_eq!(p["fail_open"], false);
+        let istio = plugin(Role::Attempt, "{}", &[], local_code("/x.wasm"), None);
+        assert!(istio["vm_config"].get("vm_id").is_none());
+    }
+
+    #[test]
+    fn one_tag_regex_per_label() {
+        let tags = stats_config()["stats_tags"].as_array().unwrap().clone();
+        assert_eq!(tags.len(), metric::LABELS.len());
+        assert_eq!(tags[0]["tag_name"], "backend");
+        assert!(tags[0]["regex"].as_str().unwrap().contains(r"(\.backend\.([\w-]+))"));
+    }
+}

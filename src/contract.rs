@@ -1,0 +1,109 @@
+//! The names the filter and the Envoy configuration must agree on: internal
+//! headers, plugin root ids and vm id, cluster names, shared-data keys and
+//! metric label keys. The renderer builds Envoy and Istio configs from these
+//! constants; the filter reads and writes the same ones. Change a name here
+//! and both sides follow.
+
+/// Internal headers. All share one prefix so they are easy to spot (and to
+/// strip) in any header dump.
+pub mod header {
+    pub const PREFIX: &str = "x-spillway-";
+    /// Request: the cluster the route's matcher sends this attempt to.
+    pub const CLUSTER: &str = "x-spillway-cluster";
+    /// Request: path as the client sent it (plus `api-version`), before any rename.
+    pub const PATH: &str = "x-spillway-path";
+    /// Request: backends already tried for this request, comma separated.
+    pub const TRIED: &str = "x-spillway-tried";
+    /// Response: makes Envoy's `retriable_headers` policy retry this attempt.
+    pub const RETRY: &str = "x-spillway-retry";
+    /// Response: the backend that answered.
+    pub const BACKEND: &str = "x-spillway-backend";
+    /// Response: how many backends were tried.
+    pub const ATTEMPTS: &str = "x-spillway-attempts";
+}
+
+/// Both roles run in one VM (same `vm_id`), so they share shared data.
+pub const VM_ID: &str = "spillway";
+/// Root id of the downstream filter: once per client request.
+pub const REQUEST_ROOT_ID: &str = "spillway_request";
+/// Root id of the upstream (cluster) filter: once per attempt.
+pub const ATTEMPT_ROOT_ID: &str = "spillway_attempt";
+
+/// The two roles one `.wasm` plays, told apart by the plugin's root id.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
+    /// Downstream HTTP filter: once per client request.
+    Request,
+    /// Upstream HTTP filter on every backend cluster: once per attempt.
+    Attempt,
+}
+
+impl Role {
+    /// The role for a plugin root id; `None` for any other id, which is a
+    /// configuration error rather than a guess.
+    pub fn from_root_id(root_id: &str) -> Option<Role> {
+        match root_id {
+            REQUEST_ROOT_ID => Some(Role::Request),
+            ATTEMPT_ROOT_ID => Some(Role::Attempt),
+            _ => None,
+        }
+    }
+
+    pub fn root_id(self) -> &'static str {
+        match self {
+            Role::Request => REQUEST_ROOT_ID,
+            Role::Attempt => ATTEMPT_ROOT_ID,
+        }
+    }
+}
+
+/// Prefix of the Envoy cluster that carries a backend's traffic.
+pub const CLUSTER_PREFIX: &str = "spillway_";
+
+pub fn cluster_name(backend: &str) -> String {
+    format!("{CLUSTER_PREFIX}{backend}")
+}
+
+/// Shared-data keys. Every key starts with `spillway.` and carries a version
+/// where the value has an encoding, so an old worker never misreads a new one.
+pub mod shared_data {
+    /// Health table of all backends (throttle deadlines, circuit state).
+    pub const HEALTH: &str = "spillway.health.v1";
+    /// Prefix of a priority group's round-robin counter.
+    pub const ROTATION_PREFIX: &str = "spillway.rr.";
+    /// Prefix of a client's request and token buckets.
+    pub const LIMITS_PREFIX: &str = "spillway.limit.";
+}
+
+/// Metric names carry their labels as `.key.value` pairs (proxy-wasm
+/// metrics have no labels); the renderer adds one Envoy `stats_tags` regex
+/// per key to turn them back into Prometheus labels.
+pub mod metric {
+    /// Every metric name starts with this.
+    pub const PREFIX: &str = "spillway_";
+    /// Label keys, in the order they appear in names.
+    pub const LABELS: [&str; 6] = ["backend", "client", "deployment", "class", "kind", "reason"];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_come_from_exact_root_ids() {
+        assert_eq!(Role::from_root_id("spillway_request"), Some(Role::Request));
+        assert_eq!(Role::from_root_id("spillway_attempt"), Some(Role::Attempt));
+        for other in ["", "spillway_attempt2", "my_attempt", "SPILLWAY_REQUEST"] {
+            assert_eq!(Role::from_root_id(other), None, "{other}");
+        }
+        assert_eq!(Role::Attempt.root_id(), ATTEMPT_ROOT_ID);
+    }
+
+    #[test]
+    fn every_header_has_the_prefix() {
+        use header::*;
+        for h in [CLUSTER, PATH, TRIED, RETRY, BACKEND, ATTEMPTS] {
+            assert!(h.starts_with(PREFIX), "{h}");
+        }
+    }
+}
