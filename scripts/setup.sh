@@ -31,6 +31,11 @@ fi
 if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi
+for component in rustfmt clippy; do
+  if ! rustup component list --installed | grep -q "^$component"; then
+    rustup component add "$component"
+  fi
+done
 
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: installs what is missing, builds the filter (wasm),
 # the renderer and the mock backends, then runs every test:
-# native unit tests, clippy (panics denied in filter code), and the
-# integration suite against real Envoy processes.
+# formatting (rustfmt), clippy (panics denied in filter code), native unit
+# tests, and the integration suite against real Envoy processes.
 #
 #   scripts/test.sh [PYTEST ARGS]                  integration suite on the pinned Envoy (1.40.0)
 #   scripts/test.sh --envoy-matrix [PYTEST ARGS]   ... on every Envoy in ENVOY_MATRIX instead,
@@ -30,6 +30,9 @@ echo "== build"
 cargo build --locked --target wasm32-wasip1 --release --lib
 cargo build --locked --release -p spillway-render
 cargo build --locked --release -p spillway-mock
+
+echo "== format"
+cargo fmt --all --check
 
 echo "== clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings

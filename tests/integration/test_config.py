@@ -67,3 +67,29 @@ def test_bad_update_is_rejected_and_the_old_config_keeps_serving(start_mock, sta
     envoy.apply({"backends": [backend_entry(old, priority=2), backend_entry(new)], "api_version": "2024-10-21"})
     wait_until(lambda: envoy.stat("listener_manager.lds.update_success") >= 2, what="update applied")
     wait_until(lambda: envoy.chat().headers.get("x-spillway-backend") == "new", what="new config serving")
+
+
+def test_an_unknown_root_id_is_a_config_error_not_a_guess(tmp_path):
+    """A plugin whose root_id is neither role's is refused, naming the id,
+    instead of silently running as one of the roles."""
+    import os
+    import random
+    import subprocess
+
+    import yaml
+    from harness import ENVOY, free_port, render
+
+    path = render(GOOD, tmp_path, free_port(), free_port())
+    doc = yaml.safe_load(path.read_text())
+    cluster = doc["static_resources"]["clusters"][0]
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    plugin = options["http_filters"][0]["typed_config"]["config"]
+    assert plugin["root_id"] == "spillway_attempt"
+    plugin["root_id"] = plugin["name"] = "my_attempt_role"
+    path.write_text(yaml.safe_dump(doc))
+    r = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
+                        "--base-id", str(random.randint(1000, 10_000_000))],
+                       capture_output=True, text=True, env=dict(os.environ), timeout=60)
+    assert r.returncode != 0
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if "invalid spillway config" in l]
+    assert any('root_id "my_attempt_role"' in l for l in lines), (r.stdout + r.stderr)[-2000:]
