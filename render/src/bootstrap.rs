@@ -95,13 +95,8 @@ pub fn render(config: &Config, filter_json: &str, opts: &BootstrapOptions) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envoy::tests::JSON;
     use spillway::config::Keys;
-
-    const JSON: &str = r#"{"backends":[
-        {"name":"eastus","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY"},
-        {"name":"local","url":"http://127.0.0.1:8001","api_key":"k","priority":2},
-        {"name":"eastus2","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY","priority":3}],
-        "clients":[{"name":"team","key_env":"TEAM_KEY"}]}"#;
 
     fn rendered(opts: &BootstrapOptions) -> Rendered {
         let cfg = Config::parse(JSON.as_bytes(), Keys::NamesOnly).unwrap();

@@ -311,11 +311,12 @@ pub fn stats_config() -> Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use spillway::config::Keys;
 
-    const JSON: &str = r#"{"backends":[
+    /// A filter JSON with https and http backends, key variables and a client.
+    pub(crate) const JSON: &str = r#"{"backends":[
         {"name":"eastus","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY"},
         {"name":"local","url":"http://127.0.0.1:8001","api_key":"k","priority":2},
         {"name":"eastus2","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY","priority":3}],
