@@ -18,7 +18,8 @@ pub enum StoreError {
 pub trait SharedStore {
     /// The value and its CAS token (`None` when the key does not exist).
     fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
-    /// Writes `value` if the key's token still equals `cas` (`None`: unconditional).
+    /// Writes `value` if the key's token still equals `cas`; `None`: only if
+    /// the key does not exist (so two first writers cannot both win).
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
 }
 
@@ -79,6 +80,19 @@ mod tests {
         let s = MemoryStore::default();
         assert_eq!(fetch_increment(&s, "c"), 0);
         s.conflicts_to_inject.set(3);
+        assert_eq!(fetch_increment(&s, "c"), 1);
+        assert_eq!(read_counter(&s, "c"), 2);
+    }
+
+    #[test]
+    fn two_first_writers_do_not_lose_an_update() {
+        let s = MemoryStore::default();
+        // Both read "absent" before either writes.
+        let (first, second) = (s.get("c"), s.get("c"));
+        assert_eq!((first.1, second.1), (None, None));
+        s.set("c", b"1", first.1).unwrap();
+        assert_eq!(s.set("c", b"1", second.1), Err(StoreError::CasMismatch));
+        // The loser retries through `update` and counts on top.
         assert_eq!(fetch_increment(&s, "c"), 1);
         assert_eq!(read_counter(&s, "c"), 2);
     }

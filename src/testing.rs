@@ -31,10 +31,10 @@ impl SharedStore for MemoryStore {
             return Err(StoreError::CasMismatch);
         }
         let mut map = self.map.borrow_mut();
-        if let (Some(expected), Some((_, current))) = (cas, map.get(key)) {
-            if expected != *current {
-                return Err(StoreError::CasMismatch);
-            }
+        match (cas, map.get(key)) {
+            (Some(expected), Some((_, current))) if expected != *current => return Err(StoreError::CasMismatch),
+            (None, Some(_)) => return Err(StoreError::CasMismatch),
+            _ => {}
         }
         self.next_cas.set(self.next_cas.get().wrapping_add(1).max(1));
         map.insert(key.to_string(), (value.to_vec(), self.next_cas.get()));

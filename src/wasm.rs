@@ -1,24 +1,25 @@
 //! proxy-wasm glue: host adapters for the `store` traits and the two HTTP
-//! contexts. Host calls go through `hostcalls` (which return `Result`)
-//! rather than the SDK's trait helpers (which panic on host errors).
+//! contexts. Every host call goes through `host`, which returns errors
+//! instead of panicking; an error is logged and the request goes on (or is
+//! answered), never a trap.
 
 use crate::clients::CLIENT_CREDENTIAL_HEADERS;
 use crate::config::{Config, Keys};
 use crate::contract::{header, Role};
 use crate::exchange::{Exchange, RequestHead, Step};
 use crate::gateway::{AttemptAnswer, Gateway, ResponseDecision};
+use crate::host::{self, Body, Headers, MetricKind, SetError};
 use crate::metrics::Metrics;
+use crate::replies::LocalReply;
 use crate::store::{Clock, SharedStore, StoreError};
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
+    host::install_logger();
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { role: None, gateway: None }) });
 }}
 
@@ -26,14 +27,20 @@ struct HostStore;
 
 impl SharedStore for HostStore {
     fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        hostcalls::get_shared_data(key).unwrap_or((None, None))
+        host::shared_data(key).unwrap_or_else(|e| {
+            log::warn!("cannot read shared data {key}: {e:?}");
+            (None, None)
+        })
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        match hostcalls::set_shared_data(key, Some(value), cas) {
+        match host::set_shared_data(key, value, cas) {
             Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
-            Err(_) => Err(StoreError::Unavailable),
+            Err(SetError::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(SetError::Host(e)) => {
+                log::warn!("cannot write shared data {key}: {e:?}");
+                Err(StoreError::Unavailable)
+            }
         }
     }
 }
@@ -46,12 +53,12 @@ thread_local! {
 }
 
 impl HostMetrics {
-    fn id(name: &str, kind: MetricType) -> Option<u32> {
+    fn id(name: &str, kind: MetricKind) -> Option<u32> {
         METRIC_IDS.with(|ids| {
             if let Some(id) = ids.borrow().get(name) {
                 return Some(*id);
             }
-            let id = hostcalls::define_metric(kind, name).ok()?;
+            let id = host::define_metric(kind, name).ok()?;
             ids.borrow_mut().insert(name.to_string(), id);
             Some(id)
         })
@@ -60,14 +67,14 @@ impl HostMetrics {
 
 impl Metrics for HostMetrics {
     fn add(&self, name: &str, value: u64) {
-        if let Some(id) = Self::id(name, MetricType::Counter) {
-            let _ = hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX));
+        if let Some(id) = Self::id(name, MetricKind::Counter) {
+            let _ = host::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX));
         }
     }
 
     fn set(&self, name: &str, value: u64) {
-        if let Some(id) = Self::id(name, MetricType::Gauge) {
-            let _ = hostcalls::record_metric(id, value);
+        if let Some(id) = Self::id(name, MetricKind::Gauge) {
+            let _ = host::record_metric(id, value);
         }
     }
 }
@@ -76,10 +83,7 @@ struct HostClock;
 
 impl Clock for HostClock {
     fn now_ms(&self) -> u64 {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        host::now_ms().unwrap_or(0)
     }
 }
 
@@ -93,7 +97,7 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let root_id = hostcalls::get_property(vec!["plugin_root_id"])
+        let root_id = host::property(&["plugin_root_id"])
             .ok()
             .flatten()
             .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -107,8 +111,8 @@ impl RootContext for Root {
             return false;
         };
         self.role = Some(role);
-        let bytes = match hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
-            Ok(Some(b)) => b,
+        let bytes = match host::body(Body::PluginConfiguration, 0, usize::MAX) {
+            Ok(b) if !b.is_empty() => b,
             _ => {
                 log::error!("invalid spillway config: the plugin configuration is empty");
                 return false;
@@ -121,7 +125,7 @@ impl RootContext for Root {
                 self.gateway = Some(Rc::new(Gateway::new(config)));
                 if role == Role::Request {
                     // Refreshes the "currently throttled / open" gauges.
-                    if let Err(e) = hostcalls::set_tick_period(Duration::from_secs(1)) {
+                    if let Err(e) = host::set_tick_period_ms(1000) {
                         log::warn!("cannot set tick period: {e:?}");
                     }
                 }
@@ -141,8 +145,13 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let gateway = self.gateway.clone()?;
-        Some(match self.role? {
+        // The SDK panics on `None`: a plugin without a usable config answers
+        // every request with a 503 instead (Envoy normally refuses such a
+        // config before any request arrives).
+        let (Some(gateway), Some(role)) = (self.gateway.clone(), self.role) else {
+            return Some(Box::new(Unconfigured));
+        };
+        Some(match role {
             Role::Request => {
                 Box::new(RequestFilter { gateway, exchange: Exchange::new(HostClock.now_ms()), inspect_body: false })
             }
@@ -155,23 +164,61 @@ impl RootContext for Root {
     }
 }
 
-fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
-}
-
-fn set_request_header(name: &str, value: Option<&str>) {
-    if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
-        log::warn!("cannot set request header {name}: {e:?}");
+/// A header value as text. Values that are not UTF-8 are decoded lossily:
+/// they can then match nothing (a key, a number), which is the right answer.
+fn header_text(map: Headers, name: &str) -> Option<String> {
+    match host::header(map, name) {
+        Ok(value) => {
+            value.map(|v| String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        }
+        Err(e) => {
+            log::warn!("cannot read header {name}: {e:?}");
+            None
+        }
     }
 }
 
+fn set_header(map: Headers, name: &str, value: Option<&str>) {
+    if let Err(e) = host::set_header(map, name, value.map(str::as_bytes)) {
+        log::warn!("cannot set header {name}: {e:?}");
+    }
+}
+
+fn request_header(name: &str) -> Option<String> {
+    header_text(Headers::Request, name)
+}
+
+fn set_request_header(name: &str, value: Option<&str>) {
+    set_header(Headers::Request, name, value)
+}
+
 fn response_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
+    header_text(Headers::Response, name)
 }
 
 fn set_response_header(name: &str, value: Option<&str>) {
-    if let Err(e) = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value) {
-        log::warn!("cannot set response header {name}: {e:?}");
+    set_header(Headers::Response, name, value)
+}
+
+fn send_reply(reply: &LocalReply) -> Action {
+    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    match host::send_reply(reply.status, &headers, reply.body.as_bytes()) {
+        Ok(()) => Action::Pause,
+        Err(e) => {
+            log::warn!("cannot send local reply: {e:?}");
+            Action::Continue
+        }
+    }
+}
+
+/// Stands in for a filter whose plugin has no usable config.
+struct Unconfigured;
+
+impl Context for Unconfigured {}
+
+impl HttpContext for Unconfigured {
+    fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+        send_reply(&LocalReply::error(503, "503", "Spillway is not configured (see Envoy's log)."))
     }
 }
 
@@ -195,19 +242,12 @@ impl RequestFilter {
                 self.inspect_body = inspect_body;
                 // The route (and its cluster) may already be cached from
                 // before our header existed.
-                if let Err(e) = hostcalls::call_foreign_function("clear_route_cache", None) {
+                if let Err(e) = host::call_foreign("clear_route_cache", &[]) {
                     log::warn!("clear_route_cache failed: {e:?}");
                 }
                 Action::Continue
             }
-            Step::Reply(reply) => {
-                let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                if let Err(e) = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes())) {
-                    log::warn!("cannot send local reply: {e:?}");
-                    return Action::Continue;
-                }
-                Action::Pause
-            }
+            Step::Reply(reply) => send_reply(&reply),
         }
     }
 }
@@ -261,9 +301,12 @@ impl HttpContext for RequestFilter {
             return Action::Pause;
         }
         self.inspect_body = false;
-        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten().unwrap_or_default();
+        let body = host::body(Body::Request, 0, size).unwrap_or_else(|e| {
+            log::warn!("cannot read the request body: {e:?}");
+            Vec::new()
+        });
         if let Some(new_body) = self.exchange.on_request_body(&self.gateway, &HostStore, &HostClock, &body) {
-            if let Err(e) = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, &new_body) {
+            if let Err(e) = host::set_body(Body::Request, 0, size, &new_body) {
                 log::warn!("cannot replace request body: {e:?}");
             }
         }
@@ -295,9 +338,12 @@ impl HttpContext for RequestFilter {
         if self.exchange.is_local_reply() {
             return Action::Continue;
         }
-        let chunk = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default();
+        let chunk = host::body(Body::Response, 0, size).unwrap_or_else(|e| {
+            log::warn!("cannot read a response body chunk: {e:?}");
+            Vec::new()
+        });
         if let Some(replacement) = self.exchange.on_response_body(&chunk, end_of_stream) {
-            if let Err(e) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &replacement) {
+            if let Err(e) = host::set_body(Body::Response, 0, size, &replacement) {
                 log::warn!("cannot replace response body: {e:?}");
             }
         }
@@ -335,7 +381,7 @@ impl Context for AttemptFilter {
 
 impl HttpContext for AttemptFilter {
     fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
-        let cluster = hostcalls::get_property(vec!["xds", "cluster_name"])
+        let cluster = host::property(&["xds", "cluster_name"])
             .ok()
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())

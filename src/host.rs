@@ -1,0 +1,387 @@
+//! The proxy-wasm host calls the filter makes, called through the ABI
+//! directly rather than through the SDK's `hostcalls`, which panic on any
+//! status they do not expect and decode header values with
+//! `String::from_utf8(..).unwrap()`: one header that is not UTF-8, or a call
+//! the host refuses in some phase, would trap the VM for every later request
+//! on that worker. Here every call returns a `Result`, values come back as
+//! bytes, and the caller decides what an error means (log and go on).
+//!
+//! The encoders are plain functions, tested natively; the calls exist only
+//! on wasm32.
+
+/// A host call that did not succeed: the ABI status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError(pub u32);
+
+pub const STATUS_OK: u32 = 0;
+pub const STATUS_NOT_FOUND: u32 = 1;
+pub const STATUS_CAS_MISMATCH: u32 = 8;
+
+/// Header pairs in the ABI's map encoding: the count, each name and value
+/// length (u32, little endian), then each name and value followed by a NUL.
+pub fn encode_header_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let size = 4 + pairs.iter().map(|(n, v)| 8 + n.len() + v.len() + 2).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&len_u32(pairs.len()).to_le_bytes());
+    for (name, value) in pairs {
+        out.extend_from_slice(&len_u32(name.len()).to_le_bytes());
+        out.extend_from_slice(&len_u32(value.len()).to_le_bytes());
+    }
+    for (name, value) in pairs {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out.extend_from_slice(value.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// A property path in the ABI's encoding: the segments joined by NUL.
+pub fn encode_property_path(path: &[&str]) -> Vec<u8> {
+    path.join("\0").into_bytes()
+}
+
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(target_arch = "wasm32")]
+pub use calls::*;
+
+#[cfg(target_arch = "wasm32")]
+mod calls {
+    use super::{
+        encode_header_pairs, encode_property_path, HostError, STATUS_CAS_MISMATCH, STATUS_NOT_FOUND, STATUS_OK,
+    };
+    use std::ptr::null_mut;
+
+    /// Header maps (ABI `MapType`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Headers {
+        Request = 0,
+        Response = 2,
+    }
+
+    /// Body buffers (ABI `BufferType`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Body {
+        Request = 0,
+        Response = 1,
+        PluginConfiguration = 7,
+    }
+
+    /// Metric kinds (ABI `MetricType`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum MetricKind {
+        Counter = 0,
+        Gauge = 1,
+    }
+
+    // Enums cross the ABI as plain u32: a status the host adds later must
+    // not become an invalid Rust enum value.
+    extern "C" {
+        fn proxy_get_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
+        fn proxy_replace_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
+        fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+        fn proxy_get_property(
+            path_data: *const u8,
+            path_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
+        fn proxy_get_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+            return_cas: *mut u32,
+        ) -> u32;
+        fn proxy_set_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+            cas: u32,
+        ) -> u32;
+        fn proxy_get_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            max_size: usize,
+            return_buffer_data: *mut *mut u8,
+            return_buffer_size: *mut usize,
+        ) -> u32;
+        fn proxy_set_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            size: usize,
+            buffer_data: *const u8,
+            buffer_size: usize,
+        ) -> u32;
+        fn proxy_send_local_response(
+            status_code: u32,
+            status_code_details_data: *const u8,
+            status_code_details_size: usize,
+            body_data: *const u8,
+            body_size: usize,
+            headers_data: *const u8,
+            headers_size: usize,
+            grpc_status: i32,
+        ) -> u32;
+        fn proxy_call_foreign_function(
+            function_name_data: *const u8,
+            function_name_size: usize,
+            arguments_data: *const u8,
+            arguments_size: usize,
+            results_data: *mut *mut u8,
+            results_size: *mut usize,
+        ) -> u32;
+        fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+        fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+        fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+        fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+        fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    }
+
+    fn check(status: u32) -> Result<(), HostError> {
+        if status == STATUS_OK {
+            Ok(())
+        } else {
+            Err(HostError(status))
+        }
+    }
+
+    /// Takes ownership of bytes the host wrote into memory it allocated
+    /// through the SDK's `proxy_on_memory_allocate` (a `Vec` of exactly
+    /// `size` bytes).
+    ///
+    /// # Safety
+    /// `data` must be null or come from that allocator with `size` bytes.
+    unsafe fn take(data: *mut u8, size: usize) -> Vec<u8> {
+        if data.is_null() {
+            Vec::new()
+        } else {
+            Vec::from_raw_parts(data, size, size)
+        }
+    }
+
+    /// A header's value as bytes; `Ok(None)` when absent.
+    pub fn header(map: Headers, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        let (mut data, mut size) = (null_mut(), 0);
+        // SAFETY: pointers to locals; the host fills them with memory from our allocator.
+        let status = unsafe { proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size) };
+        match status {
+            STATUS_OK => Ok(Some(unsafe { take(data, size) })),
+            STATUS_NOT_FOUND => Ok(None),
+            other => Err(HostError(other)),
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) a header.
+    pub fn set_header(map: Headers, name: &str, value: Option<&[u8]>) -> Result<(), HostError> {
+        // SAFETY: all pointers come from live slices with their lengths.
+        check(unsafe {
+            match value {
+                Some(v) => proxy_replace_header_map_value(map as u32, name.as_ptr(), name.len(), v.as_ptr(), v.len()),
+                None => proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()),
+            }
+        })
+    }
+
+    /// A property (e.g. `["xds", "cluster_name"]`); `Ok(None)` when absent.
+    pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+        let encoded = encode_property_path(path);
+        let (mut data, mut size) = (null_mut(), 0);
+        // SAFETY: as in `header`.
+        let status = unsafe { proxy_get_property(encoded.as_ptr(), encoded.len(), &mut data, &mut size) };
+        match status {
+            STATUS_OK => Ok(Some(unsafe { take(data, size) })),
+            STATUS_NOT_FOUND => Ok(None),
+            other => Err(HostError(other)),
+        }
+    }
+
+    /// A shared-data value and its CAS token; `(None, None)` when absent.
+    pub fn shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
+        let (mut data, mut size, mut cas) = (null_mut(), 0, 0u32);
+        // SAFETY: as in `header`.
+        let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+        match status {
+            STATUS_OK => Ok((Some(unsafe { take(data, size) }), Some(cas))),
+            STATUS_NOT_FOUND => Ok((None, None)),
+            other => Err(HostError(other)),
+        }
+    }
+
+    /// Writes a shared-data value if its CAS token is still `cas`; `None`
+    /// writes only if the key does not exist yet. Envoy creates a missing
+    /// key whatever the CAS, and skips the check for CAS 0, so "absent" is
+    /// asked with a token no existing key is expected to have (`u32::MAX`):
+    /// two workers creating the same key cannot both win.
+    pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        let cas = cas.unwrap_or(u32::MAX);
+        // SAFETY: pointers from live slices.
+        match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) } {
+            STATUS_OK => Ok(()),
+            STATUS_CAS_MISMATCH => Err(SetError::CasMismatch),
+            other => Err(SetError::Host(HostError(other))),
+        }
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SetError {
+        CasMismatch,
+        Host(HostError),
+    }
+
+    /// Up to `max` bytes of a body buffer from `start`.
+    pub fn body(kind: Body, start: usize, max: usize) -> Result<Vec<u8>, HostError> {
+        let (mut data, mut size) = (null_mut(), 0);
+        // SAFETY: as in `header`.
+        let status = unsafe { proxy_get_buffer_bytes(kind as u32, start, max, &mut data, &mut size) };
+        match status {
+            STATUS_OK => Ok(unsafe { take(data, size) }),
+            STATUS_NOT_FOUND => Ok(Vec::new()),
+            other => Err(HostError(other)),
+        }
+    }
+
+    /// Replaces `size` bytes of a body buffer from `start` with `bytes`.
+    pub fn set_body(kind: Body, start: usize, size: usize, bytes: &[u8]) -> Result<(), HostError> {
+        // SAFETY: pointer from a live slice.
+        check(unsafe { proxy_set_buffer_bytes(kind as u32, start, size, bytes.as_ptr(), bytes.len()) })
+    }
+
+    /// Answers the request with a local reply.
+    pub fn send_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HostError> {
+        let encoded = encode_header_pairs(headers);
+        let details = b"spillway";
+        // SAFETY: pointers from live slices; -1 = not gRPC.
+        check(unsafe {
+            proxy_send_local_response(
+                status,
+                details.as_ptr(),
+                details.len(),
+                body.as_ptr(),
+                body.len(),
+                encoded.as_ptr(),
+                encoded.len(),
+                -1,
+            )
+        })
+    }
+
+    /// Calls a host extension function (e.g. Envoy's `clear_route_cache`).
+    pub fn call_foreign(name: &str, args: &[u8]) -> Result<Vec<u8>, HostError> {
+        let (mut data, mut size) = (null_mut(), 0);
+        // SAFETY: as in `header`.
+        let status = unsafe {
+            proxy_call_foreign_function(name.as_ptr(), name.len(), args.as_ptr(), args.len(), &mut data, &mut size)
+        };
+        check(status).map(|()| unsafe { take(data, size) })
+    }
+
+    pub fn define_metric(kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        let mut id = 0;
+        // SAFETY: pointers from a live slice and a local.
+        check(unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) }).map(|()| id)
+    }
+
+    pub fn increment_metric(id: u32, by: i64) -> Result<(), HostError> {
+        // SAFETY: no pointers.
+        check(unsafe { proxy_increment_metric(id, by) })
+    }
+
+    pub fn record_metric(id: u32, value: u64) -> Result<(), HostError> {
+        // SAFETY: no pointers.
+        check(unsafe { proxy_record_metric(id, value) })
+    }
+
+    /// Wall-clock time in milliseconds since the Unix epoch.
+    pub fn now_ms() -> Result<u64, HostError> {
+        let mut nanos = 0u64;
+        // SAFETY: pointer to a local.
+        check(unsafe { proxy_get_current_time_nanoseconds(&mut nanos) }).map(|()| nanos / 1_000_000)
+    }
+
+    pub fn set_tick_period_ms(ms: u32) -> Result<(), HostError> {
+        // SAFETY: no pointers.
+        check(unsafe { proxy_set_tick_period_milliseconds(ms) })
+    }
+
+    fn write_log(level: u32, message: &str) {
+        // SAFETY: pointer from a live string. A failed log call is dropped.
+        let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+    }
+
+    /// `log` records to Envoy's log (the ABI's levels: trace 0 .. critical 5).
+    struct HostLogger;
+
+    impl log::Log for HostLogger {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.level() <= log::max_level()
+        }
+
+        fn log(&self, record: &log::Record<'_>) {
+            if !self.enabled(record.metadata()) {
+                return;
+            }
+            let level = match record.level() {
+                log::Level::Trace => 0,
+                log::Level::Debug => 1,
+                log::Level::Info => 2,
+                log::Level::Warn => 3,
+                log::Level::Error => 4,
+            };
+            write_log(level, &record.args().to_string());
+        }
+
+        fn flush(&self) {}
+    }
+
+    static LOGGER: HostLogger = HostLogger;
+
+    /// Routes `log` to Envoy at info level and up, and logs a panic before
+    /// the VM traps (a panic should be impossible; if one happens, the log
+    /// says where).
+    pub fn install_logger() {
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Info);
+        }
+        std::panic::set_hook(Box::new(|info| {
+            write_log(5, &format!("spillway: panic, this worker's filter VM stops serving: {info}"));
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_pairs_use_the_abi_layout() {
+        let bytes = encode_header_pairs(&[("a", "bc"), ("de", "")]);
+        let mut want = vec![2, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0];
+        want.extend_from_slice(b"a\0bc\0de\0\0");
+        assert_eq!(bytes, want);
+        assert_eq!(encode_header_pairs(&[]), vec![0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn property_paths_join_with_nul() {
+        assert_eq!(encode_property_path(&["xds", "cluster_name"]), b"xds\0cluster_name");
+        assert_eq!(encode_property_path(&["plugin_root_id"]), b"plugin_root_id");
+    }
+}

@@ -1,0 +1,75 @@
+"""Production faults: what clients and broken backends do must not take the
+gateway down, leak a key, or take healthy backends out of rotation.
+
+Every test runs real Envoy (two workers) with the mock backends' fault
+injection, and checks what the client got, what each backend saw, and the
+health state afterwards."""
+
+import socket
+import time
+
+from conftest import backend_entry
+
+CHAT_PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+CHAT_BODY = b'{"messages":[{"role":"user","content":"hi"}]}'
+
+
+def raw_request(port: int, headers: list[tuple[bytes, bytes]], path: str = CHAT_PATH,
+                body: bytes = CHAT_BODY) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on its own connection, header bytes sent as they
+    are (clients can send bytes that are not UTF-8). Returns (status, raw answer)."""
+    head = (f"POST {path} HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n").encode()
+    head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(head + b"\r\n" + body)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+    return status, answer
+
+
+def gauge(envoy, name: str, backend: str) -> int:
+    return envoy.stat(f"wasmcustom.{name}.backend.{backend}")
+
+
+def test_header_bytes_that_are_not_utf8_cannot_trap_the_vm(start_mock, start_envoy):
+    east = start_mock("east", "key-east")
+    west = start_mock("west", "key-west")
+    envoy = start_envoy({
+        "backends": [backend_entry(east), backend_entry(west)],
+        "clients": [{"name": "team", "key": "team-key-123"}],
+        # A 429 without a usable retry-after keeps a backend out for 1 s.
+        "default_retry_after_s": 1,
+    })
+    bad = b"\xff\xfe\x80key"
+    # From clients, in every header the request role reads: refused as a
+    # wrong key (the bytes match no key), on many connections (both workers).
+    for _ in range(6):
+        for name in (b"api-key", b"authorization", b"ocp-apim-subscription-key"):
+            value = b"Bearer " + bad if name == b"authorization" else bad
+            status, answer = raw_request(envoy.port, [(name, value)])
+            assert status == 401, answer[:500]
+    # From backends, in the headers both roles read: a 429 whose retry-after
+    # is not text fails over; a 200 whose content-type is not text passes.
+    for _ in range(4):
+        east.configure(fail_next=[{"status": 429, "raw_headers": [["retry-after", "ff fe"],
+                                                                   ["retry-after-ms", "80 81"]]}])
+        west.configure(fail_next=[{"status": 429, "raw_headers": [["retry-after", "ff fe"]]}])
+        status, answer = raw_request(envoy.port, [(b"api-key", b"team-key-123")])
+        assert status == 429, answer[:500]
+        # Both were throttled for the default wait, and the client is told so.
+        assert b"\r\nretry-after: 1\r\n" in answer.lower(), answer[:800]
+        time.sleep(1.1)
+    for _ in range(6):
+        for m in (east, west):
+            m.configure(fail_next=[{"status": 200, "raw_headers": [["content-type", "ff fe 2f 6a"]]}])
+        status, answer = raw_request(envoy.port, [(b"api-key", b"team-key-123")])
+        assert status == 200, answer[:500]
+    # The gateway still serves on every worker: many fresh connections succeed.
+    for _ in range(24):
+        status, answer = raw_request(envoy.port, [(b"api-key", b"team-key-123")])
+        assert status == 200, answer[:500]
+    assert "panic" not in envoy.log().lower()
+    assert gauge(envoy, "spillway_backend_circuit_open", "east") == 0
