@@ -6,7 +6,7 @@ use crate::clients::{self, Auth};
 use crate::gateway::Gateway;
 use crate::limits::{self, Admission, Remaining, Settlement};
 use crate::metrics::{self, Metrics};
-use crate::paths;
+use crate::paths::{self, PathProblem};
 use crate::replies::LocalReply;
 use crate::store::{Clock, SharedStore};
 use crate::usage::{self, RequestFacts, SseScanner, Usage};
@@ -130,8 +130,13 @@ impl Exchange {
     ) -> Step {
         self.method = head.method.to_string();
         self.path = head.path.to_string();
-        if !paths::is_api_path(head.path) {
-            return self.reply(metrics, "not_found", LocalReply::not_found());
+        match paths::check(head.path) {
+            Ok(()) => {}
+            Err(PathProblem::NotApi) => return self.reply(metrics, "not_found", LocalReply::not_found()),
+            Err(PathProblem::Ambiguous) => return self.reply(metrics, "bad_path", LocalReply::ambiguous_path()),
+            Err(PathProblem::BadDeployment) => {
+                return self.reply(metrics, "bad_path", LocalReply::bad_deployment_name());
+            }
         }
         let presented = clients::presented_key(head.api_key, head.apim_key, head.authorization);
         match clients::authenticate(&gw.config.clients, presented) {

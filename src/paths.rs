@@ -10,6 +10,57 @@ pub fn is_api_path(path: &str) -> bool {
     path.starts_with("/openai/") || path.starts_with("/v1/")
 }
 
+/// Why a path may not go to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathProblem {
+    /// Not one of the APIs Spillway serves.
+    NotApi,
+    /// Could name something else once a server resolves it: dot segments,
+    /// empty segments, (encoded) slashes or backslashes, control bytes.
+    Ambiguous,
+    /// The deployment segment is not a plain deployment name.
+    BadDeployment,
+}
+
+/// Checks a request path before it goes anywhere with a backend's key.
+/// Envoy normalises paths in the rendered config; this holds wherever the
+/// filter runs (another listener, Istio), and a prefix check alone would
+/// let `/openai/../admin` through.
+pub fn check(path: &str) -> Result<(), PathProblem> {
+    let (path_part, _) = split_query(path);
+    let lower = path_part.to_ascii_lowercase();
+    let ambiguous = path_part.bytes().any(|c| c == b'\\' || c <= b' ' || c == 0x7f || c == b'#')
+        || ["%2e", "%2f", "%5c", "%00"].iter().any(|enc| lower.contains(enc))
+        || !path_part.starts_with('/')
+        || segments_are_ambiguous(path_part);
+    if ambiguous {
+        return Err(PathProblem::Ambiguous);
+    }
+    if !is_api_path(path_part) {
+        return Err(PathProblem::NotApi);
+    }
+    if path_part.starts_with(AZURE_DEPLOYMENTS) {
+        match deployment(path_part) {
+            Some(d) if is_plain_deployment(d) => {}
+            _ => return Err(PathProblem::BadDeployment),
+        }
+    }
+    Ok(())
+}
+
+/// Dot segments anywhere, or an empty segment before the last (`//`; a
+/// trailing slash is fine).
+fn segments_are_ambiguous(path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    segments.iter().enumerate().any(|(i, seg)| seg == &"." || seg == &".." || (seg.is_empty() && i < last))
+}
+
+/// Azure deployment names: letters, digits, `-`, `_` and `.`, at most 64.
+fn is_plain_deployment(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
 /// Azure's classic data plane needs `api-version`; the `/openai/v1/` plane does not.
 pub fn with_api_version(path: &str, version: Option<&str>) -> String {
     let Some(version) = version else { return path.to_string() };
@@ -69,6 +120,41 @@ mod tests {
         assert!(!is_api_path("/"));
         assert!(!is_api_path("/openaix"));
         assert!(!is_api_path("/admin"));
+    }
+
+    #[test]
+    fn only_plain_api_paths_pass() {
+        for ok in [
+            "/openai/deployments/gpt-4o/chat/completions?api-version=1",
+            "/openai/deployments/gpt-4.1-mini_2/embeddings",
+            "/v1/chat/completions",
+            "/openai/v1/responses?x=../y",
+            "/openai/deployments/dall-e-3/images/generations",
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("/", PathProblem::NotApi),
+            ("/admin", PathProblem::NotApi),
+            ("/openaix/y", PathProblem::NotApi),
+            ("/openai/../admin", PathProblem::Ambiguous),
+            ("/openai/deployments/gpt-4o/../../admin", PathProblem::Ambiguous),
+            ("/openai/./deployments/x/chat/completions", PathProblem::Ambiguous),
+            ("/openai/%2e%2e/admin", PathProblem::Ambiguous),
+            ("/openai/%2E%2e/admin", PathProblem::Ambiguous),
+            ("//openai/deployments/x/chat", PathProblem::Ambiguous),
+            ("/openai//deployments/x/chat", PathProblem::Ambiguous),
+            ("/openai/deployments/a%2Fb/chat/completions", PathProblem::Ambiguous),
+            ("/openai/deployments/a%5cb/chat/completions", PathProblem::Ambiguous),
+            ("/openai/deployments/a\\b/chat/completions", PathProblem::Ambiguous),
+            ("/openai/deployments/a%00/chat/completions", PathProblem::Ambiguous),
+            ("/openai/deployments/", PathProblem::BadDeployment),
+            ("openai/deployments/x/chat", PathProblem::Ambiguous),
+            ("/openai/deployments/a%20b/chat/completions", PathProblem::BadDeployment),
+            ("/openai/deployments/a:b/chat/completions", PathProblem::BadDeployment),
+        ] {
+            assert_eq!(check(bad), Err(why), "{bad}");
+        }
     }
 
     #[test]

@@ -30,6 +30,21 @@ impl LocalReply {
         )
     }
 
+    /// A path that could mean something else once resolved (`..`, `//`,
+    /// encoded slashes): refused rather than guessed.
+    pub fn ambiguous_path() -> LocalReply {
+        LocalReply::error(
+            400,
+            "InvalidPath",
+            "The request path has dot segments, empty segments, encoded slashes or control characters.",
+        )
+    }
+
+    /// The deployment segment is not a plain deployment name.
+    pub fn bad_deployment_name() -> LocalReply {
+        LocalReply::error(400, "InvalidDeploymentName", "Deployment names are 1-64 letters, digits, '-', '_' or '.'.")
+    }
+
     /// No gateway key, or one no client has.
     pub fn unauthorized() -> LocalReply {
         LocalReply::error(

@@ -136,10 +136,27 @@ pub fn dns_cluster(name: &str, host: &str, port: u16, connect_timeout: &str, tls
     c
 }
 
+/// Envoy's own per-cluster limits, sized so that Spillway, not Envoy,
+/// decides when a backend is too busy (its 429 says so). Envoy's defaults
+/// allow only 3 concurrent retries per cluster: beyond that it silently
+/// declines a failover and the client gets the raw error. A retry budget
+/// instead lets every active request fail over once, with at least
+/// `min_retry_concurrency` retries in flight.
+fn circuit_breakers() -> Value {
+    json!({ "thresholds": [{
+        "priority": "DEFAULT",
+        "max_connections": 100_000,
+        "max_pending_requests": 100_000,
+        "max_requests": 100_000,
+        "retry_budget": { "budget_percent": { "value": 100.0 }, "min_retry_concurrency": 1_000 },
+    }] })
+}
+
 /// A backend's cluster, with the attempt role as its upstream HTTP filter.
 pub fn backend_cluster(b: &Backend, attempt_plugin: &Value) -> Value {
     let mut c = dns_cluster(&b.cluster, &b.host, b.port, "5s", b.scheme == Scheme::Https);
     if let Some(obj) = c.as_object_mut() {
+        obj.insert("circuit_breakers".into(), circuit_breakers());
         obj.insert(
             "typed_extension_protocol_options".into(),
             json!({
@@ -260,6 +277,13 @@ pub fn http_connection_manager(route: Value, request_plugin: &Value, access_log:
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "spillway",
         "codec_type": "AUTO",
+        // Only API paths may reach a backend with its key: resolve `.`/`..`
+        // (also percent-encoded) and merge `//` before the filter and the
+        // route look at the path. Encoded slashes are left for the filter,
+        // which refuses them with an OpenAI-style 400.
+        "normalize_path": true,
+        "merge_slashes": true,
+        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
         // Streams can be quiet while a model thinks.
         "stream_idle_timeout": "600s",
         "route_config": {
@@ -367,6 +391,9 @@ pub(crate) mod tests {
             ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"];
         assert_eq!(filters[0]["typed_config"]["config"]["root_id"], "spillway_attempt");
         assert_eq!(filters[1]["name"], "envoy.filters.http.upstream_codec");
+        let limits = &local["circuit_breakers"]["thresholds"][0];
+        assert_eq!(limits["retry_budget"]["budget_percent"]["value"], 100.0);
+        assert!(limits["max_pending_requests"].as_u64().unwrap() >= 100_000);
     }
 
     #[test]

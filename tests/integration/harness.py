@@ -118,22 +118,34 @@ class MockBackend:
 
 
 def render(filter_config: dict | str, workdir: Path, listen_port: int, admin_port: int,
-           extra_args: list[str] | None = None) -> Path:
-    """Renders an Envoy bootstrap for a filter JSON with the project's renderer."""
+           extra_args: list[str] | None = None, edit=None) -> Path:
+    """Renders an Envoy bootstrap for a filter JSON with the project's renderer;
+    `edit(bootstrap_dict)` may change it afterwards (to run the filter in a
+    config the renderer would not write)."""
     cfg = workdir / "filter.json"
     cfg.write_text(filter_config if isinstance(filter_config, str) else json.dumps(filter_config, indent=2))
     out = workdir / "envoy.yaml"
     cmd = [str(RENDER), str(cfg), "--wasm", str(WASM), "--listen", f"127.0.0.1:{listen_port}",
            "--admin", f"127.0.0.1:{admin_port}", "--output", str(out)] + (extra_args or [])
     subprocess.run(cmd, check=True, capture_output=True, text=True)
+    if edit is not None:
+        doc = yaml.safe_load(out.read_text())
+        edit(doc)
+        out.write_text(yaml.safe_dump(doc))
     return out
+
+
+def http_connection_manager(bootstrap: dict) -> dict:
+    """The listener's HTTP connection manager config in a rendered bootstrap."""
+    return bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
 
 
 class Envoy:
     """A real Envoy running the rendered bootstrap with the built filter."""
 
     def __init__(self, filter_config: dict | str, env: dict[str, str] | None = None,
-                 concurrency: int = 2, render_args: list[str] | None = None, lds: bool = False):
+                 concurrency: int = 2, render_args: list[str] | None = None, lds: bool = False,
+                 edit=None):
         self.tmp = tempfile.TemporaryDirectory(prefix="spillway-envoy-")
         self.dir = Path(self.tmp.name)
         self.port = free_port()
@@ -143,7 +155,7 @@ class Envoy:
             (self.dir / "lds").mkdir()
             self.lds_path = self.dir / "lds" / "listeners.yaml"
             self.render_args += ["--lds", str(self.lds_path)]
-        self.config_path = render(filter_config, self.dir, self.port, self.admin_port, self.render_args)
+        self.config_path = render(filter_config, self.dir, self.port, self.admin_port, self.render_args, edit)
         self.log_path = self.dir / "envoy.log"
         self.env = {**os.environ, **(env or {})}
         # Envoy's own log goes to stderr unbuffered; the access log to stdout.

@@ -5,10 +5,13 @@ Every test runs real Envoy (two workers) with the mock backends' fault
 injection, and checks what the client got, what each backend saw, and the
 health state afterwards."""
 
+import json
 import socket
 import time
 
+import pytest
 from conftest import backend_entry
+from harness import http_connection_manager
 
 CHAT_PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 CHAT_BODY = b'{"messages":[{"role":"user","content":"hi"}]}'
@@ -73,3 +76,48 @@ def test_header_bytes_that_are_not_utf8_cannot_trap_the_vm(start_mock, start_env
         assert status == 200, answer[:500]
     assert "panic" not in envoy.log().lower()
     assert gauge(envoy, "spillway_backend_circuit_open", "east") == 0
+
+
+# --- only the API reaches backends ------------------------------------------------------------
+
+ESCAPES = [
+    "/openai/../admin",
+    "/openai/%2e%2e/admin",
+    "/openai/deployments/gpt-4o/%2E%2E/%2e%2e/%2e%2e/admin",
+    "/openai/deployments/a%2Fb/chat/completions",
+    "/openai/deployments/a%5Cb/chat/completions",
+    "/openai/deployments/a%20b/chat/completions",
+    "/openai/deployments/a:b/chat/completions",
+    "/openai/./deployments/../../admin",
+    "/admin",
+]
+
+
+def _no_path_hygiene(bootstrap: dict) -> None:
+    hcm = http_connection_manager(bootstrap)
+    for key in ("normalize_path", "merge_slashes", "path_with_escaped_slashes_action"):
+        hcm.pop(key, None)
+
+
+@pytest.mark.parametrize("envoy_normalises", [True, False], ids=["rendered", "without-envoy-normalisation"])
+def test_only_plain_api_paths_reach_a_backend(start_mock, start_envoy, envoy_normalises):
+    """With the rendered config Envoy resolves dot segments first; without it
+    (another listener, Istio) the filter alone must refuse them."""
+    east = start_mock("east", "key-east")
+    envoy = start_envoy({"backends": [backend_entry(east, deployments={"gpt-4o": "gpt-4o-east"})]},
+                        edit=None if envoy_normalises else _no_path_hygiene)
+    for path in ESCAPES:
+        status, answer = raw_request(envoy.port, [], path=path)
+        assert status in (400, 404), (path, answer[:300])
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["type"] in ("invalid_request_error", "not_found_error"), (path, body)
+    assert east.count() == 0, [r["path"] for r in east.requests()]
+    # A renamed deployment cannot be escaped: the rename applies to the
+    # deployment the path really names, or the path is refused.
+    status, _ = raw_request(envoy.port, [], path="/openai/deployments/x/../gpt-4o/chat/completions?api-version=1")
+    if envoy_normalises:
+        assert status == 200
+        assert [r["path"] for r in east.requests()] == ["/openai/deployments/gpt-4o-east/chat/completions"]
+    else:
+        assert status == 400
+        assert east.count() == 0
