@@ -158,10 +158,13 @@ impl Gateway {
 
     /// Attempt role, request headers. `cluster` is the attempt's Envoy
     /// cluster; `None` when it is not one of ours (leave the request alone).
+    /// A failover is counted here, when the next backend's attempt really
+    /// starts, not when it is asked for (Envoy may decline a retry).
     pub fn plan_attempt<'a>(
         &'a self,
         store: &dyn SharedStore,
         clock: &dyn Clock,
+        metrics: &dyn Metrics,
         cluster: &str,
         original_path: &str,
         tried: Option<&str>,
@@ -170,6 +173,10 @@ impl Gateway {
         let backend = self.config.backends.get(backend_index)?;
         let mut tried_indices: Vec<usize> =
             tried.unwrap_or("").split(',').filter_map(|n| self.config.backend_by_name(n.trim())).collect();
+        if let Some(previous) = tried_indices.last().filter(|&&p| p != backend_index) {
+            let name = self.names.get(*previous).map_or("", String::as_str);
+            metrics.add(&metrics::name(metrics::FAILOVERS, &[("backend", name)]), 1);
+        }
         if !tried_indices.contains(&backend_index) {
             tried_indices.push(backend_index);
         }
@@ -241,39 +248,27 @@ impl Gateway {
             }
             None
         };
-        if retriable && has_fallback {
-            metrics.add(&metrics::name(metrics::FAILOVERS, &[("backend", name)]), 1);
-            return ResponseDecision { retry: true, retry_after_ms: None };
-        }
+        // A 429 carries the wait until any backend frees even when a retry
+        // is asked for: should Envoy decline the retry, the client still
+        // gets an honest retry-after (the next attempt counts the failover).
         let retry_after_ms = (status == 429).then(|| {
             let table = table.unwrap_or_else(|| self.read_health(store));
             let soonest = (0..self.names.len())
-                .filter_map(|i| match table.get(i).availability(now, &cb) {
-                    Availability::Unavailable { until_ms } => Some(until_ms),
-                    _ => None,
+                .map(|i| match table.get(i).availability(now, &cb) {
+                    Availability::Unavailable { until_ms } => until_ms,
+                    _ => now,
                 })
                 .min();
             soonest.map_or(self.config.default_retry_after_ms, |u| u.saturating_sub(now)).max(1)
         });
-        ResponseDecision { retry: false, retry_after_ms }
+        ResponseDecision { retry: retriable && has_fallback, retry_after_ms }
     }
 
     /// Attempt role: the attempt ended without response headers (connection
     /// refused, reset, timeout). Counts as a failure for the circuit breaker.
-    pub fn on_attempt_lost(
-        &self,
-        store: &dyn SharedStore,
-        clock: &dyn Clock,
-        metrics: &dyn Metrics,
-        backend: usize,
-        has_fallback: bool,
-    ) {
+    pub fn on_attempt_lost(&self, store: &dyn SharedStore, clock: &dyn Clock, metrics: &dyn Metrics, backend: usize) {
         let name = self.names.get(backend).map_or("", String::as_str);
         metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &[("backend", name), ("class", "reset")]), 1);
-        if has_fallback {
-            // Envoy retries resets and refused connections by itself.
-            metrics.add(&metrics::name(metrics::FAILOVERS, &[("backend", name)]), 1);
-        }
         self.record_failure(store, metrics, clock.now_ms(), backend);
     }
 
@@ -356,23 +351,23 @@ mod tests {
     #[test]
     fn attempt_rewrites_for_its_backend_and_names_a_different_fallback() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        let plan = g.plan_attempt(&s, &c, "spillway_east", CHAT, None).unwrap();
+        let plan = g.plan_attempt(&s, &c, &Recorder::default(), "spillway_east", CHAT, None).unwrap();
         assert_eq!(plan.path, "/openai/deployments/gpt-4o-ptu/chat/completions");
         assert_eq!(plan.authority, "127.0.0.1:1");
         assert_eq!(plan.api_key.unwrap().expose(), "k-east");
         assert_eq!((plan.tried.as_str(), plan.attempts), ("east", 1));
         assert_eq!(plan.fallback_cluster, Some("spillway_west"));
 
-        let second = g.plan_attempt(&s, &c, "spillway_west", CHAT, Some(&plan.tried)).unwrap();
+        let second = g.plan_attempt(&s, &c, &Recorder::default(), "spillway_west", CHAT, Some(&plan.tried)).unwrap();
         assert_eq!(second.path, CHAT);
         assert_eq!((second.tried.as_str(), second.attempts), ("east,west", 2));
         assert_eq!(second.fallback_cluster, Some("spillway_paygo"));
 
-        let third = g.plan_attempt(&s, &c, "spillway_paygo", CHAT, Some(&second.tried)).unwrap();
+        let third = g.plan_attempt(&s, &c, &Recorder::default(), "spillway_paygo", CHAT, Some(&second.tried)).unwrap();
         assert_eq!(third.api_key, None);
         assert_eq!(third.authority, "paygo.example.com");
         assert_eq!(third.fallback_cluster, None);
-        assert!(g.plan_attempt(&s, &c, "some_other_cluster", CHAT, None).is_none());
+        assert!(g.plan_attempt(&s, &c, &Recorder::default(), "some_other_cluster", CHAT, None).is_none());
     }
 
     #[test]
@@ -386,7 +381,8 @@ mod tests {
             true,
             &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") },
         );
-        assert_eq!(d, ResponseDecision { retry: true, retry_after_ms: None });
+        // West is free now: should Envoy decline the retry, the client may come back at once.
+        assert_eq!(d, ResponseDecision { retry: true, retry_after_ms: Some(1) });
         // East is now skipped by every new request until its deadline.
         for _ in 0..4 {
             assert_eq!(forward(&g, &s, &c), "spillway_west");
@@ -471,7 +467,7 @@ mod tests {
             )
             .retry
         );
-        g.on_attempt_lost(&s, &c, &Recorder::default(), 0, true);
+        g.on_attempt_lost(&s, &c, &Recorder::default(), 0);
         for _ in 0..4 {
             assert_eq!(forward(&g, &s, &c), "spillway_west");
         }
@@ -496,10 +492,20 @@ mod tests {
     fn attempt_metrics() {
         let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
         let answer = |status| AttemptAnswer { status, retry_after_ms: None, retry_after: Some("5") };
+        // One request: east 429, west 503, paygo 200; failovers count when
+        // the next attempt starts.
+        let first = g.plan_attempt(&s, &c, &m, "spillway_east", CHAT, None).unwrap();
         g.on_attempt_response(&s, &c, &m, 0, true, &answer(429));
+        assert_eq!(m.get("spillway_failovers_total.backend.east"), 0);
+        let second = g.plan_attempt(&s, &c, &m, "spillway_west", CHAT, Some(&first.tried)).unwrap();
         g.on_attempt_response(&s, &c, &m, 1, true, &answer(503));
-        g.on_attempt_lost(&s, &c, &m, 1, false);
+        g.plan_attempt(&s, &c, &m, "spillway_paygo", CHAT, Some(&second.tried)).unwrap();
         g.on_attempt_response(&s, &c, &m, 2, false, &answer(200));
+        // Another request's attempt on west is lost; a retry on the same
+        // backend is not a failover.
+        let lost = g.plan_attempt(&s, &c, &m, "spillway_west", CHAT, None).unwrap();
+        g.on_attempt_lost(&s, &c, &m, 1);
+        g.plan_attempt(&s, &c, &m, "spillway_west", CHAT, Some(&lost.tried)).unwrap();
         assert_eq!(m.get("spillway_upstream_requests_total.backend.east.class.4xx"), 1);
         assert_eq!(m.get("spillway_upstream_requests_total.backend.west.class.5xx"), 1);
         assert_eq!(m.get("spillway_upstream_requests_total.backend.west.class.reset"), 1);
@@ -509,7 +515,7 @@ mod tests {
         assert_eq!(m.get("spillway_failovers_total.backend.west"), 1);
         // consecutive_failures = 2: the second west failure opened the circuit, once.
         assert_eq!(m.get("spillway_circuit_opens_total.backend.west"), 1);
-        g.on_attempt_lost(&s, &c, &m, 1, false);
+        g.on_attempt_lost(&s, &c, &m, 1);
         assert_eq!(m.get("spillway_circuit_opens_total.backend.west"), 1);
         g.report_health(&s, &c, &m);
         assert_eq!(m.get("spillway_backend_throttled.backend.east"), 1);
@@ -534,7 +540,7 @@ mod tests {
     #[test]
     fn client_cannot_smuggle_unknown_backends_into_tried() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        let plan = g.plan_attempt(&s, &c, "spillway_east", CHAT, Some("bogus,,west")).unwrap();
+        let plan = g.plan_attempt(&s, &c, &Recorder::default(), "spillway_east", CHAT, Some("bogus,,west")).unwrap();
         assert_eq!(plan.tried, "west,east");
     }
 }

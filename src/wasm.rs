@@ -372,7 +372,7 @@ impl Context for AttemptFilter {
     fn on_done(&mut self) -> bool {
         if let (Some(a), false) = (&self.attempt, self.answered) {
             // No response headers: refused, reset or timed out.
-            self.gateway.on_attempt_lost(&HostStore, &HostClock, &HostMetrics, a.backend, a.has_fallback);
+            self.gateway.on_attempt_lost(&HostStore, &HostClock, &HostMetrics, a.backend);
             self.answered = true;
         }
         true
@@ -389,7 +389,8 @@ impl HttpContext for AttemptFilter {
         let original_path = request_header(header::PATH).or_else(|| request_header(":path")).unwrap_or_default();
         let tried = request_header(header::TRIED);
         let gateway = Rc::clone(&self.gateway);
-        let Some(plan) = gateway.plan_attempt(&HostStore, &HostClock, &cluster, &original_path, tried.as_deref())
+        let Some(plan) =
+            gateway.plan_attempt(&HostStore, &HostClock, &HostMetrics, &cluster, &original_path, tried.as_deref())
         else {
             return Action::Continue;
         };

@@ -121,3 +121,36 @@ def test_only_plain_api_paths_reach_a_backend(start_mock, start_envoy, envoy_nor
     else:
         assert status == 400
         assert east.count() == 0
+
+
+# --- failover does not silently stop under load -----------------------------------------------
+
+def test_dozens_of_concurrent_failovers_all_happen(start_mock, start_envoy):
+    """Every request that lands on the failing backend first must fail over:
+    Envoy's default of 3 concurrent retries per cluster would decline some and
+    hand their clients the raw 503."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    east = start_mock("east", "key-east")
+    west = start_mock("west", "key-west", "--latency-ms", "300")
+    envoy = start_envoy({
+        "backends": [backend_entry(east), backend_entry(west)],
+        # Keep east in rotation so every round sends half the requests to it first.
+        "circuit_breaker": {"consecutive_failures": 1000, "open_s": 1},
+    })
+    n = 64
+    east.configure(fail_next=[{"status": 503}] * n)
+
+    def one(_):
+        return raw_request(envoy.port, [])
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        answers = list(pool.map(one, range(n)))
+    statuses = [status for status, _ in answers]
+    assert statuses == [200] * n, [a[:200] for s, a in answers if s != 200][:3]
+    first_on_east = sum(1 for r in east.requests())
+    assert first_on_east >= n // 4, first_on_east
+    assert west.count() == n
+    assert envoy.stat("cluster.spillway_east.upstream_rq_retry_overflow") == 0
+    assert envoy.stat("cluster.spillway_west.upstream_rq_retry_overflow") == 0
+    assert envoy.stat("wasmcustom.spillway_failovers_total.backend.east") == first_on_east

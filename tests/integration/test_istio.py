@@ -287,7 +287,7 @@ def test_istio_config_fails_over_and_shares_state_between_the_roles(start_mock, 
                                                 "--wasm-sha256", sha)))
     assert docs[0]["spec"]["sha256"] == sha
 
-    def fake_render(filter_config, workdir, listen_port, admin_port, extra_args=None):
+    def fake_render(filter_config, workdir, listen_port, admin_port, extra_args=None, edit=None):
         out = workdir / "envoy.yaml"
         out.write_text(yaml.safe_dump(istio_bootstrap(docs, WASM, listen_port, admin_port)))
         return out

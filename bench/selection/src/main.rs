@@ -30,7 +30,7 @@ use spillway::gateway::Gateway;
 use spillway::health::HealthTable;
 use spillway::paths;
 use spillway::selection::{Group, Pick, Pool};
-use spillway::testing::{ManualClock, MemoryStore};
+use spillway::testing::{ManualClock, MemoryStore, Recorder};
 
 const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions";
 const NOW_MS: u64 = 1_700_000_000_000;
@@ -185,6 +185,7 @@ fn main() {
             let gw = Gateway::new(cfg.clone());
             let store = MemoryStore::default();
             let clock = ManualClock::at(NOW_MS);
+            let metrics = Recorder::default();
             if state == "throttled" {
                 gw.update_health(&store, |t| {
                     for &i in &throttled {
@@ -212,7 +213,7 @@ fn main() {
                 }
             };
             let s = measure(samples, sample, || {
-                let plan = gw.plan_attempt(&store, &clock, black_box(&cluster), black_box(CHAT), None);
+                let plan = gw.plan_attempt(&store, &clock, &metrics, black_box(&cluster), black_box(CHAT), None);
                 assert!(plan.is_some());
                 black_box(plan);
             });
