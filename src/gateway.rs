@@ -218,8 +218,20 @@ impl Gateway {
         let AttemptAnswer { status, retry_after_ms, retry_after } = *answer;
         let now = clock.now_ms();
         let cb = self.config.circuit_breaker;
-        let retriable = u16::try_from(status).is_ok_and(|s| self.config.retry_on.contains(&s));
         let name = self.names.get(backend).map_or("", String::as_str);
+        // A backend that refuses its own configured key (rotated, wrong) is
+        // broken like a 5xx one. With no key configured the credential is
+        // the client's, and so is the 401.
+        let keyed = self.config.backends.get(backend).is_some_and(|b| b.api_key.is_some());
+        let key_refused = keyed && matches!(status, 401 | 403);
+        if key_refused {
+            log::warn!("backend {name} refused its configured key ({status})");
+        }
+        // A 404 (deployment or stored object missing here) may be served by
+        // another backend; it says nothing about this backend's health, and
+        // a client can cause it, so it never counts as a failure.
+        let retriable =
+            u16::try_from(status).is_ok_and(|s| self.config.retry_on.contains(&s)) || key_refused || status == 404;
         let class = metrics::status_class(status);
         metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &[("backend", name), ("class", &class)]), 1);
         let table = if status == 429 {
@@ -232,7 +244,7 @@ impl Gateway {
                 }
                 None => false,
             })
-        } else if status >= 500 {
+        } else if status >= 500 || key_refused {
             self.record_failure(store, metrics, now, backend)
         } else {
             // Healthy answers are the common case: only write when a failure
@@ -428,6 +440,32 @@ mod tests {
         assert!(r.headers.contains(&("retry-after-ms", "7500".to_string())));
         let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(body["error"]["code"], "429");
+    }
+
+    #[test]
+    fn a_backend_refusing_its_key_fails_over_and_counts_as_broken() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
+        let answer = |status| AttemptAnswer { status, retry_after_ms: None, retry_after: None };
+        assert!(g.on_attempt_response(&s, &c, &m, 0, true, &answer(401)).retry);
+        assert!(g.on_attempt_response(&s, &c, &m, 0, true, &answer(403)).retry);
+        // consecutive_failures = 2: east is out.
+        assert_eq!(m.get("spillway_circuit_opens_total.backend.east"), 1);
+        // paygo has no key: its 401 is the client's own, passed back, not a failure.
+        assert!(!g.on_attempt_response(&s, &c, &m, 2, false, &answer(401)).retry);
+        g.on_attempt_response(&s, &c, &m, 2, false, &answer(401));
+        assert_eq!(m.get("spillway_circuit_opens_total.backend.paygo"), 0);
+    }
+
+    #[test]
+    fn a_404_fails_over_without_hurting_the_backend() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
+        let answer = AttemptAnswer { status: 404, retry_after_ms: None, retry_after: None };
+        for _ in 0..3 {
+            assert!(g.on_attempt_response(&s, &c, &m, 0, true, &answer).retry);
+        }
+        assert!(!g.on_attempt_response(&s, &c, &m, 0, false, &answer).retry);
+        assert_eq!(m.get("spillway_circuit_opens_total.backend.east"), 0);
+        assert!(g.read_health(&s).get(0).is_clean());
     }
 
     #[test]

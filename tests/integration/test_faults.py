@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import backend_entry
-from harness import http_connection_manager
+from harness import http_connection_manager, wait_until
 
 CHAT_PATH = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 CHAT_BODY = b'{"messages":[{"role":"user","content":"hi"}]}'
@@ -154,3 +154,61 @@ def test_dozens_of_concurrent_failovers_all_happen(start_mock, start_envoy):
     assert envoy.stat("cluster.spillway_east.upstream_rq_retry_overflow") == 0
     assert envoy.stat("cluster.spillway_west.upstream_rq_retry_overflow") == 0
     assert envoy.stat("wasmcustom.spillway_failovers_total.backend.east") == first_on_east
+
+
+# --- broken backends leave rotation -----------------------------------------------------------
+
+def test_a_backend_refusing_its_key_fails_over_and_leaves_rotation(start_mock, start_envoy):
+    east = start_mock("east", "key-east-rotated")
+    west = start_mock("west", "key-west")
+    envoy = start_envoy({
+        "backends": [backend_entry(east, api_key="key-east-old"), backend_entry(west)],
+        "circuit_breaker": {"consecutive_failures": 2, "open_s": 60},
+    })
+    for _ in range(6):
+        r = envoy.chat()
+        assert r.status_code == 200 and r.headers["x-spillway-backend"] == "west", r.text
+    # East refused twice, then its circuit opened: no more traffic to it.
+    assert east.count() == 2
+    assert all(rec["status"] == 401 for rec in east.requests())
+    assert {rec["headers"]["api-key"] for rec in east.requests()} == {"key-east-old"}
+    assert {rec["headers"]["api-key"] for rec in west.requests()} == {"key-west"}
+    assert envoy.stat("wasmcustom.spillway_circuit_opens_total.backend.east") == 1
+    wait_until(lambda: gauge(envoy, "spillway_backend_circuit_open", "east") == 1, timeout=5)
+    assert "backend east refused its configured key (401)" in envoy.log()
+
+
+def test_a_401_for_the_clients_own_credential_goes_back_to_the_client(start_mock, start_envoy):
+    east = start_mock("east", "entra-token-of-the-client")
+    west = start_mock("west", "key-west")
+    # East passes the client's credential through (no api_key configured).
+    envoy = start_envoy({"backends": [{"name": "east", "url": east.url}, backend_entry(west, priority=2)],
+                         "circuit_breaker": {"consecutive_failures": 2, "open_s": 60}})
+    for _ in range(4):
+        r = envoy.chat(headers={"authorization": "Bearer expired-token"})
+        assert r.status_code == 401, r.text
+        assert r.headers["x-spillway-backend"] == "east"
+    assert west.count() == 0
+    assert envoy.stat("wasmcustom.spillway_circuit_opens_total.backend.east") == 0
+
+
+def test_deployment_not_found_fails_over_without_taking_the_backend_out(start_mock, start_envoy):
+    east = start_mock("east", "key-east", "--deployments", "gpt-4o-mini")
+    west = start_mock("west", "key-west", "--deployments", "gpt-4o,gpt-4o-mini")
+    envoy = start_envoy({"backends": [backend_entry(east), backend_entry(west)],
+                         "circuit_breaker": {"consecutive_failures": 2, "open_s": 60}})
+    for _ in range(6):
+        r = envoy.chat("gpt-4o")
+        assert r.status_code == 200 and r.headers["x-spillway-backend"] == "west", r.text
+    assert east.count() == 3
+    assert {rec["status"] for rec in east.requests()} == {404}
+    # East still serves what it has.
+    served = {envoy.chat("gpt-4o-mini").headers["x-spillway-backend"] for _ in range(4)}
+    assert served == {"east", "west"}
+    assert envoy.stat("wasmcustom.spillway_circuit_opens_total.backend.east") == 0
+    # Nobody has it: the client gets Azure's 404 after every backend was asked.
+    r = envoy.chat("gpt-5-nowhere")
+    assert r.status_code == 404 and r.headers["x-spillway-attempts"] == "2", r.text
+    assert r.json()["error"]["code"] == "DeploymentNotFound"
+    for m in (east, west):
+        assert m.requests()[-1]["path"] == "/openai/deployments/gpt-5-nowhere/chat/completions"
