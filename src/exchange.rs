@@ -103,6 +103,8 @@ pub struct Exchange {
     charge: ClientCharge,
     body: BodyFacts,
     answer: Answer,
+    /// The client disconnected or its time ran out before the end.
+    client_gone: bool,
 }
 
 impl Exchange {
@@ -266,6 +268,12 @@ impl Exchange {
         out
     }
 
+    /// The client left (disconnect, reset, route timeout) before the answer
+    /// was complete: what it asked for is still charged.
+    pub fn on_client_gone(&mut self) {
+        self.client_gone = true;
+    }
+
     pub fn is_local_reply(&self) -> bool {
         matches!(self.answer, Answer::Local { .. })
     }
@@ -340,8 +348,11 @@ impl Exchange {
             if let Some(u) = read.usage {
                 self.settle(gw, store, now, u.total, false);
             }
-        } else {
-            // Failed answers are not billed by the backend: refund the estimate.
+        } else if !self.client_gone {
+            // Failed answers are not billed by the backend: refund the
+            // estimate. A request its client abandoned keeps its charge: the
+            // backend may well have worked on it, and giving up must not be
+            // a way around the limit.
             self.refund(gw, store, now);
         }
         let client = self.client_name(gw).to_string();
@@ -389,7 +400,10 @@ impl Exchange {
     }
 
     fn count(&self, metrics: &dyn Metrics, client: &str, deployment: &str, usage: Option<Usage>) {
-        let class = metrics::status_class(self.status());
+        let class = match self.status() {
+            0 if self.client_gone => "client_gone".to_string(),
+            status => metrics::status_class(status),
+        };
         metrics.add(&metrics::name(metrics::REQUESTS, &[("client", client), ("class", &class)]), 1);
         if let Some(u) = usage {
             let backend = self.backend().unwrap_or_default();
@@ -428,6 +442,7 @@ impl Exchange {
             completion_tokens: usage.map(|u| u.completion),
             total_tokens: usage.map(|u| u.total),
             duration_ms: now.saturating_sub(self.started_ms),
+            client_gone: self.client_gone,
             local_reply,
             prompt: gw.config.log_bodies.then_some(self.body.prompt.as_deref()),
             answer: gw.config.log_bodies.then_some(answer_text),
@@ -466,6 +481,8 @@ struct LogLine<'a> {
     completion_tokens: Option<u64>,
     total_tokens: Option<u64>,
     duration_ms: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    client_gone: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     local_reply: Option<&'static str>,
     /// Outer `None`: body logging off (field absent); inner `None`: nothing captured.
@@ -663,6 +680,26 @@ mod tests {
             .map(|(_, v)| v.parse().unwrap())
             .unwrap();
         assert!(left > 900, "{left}");
+    }
+
+    #[test]
+    fn a_request_its_client_abandoned_keeps_its_charge() {
+        let w = World::new("");
+        let body = br#"{"messages":[{"role":"user","content":"1234"}],"max_tokens":900}"#;
+        let (mut gone, _, _) = w.start(Some("key-of-team-c"), body);
+        gone.on_client_gone();
+        let line: Value = serde_json::from_str(&gone.finish(&w.gw, &w.store, &w.clock, &w.metrics)).unwrap();
+        assert_eq!(line["client_gone"], true);
+        assert_eq!(w.metrics.get("spillway_requests_total.client.team-c.class.client_gone"), 1);
+        let (next, _, _) = w.start(Some("key-of-team-c"), body);
+        let left: u64 = next
+            .remaining_headers()
+            .iter()
+            .find(|(k, _)| *k == "x-ratelimit-remaining-tokens")
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap();
+        // Two estimates of ~902 tokens each were charged: none came back.
+        assert!(left < 100, "{left}");
     }
 
     #[test]

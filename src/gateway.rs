@@ -20,6 +20,7 @@ use crate::replies::LocalReply;
 use crate::retry_after::RetryAfterPolicy;
 use crate::selection::{Group, Pick, Pool};
 use crate::store::{self, Clock, SharedStore};
+use crate::stream_end::LostAttempt;
 
 /// What the attempt role does to one attempt's request headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,12 +277,39 @@ impl Gateway {
         ResponseDecision { retry: retriable && has_fallback, retry_after_ms }
     }
 
-    /// Attempt role: the attempt ended without response headers (connection
-    /// refused, reset, timeout). Counts as a failure for the circuit breaker.
-    pub fn on_attempt_lost(&self, store: &dyn SharedStore, clock: &dyn Clock, metrics: &dyn Metrics, backend: usize) {
+    /// Attempt role: the attempt ended without response headers. Refused,
+    /// reset or timed-out attempts count as failures for the circuit
+    /// breaker; one the client abandoned says nothing about the backend and
+    /// gives back a half-open probe it may have held, so another request
+    /// can probe at once.
+    pub fn on_attempt_lost(
+        &self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        backend: usize,
+        why: LostAttempt,
+    ) {
         let name = self.names.get(backend).map_or("", String::as_str);
-        metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &[("backend", name), ("class", "reset")]), 1);
-        self.record_failure(store, metrics, clock.now_ms(), backend);
+        let now = clock.now_ms();
+        match why {
+            LostAttempt::Backend => {
+                metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &[("backend", name), ("class", "reset")]), 1);
+                self.record_failure(store, metrics, now, backend);
+            }
+            LostAttempt::ClientSide => {
+                let labels = [("backend", name), ("class", "client_gone")];
+                metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &labels), 1);
+                let cb = self.config.circuit_breaker;
+                self.update_health(store, |t| match t.get_mut(backend) {
+                    Some(h) if h.consecutive_failures >= cb.consecutive_failures && h.probe_until_ms > now => {
+                        h.probe_until_ms = 0;
+                        true
+                    }
+                    _ => false,
+                });
+            }
+        }
     }
 
     fn record_failure(
@@ -505,7 +533,7 @@ mod tests {
             )
             .retry
         );
-        g.on_attempt_lost(&s, &c, &Recorder::default(), 0);
+        g.on_attempt_lost(&s, &c, &Recorder::default(), 0, LostAttempt::Backend);
         for _ in 0..4 {
             assert_eq!(forward(&g, &s, &c), "spillway_west");
         }
@@ -542,7 +570,7 @@ mod tests {
         // Another request's attempt on west is lost; a retry on the same
         // backend is not a failover.
         let lost = g.plan_attempt(&s, &c, &m, "spillway_west", CHAT, None).unwrap();
-        g.on_attempt_lost(&s, &c, &m, 1);
+        g.on_attempt_lost(&s, &c, &m, 1, LostAttempt::Backend);
         g.plan_attempt(&s, &c, &m, "spillway_west", CHAT, Some(&lost.tried)).unwrap();
         assert_eq!(m.get("spillway_upstream_requests_total.backend.east.class.4xx"), 1);
         assert_eq!(m.get("spillway_upstream_requests_total.backend.west.class.5xx"), 1);
@@ -553,12 +581,33 @@ mod tests {
         assert_eq!(m.get("spillway_failovers_total.backend.west"), 1);
         // consecutive_failures = 2: the second west failure opened the circuit, once.
         assert_eq!(m.get("spillway_circuit_opens_total.backend.west"), 1);
-        g.on_attempt_lost(&s, &c, &m, 1);
+        g.on_attempt_lost(&s, &c, &m, 1, LostAttempt::Backend);
         assert_eq!(m.get("spillway_circuit_opens_total.backend.west"), 1);
         g.report_health(&s, &c, &m);
         assert_eq!(m.get("spillway_backend_throttled.backend.east"), 1);
         assert_eq!(m.get("spillway_backend_circuit_open.backend.west"), 1);
         assert_eq!(m.get("spillway_backend_circuit_open.backend.east"), 0);
+    }
+
+    #[test]
+    fn clients_that_give_up_open_no_circuit_and_free_the_probe() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
+        for _ in 0..10 {
+            g.on_attempt_lost(&s, &c, &m, 0, LostAttempt::ClientSide);
+        }
+        assert!(g.read_health(&s).get(0).is_clean());
+        assert_eq!(m.get("spillway_upstream_requests_total.backend.east.class.client_gone"), 10);
+        // East's circuit opens (two real failures); after the open period one
+        // request takes the probe, and its client leaves before an answer.
+        g.on_attempt_lost(&s, &c, &m, 0, LostAttempt::Backend);
+        g.on_attempt_lost(&s, &c, &m, 0, LostAttempt::Backend);
+        c.advance(30_000);
+        let probes = (0..4).map(|_| forward(&g, &s, &c)).filter(|c| c == "spillway_east").count();
+        assert_eq!(probes, 1);
+        g.on_attempt_lost(&s, &c, &m, 0, LostAttempt::ClientSide);
+        // The probe is free again: the next request may take it.
+        let probes = (0..4).map(|_| forward(&g, &s, &c)).filter(|c| c == "spillway_east").count();
+        assert_eq!(probes, 1);
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod replies;
 pub mod retry_after;
 pub mod selection;
 pub mod store;
+pub mod stream_end;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod usage;

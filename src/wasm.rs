@@ -12,6 +12,7 @@ use crate::host::{self, Body, Headers, MetricKind, SetError};
 use crate::metrics::Metrics;
 use crate::replies::LocalReply;
 use crate::store::{Clock, SharedStore, StoreError};
+use crate::stream_end::{self, LostAttempt};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
@@ -351,6 +352,9 @@ impl HttpContext for RequestFilter {
     }
 
     fn on_log(&mut self) {
+        if stream_end() == LostAttempt::ClientSide {
+            self.exchange.on_client_gone();
+        }
         let line = self.exchange.finish(&self.gateway, &HostStore, &HostClock, &HostMetrics);
         log::info!("{line}");
     }
@@ -368,11 +372,18 @@ struct AttemptFilter {
     answered: bool,
 }
 
+/// Why the request's stream is ending, from what Envoy recorded on it so far.
+fn stream_end() -> LostAttempt {
+    let flags = host::property(&["response", "flags"]).ok().flatten().map_or(0, |b| stream_end::decode_flags(&b));
+    let details = host::property(&["response", "code_details"]).ok().flatten().unwrap_or_default();
+    stream_end::classify(flags, &String::from_utf8_lossy(&details))
+}
+
 impl Context for AttemptFilter {
     fn on_done(&mut self) -> bool {
         if let (Some(a), false) = (&self.attempt, self.answered) {
-            // No response headers: refused, reset or timed out.
-            self.gateway.on_attempt_lost(&HostStore, &HostClock, &HostMetrics, a.backend);
+            // No response headers: refused, reset, timed out, or the client left.
+            self.gateway.on_attempt_lost(&HostStore, &HostClock, &HostMetrics, a.backend, stream_end());
             self.answered = true;
         }
         true

@@ -9,6 +9,7 @@ import json
 import socket
 import time
 
+import httpx
 import pytest
 from conftest import backend_entry
 from harness import http_connection_manager, wait_until
@@ -212,3 +213,76 @@ def test_deployment_not_found_fails_over_without_taking_the_backend_out(start_mo
     assert r.json()["error"]["code"] == "DeploymentNotFound"
     for m in (east, west):
         assert m.requests()[-1]["path"] == "/openai/deployments/gpt-5-nowhere/chat/completions"
+
+
+# --- a client that gives up is not a backend failure ------------------------------------------
+
+def _give_up(envoy, timeout: float, **body) -> None:
+    try:
+        envoy.client.post(CHAT_PATH, json={"messages": [{"role": "user", "content": "hi"}], **body}, timeout=timeout)
+    except httpx.TimeoutException:
+        return
+    raise AssertionError("the request was expected to time out on the client")
+
+
+def _hang_up_mid_upload(port: int, api_key: str) -> None:
+    head = (f"POST {CHAT_PATH} HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+            f"api-key: {api_key}\r\ncontent-length: 4000\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head + b'{"messages": [')
+        time.sleep(0.2)
+
+
+def test_clients_that_give_up_take_no_backend_out(start_mock, start_envoy):
+    east = start_mock("east", "key-east", "--latency-ms", "3000")
+    west = start_mock("west", "key-west", "--latency-ms", "3000")
+    envoy = start_envoy({
+        "backends": [backend_entry(east), backend_entry(west)],
+        "circuit_breaker": {"consecutive_failures": 2, "open_s": 60},
+        "clients": [{"name": "team", "key": "team-key-123", "tokens_per_minute": 100000}],
+    })
+    headers = {"api-key": "team-key-123"}
+    envoy.client.headers.update(headers)
+    for _ in range(8):
+        _give_up(envoy, 0.2, max_tokens=5000)
+    for _ in range(4):
+        _hang_up_mid_upload(envoy.port, "team-key-123")
+    time.sleep(0.5)
+    for m in (east, west):
+        m.configure(latency_ms=0)
+    # Nothing was taken out: both backends serve, no circuit opened.
+    served = {envoy.chat(headers=headers).headers.get("x-spillway-backend") for _ in range(4)}
+    assert served == {"east", "west"}
+    for name in ("east", "west"):
+        assert envoy.stat(f"wasmcustom.spillway_circuit_opens_total.backend.{name}") == 0
+        assert gauge(envoy, "spillway_backend_circuit_open", name) == 0
+    gone = sum(envoy.stat(f"wasmcustom.spillway_upstream_requests_total.backend.{n}.class.client_gone")
+               for n in ("east", "west"))
+    assert gone >= 8, envoy.stats()
+    assert envoy.stat("wasmcustom.spillway_upstream_requests_total.backend.east.class.reset") == 0
+    assert envoy.stat("wasmcustom.spillway_requests_total.client.team.class.client_gone") == 12
+    # Giving up is not free: the abandoned requests' estimates (5000+ tokens
+    # each, 1000 for each upload by its announced size) stay charged.
+    remaining = int(envoy.chat(headers=headers).headers["x-ratelimit-remaining-tokens"])
+    refilled = 100000 / 60 * 10  # at most 10 s of refill since the first charge
+    assert remaining < 100000 - 8 * 5000 - 4 * 1000 + refilled, remaining
+
+
+def test_a_probe_whose_client_leaves_is_given_back(start_mock, start_envoy):
+    east = start_mock("east", "key-east")
+    west = start_mock("west", "key-west")
+    envoy = start_envoy({
+        "backends": [backend_entry(east), backend_entry(west, priority=2)],
+        "circuit_breaker": {"consecutive_failures": 2, "open_s": 2},
+    })
+    east.configure(fail_next=[{"status": 503}, {"status": 503}])
+    for _ in range(2):
+        assert envoy.chat().headers["x-spillway-backend"] == "west"
+    time.sleep(2.2)
+    # The half-open probe goes to east, which hangs; its client gives up.
+    east.configure(fail_next=[{"hang": True}])
+    _give_up(envoy, 0.3)
+    time.sleep(0.2)
+    # The probe is free again at once (not after the 2 s lease): the next request probes.
+    r = envoy.chat()
+    assert r.status_code == 200 and r.headers["x-spillway-backend"] == "east", r.headers
