@@ -14,6 +14,9 @@ pub mod header {
     pub const PATH: &str = "x-spillway-path";
     /// Request: backends already tried for this request, comma separated.
     pub const TRIED: &str = "x-spillway-tried";
+    /// Request: where the client's own credential waits for pass-through
+    /// attempts (`slot.token` into shared data; no secret in it).
+    pub const CREDENTIAL: &str = "x-spillway-credential";
     /// Response: makes Envoy's `retriable_headers` policy retry this attempt.
     pub const RETRY: &str = "x-spillway-retry";
     /// Response: the backend that answered.
@@ -73,6 +76,10 @@ pub mod shared_data {
     pub const ROTATION_PREFIX: &str = "spillway.rr.";
     /// Prefix of a client's request and token buckets.
     pub const LIMITS_PREFIX: &str = "spillway.limit.";
+    /// Prefix of the credential stash ring's slots (`spillway.credential.<n>`).
+    pub const CREDENTIAL_PREFIX: &str = "spillway.credential.";
+    /// The ring's rotation counter.
+    pub const CREDENTIAL_ROTATION: &str = "spillway.credential.next";
 }
 
 /// Metric names carry their labels as `.key.value` pairs (proxy-wasm
@@ -102,7 +109,7 @@ mod tests {
     #[test]
     fn every_header_has_the_prefix() {
         use header::*;
-        for h in [CLUSTER, PATH, TRIED, RETRY, BACKEND, ATTEMPTS] {
+        for h in [CLUSTER, PATH, TRIED, CREDENTIAL, RETRY, BACKEND, ATTEMPTS] {
             assert!(h.starts_with(PREFIX), "{h}");
         }
     }

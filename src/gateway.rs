@@ -12,6 +12,7 @@
 
 use crate::config::{Backend, Config, Secret};
 use crate::contract::shared_data::HEALTH;
+use crate::credentials::{self, PassThrough};
 use crate::health::{Availability, HealthTable};
 use crate::limits::{self, Limits};
 use crate::metrics::{self, Metrics};
@@ -65,6 +66,10 @@ pub struct Gateway {
     /// Per client (same index as `config.clients`): its limits and their
     /// shared-data key, `None` for clients without limits.
     client_limits: Vec<Option<(String, Limits)>>,
+    /// Some backends have a key and some pass the client's credential on:
+    /// an attempt on a keyed backend rewrites headers a later pass-through
+    /// attempt must put back.
+    mixed_credentials: bool,
 }
 
 impl Gateway {
@@ -83,7 +88,28 @@ impl Gateway {
                     .then(|| (limits::key(&c.name, &limits), limits))
             })
             .collect();
-        Gateway { config, pool, names, retry_after, client_limits }
+        let keyed = config.backends.iter().filter(|b| b.api_key.is_some()).count();
+        let mixed_credentials = keyed > 0 && keyed < config.backends.len();
+        Gateway { config, pool, names, retry_after, client_limits, mixed_credentials }
+    }
+
+    /// The request role keeps the client's own credential for pass-through
+    /// attempts: only when some backends are keyed, and never a gateway key
+    /// (with `clients`, client credentials are not forwarded at all).
+    pub fn stashes_client_credentials(&self) -> bool {
+        self.mixed_credentials && self.config.clients.is_empty()
+    }
+
+    /// Attempt role, pass-through backend: what to do with the credential
+    /// headers, given the request's stash header.
+    pub fn pass_through_credential(&self, store: &dyn SharedStore, stash: Option<&str>) -> PassThrough {
+        if !self.mixed_credentials {
+            return PassThrough::Leave;
+        }
+        match stash.and_then(|h| credentials::recall(store, h)) {
+            Some(credential) => PassThrough::Restore(credential),
+            None => PassThrough::Strip,
+        }
     }
 
     /// A client's limits and their shared-data key; `None` when unlimited.
@@ -608,6 +634,29 @@ mod tests {
         // The probe is free again: the next request may take it.
         let probes = (0..4).map(|_| forward(&g, &s, &c)).filter(|c| c == "spillway_east").count();
         assert_eq!(probes, 1);
+    }
+
+    #[test]
+    fn pass_through_attempts_get_the_clients_credential_back_or_none() {
+        use crate::credentials::{stash, ClientCredential};
+        let (g, s) = (gateway(""), MemoryStore::default());
+        assert!(g.stashes_client_credentials());
+        let own = ClientCredential { api_key: None, authorization: Some(b"Bearer client".to_vec()) };
+        let header = stash(&s, "tok", &own).unwrap();
+        assert_eq!(g.pass_through_credential(&s, Some(&header)), PassThrough::Restore(own));
+        assert_eq!(g.pass_through_credential(&s, Some("1.forged")), PassThrough::Strip);
+        assert_eq!(g.pass_through_credential(&s, None), PassThrough::Strip);
+        // With gateway keys nothing is stashed; with one kind of backend nothing is rewritten.
+        let with_clients = gateway(r#","clients":[{"name":"c","key":"client-key-1"}]"#);
+        assert!(!with_clients.stashes_client_credentials());
+        let all_pass_through = Gateway::new(
+            Config::parse(
+                br#"{"backends":[{"name":"a","url":"http://x"},{"name":"b","url":"http://y"}]}"#,
+                Keys::NamesOnly,
+            )
+            .unwrap(),
+        );
+        assert_eq!(all_pass_through.pass_through_credential(&s, None), PassThrough::Leave);
     }
 
     #[test]

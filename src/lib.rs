@@ -8,6 +8,7 @@
 pub mod clients;
 pub mod config;
 pub mod contract;
+pub mod credentials;
 pub mod exchange;
 pub mod gateway;
 pub mod health;

@@ -6,6 +6,7 @@
 use crate::clients::CLIENT_CREDENTIAL_HEADERS;
 use crate::config::{Config, Keys};
 use crate::contract::{header, Role};
+use crate::credentials::{self, ClientCredential, PassThrough};
 use crate::exchange::{Exchange, RequestHead, Step};
 use crate::gateway::{AttemptAnswer, Gateway, ResponseDecision};
 use crate::host::{self, Body, Headers, MetricKind, SetError};
@@ -153,9 +154,12 @@ impl RootContext for Root {
             return Some(Box::new(Unconfigured));
         };
         Some(match role {
-            Role::Request => {
-                Box::new(RequestFilter { gateway, exchange: Exchange::new(HostClock.now_ms()), inspect_body: false })
-            }
+            Role::Request => Box::new(RequestFilter {
+                gateway,
+                exchange: Exchange::new(HostClock.now_ms()),
+                inspect_body: false,
+                credential_stash: None,
+            }),
             Role::Attempt => Box::new(AttemptFilter { gateway, attempt: None, answered: false }),
         })
     }
@@ -181,6 +185,12 @@ fn header_text(map: Headers, name: &str) -> Option<String> {
 
 fn set_header(map: Headers, name: &str, value: Option<&str>) {
     if let Err(e) = host::set_header(map, name, value.map(str::as_bytes)) {
+        log::warn!("cannot set header {name}: {e:?}");
+    }
+}
+
+fn set_header_bytes(name: &str, value: Option<&[u8]>) {
+    if let Err(e) = host::set_header(Headers::Request, name, value) {
         log::warn!("cannot set header {name}: {e:?}");
     }
 }
@@ -228,12 +238,46 @@ struct RequestFilter {
     exchange: Exchange,
     /// Buffer the request body and show it to the exchange.
     inspect_body: bool,
+    /// The stash header of the client's credential, cleared at the end.
+    credential_stash: Option<String>,
+}
+
+/// 128 random bits, hex: names a stash no client can guess.
+fn random_token() -> Option<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn header_bytes(name: &str) -> Option<Vec<u8>> {
+    host::header(Headers::Request, name).unwrap_or_else(|e| {
+        log::warn!("cannot read header {name}: {e:?}");
+        None
+    })
 }
 
 impl RequestFilter {
+    /// Keeps the client's own credential for pass-through attempts that may
+    /// follow an attempt on a keyed backend (see `credentials`).
+    fn stash_client_credential(&mut self) {
+        let credential =
+            ClientCredential { api_key: header_bytes("api-key"), authorization: header_bytes("authorization") };
+        let Some(token) = random_token() else {
+            log::warn!("no randomness for a credential stash: pass-through failovers send no credential");
+            return;
+        };
+        if let Some(stash) = credentials::stash(&HostStore, &token, &credential) {
+            set_request_header(header::CREDENTIAL, Some(&stash));
+            self.credential_stash = Some(stash);
+        }
+    }
+
     fn apply(&mut self, step: Step) -> Action {
         match step {
             Step::Forward { cluster, path, inspect_body, drop_content_length } => {
+                if self.gateway.stashes_client_credentials() {
+                    self.stash_client_credential();
+                }
                 set_request_header(header::CLUSTER, Some(&cluster));
                 set_request_header(header::PATH, Some(&path));
                 if drop_content_length {
@@ -259,8 +303,9 @@ impl HttpContext for RequestFilter {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         // Clients must not steer routing or fake bookkeeping: of the internal
         // headers the filter reads, CLUSTER and PATH are always overwritten
-        // before the request goes on; TRIED must go.
+        // before the request goes on; TRIED and CREDENTIAL must go.
         set_request_header(header::TRIED, None);
+        set_request_header(header::CREDENTIAL, None);
         let (method, path) =
             (request_header(":method").unwrap_or_default(), request_header(":path").unwrap_or_default());
         let config = &self.gateway.config;
@@ -352,6 +397,9 @@ impl HttpContext for RequestFilter {
     }
 
     fn on_log(&mut self) {
+        if let Some(stash) = &self.credential_stash {
+            credentials::clear(&HostStore, stash);
+        }
         if stream_end() == LostAttempt::ClientSide {
             self.exchange.on_client_gone();
         }
@@ -407,9 +455,26 @@ impl HttpContext for AttemptFilter {
         };
         set_request_header(":path", Some(&plan.path));
         set_request_header(":authority", Some(plan.authority));
-        if let Some(key) = plan.api_key {
-            set_request_header("api-key", Some(key.expose()));
-            set_request_header("authorization", None);
+        // Exactly this backend's credential: its key, or the client's own.
+        match plan.api_key {
+            Some(key) => {
+                set_request_header("api-key", Some(key.expose()));
+                set_request_header("authorization", None);
+            }
+            None => {
+                let stash = request_header(header::CREDENTIAL);
+                match gateway.pass_through_credential(&HostStore, stash.as_deref()) {
+                    PassThrough::Leave => {}
+                    PassThrough::Restore(own) => {
+                        set_header_bytes("api-key", own.api_key.as_deref());
+                        set_header_bytes("authorization", own.authorization.as_deref());
+                    }
+                    PassThrough::Strip => {
+                        set_request_header("api-key", None);
+                        set_request_header("authorization", None);
+                    }
+                }
+            }
         }
         set_request_header(header::TRIED, Some(&plan.tried));
         // Steers Envoy's next attempt (the route re-selects the cluster on retry).

@@ -286,3 +286,45 @@ def test_a_probe_whose_client_leaves_is_given_back(start_mock, start_envoy):
     # The probe is free again at once (not after the 2 s lease): the next request probes.
     r = envoy.chat()
     assert r.status_code == 200 and r.headers["x-spillway-backend"] == "east", r.headers
+
+
+# --- a backend's key never reaches another backend --------------------------------------------
+
+def test_each_attempt_carries_exactly_its_backends_credential(start_mock, start_envoy):
+    keyed = start_mock("keyed", "key-of-keyed")
+    # Entra-style backend: no key configured, the client's own token passes.
+    passthrough = start_mock("passthrough", "client-token")
+    envoy = start_envoy({"backends": [backend_entry(keyed), {"name": "passthrough", "url": passthrough.url}]})
+    client = {"authorization": "Bearer client-token"}
+    # Round robin starts on the keyed backend, then the pass-through one;
+    # the first backend of each request fails, so it fails over to the other.
+    for first, second in ((keyed, passthrough), (passthrough, keyed)):
+        first.configure(fail_next=[{"status": 503}])
+        r = envoy.chat(headers=client)
+        assert r.status_code == 200 and r.headers["x-spillway-attempts"] == "2", r.text
+        assert r.headers["x-spillway-backend"] == second.name
+        assert [rec["status"] for rec in first.requests()][-1] == 503
+    seen = {name: [rec["headers"] for rec in m.requests()] for name, m in
+            (("keyed", keyed), ("passthrough", passthrough))}
+    for h in seen["keyed"]:
+        assert h.get("api-key") == "key-of-keyed" and "authorization" not in h, h
+    for h in seen["passthrough"]:
+        assert h.get("authorization") == "Bearer client-token" and "api-key" not in h, h
+    # What travels between attempts names the stash; it is not the secret.
+    stash = seen["keyed"][-1]["x-spillway-credential"]
+    assert "client-token" not in stash and len(stash) > 32
+
+
+def test_with_gateway_keys_a_pass_through_backend_gets_no_credential(start_mock, start_envoy):
+    keyed = start_mock("keyed", "key-of-keyed")
+    passthrough = start_mock("passthrough")
+    envoy = start_envoy({
+        "backends": [backend_entry(keyed), {"name": "passthrough", "url": passthrough.url, "priority": 2}],
+        "clients": [{"name": "team", "key": "team-key-123"}],
+    })
+    keyed.configure(fail_next=[{"status": 503}])
+    r = envoy.chat(headers={"api-key": "team-key-123"})
+    assert r.status_code == 200 and r.headers["x-spillway-backend"] == "passthrough", r.text
+    h = passthrough.requests()[-1]["headers"]
+    assert "api-key" not in h and "authorization" not in h, h
+    assert "team-key-123" not in json.dumps(passthrough.requests() + keyed.requests())
