@@ -23,6 +23,8 @@ struct RawConfig {
     #[serde(default)]
     attempt_timeout_s: Option<u64>,
     #[serde(default)]
+    attempt_idle_timeout_s: Option<u64>,
+    #[serde(default)]
     clients: Vec<RawClient>,
     #[serde(default)]
     stream_usage: bool,
@@ -178,6 +180,11 @@ pub struct Config {
     /// and fail over (Envoy's per-try timeout). Off by default: a long
     /// non-streamed completion sends nothing until it is done.
     pub attempt_timeout_s: Option<u64>,
+    /// Cut an attempt that sends nothing for this long, before or during its
+    /// answer (Envoy's per-try idle timeout): a hung backend is failed over
+    /// before it answers, and a stream it stops feeding ends visibly and
+    /// counts against it. Off by default for the same reason.
+    pub attempt_idle_timeout_s: Option<u64>,
 }
 
 /// A rejected configuration; `Display` names the offending field.
@@ -233,6 +240,9 @@ impl Config {
         if raw.attempt_timeout_s == Some(0) {
             return Err(err("attempt_timeout_s", "must be at least 1 (omit it for no per-attempt timeout)"));
         }
+        if raw.attempt_idle_timeout_s == Some(0) {
+            return Err(err("attempt_idle_timeout_s", "must be at least 1 (omit it for no idle timeout)"));
+        }
         if raw.log_body_max_bytes > 1 << 20 {
             return Err(err("log_body_max_bytes", "must be at most 1048576"));
         }
@@ -248,6 +258,7 @@ impl Config {
             circuit_breaker,
             api_version: raw.api_version,
             attempt_timeout_s: raw.attempt_timeout_s,
+            attempt_idle_timeout_s: raw.attempt_idle_timeout_s,
         })
     }
 
@@ -569,6 +580,7 @@ mod tests {
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"default_retry_after_s":0}"#, "default_retry_after_s");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"api_version":"x y"}"#, "api_version");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_timeout_s":0}"#, "attempt_timeout_s");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_idle_timeout_s":0}"#, "attempt_idle_timeout_s");
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub struct ResponseDecision {
     /// Replace `retry-after` / `retry-after-ms` with this wait (ms): set when
     /// a 429 reaches the client, to the time until any backend frees.
     pub retry_after_ms: Option<u64>,
+    /// The answer shows the backend works: once its last byte arrives
+    /// (`on_answer_complete`), the backend's failure run is over.
+    pub healthy: bool,
 }
 
 pub struct Gateway {
@@ -274,19 +277,9 @@ impl Gateway {
         } else if status >= 500 || key_refused {
             self.record_failure(store, metrics, now, backend)
         } else {
-            // Healthy answers are the common case: only write when a failure
-            // run or an open circuit needs clearing.
-            if !self.read_health(store).get(backend).is_clean() {
-                self.update_health(store, |t| match t.get_mut(backend) {
-                    Some(h) if !h.is_clean() => {
-                        h.record_success();
-                        true
-                    }
-                    _ => false,
-                });
-            }
             None
         };
+        let healthy = !(status == 429 || status >= 500 || key_refused);
         // A 429 carries the wait until any backend frees even when a retry
         // is asked for: should Envoy decline the retry, the client still
         // gets an honest retry-after (the next attempt counts the failover).
@@ -300,7 +293,23 @@ impl Gateway {
                 .min();
             soonest.map_or(self.config.default_retry_after_ms, |u| u.saturating_sub(now)).max(1)
         });
-        ResponseDecision { retry: retriable && has_fallback, retry_after_ms }
+        ResponseDecision { retry: retriable && has_fallback, retry_after_ms, healthy }
+    }
+
+    /// Attempt role: a healthy answer arrived whole. Healthy answers are the
+    /// common case: shared data is written only when a failure run or an
+    /// open circuit needs clearing. (Success counts at the end, not at the
+    /// headers: a backend that breaks off its answers is not healthy.)
+    pub fn on_answer_complete(&self, store: &dyn SharedStore, backend: usize) {
+        if !self.read_health(store).get(backend).is_clean() {
+            self.update_health(store, |t| match t.get_mut(backend) {
+                Some(h) if !h.is_clean() => {
+                    h.record_success();
+                    true
+                }
+                _ => false,
+            });
+        }
     }
 
     /// Attempt role: the attempt ended without response headers. Refused,
@@ -334,6 +343,30 @@ impl Gateway {
                     }
                     _ => false,
                 });
+            }
+        }
+    }
+
+    /// Attempt role: an answer that had started ended before its last byte.
+    /// The client got a broken answer either way (Envoy resets its stream);
+    /// the backend is charged with a failure unless the client left first.
+    pub fn on_answer_cut(
+        &self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        backend: usize,
+        why: LostAttempt,
+    ) {
+        let name = self.names.get(backend).map_or("", String::as_str);
+        match why {
+            LostAttempt::Backend => {
+                metrics.add(&metrics::name(metrics::ANSWERS_CUT, &[("backend", name), ("class", "backend")]), 1);
+                log::warn!("backend {name} broke off an answer");
+                self.record_failure(store, metrics, clock.now_ms(), backend);
+            }
+            LostAttempt::ClientSide => {
+                metrics.add(&metrics::name(metrics::ANSWERS_CUT, &[("backend", name), ("class", "client_gone")]), 1);
             }
         }
     }
@@ -448,7 +481,7 @@ mod tests {
             &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") },
         );
         // West is free now: should Envoy decline the retry, the client may come back at once.
-        assert_eq!(d, ResponseDecision { retry: true, retry_after_ms: Some(1) });
+        assert_eq!(d, ResponseDecision { retry: true, retry_after_ms: Some(1), healthy: false });
         // East is now skipped by every new request until its deadline.
         for _ in 0..4 {
             assert_eq!(forward(&g, &s, &c), "spillway_west");
@@ -485,7 +518,7 @@ mod tests {
             false,
             &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("60") },
         );
-        assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000) });
+        assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000), healthy: false });
         // A new request is answered locally with the same soonest wait.
         c.advance(500);
         let r = g.pick_first(&s, &c).unwrap_err();
@@ -542,7 +575,7 @@ mod tests {
             true,
             &AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None },
         );
-        assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: None });
+        assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: None, healthy: true });
     }
 
     #[test]
@@ -567,8 +600,8 @@ mod tests {
         // Exactly one request probes east; the others keep going west.
         let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c)).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 1, "{clusters:?}");
-        // The probe answers 200: east is back in rotation.
-        g.on_attempt_response(
+        // The probe answers 200, to the last byte: east is back in rotation.
+        let d = g.on_attempt_response(
             &s,
             &c,
             &Recorder::default(),
@@ -576,6 +609,8 @@ mod tests {
             false,
             &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None },
         );
+        assert!(d.healthy);
+        g.on_answer_complete(&s, 0);
         let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c)).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 2, "{clusters:?}");
     }
@@ -657,6 +692,18 @@ mod tests {
             .unwrap(),
         );
         assert_eq!(all_pass_through.pass_through_credential(&s, None), PassThrough::Leave);
+    }
+
+    #[test]
+    fn an_answer_the_backend_breaks_off_counts_against_it() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
+        g.on_answer_cut(&s, &c, &m, 1, LostAttempt::ClientSide);
+        assert!(g.read_health(&s).get(1).is_clean());
+        g.on_answer_cut(&s, &c, &m, 1, LostAttempt::Backend);
+        g.on_answer_cut(&s, &c, &m, 1, LostAttempt::Backend);
+        assert_eq!(m.get("spillway_circuit_opens_total.backend.west"), 1);
+        assert_eq!(m.get("spillway_answers_cut_total.backend.west.class.backend"), 2);
+        assert_eq!(m.get("spillway_answers_cut_total.backend.west.class.client_gone"), 1);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub const REQUESTS: &str = "spillway_requests_total";
 pub const LOCAL_REPLIES: &str = "spillway_local_replies_total";
 pub const AUTH_FAILURES: &str = "spillway_auth_failures_total";
 pub const TOKENS: &str = "spillway_tokens_total";
+pub const ANSWERS_CUT: &str = "spillway_answers_cut_total";
 
 pub trait Metrics {
     fn add(&self, name: &str, value: u64);

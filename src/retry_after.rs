@@ -8,14 +8,17 @@ pub struct RetryAfterPolicy {
 
 impl RetryAfterPolicy {
     /// `now_ms` is the epoch time, needed for the HTTP-date form.
+    ///
+    /// Zero, negative or unparsable values are "no hint" (services send 0 or
+    /// -1 in place of a missing value), so `retry-after-ms: 0` falls through
+    /// to `retry-after`. An HTTP-date is an instant: one in the past means
+    /// the wait is over (0), not "no hint".
     pub fn wait_ms(&self, retry_after_ms: Option<&str>, retry_after: Option<&str>, now_ms: u64) -> u64 {
-        let parsed =
-            retry_after_ms.and_then(parse_millis).or_else(|| retry_after.and_then(|v| parse_retry_after(v, now_ms)));
-        match parsed {
-            // Zero or nonsense means "no usable hint": use the default.
-            Some(ms) if ms > 0 => ms.min(self.max_ms),
-            _ => self.default_ms.min(self.max_ms),
-        }
+        let hint = retry_after_ms
+            .and_then(parse_millis)
+            .filter(|ms| *ms > 0)
+            .or_else(|| retry_after.and_then(|v| parse_retry_after(v, now_ms)));
+        hint.unwrap_or(self.default_ms).min(self.max_ms)
     }
 }
 
@@ -32,7 +35,7 @@ fn parse_millis(v: &str) -> Option<u64> {
 fn parse_retry_after(v: &str, now_ms: u64) -> Option<u64> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<u64>() {
-        return Some(secs.saturating_mul(1000));
+        return (secs > 0).then(|| secs.saturating_mul(1000));
     }
     if let Ok(f) = v.parse::<f64>() {
         return (f.is_finite() && f > 0.0).then(|| (f * 1000.0).ceil() as u64);
@@ -133,11 +136,23 @@ mod tests {
     }
 
     #[test]
-    fn missing_zero_negative_past_and_garbage_use_the_default() {
+    fn a_zero_retry_after_ms_does_not_hide_retry_after() {
+        assert_eq!(P.wait_ms(Some("0"), Some("7"), T0), 7_000);
+        assert_eq!(P.wait_ms(Some("-1"), Some("7"), T0), 7_000);
+        assert_eq!(P.wait_ms(Some("0.0"), Some("7"), T0), 7_000);
+    }
+
+    #[test]
+    fn a_date_in_the_past_means_now() {
+        assert_eq!(P.wait_ms(None, Some("Sun, 06 Nov 1994 08:00:00 GMT"), T0), 0);
+        assert_eq!(P.wait_ms(None, Some("Sun, 06 Nov 1994 08:49:37 GMT"), T0), 0);
+    }
+
+    #[test]
+    fn missing_zero_negative_and_garbage_use_the_default() {
         assert_eq!(P.wait_ms(None, None, T0), 10_000);
         assert_eq!(P.wait_ms(Some("0"), Some("0"), T0), 10_000);
         assert_eq!(P.wait_ms(Some("-1"), Some("-1"), T0), 10_000);
-        assert_eq!(P.wait_ms(None, Some("Sun, 06 Nov 1994 08:00:00 GMT"), T0), 10_000);
         assert_eq!(P.wait_ms(None, Some("soon"), T0), 10_000);
         assert_eq!(P.wait_ms(None, Some("Sun, 32 Nov 1994 08:00:00 GMT"), T0), 10_000);
     }

@@ -160,7 +160,7 @@ impl RootContext for Root {
                 inspect_body: false,
                 credential_stash: None,
             }),
-            Role::Attempt => Box::new(AttemptFilter { gateway, attempt: None, answered: false }),
+            Role::Attempt => Box::new(AttemptFilter { gateway, attempt: None, answered: false, complete: false }),
         })
     }
 
@@ -412,12 +412,17 @@ struct Attempt {
     backend: usize,
     has_fallback: bool,
     attempts: usize,
+    /// The answer's status shows the backend works.
+    healthy: bool,
 }
 
 struct AttemptFilter {
     gateway: Rc<Gateway>,
     attempt: Option<Attempt>,
+    /// Response headers arrived.
     answered: bool,
+    /// The answer's last byte arrived.
+    complete: bool,
 }
 
 /// Why the request's stream is ending, from what Envoy recorded on it so far.
@@ -429,11 +434,17 @@ fn stream_end() -> LostAttempt {
 
 impl Context for AttemptFilter {
     fn on_done(&mut self) -> bool {
-        if let (Some(a), false) = (&self.attempt, self.answered) {
+        let Some(a) = &self.attempt else { return true };
+        if !self.answered {
             // No response headers: refused, reset, timed out, or the client left.
             self.gateway.on_attempt_lost(&HostStore, &HostClock, &HostMetrics, a.backend, stream_end());
-            self.answered = true;
+        } else if !self.complete {
+            // The answer started and broke off (the client sees it end broken).
+            self.gateway.on_answer_cut(&HostStore, &HostClock, &HostMetrics, a.backend, stream_end());
+        } else if a.healthy {
+            self.gateway.on_answer_complete(&HostStore, a.backend);
         }
+        self.attempt = None;
         true
     }
 }
@@ -484,20 +495,32 @@ impl HttpContext for AttemptFilter {
             backend: plan.backend,
             has_fallback: plan.fallback_cluster.is_some(),
             attempts: plan.attempts,
+            healthy: false,
         });
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
-        let Some(attempt) = &self.attempt else { return Action::Continue };
+    fn on_http_response_body(&mut self, _size: usize, end_of_stream: bool) -> Action {
+        self.complete |= end_of_stream;
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _n: usize) -> Action {
+        self.complete = true;
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        let Some(attempt) = &mut self.attempt else { return Action::Continue };
         self.answered = true;
+        self.complete = end_of_stream;
         let status: u32 = response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         let (retry_after_ms, retry_after) = if status == 429 {
             (response_header("retry-after-ms"), response_header("retry-after"))
         } else {
             (None, None)
         };
-        let ResponseDecision { retry, retry_after_ms: wait } = self.gateway.on_attempt_response(
+        let ResponseDecision { retry, retry_after_ms: wait, healthy } = self.gateway.on_attempt_response(
             &HostStore,
             &HostClock,
             &HostMetrics,
@@ -506,6 +529,9 @@ impl HttpContext for AttemptFilter {
             &AttemptAnswer { status, retry_after_ms: retry_after_ms.as_deref(), retry_after: retry_after.as_deref() },
         );
         set_response_header(header::RETRY, retry.then_some("1"));
+        // Envoy drops a retried answer unread: that is not a broken answer.
+        self.complete |= retry;
+        attempt.healthy = healthy;
         if let Some(ms) = wait {
             for (name, value) in crate::replies::retry_after_headers(ms) {
                 set_response_header(name, Some(&value));

@@ -225,6 +225,9 @@ fn retry_policy(config: &Config) -> Value {
         // Only until the answer starts: a stream may run longer.
         obj.insert("per_try_timeout".into(), json!(format!("{s}s")));
     }
+    if let (Some(s), Some(obj)) = (config.attempt_idle_timeout_s, policy.as_object_mut()) {
+        obj.insert("per_try_idle_timeout".into(), json!(format!("{s}s")));
+    }
     policy
 }
 
@@ -368,9 +371,11 @@ pub(crate) mod tests {
         assert_eq!(policy["retriable_headers"][0]["name"], header::RETRY);
         assert!(policy.get("per_try_timeout").is_none());
         assert_eq!(route["request_body_buffer_limit"], 32 * 1024 * 1024);
-        let timed = config(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_timeout_s":7}"#);
+        let timed =
+            config(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_timeout_s":7,"attempt_idle_timeout_s":3}"#);
         let route = route_action(&timed, &RouteOptions::default());
         assert_eq!(route["route"]["retry_policy"]["per_try_timeout"], "7s");
+        assert_eq!(route["route"]["retry_policy"]["per_try_idle_timeout"], "3s");
         assert_eq!(route["route"]["retry_policy"]["num_retries"], 1);
     }
 

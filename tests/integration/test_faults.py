@@ -328,3 +328,94 @@ def test_with_gateway_keys_a_pass_through_backend_gets_no_credential(start_mock,
     h = passthrough.requests()[-1]["headers"]
     assert "api-key" not in h and "authorization" not in h, h
     assert "team-key-123" not in json.dumps(passthrough.requests() + keyed.requests())
+
+
+# --- a broken stream ends visibly and counts against its backend ------------------------------
+
+def _stream(envoy, **kw):
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    return envoy.client.stream("POST", CHAT_PATH, json=body, timeout=kw.get("timeout", 15))
+
+
+def test_a_stream_the_backend_breaks_off_ends_visibly_and_counts(start_mock, start_envoy):
+    east = start_mock("east", "key-east", "--stream-chunks", "8")
+    west = start_mock("west", "key-west")
+    envoy = start_envoy({"backends": [backend_entry(east), backend_entry(west, priority=2)],
+                         "circuit_breaker": {"consecutive_failures": 2, "open_s": 60}})
+    for _ in range(2):
+        east.configure(fail_next=[{"reset_after_events": 2}])
+        received = b""
+        with pytest.raises(httpx.RemoteProtocolError):
+            with _stream(envoy) as r:
+                assert r.status_code == 200 and r.headers["x-spillway-backend"] == "east"
+                for chunk in r.iter_raw():
+                    received += chunk
+        # What arrived is the start of the stream, never its end.
+        assert b"data: " in received and b"[DONE]" not in received
+    assert envoy.stat("wasmcustom.spillway_answers_cut_total.backend.east.class.backend") == 2
+    assert envoy.stat("wasmcustom.spillway_circuit_opens_total.backend.east") == 1
+    # East is out: the next stream goes to west and completes.
+    with _stream(envoy) as r:
+        text = r.read()
+    assert r.headers["x-spillway-backend"] == "west" and text.rstrip().endswith(b"data: [DONE]")
+
+
+def test_a_complete_or_abandoned_stream_does_not_count_against_its_backend(start_mock, start_envoy):
+    east = start_mock("east", "key-east", "--stream-chunks", "6", "--stream-chunk-delay-ms", "200")
+    envoy = start_envoy({"backends": [backend_entry(east)],
+                         "circuit_breaker": {"consecutive_failures": 1, "open_s": 60}})
+    with _stream(envoy) as r:
+        assert r.read().rstrip().endswith(b"data: [DONE]")
+    # A client that reads one chunk and hangs up.
+    for _ in range(3):
+        with _stream(envoy) as r:
+            next(r.iter_raw())
+    time.sleep(1.5)
+    assert envoy.stat("wasmcustom.spillway_answers_cut_total.backend.east.class.client_gone") == 3
+    assert envoy.stat("wasmcustom.spillway_answers_cut_total.backend.east.class.backend") == 0
+    assert envoy.stat("wasmcustom.spillway_circuit_opens_total.backend.east") == 0
+    assert envoy.chat().status_code == 200
+
+
+def test_a_hung_backend_is_cut_by_the_idle_timeout(start_mock, start_envoy):
+    """The hang policy: with attempt_idle_timeout_s, a backend that goes
+    silent before answering is failed over; one that goes silent mid-stream
+    is cut (the client sees the break) and counted against it."""
+    east = start_mock("east", "key-east")
+    west = start_mock("west", "key-west")
+    envoy = start_envoy({"backends": [backend_entry(east), backend_entry(west, priority=2)],
+                         "attempt_idle_timeout_s": 1,
+                         "circuit_breaker": {"consecutive_failures": 5, "open_s": 60}})
+    east.configure(fail_next=[{"hang": True}])
+    started = time.monotonic()
+    r = envoy.chat()
+    assert r.status_code == 200 and r.headers["x-spillway-backend"] == "west", r.text
+    assert 0.9 < time.monotonic() - started < 5
+    east.configure(stream_chunk_delay_ms=3000)
+    with pytest.raises(httpx.RemoteProtocolError):
+        with _stream(envoy) as r:
+            assert r.headers["x-spillway-backend"] == "east"
+            for _ in r.iter_raw():
+                pass
+    assert envoy.stat("wasmcustom.spillway_answers_cut_total.backend.east.class.backend") == 1
+    assert envoy.stat("wasmcustom.spillway_upstream_requests_total.backend.east.class.reset") == 1
+
+
+# --- small ones ---------------------------------------------------------------------------------
+
+def test_retry_after_hints_are_read_as_meant(start_mock, start_envoy):
+    east = start_mock("east", "key-east")
+    west = start_mock("west", "key-west")
+    envoy = start_envoy({"backends": [backend_entry(east), backend_entry(west, priority=2)]})
+    # retry-after-ms: 0 is no hint; the valid retry-after behind it counts.
+    east.configure(fail_next=[{"status": 429, "retry_after_ms": "0", "retry_after": "7"}])
+    west.configure(fail_next=[{"status": 429, "retry_after_ms": "0", "retry_after": "7"}])
+    r = envoy.chat()
+    assert r.status_code == 429 and r.headers["retry-after"] == "7", r.headers
+    assert 6000 < int(r.headers["retry-after-ms"]) <= 7000
+    time.sleep(7.1)
+    # An HTTP-date in the past means "now": east is used again at once, not
+    # after the 10 s default.
+    east.configure(fail_next=[{"status": 429, "retry_after": "Sun, 06 Nov 1994 08:49:37 GMT"}])
+    assert envoy.chat().headers["x-spillway-backend"] == "west"
+    assert envoy.chat().headers["x-spillway-backend"] == "east"
