@@ -371,6 +371,36 @@ impl Gateway {
         }
     }
 
+    /// Request role: Envoy answered "no healthy upstream" for `cluster` (its
+    /// host name does not resolve, so no attempt ever ran). The backend
+    /// leaves rotation at once, like an open circuit, until a probe finds a
+    /// host again.
+    pub fn on_no_healthy_upstream(
+        &self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        cluster: &str,
+    ) {
+        let Some(backend) = self.config.backend_by_cluster(cluster) else { return };
+        let name = self.names.get(backend).map_or("", String::as_str);
+        metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &[("backend", name), ("class", "no_host")]), 1);
+        let (now, cb) = (clock.now_ms(), self.config.circuit_breaker);
+        let mut opened = false;
+        self.update_health(store, |t| match t.get_mut(backend) {
+            Some(h) => {
+                opened = h.consecutive_failures < cb.consecutive_failures;
+                h.record_unreachable(now, &cb);
+                true
+            }
+            None => false,
+        });
+        if opened {
+            metrics.add(&metrics::name(metrics::CIRCUIT_OPENS, &[("backend", name)]), 1);
+        }
+        log::warn!("backend {name}: Envoy has no host for it (does its name resolve?); out of rotation");
+    }
+
     fn record_failure(
         &self,
         store: &dyn SharedStore,
@@ -704,6 +734,19 @@ mod tests {
         assert_eq!(m.get("spillway_circuit_opens_total.backend.west"), 1);
         assert_eq!(m.get("spillway_answers_cut_total.backend.west.class.backend"), 2);
         assert_eq!(m.get("spillway_answers_cut_total.backend.west.class.client_gone"), 1);
+    }
+
+    #[test]
+    fn a_backend_without_hosts_leaves_rotation_at_once() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
+        g.on_no_healthy_upstream(&s, &c, &m, "spillway_east");
+        assert_eq!(m.get("spillway_circuit_opens_total.backend.east"), 1);
+        assert_eq!(m.get("spillway_upstream_requests_total.backend.east.class.no_host"), 1);
+        for _ in 0..4 {
+            assert_eq!(forward(&g, &s, &c), "spillway_west");
+        }
+        g.on_no_healthy_upstream(&s, &c, &m, "not_ours");
+        assert_eq!(m.0.borrow().len(), 2);
     }
 
     #[test]

@@ -63,6 +63,14 @@ impl Health {
         }
     }
 
+    /// Envoy has no host to send to (its name does not resolve): open the
+    /// circuit at once; failing the same way `consecutive_failures` more
+    /// times first would only cost that many clients a 503.
+    pub fn record_unreachable(&mut self, now_ms: u64, cb: &CircuitBreaker) {
+        self.consecutive_failures = self.consecutive_failures.max(cb.consecutive_failures.saturating_sub(1));
+        self.record_failure(now_ms, cb);
+    }
+
     /// Any answer that shows the backend works (not 5xx, not 429).
     pub fn record_success(&mut self) {
         self.consecutive_failures = 0;

@@ -397,6 +397,14 @@ impl HttpContext for RequestFilter {
     }
 
     fn on_log(&mut self) {
+        let details = host::property(&["response", "code_details"]).ok().flatten().unwrap_or_default();
+        if details == b"no_healthy_upstream" {
+            // Envoy found no host for the chosen cluster: no attempt ran.
+            if let Ok(Some(cluster)) = host::property(&["xds", "cluster_name"]) {
+                let cluster = String::from_utf8_lossy(&cluster);
+                self.gateway.on_no_healthy_upstream(&HostStore, &HostClock, &HostMetrics, &cluster);
+            }
+        }
         if let Some(stash) = &self.credential_stash {
             credentials::clear(&HostStore, stash);
         }

@@ -419,3 +419,28 @@ def test_retry_after_hints_are_read_as_meant(start_mock, start_envoy):
     east.configure(fail_next=[{"status": 429, "retry_after": "Sun, 06 Nov 1994 08:49:37 GMT"}])
     assert envoy.chat().headers["x-spillway-backend"] == "west"
     assert envoy.chat().headers["x-spillway-backend"] == "east"
+
+
+def test_a_backend_whose_name_does_not_resolve_leaves_rotation(start_mock, start_envoy):
+    """Envoy answers "no healthy upstream" before any attempt runs: the one
+    request that meets it gets that 503 (in the OpenAI shape), and the backend
+    is out at once, for every later request and as a fallback."""
+    east = start_mock("east", "key-east")
+    west = start_mock("west", "key-west")
+    envoy = start_envoy({"backends": [
+        {"name": "nowhere", "url": "http://spillway-nowhere.invalid", "api_key": "k"},
+        backend_entry(east),
+        backend_entry(west, priority=2),
+    ], "circuit_breaker": {"consecutive_failures": 5, "open_s": 60}})
+    answers = [envoy.chat() for _ in range(6)]
+    assert [r.status_code for r in answers].count(503) == 1, [r.status_code for r in answers]
+    failed = next(r for r in answers if r.status_code == 503)
+    assert failed.json()["error"]["type"] == "server_error"
+    assert {r.headers.get("x-spillway-backend") for r in answers if r.status_code == 200} == {"east"}
+    assert envoy.stat("wasmcustom.spillway_circuit_opens_total.backend.nowhere") == 1
+    wait_until(lambda: gauge(envoy, "spillway_backend_circuit_open", "nowhere") == 1, timeout=5)
+    # As a fallback it is skipped too: east fails, west (not "nowhere") takes over.
+    east.configure(fail_next=[{"status": 503}])
+    r = envoy.chat()
+    assert r.status_code == 200 and r.headers["x-spillway-backend"] == "west"
+    assert "Envoy has no host for it" in envoy.log()
