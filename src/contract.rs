@@ -72,6 +72,8 @@ pub fn cluster_name(backend: &str) -> String {
 pub mod shared_data {
     /// Health table of all backends (throttle deadlines, circuit state).
     pub const HEALTH: &str = "spillway.health.v1";
+    /// The backend names the clusters (attempt role) serve, sorted.
+    pub const BACKEND_SET: &str = "spillway.backends.v1";
     /// Prefix of a priority group's round-robin counter.
     pub const ROTATION_PREFIX: &str = "spillway.rr.";
     /// Prefix of a client's request and token buckets.

@@ -10,8 +10,9 @@
 //! State that must survive from one attempt to the next travels in request
 //! headers: Envoy shares one header map across attempts.
 
+use crate::config::ConfigError;
 use crate::config::{Backend, Config, Secret};
-use crate::contract::shared_data::HEALTH;
+use crate::contract::shared_data::{BACKEND_SET, HEALTH};
 use crate::credentials::{self, PassThrough};
 use crate::health::{Availability, HealthTable};
 use crate::limits::{self, Limits};
@@ -112,6 +113,35 @@ impl Gateway {
         match stash.and_then(|h| credentials::recall(store, h)) {
             Some(credential) => PassThrough::Restore(credential),
             None => PassThrough::Strip,
+        }
+    }
+
+    /// The backend names, sorted: what both roles must agree on.
+    fn backend_set(&self) -> String {
+        let mut names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        names.join(",")
+    }
+
+    /// Attempt role, on configure: publishes the backend set its clusters
+    /// serve, for the request role to check against.
+    pub fn publish_backend_set(&self, store: &dyn SharedStore) {
+        let set = self.backend_set().into_bytes();
+        store::update(store, BACKEND_SET, |_| ((), Some(set.clone())));
+    }
+
+    /// Request role, on configure: a config whose backends differ from the
+    /// clusters' (an LDS reload that changed names; clusters only change on
+    /// a restart) would pick clusters that do not exist. `Err` names both sets.
+    pub fn check_backend_set(&self, store: &dyn SharedStore) -> Result<(), ConfigError> {
+        let mine = self.backend_set();
+        match store.get(BACKEND_SET).0 {
+            Some(theirs) if !theirs.is_empty() && theirs != mine.as_bytes() => Err(ConfigError(format!(
+                "backends: [{mine}] differ from the backends the clusters serve [{}]; backends can change only with \
+                 the clusters (render the bootstrap again and restart Envoy)",
+                String::from_utf8_lossy(&theirs)
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -747,6 +777,32 @@ mod tests {
         }
         g.on_no_healthy_upstream(&s, &c, &m, "not_ours");
         assert_eq!(m.0.borrow().len(), 2);
+    }
+
+    #[test]
+    fn both_roles_must_serve_the_same_backends() {
+        let s = MemoryStore::default();
+        let g = gateway("");
+        assert!(g.check_backend_set(&s).is_ok(), "nothing published yet");
+        g.publish_backend_set(&s);
+        assert!(g.check_backend_set(&s).is_ok());
+        let reordered = Gateway::new(
+            Config::parse(
+                br#"{"backends":[{"name":"west","url":"http://b"},{"name":"paygo","url":"http://c"},{"name":"east","url":"http://a"}]}"#,
+                Keys::NamesOnly,
+            )
+            .unwrap(),
+        );
+        assert!(reordered.check_backend_set(&s).is_ok(), "order and settings may change");
+        let other = Gateway::new(
+            Config::parse(
+                br#"{"backends":[{"name":"east","url":"http://a"},{"name":"north","url":"http://n"}]}"#,
+                Keys::NamesOnly,
+            )
+            .unwrap(),
+        );
+        let e = other.check_backend_set(&s).unwrap_err().to_string();
+        assert!(e.contains("[east,north]") && e.contains("[east,paygo,west]"), "{e}");
     }
 
     #[test]

@@ -123,8 +123,20 @@ impl RootContext for Root {
         let env = |var: &str| std::env::var(var).ok();
         match Config::parse(&bytes, Keys::Resolve(&env)) {
             Ok(config) => {
-                log::info!("{role:?} role configured with {} backends", config.backends.len());
-                self.gateway = Some(Rc::new(Gateway::new(config)));
+                let gateway = Gateway::new(config);
+                let agreed = match role {
+                    Role::Attempt => {
+                        gateway.publish_backend_set(&HostStore);
+                        Ok(())
+                    }
+                    Role::Request => gateway.check_backend_set(&HostStore),
+                };
+                if let Err(e) = agreed {
+                    log::error!("{e}");
+                    return false;
+                }
+                log::info!("{role:?} role configured with {} backends", gateway.config.backends.len());
+                self.gateway = Some(Rc::new(gateway));
                 if role == Role::Request {
                     // Refreshes the "currently throttled / open" gauges.
                     if let Err(e) = host::set_tick_period_ms(1000) {

@@ -93,3 +93,17 @@ def test_an_unknown_root_id_is_a_config_error_not_a_guess(tmp_path):
     assert r.returncode != 0
     lines = [l for l in (r.stdout + r.stderr).splitlines() if "invalid spillway config" in l]
     assert any('root_id "my_attempt_role"' in l for l in lines), (r.stdout + r.stderr)[-2000:]
+
+
+def test_a_reload_that_changes_the_backend_set_is_refused(start_mock, start_envoy):
+    """Clusters (and the attempt role) change only with a restart: a listener
+    update naming other backends would route to clusters that do not exist."""
+    old, new, third = start_mock("old", "k-old"), start_mock("new", "k-new"), start_mock("third", "k-third")
+    envoy = start_envoy({"backends": [backend_entry(old), backend_entry(new, priority=2)]}, lds=True)
+    envoy.apply({"backends": [backend_entry(old), backend_entry(third, priority=2)]})
+    wait_until(lambda: envoy.stat("listener_manager.lds.update_rejected") >= 1, what="update rejected")
+    assert "differ from the backends the clusters serve [new,old]" in envoy.log()
+    old.configure(fail_next=[{"status": 503}])
+    r = envoy.chat()
+    assert (r.status_code, r.headers["x-spillway-backend"]) == (200, "new")
+    assert third.count() == 0
