@@ -4,6 +4,7 @@
 mod fault;
 mod openai;
 mod quota;
+mod responses;
 mod server;
 mod state;
 
@@ -21,12 +22,23 @@ use crate::server::Shared;
 use crate::state::{Mock, Settings};
 
 /// Shown by `--help` (details in the `server` module docs).
-const CONTROL_API: &str = r#"Control API (JSON), under /_mock/:
+const CONTROL_API: &str = r#"Data plane:
+  POST /openai/deployments/{d}/{chat/completions,completions,embeddings,images/generations}?api-version=
+  POST /openai/v1/{op}, /v1/{op}       the same ops; deployment = body "model"
+  POST /openai/v1/responses, /v1/responses, /openai/responses?api-version=
+                        Responses API (deployment = body "model"); responses are stored
+                        in this process: previous_response_id, GET/DELETE .../responses/{id},
+                        POST .../{id}/cancel, GET .../{id}/input_items only work here
+                        (elsewhere 400 previous_response_not_found / 404)
+
+Control API (JSON), under /_mock/:
   GET  /_mock/health    {"ok": true}
   GET  /_mock/stats     requests_total, by_status, requests: one record per data-plane
                         request (method, path, query, headers, body_len, body_json,
-                        deployment, status: 0 = no response head, stream, fault)
-  POST /_mock/reset     clear stats, quota window and the fail_next queue
+                        deployment, status: 0 = no response head, stream, fault),
+                        responses_stored
+  POST /_mock/reset     clear stats, quota window and the fail_next queue (not the
+                        stored responses)
   GET  /_mock/config    current settings
   POST /_mock/config    change any of: requests_per_window, tokens_per_window, window_ms,
                         latency_ms, stream_chunks, stream_chunk_delay_ms, api_key,

@@ -14,6 +14,16 @@ pub enum Operation {
     Completions,
     Embeddings,
     ImageGenerations,
+    /// `POST .../responses`
+    CreateResponse,
+    /// `GET .../responses/{id}`
+    GetResponse,
+    /// `DELETE .../responses/{id}`
+    DeleteResponse,
+    /// `POST .../responses/{id}/cancel`
+    CancelResponse,
+    /// `GET .../responses/{id}/input_items`
+    ListInputItems,
 }
 
 impl Operation {
@@ -34,12 +44,17 @@ impl Operation {
             Operation::Completions => "Completions_Create",
             Operation::Embeddings => "Embeddings_Create",
             Operation::ImageGenerations => "ImageGenerations_Create",
+            Operation::CreateResponse => "Responses_Create",
+            Operation::GetResponse => "Responses_Get",
+            Operation::DeleteResponse => "Responses_Delete",
+            Operation::CancelResponse => "Responses_Cancel",
+            Operation::ListInputItems => "Responses_ListInputItems",
         }
     }
 
-    /// Whether `"stream": true` is honoured for this operation.
+    /// Whether `"stream": true` in the body is honoured for this operation.
     pub fn can_stream(self) -> bool {
-        matches!(self, Operation::ChatCompletions | Operation::Completions)
+        matches!(self, Operation::ChatCompletions | Operation::Completions | Operation::CreateResponse)
     }
 }
 
@@ -48,31 +63,69 @@ impl Operation {
 pub enum Route {
     /// `/openai/deployments/{deployment}/{op}` (requires `api-version`).
     Classic { deployment: String, op: Operation },
-    /// `/openai/v1/{op}` or `/v1/{op}`: the deployment is the body's `model`.
-    ModelInBody { op: Operation },
+    /// `/openai/v1/{op}` or `/v1/{op}`, and the classic `/openai/responses`
+    /// (which requires `api-version`): the deployment is the body's `model`.
+    ModelInBody { op: Operation, needs_api_version: bool },
+    /// `.../responses/{id}` and its `/cancel`, `/input_items`: one stored
+    /// response; no deployment.
+    StoredResponse { id: String, op: Operation, needs_api_version: bool },
 }
 
 impl Route {
     pub fn op(&self) -> Operation {
         match self {
-            Route::Classic { op, .. } | Route::ModelInBody { op } => *op,
+            Route::Classic { op, .. } | Route::ModelInBody { op, .. } | Route::StoredResponse { op, .. } => *op,
+        }
+    }
+
+    /// Whether the route requires an `api-version` query parameter.
+    pub fn needs_api_version(&self) -> bool {
+        match self {
+            Route::Classic { .. } => true,
+            Route::ModelInBody { needs_api_version, .. } | Route::StoredResponse { needs_api_version, .. } => {
+                *needs_api_version
+            }
         }
     }
 }
 
-/// Parse a request path (without query string) into a data-plane route.
-pub fn parse_path(path: &str) -> Option<Route> {
+/// Parse a request's method and path (without query string) into a
+/// data-plane route; `None`: not one (404, no fault used).
+pub fn parse_route(method: &str, path: &str) -> Option<Route> {
     let path = path.strip_suffix('/').unwrap_or(path);
     if let Some(rest) = path.strip_prefix("/openai/deployments/") {
         let (deployment, suffix) = rest.split_once('/')?;
-        if deployment.is_empty() {
+        if deployment.is_empty() || method != "POST" {
             return None;
         }
         let op = Operation::from_suffix(suffix)?;
         return Some(Route::Classic { deployment: deployment.to_string(), op });
     }
-    let suffix = path.strip_prefix("/openai/v1/").or_else(|| path.strip_prefix("/v1/"))?;
-    Operation::from_suffix(suffix).map(|op| Route::ModelInBody { op })
+    if let Some(suffix) = path.strip_prefix("/openai/v1/").or_else(|| path.strip_prefix("/v1/")) {
+        if let Some(op) = Operation::from_suffix(suffix) {
+            return (method == "POST").then_some(Route::ModelInBody { op, needs_api_version: false });
+        }
+        return responses_route(method, suffix, false);
+    }
+    responses_route(method, path.strip_prefix("/openai/")?, true)
+}
+
+/// `responses`, `responses/{id}`, `responses/{id}/cancel`, `responses/{id}/input_items`.
+fn responses_route(method: &str, suffix: &str, needs_api_version: bool) -> Option<Route> {
+    let rest = suffix.strip_prefix("responses")?;
+    if rest.is_empty() {
+        return (method == "POST").then_some(Route::ModelInBody { op: Operation::CreateResponse, needs_api_version });
+    }
+    let rest = rest.strip_prefix('/')?;
+    let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
+    let op = match (method, action) {
+        ("GET", "") => Operation::GetResponse,
+        ("DELETE", "") => Operation::DeleteResponse,
+        ("POST", "cancel") => Operation::CancelResponse,
+        ("GET", "input_items") => Operation::ListInputItems,
+        _ => return None,
+    };
+    (!id.is_empty()).then(|| Route::StoredResponse { id: id.to_string(), op, needs_api_version })
 }
 
 /// Value of query parameter `name` in a raw query string (no percent-decoding).
@@ -92,26 +145,30 @@ fn count_text(v: &Value, chars: &mut u64, tokens: &mut u64) {
     }
 }
 
+/// Counts message contents: a string, or the `text` of each content part
+/// (chat `messages`, Responses `input` items).
+fn count_contents(items: &[Value], chars: &mut u64, tokens: &mut u64) {
+    for m in items {
+        match m.get("content") {
+            Some(Value::String(s)) => *chars += s.chars().count() as u64,
+            Some(Value::Array(parts)) => {
+                for t in parts.iter().filter_map(|p| p.get("text")) {
+                    count_text(t, chars, tokens);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Estimated prompt tokens: ceil(chars / 4) over all message contents / prompt /
-/// input strings (token-id arrays count one per id), minimum 1.
+/// input strings / instructions (token-id arrays count one per id), minimum 1.
 pub fn estimate_prompt_tokens(op: Operation, body: &Value) -> u64 {
     let (mut chars, mut tokens) = (0u64, 0u64);
     match op {
         Operation::ChatCompletions => {
             if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
-                for m in msgs {
-                    match m.get("content") {
-                        Some(Value::String(s)) => chars += s.chars().count() as u64,
-                        Some(Value::Array(parts)) => {
-                            for p in parts {
-                                if let Some(t) = p.get("text") {
-                                    count_text(t, &mut chars, &mut tokens);
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
+                count_contents(msgs, &mut chars, &mut tokens);
             }
         }
         Operation::Completions | Operation::ImageGenerations => {
@@ -124,6 +181,17 @@ pub fn estimate_prompt_tokens(op: Operation, body: &Value) -> u64 {
                 count_text(i, &mut chars, &mut tokens);
             }
         }
+        Operation::CreateResponse => {
+            match body.get("input") {
+                Some(Value::Array(items)) => count_contents(items, &mut chars, &mut tokens),
+                Some(text) => count_text(text, &mut chars, &mut tokens),
+                None => {}
+            }
+            if let Some(i) = body.get("instructions") {
+                count_text(i, &mut chars, &mut tokens);
+            }
+        }
+        Operation::GetResponse | Operation::DeleteResponse | Operation::CancelResponse | Operation::ListInputItems => {}
     }
     (chars.div_ceil(4) + tokens).max(1)
 }
@@ -132,16 +200,25 @@ fn u64_field(body: &Value, key: &str) -> Option<u64> {
     body.get(key).and_then(Value::as_u64)
 }
 
-/// Tokens charged against the quota at admission time.
+/// Tokens charged against the quota at admission time: the prompt estimate
+/// plus the output limit (`max_tokens`, `max_completion_tokens` or
+/// `max_output_tokens`; default 16) times `best_of`.
 pub fn quota_charge(op: Operation, body: &Value) -> u64 {
     match op {
-        Operation::ChatCompletions | Operation::Completions => {
-            let max = u64_field(body, "max_tokens").or_else(|| u64_field(body, "max_completion_tokens")).unwrap_or(16);
+        Operation::ChatCompletions | Operation::Completions | Operation::CreateResponse => {
+            let max = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+                .into_iter()
+                .find_map(|k| u64_field(body, k))
+                .unwrap_or(16);
             let best_of = u64_field(body, "best_of").unwrap_or(1).max(1);
             estimate_prompt_tokens(op, body).saturating_add(max.saturating_mul(best_of))
         }
         Operation::Embeddings => estimate_prompt_tokens(op, body),
-        Operation::ImageGenerations => 0,
+        Operation::ImageGenerations
+        | Operation::GetResponse
+        | Operation::DeleteResponse
+        | Operation::CancelResponse
+        | Operation::ListInputItems => 0,
     }
 }
 
@@ -360,6 +437,13 @@ pub fn sse_event(v: &Value) -> Bytes {
 
 pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 
+/// One SSE event with a name: `event: <type>\ndata: <json>\n\n` (the
+/// Responses API names each event after its `type`).
+pub fn sse_named_event(v: &Value) -> Bytes {
+    let name = v.get("type").and_then(Value::as_str).unwrap_or("message");
+    Bytes::from(format!("event: {name}\ndata: {v}\n\n"))
+}
+
 /// A stream split into the part sent at once (`head`), the content events
 /// (each preceded by the chunk delay) and the closing events (`tail`).
 #[derive(Debug, Clone, Default)]
@@ -370,6 +454,17 @@ pub struct StreamPlan {
 }
 
 impl StreamPlan {
+    /// The same stream without its first `n` events.
+    pub fn skip(mut self, n: usize) -> Self {
+        let mut n = n;
+        for part in [&mut self.head, &mut self.content, &mut self.tail] {
+            let k = n.min(part.len());
+            part.drain(..k);
+            n -= k;
+        }
+        self
+    }
+
     /// All events in order.
     #[cfg(test)]
     pub fn all(&self) -> impl Iterator<Item = &Bytes> {
@@ -464,31 +559,81 @@ mod tests {
         text.split("\n\n").filter(|e| !e.is_empty()).map(|e| e.strip_prefix("data: ").unwrap().to_string()).collect()
     }
 
+    fn post(path: &str) -> Option<Route> {
+        parse_route("POST", path)
+    }
+
+    fn model_in_body(op: Operation) -> Option<Route> {
+        Some(Route::ModelInBody { op, needs_api_version: false })
+    }
+
     #[test]
     fn paths() {
         assert_eq!(
-            parse_path("/openai/deployments/gpt4o/chat/completions"),
+            post("/openai/deployments/gpt4o/chat/completions"),
             Some(Route::Classic { deployment: "gpt4o".into(), op: Operation::ChatCompletions })
         );
         assert_eq!(
-            parse_path("/openai/deployments/emb/embeddings"),
+            post("/openai/deployments/emb/embeddings"),
             Some(Route::Classic { deployment: "emb".into(), op: Operation::Embeddings })
         );
+        assert_eq!(post("/openai/deployments/d/images/generations").map(|r| r.op()), Some(Operation::ImageGenerations));
+        assert_eq!(post("/openai/deployments/d/completions").map(|r| r.op()), Some(Operation::Completions));
+        assert_eq!(post("/openai/v1/chat/completions"), model_in_body(Operation::ChatCompletions));
+        assert_eq!(post("/v1/embeddings"), model_in_body(Operation::Embeddings));
+        for bad in [
+            "/openai/deployments//chat/completions",
+            "/openai/deployments/d/chat",
+            "/openai/deployments/d/responses",
+            "/openai/chat/completions",
+            "/v2/chat/completions",
+            "/",
+            "/_mock/stats",
+        ] {
+            assert_eq!(post(bad), None, "{bad}");
+        }
+        assert_eq!(parse_route("GET", "/openai/deployments/d/chat/completions"), None);
+        assert_eq!(parse_route("GET", "/v1/chat/completions"), None);
+    }
+
+    #[test]
+    fn responses_paths() {
+        assert_eq!(post("/openai/v1/responses"), model_in_body(Operation::CreateResponse));
+        assert_eq!(post("/v1/responses/"), model_in_body(Operation::CreateResponse));
+        let classic = post("/openai/responses").unwrap();
+        assert_eq!((classic.op(), classic.needs_api_version()), (Operation::CreateResponse, true));
+        let stored = |method: &str, path: &str| parse_route(method, path).map(|r| (r.op(), r.needs_api_version()));
+        assert_eq!(stored("GET", "/openai/v1/responses/resp_1"), Some((Operation::GetResponse, false)));
+        assert_eq!(stored("DELETE", "/v1/responses/resp_1"), Some((Operation::DeleteResponse, false)));
+        assert_eq!(stored("POST", "/openai/responses/resp_1/cancel"), Some((Operation::CancelResponse, true)));
+        assert_eq!(stored("GET", "/openai/v1/responses/resp_1/input_items"), Some((Operation::ListInputItems, false)));
         assert_eq!(
-            parse_path("/openai/deployments/d/images/generations").map(|r| r.op()),
-            Some(Operation::ImageGenerations)
+            parse_route("GET", "/v1/responses/resp_9"),
+            Some(Route::StoredResponse { id: "resp_9".into(), op: Operation::GetResponse, needs_api_version: false })
         );
-        assert_eq!(parse_path("/openai/deployments/d/completions").map(|r| r.op()), Some(Operation::Completions));
-        assert_eq!(
-            parse_path("/openai/v1/chat/completions"),
-            Some(Route::ModelInBody { op: Operation::ChatCompletions })
-        );
-        assert_eq!(parse_path("/v1/embeddings"), Some(Route::ModelInBody { op: Operation::Embeddings }));
-        assert_eq!(parse_path("/openai/deployments//chat/completions"), None);
-        assert_eq!(parse_path("/openai/deployments/d/chat"), None);
-        assert_eq!(parse_path("/v2/chat/completions"), None);
-        assert_eq!(parse_path("/"), None);
-        assert_eq!(parse_path("/_mock/stats"), None);
+        for (method, path) in [
+            ("GET", "/openai/v1/responses"),
+            ("POST", "/openai/v1/responses/resp_1"),
+            ("GET", "/openai/v1/responses/resp_1/cancel"),
+            ("POST", "/openai/v1/responses/resp_1/other"),
+            ("GET", "/openai/v1/responses//input_items"),
+            ("POST", "/openai/v1/responsesx"),
+            ("GET", "/openai/responses/resp_1/input_items/x"),
+        ] {
+            assert_eq!(parse_route(method, path), None, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn skipping_events() {
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        let plan = StreamPlan { head: vec![b("a"), b("b")], content: vec![b("c")], tail: vec![b("d")] };
+        let all = |p: &StreamPlan| p.all().map(|x| String::from_utf8_lossy(x).to_string()).collect::<String>();
+        assert_eq!(all(&plan.clone().skip(0)), "abcd");
+        assert_eq!(all(&plan.clone().skip(3)), "d");
+        assert_eq!(all(&plan.skip(9)), "");
+        let named = sse_named_event(&json!({"type": "response.created", "x": 1}));
+        assert_eq!(named, "event: response.created\ndata: {\"type\":\"response.created\",\"x\":1}\n\n");
     }
 
     #[test]

@@ -1,6 +1,22 @@
 //! HTTP layer: hyper service, control plane (`/_mock/*`), streaming bodies,
 //! and the wire side of injected faults (resets, hangs, cut bodies).
 //!
+//! # Data plane
+//!
+//! | request | deployment |
+//! | --- | --- |
+//! | `POST /openai/deployments/{d}/{chat/completions, completions, embeddings, images/generations}?api-version=` | `{d}` |
+//! | `POST /openai/v1/{op}`, `POST /v1/{op}` (same ops) | body `model` |
+//! | `POST /openai/v1/responses`, `POST /v1/responses`, `POST /openai/responses?api-version=` | body `model` |
+//! | `GET`, `DELETE .../responses/{id}`; `POST .../responses/{id}/cancel`; `GET .../responses/{id}/input_items` (under the three response prefixes) | none |
+//!
+//! The Responses API (see [`crate::responses`]): a create is checked, charged
+//! and faulted like a chat completion; its response is stored in this process
+//! (unless `"store": false`), so a follow-up (`previous_response_id`) or a
+//! request on `{id}` sent to another mock fails as on Azure (400
+//! `previous_response_not_found`, 404). Requests on `{id}` check the key and
+//! `api-version` (classic prefix) and use no quota; faults apply to them too.
+//!
 //! # Control API
 //!
 //! All bodies are JSON.
@@ -8,8 +24,8 @@
 //! | request | effect |
 //! | --- | --- |
 //! | `GET /_mock/health` | `{"ok": true}` |
-//! | `GET /_mock/stats` | `name`, `requests_total`, `by_status` (`{"200": n, ...}`), `requests`: the last 2000 data-plane request records |
-//! | `POST /_mock/reset` | clear stats, the quota window and the `fail_next` queue |
+//! | `GET /_mock/stats` | `name`, `requests_total`, `by_status` (`{"200": n, ...}`), `requests`: the last 2000 data-plane request records, `responses_stored` (Responses API responses kept) |
+//! | `POST /_mock/reset` | clear stats, the quota window and the `fail_next` queue (stored responses stay) |
 //! | `GET /_mock/config` | the current settings and `fail_next_pending` |
 //! | `POST /_mock/config` | change settings; the body is validated whole (400 and no change on any error) |
 //!
@@ -23,12 +39,13 @@
 //! headers; values that are not UTF-8 are decoded lossily), `body_len`,
 //! `body_json` (null when not JSON or over 64 KiB), `deployment`, `status` (of
 //! the response head; 0 when none was sent), `stream` (the body asked for
-//! one) and `fault` (the `fail_next` kind the request used, else null).
+//! one; on a response GET, `?stream=true`) and `fault` (the `fail_next` kind
+//! the request used, else null).
 //!
 //! # `fail_next`
 //!
 //! `"fail_next": [entry, ...]` appends to a queue; each data-plane request
-//! (a known route, POST) takes the next entry, in order. An entry is an object
+//! (a known route with a method it takes) takes the next entry, in order. An entry is an object
 //! with exactly one of the kind keys below; unknown keys, wrong types and
 //! mixed kinds are rejected. The record's `fault` is the name in the first
 //! column.
@@ -572,5 +589,58 @@ mod tests {
         // 3 delayed chunks of 60 ms; the first arrives only after one delay.
         assert!(first_content_at.unwrap() >= Duration::from_millis(50), "{first_content_at:?}");
         assert!(total >= Duration::from_millis(170), "{total:?}");
+    }
+
+    /// Read one chunked response until its terminating chunk.
+    async fn read_chunked(s: &mut TcpStream) -> String {
+        let mut all = Vec::new();
+        let mut tmp = [0u8; 4096];
+        while !all.ends_with(b"\r\n0\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut tmp)).await.unwrap().unwrap();
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&all));
+            all.extend_from_slice(&tmp[..n]);
+        }
+        String::from_utf8(all).unwrap()
+    }
+
+    #[tokio::test]
+    async fn responses_stream_over_http_then_follow_up() {
+        let mut settings = Settings::new("eastus");
+        settings.stream_chunks = 3;
+        let addr = start(settings).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let create = r#"{"model":"gpt-4o","input":"hi","stream":true}"#;
+        s.write_all(post("/openai/v1/responses", create).as_bytes()).await.unwrap();
+        let text = read_chunked(&mut s).await;
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200") && head.contains("content-type: text/event-stream"), "{head}");
+        assert!(head.contains("transfer-encoding: chunked") && head.contains("x-mock-backend: eastus"), "{head}");
+        let names: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+        assert_eq!(names.len(), 4 + 3 + 4, "{body}");
+        assert_eq!(
+            (names[0], names[4], names[10]),
+            ("response.created", "response.output_text.delta", "response.completed")
+        );
+        assert!(!body.contains("[DONE]"), "{body}");
+        let completed: Value = body
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str::<Value>(d).unwrap())
+            .unwrap();
+        let id = completed["response"]["id"].as_str().unwrap().to_string();
+        assert_eq!(completed["response"]["usage"]["output_tokens"], 3);
+
+        // Same connection: a follow-up continues the conversation.
+        let follow = json!({"model": "gpt-4o", "input": "more", "previous_response_id": id}).to_string();
+        s.write_all(post("/v1/responses", &follow).as_bytes()).await.unwrap();
+        let r = read_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("Hello from eastus (turn 2)"), "{r}");
+        let recs = stats(addr).await["requests"].clone();
+        assert_eq!(
+            (&recs[0]["stream"], &recs[0]["status"], &recs[0]["deployment"]),
+            (&json!(true), &json!(200), &json!("gpt-4o"))
+        );
+        assert_eq!(recs[1]["body_json"]["previous_response_id"], id.as_str());
     }
 }

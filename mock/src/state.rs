@@ -4,10 +4,13 @@
 //! delays, cutting bodies short, hanging), so the whole decision logic is
 //! unit-testable with a fake clock.
 //!
-//! A data-plane request goes through, in order: the route (unknown path or
-//! not POST: 404, no fault used), the next queued [`Fault`] (see
-//! [`crate::fault`]), then the normal checks — key, `api-version`, JSON body,
-//! model, deployment allow-list, quota — and finally the generated answer.
+//! A data-plane request goes through, in order: the route (unknown path, or
+//! a method the path does not take: 404, no fault used), the next queued
+//! [`Fault`] (see [`crate::fault`]), then the normal checks — key,
+//! `api-version`, JSON body, model, deployment allow-list, for a Responses
+//! API create its `previous_response_id`, quota — and finally the generated
+//! answer. Requests on a stored response (`.../responses/{id}...`) only check
+//! the key and `api-version` and use no quota (see [`crate::responses`]).
 //! Faults that keep the request on the normal path (`hang_ms`,
 //! `reset_after_events`, `status` < 400) shape how that answer is delivered.
 //!
@@ -25,6 +28,7 @@ use serde_json::{json, Value};
 use crate::fault::{self, Fault, Headers};
 use crate::openai::{self, Ctx, Operation, Route, StreamPlan};
 use crate::quota::{LimitKind, Quota, Remaining};
+use crate::responses::ResponseStore;
 
 /// Request records kept for `/_mock/stats`.
 pub const MAX_RECORDS: usize = 2000;
@@ -144,6 +148,8 @@ pub struct Mock {
     records: VecDeque<Record>,
     next_id: u64,
     next_image: u64,
+    /// Responses API responses created here; kept across `/_mock/reset`.
+    responses: ResponseStore,
 }
 
 /// What a data-plane route implies for one request.
@@ -154,19 +160,29 @@ struct Call {
     api_version: Option<String>,
     /// From the path, or the body's `model` on v1 routes.
     deployment: Option<String>,
+    /// The stored response a `.../responses/{id}` route names.
+    response_id: Option<String>,
+    /// A stream was asked for: the body's `stream`, or `?stream=true` on a
+    /// response GET.
+    stream: bool,
 }
 
 impl Call {
     fn new(route: Route, query: &str, parsed: Option<&Value>) -> Self {
-        let op = route.op();
+        let (op, needs_api_version) = (route.op(), route.needs_api_version());
         let api_version = openai::query_param(query, "api-version").filter(|v| !v.is_empty()).map(str::to_string);
-        let (needs_api_version, deployment) = match route {
-            Route::Classic { deployment, .. } => (true, Some(deployment)),
+        let (deployment, response_id) = match route {
+            Route::Classic { deployment, .. } => (Some(deployment), None),
             Route::ModelInBody { .. } => {
-                (false, parsed.and_then(|b| b.get("model")).and_then(Value::as_str).map(str::to_string))
+                (parsed.and_then(|b| b.get("model")).and_then(Value::as_str).map(str::to_string), None)
             }
+            Route::StoredResponse { id, .. } => (None, Some(id)),
         };
-        Call { op, needs_api_version, api_version, deployment }
+        let stream = match op {
+            Operation::GetResponse => openai::query_param(query, "stream") == Some("true"),
+            _ => parsed.is_some_and(openai::wants_stream),
+        };
+        Call { op, needs_api_version, api_version, deployment, response_id, stream }
     }
 
     /// The `api-version` named in error messages.
@@ -189,7 +205,7 @@ impl Answer {
 }
 
 /// A request the normal checks turned down: status and error body.
-type Refusal = (u16, Value);
+pub type Refusal = (u16, Value);
 
 fn remaining_headers(r: Remaining) -> Headers {
     let mut headers = Headers::new();
@@ -221,14 +237,8 @@ fn injected_answer(status: u16, fault_headers: &Headers, call: &Call, before: Re
     Answer::json(status, headers, body)
 }
 
-/// The normal checks, in Azure's order: key, `api-version`, JSON object body,
-/// model, deployment allow-list. Returns the body and the model.
-fn check<'a>(
-    settings: &Settings,
-    req: &RequestInfo,
-    parsed: Option<&'a Value>,
-    call: &'a Call,
-) -> Result<(&'a Value, &'a str), Refusal> {
+/// The checks every route makes first: key, then `api-version`.
+fn check_access(settings: &Settings, req: &RequestInfo, call: &Call) -> Result<(), Refusal> {
     if let Some(key) = &settings.api_key {
         if !authorized(key, &req.headers) {
             return Err((401, openai::access_denied()));
@@ -237,6 +247,18 @@ fn check<'a>(
     if call.needs_api_version && call.api_version.is_none() {
         return Err((404, openai::resource_not_found()));
     }
+    Ok(())
+}
+
+/// The normal checks, in Azure's order: key, `api-version`, JSON object body,
+/// model, deployment allow-list. Returns the body and the model.
+fn check<'a>(
+    settings: &Settings,
+    req: &RequestInfo,
+    parsed: Option<&'a Value>,
+    call: &'a Call,
+) -> Result<(&'a Value, &'a str), Refusal> {
+    check_access(settings, req, call)?;
     let body = match parsed {
         Some(b @ Value::Object(_)) => b,
         Some(_) => return Err((400, openai::error_body("BadRequest", "The request body must be a JSON object."))),
@@ -255,6 +277,7 @@ const NOT_JSON: &str = "We could not parse the JSON body of your request. (HINT:
 
 impl Mock {
     pub fn new(settings: Settings, quota: Quota) -> Self {
+        let responses = ResponseStore::new(&settings.name);
         Mock {
             settings,
             quota,
@@ -264,10 +287,12 @@ impl Mock {
             records: VecDeque::new(),
             next_id: 1,
             next_image: 1,
+            responses,
         }
     }
 
-    /// `/_mock/reset`: clear stats, quota window and fault queue.
+    /// `/_mock/reset`: clear stats, quota window and fault queue (stored
+    /// responses stay, as on Azure).
     pub fn reset(&mut self) {
         self.quota.reset();
         self.faults.clear();
@@ -282,6 +307,7 @@ impl Mock {
             "requests_total": self.total,
             "by_status": self.by_status,
             "requests": self.records,
+            "responses_stored": self.responses.len(),
         })
     }
 
@@ -323,11 +349,12 @@ impl Mock {
         Ok(())
     }
 
+    /// Record a request; `call` is `None` when it named no data-plane route.
     fn record(
         &mut self,
         req: RequestInfo,
         parsed: Option<&Value>,
-        deployment: Option<String>,
+        call: Option<Call>,
         outcome: &Outcome,
         fault: Option<&'static str>,
     ) {
@@ -336,7 +363,8 @@ impl Mock {
         *self.by_status.entry(status.to_string()).or_insert(0) += 1;
         let body_json =
             if req.body.len() <= MAX_STORED_BODY { parsed.cloned().unwrap_or(Value::Null) } else { Value::Null };
-        let stream = parsed.is_some_and(openai::wants_stream);
+        let stream = call.as_ref().map_or_else(|| parsed.is_some_and(openai::wants_stream), |c| c.stream);
+        let deployment = call.and_then(|c| c.deployment);
         if self.records.len() >= MAX_RECORDS {
             self.records.pop_front();
         }
@@ -359,17 +387,17 @@ impl Mock {
     /// `now_ms` is the quota clock, `unix_s` the `created` timestamp.
     pub fn handle(&mut self, req: RequestInfo, now_ms: u64, unix_s: u64) -> Outcome {
         let parsed: Option<Value> = serde_json::from_slice(&req.body).ok();
-        let (deployment, fault, outcome) = match (req.method.as_str(), openai::parse_path(&req.path)) {
-            ("POST", Some(route)) => {
+        let (call, fault, outcome) = match openai::parse_route(&req.method, &req.path) {
+            Some(route) => {
                 let call = Call::new(route, &req.query, parsed.as_ref());
                 let fault = self.faults.pop_front();
                 let outcome = self.decide(&req, parsed.as_ref(), &call, fault.as_ref(), now_ms, unix_s);
-                (call.deployment, fault, outcome)
+                (Some(call), fault, outcome)
             }
             // Not a data-plane route: no fault is used up.
-            _ => (None, None, self.deliver(Answer::json(404, Headers::new(), openai::resource_not_found()))),
+            None => (None, None, self.deliver(Answer::json(404, Headers::new(), openai::resource_not_found()))),
         };
-        self.record(req, parsed.as_ref(), deployment, &outcome, fault.as_ref().map(Fault::kind));
+        self.record(req, parsed.as_ref(), call, &outcome, fault.as_ref().map(Fault::kind));
         outcome
     }
 
@@ -419,7 +447,16 @@ impl Mock {
 
     /// The fault-free answer: checks, quota admission, then the generated body.
     fn serve(&mut self, req: &RequestInfo, parsed: Option<&Value>, call: &Call, now_ms: u64, unix_s: u64) -> Answer {
-        let (body, model) = match check(&self.settings, req, parsed, call) {
+        if let Some(id) = &call.response_id {
+            return self.serve_stored(req, call, id, now_ms);
+        }
+        let checked = check(&self.settings, req, parsed, call).and_then(|(body, model)| {
+            if call.op == Operation::CreateResponse {
+                self.responses.validate(body)?;
+            }
+            Ok((body, model))
+        });
+        let (body, model) = match checked {
             Ok(checked) => checked,
             // Every data-plane response reports the remaining quota.
             Err((status, err)) => return Answer::json(status, remaining_headers(self.quota.remaining(now_ms)), err),
@@ -428,6 +465,17 @@ impl Mock {
             Ok(headers) => Answer { status: 200, headers, body: self.generate(call.op, body, model, unix_s) },
             Err(answer) => answer,
         }
+    }
+
+    /// A request on a stored response: the key and `api-version` checks, then
+    /// the store's answer; no quota is used (the headers report what is left).
+    fn serve_stored(&mut self, req: &RequestInfo, call: &Call, id: &str, now_ms: u64) -> Answer {
+        let headers = remaining_headers(self.quota.remaining(now_ms));
+        let (status, body) = match check_access(&self.settings, req, call) {
+            Ok(()) => self.responses.act(call.op, id, &req.query),
+            Err((status, err)) => (status, ReplyBody::Json(err)),
+        };
+        Answer { status, headers, body }
     }
 
     /// Charge the quota; the remaining-quota headers, or Azure's 429.
@@ -466,6 +514,15 @@ impl Mock {
                 self.next_image += openai::image_count(body);
                 ReplyBody::Json(openai::images(&ctx, body, first))
             }
+            (Operation::CreateResponse, _) => self.responses.create(&ctx, body, prompt, chunks),
+            // Served by `serve_stored`, never admitted.
+            (
+                Operation::GetResponse
+                | Operation::DeleteResponse
+                | Operation::CancelResponse
+                | Operation::ListInputItems,
+                _,
+            ) => ReplyBody::Json(openai::resource_not_found()),
         }
     }
 }
@@ -911,5 +968,239 @@ mod tests {
         let s = m.stats_json();
         assert_eq!(s["requests_total"], (MAX_RECORDS + 5) as u64);
         assert_eq!(s["requests"].as_array().unwrap().len(), MAX_RECORDS);
+    }
+
+    const RESPONSES: &str = "/openai/v1/responses";
+
+    /// A request with `method` and no body.
+    fn bare(method: &str, path_and_query: &str) -> RequestInfo {
+        let mut r = req(path_and_query, json!({}));
+        r.method = method.into();
+        r.body = bytes::Bytes::new();
+        r
+    }
+
+    /// A JSON answer with its status.
+    fn answer(m: &mut Mock, r: RequestInfo) -> (u16, Value) {
+        let r = reply(m.handle(r, 0, 100));
+        (r.status, json_body(&r).clone())
+    }
+
+    fn create(m: &mut Mock, body: Value) -> (u16, Value) {
+        answer(m, req(RESPONSES, body))
+    }
+
+    /// The path of a stored response.
+    fn at(response: &Value) -> String {
+        format!("{RESPONSES}/{}", response["id"].as_str().unwrap())
+    }
+
+    fn text_of(response: &Value) -> &str {
+        response["output"][0]["content"][0]["text"].as_str().unwrap()
+    }
+
+    #[test]
+    fn responses_create_retrieve_and_follow_up() {
+        let mut m = mock();
+        let (status, first) = create(&mut m, json!({"model": "gpt4o", "input": "Say hi", "max_output_tokens": 20}));
+        assert_eq!(status, 200);
+        let id = first["id"].as_str().unwrap().to_string();
+        assert!(id.starts_with("resp_") && !id.contains("eastus"), "{id}");
+        assert_eq!((&first["model"], &first["status"]), (&json!("gpt4o"), &json!("completed")));
+        assert_eq!(text_of(&first), "Hello from eastus part3 part4");
+        assert_eq!(first["usage"]["input_tokens"], 2);
+        assert_eq!(answer(&mut m, bare("GET", &format!("{RESPONSES}/{id}"))), (200, first.clone()));
+        let follow =
+            json!({"model": "gpt4o", "input": [{"role": "user", "content": "again"}], "previous_response_id": id});
+        let (status, second) = create(&mut m, follow);
+        assert_eq!(status, 200);
+        assert_eq!(second["previous_response_id"], id.as_str());
+        assert_eq!(text_of(&second), "Hello from eastus part3 part4 (turn 2)");
+        // The classic path (api-version required) reaches the same store.
+        let classic = "/openai/responses?api-version=2025-04-01-preview";
+        let (status, third) =
+            answer(&mut m, req(classic, json!({"model": "gpt4o", "previous_response_id": second["id"]})));
+        assert_eq!((status, text_of(&third)), (200, "Hello from eastus part3 part4 (turn 3)"));
+        let (status, _) = answer(&mut m, req("/openai/responses", json!({"model": "gpt4o", "input": "x"})));
+        assert_eq!(status, 404, "classic path without api-version");
+        let path = format!("/openai/responses/{}?api-version=preview", third["id"].as_str().unwrap());
+        assert_eq!(answer(&mut m, bare("GET", &path)).0, 200);
+        let s = m.stats_json();
+        assert_eq!(s["responses_stored"], 3);
+        let recs = s["requests"].as_array().unwrap();
+        assert_eq!((&recs[0]["deployment"], &recs[0]["path"]), (&json!("gpt4o"), &json!(RESPONSES)));
+        assert_eq!((&recs[1]["method"], &recs[1]["deployment"]), (&json!("GET"), &Value::Null));
+        assert_eq!(recs[2]["body_json"]["previous_response_id"], id.as_str());
+    }
+
+    #[test]
+    fn responses_unknown_ids_fail_as_on_azure() {
+        let mut m = mock();
+        m.apply_config(&json!({"tokens_per_window": 1000})).unwrap();
+        let (status, err) = create(&mut m, json!({"model": "gpt4o", "input": "x", "previous_response_id": "resp_abc"}));
+        assert_eq!(status, 400);
+        let want = json!({"error": {
+            "message": "Previous response with id 'resp_abc' not found.",
+            "type": "invalid_request_error",
+            "param": "previous_response_id",
+            "code": "previous_response_not_found"
+        }});
+        assert_eq!(err, want);
+        assert_eq!(m.quota.remaining(0).tokens, Some(1000), "a refused follow-up uses no quota");
+        let want = json!({"error": {
+            "message": "Response with id 'resp_x' not found.", "type": "invalid_request_error", "param": null, "code": null
+        }});
+        for (method, path) in [
+            ("GET", "/v1/responses/resp_x"),
+            ("DELETE", "/openai/v1/responses/resp_x"),
+            ("POST", "/openai/v1/responses/resp_x/cancel"),
+            ("GET", "/openai/v1/responses/resp_x/input_items"),
+        ] {
+            assert_eq!(answer(&mut m, bare(method, path)), (404, want.clone()), "{method} {path}");
+        }
+        // Another backend's response is unknown here.
+        let mut west = Mock::new(Settings::new("west"), Quota::new(None, None, 60_000));
+        let (_, theirs) = create(&mut west, json!({"model": "gpt4o", "input": "x"}));
+        let (status, err) = create(&mut m, json!({"model": "gpt4o", "previous_response_id": theirs["id"]}));
+        assert_eq!((status, &err["error"]["code"]), (400, &json!("previous_response_not_found")));
+    }
+
+    #[test]
+    fn responses_delete_and_store_false() {
+        let mut m = mock();
+        let (_, v) = create(&mut m, json!({"model": "gpt4o", "input": "x"}));
+        let path = at(&v);
+        let (status, deleted) = answer(&mut m, bare("DELETE", &path));
+        assert_eq!((status, deleted), (200, json!({"id": v["id"], "object": "response.deleted", "deleted": true})));
+        assert_eq!(answer(&mut m, bare("GET", &path)).0, 404);
+        assert_eq!(answer(&mut m, bare("DELETE", &path)).0, 404);
+
+        let (status, unstored) = create(&mut m, json!({"model": "gpt4o", "input": "x", "store": false}));
+        assert_eq!((status, &unstored["store"]), (200, &json!(false)));
+        assert_eq!(answer(&mut m, bare("GET", &at(&unstored))).0, 404);
+        let (status, err) = create(&mut m, json!({"model": "gpt4o", "previous_response_id": unstored["id"]}));
+        assert_eq!((status, &err["error"]["code"]), (400, &json!("previous_response_not_found")));
+        assert_eq!(m.stats_json()["responses_stored"], 0);
+    }
+
+    #[test]
+    fn responses_stream() {
+        let mut m = mock();
+        m.settings.stream_chunk_delay_ms = 4;
+        let r = reply(m.handle(req("/v1/responses", json!({"model": "gpt4o", "input": "hi", "stream": true})), 0, 100));
+        assert_eq!((r.status, r.stream_delay_ms), (200, 4));
+        let ReplyBody::Stream(plan) = &r.body else { panic!("not a stream") };
+        assert_eq!(plan.content.len(), 5, "one delta per stream chunk");
+        let ev = crate::responses::parse_events(plan);
+        assert_eq!(ev.first().unwrap().0, "response.created");
+        let created_id = ev[0].1["response"]["id"].clone();
+        let (last, done) = ev.last().unwrap();
+        assert_eq!((last.as_str(), &done["response"]["id"]), ("response.completed", &created_id));
+        assert_eq!(done["response"]["usage"]["output_tokens"], 5);
+        assert_eq!(m.stats_json()["requests"][0]["stream"], true);
+        // Stored: retrievable, and replayable as a stream.
+        let path = at(&ev[0].1["response"]);
+        assert_eq!(answer(&mut m, bare("GET", &path)), (200, done["response"].clone()));
+        let r = reply(m.handle(bare("GET", &format!("{path}?stream=true&starting_after=8")), 0, 0));
+        let ReplyBody::Stream(replay) = &r.body else { panic!("not a stream") };
+        let names: Vec<String> = crate::responses::parse_events(replay).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed"
+            ]
+        );
+        assert_eq!(m.stats_json()["requests"][2]["stream"], true);
+    }
+
+    #[test]
+    fn responses_background() {
+        let mut m = mock();
+        let (status, queued) = create(&mut m, json!({"model": "gpt4o", "input": "x", "background": true}));
+        assert_eq!((status, &queued["status"], &queued["usage"]), (200, &json!("queued"), &Value::Null));
+        assert_eq!(queued["output"], json!([]));
+        let path = at(&queued);
+        let (status, done) = answer(&mut m, bare("GET", &path));
+        assert_eq!((status, &done["status"], &done["id"]), (200, &json!("completed"), &queued["id"]));
+        assert_eq!(text_of(&done), "Hello from eastus part3 part4");
+        // Finished: cancel leaves it as it is.
+        assert_eq!(answer(&mut m, bare("POST", &format!("{path}/cancel"))), (200, done));
+        let (_, queued) = create(&mut m, json!({"model": "gpt4o", "input": "x", "background": true}));
+        let path = at(&queued);
+        let (status, cancelled) = answer(&mut m, bare("POST", &format!("{path}/cancel")));
+        assert_eq!((status, &cancelled["status"]), (200, &json!("cancelled")));
+        assert_eq!(answer(&mut m, bare("GET", &path)).1["status"], "cancelled");
+        let (status, err) = create(&mut m, json!({"model": "gpt4o", "background": true, "store": false}));
+        assert_eq!((status, &err["error"]["param"]), (400, &json!("background")));
+    }
+
+    #[test]
+    fn responses_input_items() {
+        let mut m = mock();
+        let (_, v) = create(&mut m, json!({"model": "gpt4o", "input": "question"}));
+        let path = format!("/v1/responses/{}/input_items", v["id"].as_str().unwrap());
+        let (status, list) = answer(&mut m, bare("GET", &path));
+        assert_eq!((status, &list["object"], &list["has_more"]), (200, &json!("list"), &json!(false)));
+        assert_eq!(list["data"][0]["content"][0]["text"], "question");
+        assert_eq!((&list["first_id"], &list["last_id"]), (&list["data"][0]["id"], &list["data"][0]["id"]));
+    }
+
+    #[test]
+    fn responses_share_checks_quota_and_faults() {
+        let mut m = mock();
+        m.apply_config(&json!({"api_key": "k", "deployments": ["gpt4o"], "tokens_per_window": 30})).unwrap();
+        let keyed = |path: &str, body: Value| {
+            let mut r = req(path, body);
+            r.headers.insert("api-key".into(), "k".into());
+            r
+        };
+        assert_eq!(create(&mut m, json!({"model": "gpt4o", "input": "x"})).0, 401);
+        let (status, err) = answer(&mut m, keyed(RESPONSES, json!({"model": "other", "input": "x"})));
+        assert_eq!((status, err), (404, openai::deployment_not_found()));
+        assert_eq!(answer(&mut m, keyed(RESPONSES, json!({"input": "x"}))).0, 400, "no model");
+        // Charge: ceil(8 / 4) input + 20 max_output_tokens.
+        let r = reply(m.handle(
+            keyed(RESPONSES, json!({"model": "gpt4o", "input": "12345678", "max_output_tokens": 20})),
+            0,
+            0,
+        ));
+        assert_eq!((r.status, header(&r, "x-ratelimit-remaining-tokens")), (200, Some("8")));
+        let id = json_body(&r)["id"].as_str().unwrap().to_string();
+        let r = reply(m.handle(keyed(RESPONSES, json!({"model": "gpt4o", "input": "x"})), 0, 0));
+        assert_eq!(r.status, 429);
+        assert!(json_body(&r)["error"]["message"].as_str().unwrap().contains("Responses_Create"));
+        // Stored-response requests use no quota but need the key.
+        let mut get = keyed(&format!("{RESPONSES}/{id}"), json!({}));
+        get.method = "GET".into();
+        let r = reply(m.handle(get.clone(), 0, 0));
+        assert_eq!((r.status, header(&r, "x-ratelimit-remaining-tokens")), (200, Some("8")));
+        get.headers.remove("api-key");
+        assert_eq!(reply(m.handle(get.clone(), 0, 0)).status, 401);
+        get.headers.insert("api-key".into(), "k".into());
+        faults(&mut m, json!([{"status": 503}, {"reset_after_events": 3}]));
+        assert_eq!(reply(m.handle(get, 0, 0)).status, 503);
+        // In the next quota window.
+        let r = reply(m.handle(keyed(RESPONSES, json!({"model": "gpt4o", "stream": true})), 60_000, 0));
+        assert_eq!((r.status, r.reset_after_events), (200, Some(3)));
+        let faults: Vec<Value> =
+            m.stats_json()["requests"].as_array().unwrap().iter().map(|r| r["fault"].clone()).collect();
+        assert_eq!(faults[faults.len() - 2..], [json!("status"), json!("reset_after_events")]);
+    }
+
+    #[test]
+    fn v1_chat_applies_the_allow_list_to_the_body_model() {
+        let mut m = mock();
+        m.settings.deployments = Some(vec!["gpt4o".into()]);
+        for path in ["/openai/v1/chat/completions", "/v1/chat/completions"] {
+            let (status, v) = answer(&mut m, req(path, json!({"model": "gpt4o", "messages": []})));
+            assert_eq!((status, &v["model"]), (200, &json!("gpt4o")), "{path}");
+            let (status, err) = answer(&mut m, req(path, json!({"model": "gpt-4o-mini", "messages": []})));
+            assert_eq!((status, err), (404, openai::deployment_not_found()), "{path}");
+        }
+        let recs = m.stats_json()["requests"].clone();
+        assert_eq!((&recs[1]["deployment"], &recs[1]["status"]), (&json!("gpt-4o-mini"), &json!(404)));
     }
 }
