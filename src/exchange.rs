@@ -2,6 +2,7 @@
 //! line: authentication, client limits, routing, token accounting. Pure: the
 //! glue feeds it what the host reports and applies what it returns.
 
+use crate::body_fields::BodyFields;
 use crate::clients::{self, Auth};
 use crate::gateway::Gateway;
 use crate::limits::{self, Admission, Remaining, Settlement};
@@ -24,6 +25,8 @@ pub struct RequestHead<'a> {
     pub content_length: Option<u64>,
     /// False when the headers ended the request (no body follows).
     pub has_body: bool,
+    /// The body's fields, when Envoy read them before the request role ran.
+    pub fields: Option<BodyFields>,
 }
 
 /// What the request role does with the request headers. Everything is
@@ -62,6 +65,9 @@ struct ClientCharge {
 #[derive(Debug, Default)]
 struct BodyFacts {
     facts: RequestFacts,
+    /// `facts` came from the body's fields at the headers (Envoy read them):
+    /// the estimate admission charged is final until real usage.
+    known_at_headers: bool,
     /// Capped prompt text, with `log_bodies`.
     prompt: Option<String>,
     /// The body was changed to ask for a usage chunk the client did not ask
@@ -149,6 +155,12 @@ impl Exchange {
                 return self.reply(metrics, "unauthorized", LocalReply::unauthorized());
             }
         }
+        if let Some(fields) = &head.fields {
+            self.body.facts = fields.facts(head.content_length.unwrap_or(0));
+            // A body sent without a length (chunked) leaves the prompt's
+            // size unknown until it is read.
+            self.body.known_at_headers = head.content_length.is_some() || !self.tokens_limited(gw);
+        }
         let now = clock.now_ms();
         if let Err(LimitedReply { reason, reply }) = self.admit(gw, store, now, head.content_length) {
             return self.reply(metrics, reason, reply);
@@ -156,11 +168,17 @@ impl Exchange {
         match gw.pick_first(store, clock) {
             Ok(backend) => {
                 let tokens_limited = self.tokens_limited(gw);
-                let may_add_usage = gw.config.stream_usage && is_chat(&self.path);
+                let facts = &self.body.facts;
+                // Only a streamed chat request that did not ask for usage is
+                // rewritten (unknown fields: any chat request may be).
+                let may_add_usage = gw.config.stream_usage
+                    && is_chat(&self.path)
+                    && (!self.body.known_at_headers || (facts.stream && !facts.include_usage));
+                let estimate_pending = tokens_limited && !self.body.known_at_headers;
                 Step::Forward {
                     cluster: backend.cluster.clone(),
                     path: paths::with_api_version(&self.path, gw.config.api_version.as_deref()),
-                    inspect_body: head.has_body && (tokens_limited || may_add_usage || gw.config.log_bodies),
+                    inspect_body: head.has_body && (estimate_pending || may_add_usage || gw.config.log_bodies),
                     drop_content_length: head.has_body && may_add_usage,
                 }
             }
@@ -177,9 +195,9 @@ impl Exchange {
         self.charge.client.and_then(|c| gw.client_limits(c)).is_some_and(|(_, l)| l.tokens_per_minute.is_some())
     }
 
-    /// Charges the client's limits for one request; the prompt cannot be
-    /// larger than the body, so its size is the token estimate until the
-    /// body has been read. `Err` is the 429 to answer.
+    /// Charges the client's limits for one request with the best estimate at
+    /// hand: from the body's fields when Envoy read them, else from the
+    /// body's size until the body itself is read. `Err` is the 429 to answer.
     fn admit(
         &mut self,
         gw: &Gateway,
@@ -188,10 +206,12 @@ impl Exchange {
         content_length: Option<u64>,
     ) -> Result<(), LimitedReply> {
         let Some((key, limits)) = self.charge.client.and_then(|c| gw.client_limits(c)) else { return Ok(()) };
-        let cost = if limits.tokens_per_minute.is_some() {
-            content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN)
-        } else {
-            0
+        let cost = match (limits.tokens_per_minute, self.body.known_at_headers) {
+            (None, _) => 0,
+            (Some(_), true) => self.body.facts.estimated_tokens,
+            // The prompt cannot be larger than the body: its size is the
+            // estimate until the body has been read.
+            (Some(_), false) => content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN),
         };
         match limits::admit(store, key, limits, now, cost) {
             Admission::Admitted(remaining) => {
@@ -220,13 +240,15 @@ impl Exchange {
         clock: &dyn Clock,
         body: &[u8],
     ) -> Option<Vec<u8>> {
-        self.body.facts = usage::request_facts(body);
+        if !self.body.known_at_headers {
+            self.body.facts = usage::request_facts(body);
+        }
         if gw.config.log_bodies {
             let mut prompt = String::new();
             usage::push_capped(&mut prompt, &prompt_text(body), gw.config.log_body_max_bytes);
             self.body.prompt = Some(prompt);
         }
-        if self.tokens_limited(gw) {
+        if self.tokens_limited(gw) && !self.body.known_at_headers {
             let estimate = self.body.facts.estimated_tokens;
             self.settle(gw, store, clock.now_ms(), estimate, false);
             self.charge.charged_tokens = estimate;
@@ -700,6 +722,52 @@ mod tests {
             .unwrap();
         // Two estimates of ~902 tokens each were charged: none came back.
         assert!(left < 100, "{left}");
+    }
+
+    fn fields(json: &str) -> BodyFields {
+        let v: Value = serde_json::from_str(json).unwrap();
+        let n = |k: &str| v.get(k).and_then(Value::as_u64);
+        BodyFields {
+            model: v.get("model").and_then(Value::as_str).map(str::to_string),
+            stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            include_usage: v.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
+            max_tokens: n("max_tokens"),
+            max_output_tokens: n("max_output_tokens"),
+            ..BodyFields::default()
+        }
+    }
+
+    #[test]
+    fn with_the_fields_at_the_headers_admission_charges_the_real_estimate() {
+        let w = World::new("");
+        let body = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":900}"#;
+        let mut h = head(Some("key-of-team-c"), true);
+        h.content_length = Some(body.len() as u64);
+        h.fields = Some(fields(body));
+        let mut first = Exchange::new(0);
+        let step = first.on_request_headers(&w.gw, &w.store, &w.clock, &w.metrics, &h);
+        // Nothing left to learn from the body: it is not held.
+        assert!(matches!(step, Step::Forward { inspect_body: false, drop_content_length: false, .. }), "{step:?}");
+        // ~916 of 1000 are charged already: the next one waits, before any upstream call.
+        let step = Exchange::new(0).on_request_headers(&w.gw, &w.store, &w.clock, &w.metrics, &h);
+        assert!(matches!(step, Step::Reply(LocalReply { status: 429, .. })), "{step:?}");
+    }
+
+    #[test]
+    fn stream_usage_rewrites_only_streamed_chat_that_did_not_ask() {
+        let w = World::new(r#","stream_usage":true"#);
+        for (body, rewritten) in [
+            (r#"{"stream":true,"messages":[]}"#, true),
+            (r#"{"stream":false,"messages":[]}"#, false),
+            (r#"{"messages":[]}"#, false),
+            (r#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#, false),
+        ] {
+            let mut h = head(Some("key-of-team-b"), true);
+            h.fields = Some(fields(body));
+            let step = Exchange::new(0).on_request_headers(&w.gw, &w.store, &w.clock, &w.metrics, &h);
+            let Step::Forward { inspect_body, drop_content_length, .. } = step else { panic!("{step:?}") };
+            assert_eq!((inspect_body, drop_content_length), (rewritten, rewritten), "{body}");
+        }
     }
 
     #[test]

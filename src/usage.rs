@@ -50,7 +50,8 @@ pub fn request_facts(body: &[u8]) -> RequestFacts {
     }
     chars += text_chars(v.get("prompt")) + text_chars(v.get("input"));
     let prompt = chars.div_ceil(CHARS_PER_TOKEN).max(1);
-    let budget = v.get("max_completion_tokens").or_else(|| v.get("max_tokens")).and_then(Value::as_u64).unwrap_or(0);
+    let field = |k: &str| v.get(k).and_then(Value::as_u64);
+    let budget = completion_budget(field("max_completion_tokens"), field("max_tokens"), field("max_output_tokens"));
     let copies =
         [v.get("n"), v.get("best_of")].into_iter().flatten().filter_map(Value::as_u64).max().unwrap_or(1).max(1);
     RequestFacts {
@@ -59,6 +60,13 @@ pub fn request_facts(body: &[u8]) -> RequestFacts {
         estimated_tokens: prompt.saturating_add(budget.saturating_mul(copies)),
         model: v.get("model").and_then(Value::as_str).map(str::to_string),
     }
+}
+
+/// The most a request may generate per copy: `max_completion_tokens`
+/// (chat, newer), `max_tokens` (chat, completions) or `max_output_tokens`
+/// (Responses API), whichever is given first; 0 when none is.
+pub fn completion_budget(max_completion_tokens: Option<u64>, max_tokens: Option<u64>, max_output_tokens: Option<u64>) -> u64 {
+    max_completion_tokens.or(max_tokens).or(max_output_tokens).unwrap_or(0)
 }
 
 /// Characters of text in a string, an array of strings / token ids, or

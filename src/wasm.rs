@@ -5,7 +5,8 @@
 
 use crate::clients::CLIENT_CREDENTIAL_HEADERS;
 use crate::config::{Config, Keys};
-use crate::contract::{header, Role};
+use crate::body_fields::BodyFields;
+use crate::contract::{body_metadata, header, Role};
 use crate::credentials::{self, ClientCredential, PassThrough};
 use crate::exchange::{Exchange, RequestHead, Step};
 use crate::gateway::{AttemptAnswer, Gateway, ResponseDecision};
@@ -331,6 +332,16 @@ impl HttpContext for RequestFilter {
         } else {
             None
         };
+        // Envoy's json_to_metadata (in front of this filter) read the body's
+        // fields before releasing the headers.
+        let fields = if end_of_stream {
+            None
+        } else {
+            let metadata = |key: &str| {
+                host::property(&["metadata", "filter_metadata", body_metadata::NAMESPACE, key]).ok().flatten()
+            };
+            BodyFields::read(&metadata)
+        };
         let head = RequestHead {
             method: &method,
             path: &path,
@@ -339,6 +350,7 @@ impl HttpContext for RequestFilter {
             authorization: authorization.as_deref(),
             content_length,
             has_body: !end_of_stream,
+            fields,
         };
         let step = self.exchange.on_request_headers(&self.gateway, &HostStore, &HostClock, &HostMetrics, &head);
         if !self.gateway.config.clients.is_empty() {

@@ -12,7 +12,7 @@
 
 use serde_json::{json, Map, Value};
 use spillway::config::{Backend, Config, Scheme};
-use spillway::contract::{header, metric, Role, VM_ID};
+use spillway::contract::{body_metadata, header, metric, Role, VM_ID};
 
 /// Route settings both outputs share.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,6 +274,40 @@ fn stdout_access_log() -> Value {
     }])
 }
 
+/// Envoy's `json_to_metadata` filter, placed before the request role: it
+/// holds a JSON request until its body has arrived and copies the fields the
+/// request role decides with into dynamic metadata (`contract::body_metadata`).
+/// Other bodies (multipart audio, image edits) pass untouched.
+pub fn body_fields_filter() -> Value {
+    let field = |selectors: Vec<&str>, key: &str, kind: &str| {
+        let selectors: Vec<Value> = selectors.into_iter().map(|k| json!({ "key": k })).collect();
+        json!({
+            "selectors": selectors,
+            "on_present": { "metadata_namespace": body_metadata::NAMESPACE, "key": key, "type": kind },
+        })
+    };
+    let mut rules: Vec<Value> = Vec::new();
+    rules.extend(body_metadata::STRINGS.iter().map(|k| field(vec![k], k, "STRING")));
+    rules.extend(body_metadata::NUMBERS.iter().map(|k| field(vec![k], k, "NUMBER")));
+    rules.extend(body_metadata::BOOLS.iter().map(|k| field(vec![k], k, "PROTOBUF_VALUE")));
+    rules.push(field(vec!["stream_options", "include_usage"], body_metadata::INCLUDE_USAGE, "PROTOBUF_VALUE"));
+    // A key no body has: its on_missing marks every body that parsed as JSON.
+    rules.push(json!({
+        "selectors": [{ "key": "x-spillway-parsed-marker" }],
+        "on_missing": { "metadata_namespace": body_metadata::NAMESPACE, "key": body_metadata::PARSED, "value": 1, "type": "NUMBER" },
+    }));
+    json!({
+        "name": BODY_FIELDS_FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            "request_rules": { "rules": rules },
+        },
+    })
+}
+
+/// Name of the `json_to_metadata` filter in the listener.
+pub const BODY_FIELDS_FILTER_NAME: &str = "spillway.body_fields";
+
 /// The HTTP connection manager: the route, the request role, the router.
 pub fn http_connection_manager(route: Value, request_plugin: &Value, access_log: bool) -> Value {
     let mut hcm = json!({
@@ -295,6 +329,7 @@ pub fn http_connection_manager(route: Value, request_plugin: &Value, access_log:
         },
         "local_reply_config": local_reply_config(),
         "http_filters": [
+            body_fields_filter(),
             wasm_filter(REQUEST_FILTER_NAME, request_plugin),
             {
                 "name": "envoy.filters.http.router",

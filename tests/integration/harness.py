@@ -131,7 +131,7 @@ def render(filter_config: dict | str, workdir: Path, listen_port: int, admin_por
     if edit is not None:
         doc = yaml.safe_load(out.read_text())
         edit(doc)
-        out.write_text(yaml.safe_dump(doc))
+        out.write_text(json.dumps(doc))  # JSON is YAML with every string quoted
     return out
 
 
@@ -198,7 +198,7 @@ class Envoy:
         if raw_filter_json is not None:
             doc = yaml.safe_load(text)
             _replace_plugin_config(doc, raw_filter_json)
-            text = yaml.safe_dump(doc)
+            text = json.dumps(doc)
         tmp = self.lds_path.with_suffix(".new")
         tmp.write_text(text)
         os.replace(tmp, self.lds_path)
@@ -255,7 +255,7 @@ def validate(filter_config: dict | str, env: dict[str, str] | None = None,
         if raw_filter_json is not None:
             doc = yaml.safe_load(path.read_text())
             _replace_plugin_config(doc, raw_filter_json)
-            path.write_text(yaml.safe_dump(doc))
+            path.write_text(json.dumps(doc))
         return subprocess.run(
             [str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
              "--base-id", str(random.randint(1000, 10_000_000))],

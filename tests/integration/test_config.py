@@ -86,7 +86,7 @@ def test_an_unknown_root_id_is_a_config_error_not_a_guess(tmp_path):
     plugin = options["http_filters"][0]["typed_config"]["config"]
     assert plugin["root_id"] == "spillway_attempt"
     plugin["root_id"] = plugin["name"] = "my_attempt_role"
-    path.write_text(yaml.safe_dump(doc))
+    path.write_text(json.dumps(doc))
     r = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
                         "--base-id", str(random.randint(1000, 10_000_000))],
                        capture_output=True, text=True, env=dict(os.environ), timeout=60)

@@ -89,7 +89,7 @@ def strip(doc: dict, fields: set[str]) -> None:
 
 def validate_doc(doc: dict, tmp: Path, env: dict) -> subprocess.CompletedProcess:
     path = tmp / "envoy.yaml"
-    path.write_text(yaml.safe_dump(doc))
+    path.write_text(json.dumps(doc))
     return subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
                            "--base-id", str(free_port())],
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
@@ -133,7 +133,7 @@ def compat_envoy(monkeypatch):
         path = original(filter_config, workdir, listen_port, admin_port, extra_args)
         doc = yaml.safe_load(path.read_text())
         strip(doc, set(unknown))
-        path.write_text(yaml.safe_dump(doc))
+        path.write_text(json.dumps(doc))
         return path
 
     monkeypatch.setattr(harness, "render", compat_render)

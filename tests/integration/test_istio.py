@@ -139,7 +139,7 @@ def istio_bootstrap(docs: list[dict], wasm_file: Path, listen_port: int, admin_p
 def validate_bootstrap(bootstrap: dict, env: dict[str, str]) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="spillway-istio-") as d:
         path = Path(d) / "envoy.yaml"
-        path.write_text(yaml.safe_dump(bootstrap))
+        path.write_text(json.dumps(bootstrap))
         return subprocess.run(
             [str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
              "--base-id", str(random.randint(1000, 10_000_000))],
@@ -289,7 +289,7 @@ def test_istio_config_fails_over_and_shares_state_between_the_roles(start_mock, 
 
     def fake_render(filter_config, workdir, listen_port, admin_port, extra_args=None, edit=None):
         out = workdir / "envoy.yaml"
-        out.write_text(yaml.safe_dump(istio_bootstrap(docs, WASM, listen_port, admin_port)))
+        out.write_text(json.dumps(istio_bootstrap(docs, WASM, listen_port, admin_port)))
         return out
 
     monkeypatch.setattr(harness, "render", fake_render)
