@@ -65,7 +65,11 @@ pub fn request_facts(body: &[u8]) -> RequestFacts {
 /// The most a request may generate per copy: `max_completion_tokens`
 /// (chat, newer), `max_tokens` (chat, completions) or `max_output_tokens`
 /// (Responses API), whichever is given first; 0 when none is.
-pub fn completion_budget(max_completion_tokens: Option<u64>, max_tokens: Option<u64>, max_output_tokens: Option<u64>) -> u64 {
+pub fn completion_budget(
+    max_completion_tokens: Option<u64>,
+    max_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+) -> u64 {
     max_completion_tokens.or(max_tokens).or(max_output_tokens).unwrap_or(0)
 }
 

@@ -3,9 +3,9 @@
 //! instead of panicking; an error is logged and the request goes on (or is
 //! answered), never a trap.
 
+use crate::body_fields::BodyFields;
 use crate::clients::CLIENT_CREDENTIAL_HEADERS;
 use crate::config::{Config, Keys};
-use crate::body_fields::BodyFields;
 use crate::contract::{body_metadata, header, Role};
 use crate::credentials::{self, ClientCredential, PassThrough};
 use crate::exchange::{Exchange, RequestHead, Step};
