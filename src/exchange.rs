@@ -2,15 +2,17 @@
 //! line: authentication, client limits, routing, token accounting. Pure: the
 //! glue feeds it what the host reports and applies what it returns.
 
+use crate::affinity;
 use crate::body_fields::BodyFields;
 use crate::clients::{self, Auth};
-use crate::gateway::Gateway;
+use crate::config::Backend;
+use crate::gateway::{Gateway, Stored};
 use crate::limits::{self, Admission, Remaining, Settlement};
 use crate::metrics::{self, Metrics};
 use crate::paths::{self, PathProblem};
 use crate::replies::LocalReply;
 use crate::store::{Clock, SharedStore};
-use crate::usage::{self, RequestFacts, SseScanner, Usage};
+use crate::usage::{self, AnswerFacts, RequestFacts, SseScanner, Usage};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -42,6 +44,8 @@ pub enum Step {
         inspect_body: bool,
         /// Remove `content-length`: the body may change size.
         drop_content_length: bool,
+        /// Whether the request names stored state, and where it lives.
+        stored: Stored,
     },
     Reply(LocalReply),
 }
@@ -165,8 +169,8 @@ impl Exchange {
         if let Err(LimitedReply { reason, reply }) = self.admit(gw, store, now, head.content_length) {
             return self.reply(metrics, reason, reply);
         }
-        match gw.pick_first(store, clock) {
-            Ok(backend) => {
+        match self.choose_backend(gw, store, clock, head.fields.as_ref()) {
+            Ok((backend, stored)) => {
                 let tokens_limited = self.tokens_limited(gw);
                 let facts = &self.body.facts;
                 // Only a streamed chat request that did not ask for usage is
@@ -180,14 +184,38 @@ impl Exchange {
                     path: paths::with_api_version(&self.path, gw.config.api_version.as_deref()),
                     inspect_body: head.has_body && (estimate_pending || may_add_usage || gw.config.log_bodies),
                     drop_content_length: head.has_body && may_add_usage,
+                    stored,
                 }
             }
-            Err(mut reply) => {
+            Err((reason, mut reply)) => {
                 // Not served: give the client its request and tokens back.
                 self.refund(gw, store, now);
                 reply.headers.extend(self.remaining_headers());
-                self.reply(metrics, "all_throttled", reply)
+                self.reply(metrics, reason, reply)
             }
+        }
+    }
+
+    /// The first backend: the owner of the stored state the request names
+    /// (its path, or the body's `previous_response_id`), else balanced.
+    fn choose_backend<'g>(
+        &self,
+        gw: &'g Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        fields: Option<&BodyFields>,
+    ) -> Result<(&'g Backend, Stored), (&'static str, LocalReply)> {
+        let stored_id = paths::response_id(&self.path)
+            .or_else(|| fields.and_then(|f| f.previous_response_id.as_deref()).filter(|id| usage::is_response_id(id)));
+        let stored = match stored_id.map(|id| gw.owner_of(store, clock, id)) {
+            None => Stored::No,
+            Some(Ok(Some(owner))) => return Ok((owner, Stored::Pinned)),
+            Some(Ok(None)) => Stored::Lookup,
+            Some(Err(reply)) => return Err(("owner_throttled", reply)),
+        };
+        match gw.pick_first(store, clock) {
+            Ok(backend) => Ok((backend, stored)),
+            Err(reply) => Err(("all_throttled", reply)),
         }
     }
 
@@ -367,7 +395,7 @@ impl Exchange {
         let read = self.read_answer(gw);
         let status = self.status();
         if (200..300).contains(&status) {
-            if let Some(u) = read.usage {
+            if let Some(u) = read.facts.usage {
                 self.settle(gw, store, now, u.total, false);
             }
         } else if !self.client_gone {
@@ -377,14 +405,20 @@ impl Exchange {
             // a way around the limit.
             self.refund(gw, store, now);
         }
+        if let (true, Some(id), Some(backend)) =
+            ((200..300).contains(&status), read.facts.response_id.as_deref(), self.backend())
+        {
+            // Stored state answered by this backend lives there.
+            affinity::remember(store, id, backend, now);
+        }
         let client = self.client_name(gw).to_string();
         let deployment = paths::deployment(&self.path)
             .map(str::to_string)
             .or_else(|| self.body.facts.model.clone())
-            .or(read.model)
+            .or(read.facts.model.clone())
             .unwrap_or_default();
-        self.count(metrics, &client, &deployment, read.usage);
-        self.log_line(gw, now, &client, &deployment, read.usage, read.text.as_deref())
+        self.count(metrics, &client, &deployment, read.facts.usage);
+        self.log_line(gw, now, &client, &deployment, read.facts.usage, read.text.as_deref())
     }
 
     fn status(&self) -> u32 {
@@ -405,17 +439,17 @@ impl Exchange {
     fn read_answer(&self, gw: &Gateway) -> AnswerRead {
         let Answer::Upstream { capture, .. } = &self.answer else { return AnswerRead::default() };
         match capture {
-            Capture::Sse(sse) => {
-                AnswerRead { usage: sse.usage, model: sse.model.clone(), text: Some(sse.text.clone()) }
-            }
+            Capture::Sse(sse) => AnswerRead {
+                facts: AnswerFacts { usage: sse.usage, model: sse.model.clone(), response_id: sse.response_id.clone() },
+                text: Some(sse.text.clone()),
+            },
             Capture::Json(body) => {
-                let (usage, model) = usage::json_answer(body);
                 let text = gw.config.log_bodies.then(|| {
                     let mut text = String::new();
                     usage::push_capped(&mut text, &answer_json_text(body), gw.config.log_body_max_bytes);
                     text
                 });
-                AnswerRead { usage, model, text }
+                AnswerRead { facts: usage::json_answer(body, paths::is_responses(&self.path)), text }
             }
             Capture::Nothing => AnswerRead::default(),
         }
@@ -482,8 +516,7 @@ struct LimitedReply {
 /// What the captured answer said.
 #[derive(Debug, Default)]
 struct AnswerRead {
-    usage: Option<Usage>,
-    model: Option<String>,
+    facts: AnswerFacts,
     text: Option<String>,
 }
 

@@ -10,6 +10,7 @@
 //! State that must survive from one attempt to the next travels in request
 //! headers: Envoy shares one header map across attempts.
 
+use crate::affinity;
 use crate::config::ConfigError;
 use crate::config::{Backend, Config, Secret};
 use crate::contract::shared_data::{BACKEND_SET, HEALTH};
@@ -39,6 +40,41 @@ pub struct AttemptPlan<'a> {
     pub attempts: usize,
     /// Cluster for the next attempt, if another backend can take it.
     pub fallback_cluster: Option<&'a str>,
+}
+
+/// Whether a request names stored state (a Responses API `resp_...` id)
+/// and what is known of where it lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Stored {
+    /// No stored state: balanced and failed over as usual.
+    #[default]
+    No,
+    /// Its owner is known: only that backend can answer, no failover.
+    Pinned,
+    /// No one is known to hold it: the backends are tried in turn until one
+    /// knows it (404, and 400 for an unknown `previous_response_id`, fail over).
+    Lookup,
+}
+
+/// What the attempt role reads from an attempt's request headers.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptRequest<'h> {
+    /// The attempt's Envoy cluster.
+    pub cluster: &'h str,
+    /// The path as the client sent it (plus `api-version`).
+    pub original_path: &'h str,
+    /// Backends already tried, comma separated.
+    pub tried: Option<&'h str>,
+    pub stored: Stored,
+}
+
+/// One attempt, as the attempt role's response decision needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptRef {
+    pub backend: usize,
+    /// Another backend can take the request if this one fails.
+    pub has_fallback: bool,
+    pub stored: Stored,
 }
 
 /// The parts of an attempt's response headers the decision reads.
@@ -194,6 +230,26 @@ impl Gateway {
         }
     }
 
+    /// Request role, for a request naming stored state `id`: its owner when
+    /// known (`Ok(Some)`), or `Ok(None)` to look it up by trying backends.
+    /// An owner that is throttled or open gets the request nowhere else: a
+    /// 429 with its wait.
+    pub fn owner_of(
+        &self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        id: &str,
+    ) -> Result<Option<&Backend>, LocalReply> {
+        let now = clock.now_ms();
+        let Some(i) = affinity::owner(store, id, now).and_then(|name| self.config.backend_by_name(&name)) else {
+            return Ok(None);
+        };
+        match self.read_health(store).get(i).availability(now, &self.config.circuit_breaker) {
+            Availability::Unavailable { until_ms } => Err(LocalReply::owner_busy(until_ms.saturating_sub(now))),
+            _ => Ok(self.config.backends.get(i)),
+        }
+    }
+
     /// Takes the single probe of a half-open backend; false if another
     /// request holds it already.
     fn lease_probe(&self, store: &dyn SharedStore, now: u64, i: usize) -> bool {
@@ -225,10 +281,9 @@ impl Gateway {
         store: &dyn SharedStore,
         clock: &dyn Clock,
         metrics: &dyn Metrics,
-        cluster: &str,
-        original_path: &str,
-        tried: Option<&str>,
+        request: &AttemptRequest<'_>,
     ) -> Option<AttemptPlan<'a>> {
+        let AttemptRequest { cluster, original_path, tried, stored } = *request;
         let backend_index = self.config.backend_by_cluster(cluster)?;
         let backend = self.config.backends.get(backend_index)?;
         let mut tried_indices: Vec<usize> =
@@ -249,6 +304,8 @@ impl Gateway {
         // succeeds must not shift the round robin.
         let mut peek = |g: &Group| store::read_counter(store, &g.counter_key);
         let fallback_cluster = match self.pool.pick(&health, &cb, now, &tried_indices, &mut peek, None) {
+            // Stored state lives on one backend: nowhere else to go.
+            _ if stored == Stored::Pinned => None,
             Pick::Backend(i) => self.config.backends.get(i).map(|b| b.cluster.as_str()),
             Pick::NoneUntil(_) => None,
         };
@@ -271,11 +328,11 @@ impl Gateway {
         store: &dyn SharedStore,
         clock: &dyn Clock,
         metrics: &dyn Metrics,
-        backend: usize,
-        has_fallback: bool,
+        attempt: &AttemptRef,
         answer: &AttemptAnswer<'_>,
     ) -> ResponseDecision {
         let AttemptAnswer { status, retry_after_ms, retry_after } = *answer;
+        let AttemptRef { backend, has_fallback, stored } = *attempt;
         let now = clock.now_ms();
         let cb = self.config.circuit_breaker;
         let name = self.names.get(backend).map_or("", String::as_str);
@@ -290,8 +347,12 @@ impl Gateway {
         // A 404 (deployment or stored object missing here) may be served by
         // another backend; it says nothing about this backend's health, and
         // a client can cause it, so it never counts as a failure.
-        let retriable =
-            u16::try_from(status).is_ok_and(|s| self.config.retry_on.contains(&s)) || key_refused || status == 404;
+        // Looking for the holder of stored state, a 400 is how a backend says
+        // it does not know a `previous_response_id`.
+        let retriable = u16::try_from(status).is_ok_and(|s| self.config.retry_on.contains(&s))
+            || key_refused
+            || status == 404
+            || (stored == Stored::Lookup && status == 400);
         let class = metrics::status_class(status);
         metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &[("backend", name), ("class", &class)]), 1);
         let table = if status == 429 {
@@ -313,14 +374,15 @@ impl Gateway {
         // A 429 carries the wait until any backend frees even when a retry
         // is asked for: should Envoy decline the retry, the client still
         // gets an honest retry-after (the next attempt counts the failover).
+        // Pinned to its owner, the request can only wait for that backend.
         let retry_after_ms = (status == 429).then(|| {
             let table = table.unwrap_or_else(|| self.read_health(store));
-            let soonest = (0..self.names.len())
-                .map(|i| match table.get(i).availability(now, &cb) {
-                    Availability::Unavailable { until_ms } => until_ms,
-                    _ => now,
-                })
-                .min();
+            let until = |i: usize| match table.get(i).availability(now, &cb) {
+                Availability::Unavailable { until_ms } => until_ms,
+                _ => now,
+            };
+            let soonest =
+                if stored == Stored::Pinned { Some(until(backend)) } else { (0..self.names.len()).map(until).min() };
             soonest.map_or(self.config.default_retry_after_ms, |u| u.saturating_sub(now)).max(1)
         });
         ResponseDecision { retry: retriable && has_fallback, retry_after_ms, healthy }
@@ -492,6 +554,14 @@ mod tests {
 
     const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions";
 
+    fn req<'h>(cluster: &'h str, tried: Option<&'h str>) -> AttemptRequest<'h> {
+        AttemptRequest { cluster, original_path: CHAT, tried, stored: Stored::No }
+    }
+
+    fn at(backend: usize, has_fallback: bool) -> AttemptRef {
+        AttemptRef { backend, has_fallback, stored: Stored::No }
+    }
+
     /// The first pick's cluster.
     fn forward(g: &Gateway, s: &MemoryStore, c: &ManualClock) -> String {
         match g.pick_first(s, c) {
@@ -510,23 +580,23 @@ mod tests {
     #[test]
     fn attempt_rewrites_for_its_backend_and_names_a_different_fallback() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        let plan = g.plan_attempt(&s, &c, &Recorder::default(), "spillway_east", CHAT, None).unwrap();
+        let plan = g.plan_attempt(&s, &c, &Recorder::default(), &req("spillway_east", None)).unwrap();
         assert_eq!(plan.path, "/openai/deployments/gpt-4o-ptu/chat/completions");
         assert_eq!(plan.authority, "127.0.0.1:1");
         assert_eq!(plan.api_key.unwrap().expose(), "k-east");
         assert_eq!((plan.tried.as_str(), plan.attempts), ("east", 1));
         assert_eq!(plan.fallback_cluster, Some("spillway_west"));
 
-        let second = g.plan_attempt(&s, &c, &Recorder::default(), "spillway_west", CHAT, Some(&plan.tried)).unwrap();
+        let second = g.plan_attempt(&s, &c, &Recorder::default(), &req("spillway_west", Some(&plan.tried))).unwrap();
         assert_eq!(second.path, CHAT);
         assert_eq!((second.tried.as_str(), second.attempts), ("east,west", 2));
         assert_eq!(second.fallback_cluster, Some("spillway_paygo"));
 
-        let third = g.plan_attempt(&s, &c, &Recorder::default(), "spillway_paygo", CHAT, Some(&second.tried)).unwrap();
+        let third = g.plan_attempt(&s, &c, &Recorder::default(), &req("spillway_paygo", Some(&second.tried))).unwrap();
         assert_eq!(third.api_key, None);
         assert_eq!(third.authority, "paygo.example.com");
         assert_eq!(third.fallback_cluster, None);
-        assert!(g.plan_attempt(&s, &c, &Recorder::default(), "some_other_cluster", CHAT, None).is_none());
+        assert!(g.plan_attempt(&s, &c, &Recorder::default(), &req("some_other_cluster", None)).is_none());
     }
 
     #[test]
@@ -536,8 +606,7 @@ mod tests {
             &s,
             &c,
             &Recorder::default(),
-            0,
-            true,
+            &at(0, true),
             &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") },
         );
         // West is free now: should Envoy decline the retry, the client may come back at once.
@@ -558,24 +627,21 @@ mod tests {
             &s,
             &c,
             &Recorder::default(),
-            0,
-            true,
+            &at(0, true),
             &AttemptAnswer { status: 429, retry_after_ms: Some("30000"), retry_after: None },
         );
         g.on_attempt_response(
             &s,
             &c,
             &Recorder::default(),
-            1,
-            true,
+            &at(1, true),
             &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("8") },
         );
         let d = g.on_attempt_response(
             &s,
             &c,
             &Recorder::default(),
-            2,
-            false,
+            &at(2, false),
             &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("60") },
         );
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000), healthy: false });
@@ -593,13 +659,13 @@ mod tests {
     fn a_backend_refusing_its_key_fails_over_and_counts_as_broken() {
         let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
         let answer = |status| AttemptAnswer { status, retry_after_ms: None, retry_after: None };
-        assert!(g.on_attempt_response(&s, &c, &m, 0, true, &answer(401)).retry);
-        assert!(g.on_attempt_response(&s, &c, &m, 0, true, &answer(403)).retry);
+        assert!(g.on_attempt_response(&s, &c, &m, &at(0, true), &answer(401)).retry);
+        assert!(g.on_attempt_response(&s, &c, &m, &at(0, true), &answer(403)).retry);
         // consecutive_failures = 2: east is out.
         assert_eq!(m.get("spillway_circuit_opens_total.backend.east"), 1);
         // paygo has no key: its 401 is the client's own, passed back, not a failure.
-        assert!(!g.on_attempt_response(&s, &c, &m, 2, false, &answer(401)).retry);
-        g.on_attempt_response(&s, &c, &m, 2, false, &answer(401));
+        assert!(!g.on_attempt_response(&s, &c, &m, &at(2, false), &answer(401)).retry);
+        g.on_attempt_response(&s, &c, &m, &at(2, false), &answer(401));
         assert_eq!(m.get("spillway_circuit_opens_total.backend.paygo"), 0);
     }
 
@@ -608,9 +674,9 @@ mod tests {
         let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
         let answer = AttemptAnswer { status: 404, retry_after_ms: None, retry_after: None };
         for _ in 0..3 {
-            assert!(g.on_attempt_response(&s, &c, &m, 0, true, &answer).retry);
+            assert!(g.on_attempt_response(&s, &c, &m, &at(0, true), &answer).retry);
         }
-        assert!(!g.on_attempt_response(&s, &c, &m, 0, false, &answer).retry);
+        assert!(!g.on_attempt_response(&s, &c, &m, &at(0, false), &answer).retry);
         assert_eq!(m.get("spillway_circuit_opens_total.backend.east"), 0);
         assert!(g.read_health(&s).get(0).is_clean());
     }
@@ -622,8 +688,7 @@ mod tests {
             &s,
             &c,
             &Recorder::default(),
-            0,
-            true,
+            &at(0, true),
             &AttemptAnswer { status: 500, retry_after_ms: None, retry_after: None },
         );
         assert!(!d.retry);
@@ -631,8 +696,7 @@ mod tests {
             &s,
             &c,
             &Recorder::default(),
-            0,
-            true,
+            &at(0, true),
             &AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None },
         );
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: None, healthy: true });
@@ -646,8 +710,7 @@ mod tests {
                 &s,
                 &c,
                 &Recorder::default(),
-                0,
-                true,
+                &at(0, true),
                 &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None }
             )
             .retry
@@ -665,8 +728,7 @@ mod tests {
             &s,
             &c,
             &Recorder::default(),
-            0,
-            false,
+            &at(0, false),
             &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None },
         );
         assert!(d.healthy);
@@ -681,18 +743,18 @@ mod tests {
         let answer = |status| AttemptAnswer { status, retry_after_ms: None, retry_after: Some("5") };
         // One request: east 429, west 503, paygo 200; failovers count when
         // the next attempt starts.
-        let first = g.plan_attempt(&s, &c, &m, "spillway_east", CHAT, None).unwrap();
-        g.on_attempt_response(&s, &c, &m, 0, true, &answer(429));
+        let first = g.plan_attempt(&s, &c, &m, &req("spillway_east", None)).unwrap();
+        g.on_attempt_response(&s, &c, &m, &at(0, true), &answer(429));
         assert_eq!(m.get("spillway_failovers_total.backend.east"), 0);
-        let second = g.plan_attempt(&s, &c, &m, "spillway_west", CHAT, Some(&first.tried)).unwrap();
-        g.on_attempt_response(&s, &c, &m, 1, true, &answer(503));
-        g.plan_attempt(&s, &c, &m, "spillway_paygo", CHAT, Some(&second.tried)).unwrap();
-        g.on_attempt_response(&s, &c, &m, 2, false, &answer(200));
+        let second = g.plan_attempt(&s, &c, &m, &req("spillway_west", Some(&first.tried))).unwrap();
+        g.on_attempt_response(&s, &c, &m, &at(1, true), &answer(503));
+        g.plan_attempt(&s, &c, &m, &req("spillway_paygo", Some(&second.tried))).unwrap();
+        g.on_attempt_response(&s, &c, &m, &at(2, false), &answer(200));
         // Another request's attempt on west is lost; a retry on the same
         // backend is not a failover.
-        let lost = g.plan_attempt(&s, &c, &m, "spillway_west", CHAT, None).unwrap();
+        let lost = g.plan_attempt(&s, &c, &m, &req("spillway_west", None)).unwrap();
         g.on_attempt_lost(&s, &c, &m, 1, LostAttempt::Backend);
-        g.plan_attempt(&s, &c, &m, "spillway_west", CHAT, Some(&lost.tried)).unwrap();
+        g.plan_attempt(&s, &c, &m, &req("spillway_west", Some(&lost.tried))).unwrap();
         assert_eq!(m.get("spillway_upstream_requests_total.backend.east.class.4xx"), 1);
         assert_eq!(m.get("spillway_upstream_requests_total.backend.west.class.5xx"), 1);
         assert_eq!(m.get("spillway_upstream_requests_total.backend.west.class.reset"), 1);
@@ -806,14 +868,43 @@ mod tests {
     }
 
     #[test]
+    fn stored_state_is_pinned_to_its_owner_or_looked_up() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
+        assert!(g.owner_of(&s, &c, "resp_1").unwrap().is_none(), "unknown: look it up");
+        affinity::remember(&s, "resp_1", "west", 0);
+        assert_eq!(g.owner_of(&s, &c, "resp_1").unwrap().unwrap().name, "west");
+        // Pinned: no fallback, and a 429 waits for the owner only.
+        let pinned =
+            AttemptRequest { cluster: "spillway_west", original_path: CHAT, tried: None, stored: Stored::Pinned };
+        assert_eq!(g.plan_attempt(&s, &c, &m, &pinned).unwrap().fallback_cluster, None);
+        let answer = AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") };
+        let d = g.on_attempt_response(
+            &s,
+            &c,
+            &m,
+            &AttemptRef { backend: 1, has_fallback: false, stored: Stored::Pinned },
+            &answer,
+        );
+        assert_eq!(d.retry_after_ms, Some(20_000));
+        // While the owner is out, the request is answered locally with its wait.
+        let busy = g.owner_of(&s, &c, "resp_1").unwrap_err();
+        assert_eq!(busy.status, 429);
+        assert!(busy.headers.contains(&("retry-after", "20".to_string())));
+        // Looking up: a 400 (unknown previous_response_id) fails over; otherwise it does not.
+        let bad = AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None };
+        let lookup = AttemptRef { backend: 0, has_fallback: true, stored: Stored::Lookup };
+        assert!(g.on_attempt_response(&s, &c, &m, &lookup, &bad).retry);
+        assert!(!g.on_attempt_response(&s, &c, &m, &at(0, true), &bad).retry);
+    }
+
+    #[test]
     fn healthy_answers_do_not_write_shared_data() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
         g.on_attempt_response(
             &s,
             &c,
             &Recorder::default(),
-            0,
-            true,
+            &at(0, true),
             &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None },
         );
         assert_eq!(s.get(HEALTH), (None, None));
@@ -822,7 +913,7 @@ mod tests {
     #[test]
     fn client_cannot_smuggle_unknown_backends_into_tried() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        let plan = g.plan_attempt(&s, &c, &Recorder::default(), "spillway_east", CHAT, Some("bogus,,west")).unwrap();
+        let plan = g.plan_attempt(&s, &c, &Recorder::default(), &req("spillway_east", Some("bogus,,west"))).unwrap();
         assert_eq!(plan.tried, "west,east");
     }
 }

@@ -5,6 +5,7 @@
 //! `wasm` module is the thin glue to the proxy-wasm host. The names the filter
 //! and its Envoy configuration share are in `contract`.
 
+pub mod affinity;
 pub mod body_fields;
 pub mod clients;
 pub mod config;

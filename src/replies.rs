@@ -67,15 +67,22 @@ impl LocalReply {
         reply
     }
 
+    /// The backend holding the stored state a request names is throttled or
+    /// open, and no other backend could answer it: 429 with its wait.
+    pub fn owner_busy(wait_ms: u64) -> LocalReply {
+        LocalReply::unavailable("The backend holding this response is", wait_ms)
+    }
+
     /// Every backend is throttled or open: 429 with the wait until the first
     /// one frees.
     pub fn all_busy(wait_ms: u64) -> LocalReply {
+        LocalReply::unavailable("All backends are", wait_ms)
+    }
+
+    fn unavailable(who: &str, wait_ms: u64) -> LocalReply {
         let secs = retry_after_secs(wait_ms);
-        let mut reply = LocalReply::error(
-            429,
-            "429",
-            &format!("All backends are throttled or unavailable. Please retry after {secs} seconds."),
-        );
+        let message = format!("{who} throttled or unavailable. Please retry after {secs} seconds.");
+        let mut reply = LocalReply::error(429, "429", &message);
         reply.headers.extend(retry_after_headers(wait_ms));
         reply.headers.push((header::ATTEMPTS, "0".to_string()));
         reply

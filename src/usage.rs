@@ -12,10 +12,14 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// `v.usage` in either naming: chat and completions (`prompt_tokens`,
+    /// `completion_tokens`) or the Responses API (`input_tokens`,
+    /// `output_tokens`).
     fn from_json(v: &Value) -> Option<Usage> {
         let u = v.get("usage")?;
-        let prompt = u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0);
-        let completion = u.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0);
+        let count = |a: &str, b: &str| u.get(a).or_else(|| u.get(b)).and_then(Value::as_u64).unwrap_or(0);
+        let prompt = count("prompt_tokens", "input_tokens");
+        let completion = count("completion_tokens", "output_tokens");
         let total = u.get("total_tokens").and_then(Value::as_u64).unwrap_or(prompt + completion);
         u.is_object().then_some(Usage { prompt, completion, total })
     }
@@ -110,16 +114,47 @@ pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
-/// Usage and `model` from a complete JSON answer. Only the two values are
-/// parsed, not the whole answer (an embeddings answer can be megabytes of
-/// floats).
-pub fn json_answer(body: &[u8]) -> (Option<Usage>, Option<String>) {
+/// What an answer says about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnswerFacts {
+    pub usage: Option<Usage>,
+    pub model: Option<String>,
+    /// The id of a stored Responses API object (`resp_...`), which only the
+    /// backend that made it knows.
+    pub response_id: Option<String>,
+}
+
+/// Usage, `model` and, for Responses API answers (`responses`), the stored
+/// response's id from a complete JSON answer. Only usage and model are
+/// picked out of other answers, which are not parsed whole (an embeddings
+/// answer can be megabytes of floats).
+pub fn json_answer(body: &[u8], responses: bool) -> AnswerFacts {
     let usage = top_level_value(body, b"\"usage\"").and_then(|u| {
         let wrapped = serde_json::json!({ "usage": u });
         Usage::from_json(&wrapped)
     });
     let model = top_level_value(body, b"\"model\"").and_then(|m| m.as_str().map(str::to_string));
-    (usage, model)
+    let response_id = if responses { stored_response_id(body) } else { None };
+    AnswerFacts { usage, model, response_id }
+}
+
+/// The top-level `id` of a `"object": "response"` answer (nested output
+/// items have ids of their own).
+fn stored_response_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        id: Option<String>,
+        object: Option<String>,
+    }
+    let head: Head = serde_json::from_slice(body).ok()?;
+    (head.object.as_deref() == Some("response")).then_some(head.id?).filter(|id| is_response_id(id))
+}
+
+/// `resp_` and a plain token: anything else is not used as a key.
+pub fn is_response_id(id: &str) -> bool {
+    id.starts_with("resp_")
+        && id.len() <= 128
+        && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
 }
 
 /// The value after the last `"key":` in `body` that is not inside a string
@@ -172,6 +207,8 @@ pub struct SseScanner {
     pending: Vec<u8>,
     pub usage: Option<Usage>,
     pub model: Option<String>,
+    /// From a Responses API stream's `response.created` event.
+    pub response_id: Option<String>,
     /// Text of the answer's content deltas (for body logging), capped.
     pub text: String,
     text_cap: usize,
@@ -235,6 +272,10 @@ impl SseScanner {
                 continue;
             }
             let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+            if let Some(kind) = v.get("type").and_then(Value::as_str) {
+                self.scan_responses_event(kind, &v);
+                continue;
+            }
             if self.model.is_none() {
                 self.model = v.get("model").and_then(Value::as_str).map(str::to_string);
             }
@@ -252,6 +293,32 @@ impl SseScanner {
             }
         }
         is_usage_only
+    }
+}
+
+impl SseScanner {
+    /// A Responses API stream event (`{"type": "response.…", …}`): the first
+    /// one carries the response's id and model, the last one its usage.
+    fn scan_responses_event(&mut self, kind: &str, v: &Value) {
+        let response = v.get("response");
+        match kind {
+            "response.created" => {
+                let id = response.and_then(|r| r.get("id")).and_then(Value::as_str);
+                self.response_id = id.filter(|id| is_response_id(id)).map(str::to_string);
+                self.model = response.and_then(|r| r.get("model")).and_then(Value::as_str).map(str::to_string);
+            }
+            "response.completed" | "response.failed" | "response.incomplete" => {
+                if let Some(u) = response.and_then(Usage::from_json) {
+                    self.usage = Some(u);
+                }
+            }
+            "response.output_text.delta" if self.text.len() < self.text_cap => {
+                if let Some(delta) = v.get("delta").and_then(Value::as_str) {
+                    push_capped(&mut self.text, delta, self.text_cap);
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -318,22 +385,62 @@ mod tests {
     fn json_answer_reads_only_top_level_usage_and_model() {
         let body = br#"{"model":"gpt-4o","choices":[{"message":{"content":"say \"usage\": {\"total_tokens\": 999} and \"model\": \"x\""}}],
             "usage" : {"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
-        let (u, m) = json_answer(body);
-        assert_eq!(u, Some(Usage { prompt: 3, completion: 4, total: 7 }));
-        assert_eq!(m.as_deref(), Some("gpt-4o"));
-        let (u, _) = json_answer(br#"{"data":[{"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":5,"total_tokens":5}}"#);
-        assert_eq!(u, Some(Usage { prompt: 5, completion: 0, total: 5 }));
-        assert_eq!(json_answer(b"not json"), (None, None));
-        assert_eq!(json_answer(br#"{"usage":null}"#).0, None);
+        let a = json_answer(body, false);
+        assert_eq!(a.usage, Some(Usage { prompt: 3, completion: 4, total: 7 }));
+        assert_eq!(a.model.as_deref(), Some("gpt-4o"));
+        let a =
+            json_answer(br#"{"data":[{"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":5,"total_tokens":5}}"#, false);
+        assert_eq!(a.usage, Some(Usage { prompt: 5, completion: 0, total: 5 }));
+        assert_eq!(json_answer(b"not json", true), AnswerFacts::default());
+        assert_eq!(json_answer(br#"{"usage":null}"#, false).usage, None);
+    }
+
+    #[test]
+    fn responses_answers_give_usage_and_their_id() {
+        // Keys in any order (the id need not come first).
+        let body = br#"{"background":false,"model":"gpt-4o","output":[{"id":"msg_9","type":"message"}],"object":"response",
+            "usage":{"input_tokens":11,"input_tokens_details":{"cached_tokens":0},"output_tokens":5,"total_tokens":16},"id":"resp_0a1b2c"}"#;
+        let a = json_answer(body, true);
+        assert_eq!(a.usage, Some(Usage { prompt: 11, completion: 5, total: 16 }));
+        assert_eq!(a.response_id.as_deref(), Some("resp_0a1b2c"));
+        assert_eq!(json_answer(body, false).response_id, None);
+        // Only a response object's own id counts, not a nested item's.
+        assert_eq!(
+            json_answer(br#"{"object":"list","data":[{"id":"resp_x","object":"response"}]}"#, true).response_id,
+            None
+        );
+        assert_eq!(json_answer(br#"{"id":"chatcmpl-1","object":"chat.completion"}"#, true).response_id, None);
+    }
+
+    #[test]
+    fn responses_streams_give_id_usage_and_text() {
+        let stream = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_77\",\"model\":\"gpt-4o\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hel\"}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"lo\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_77\",\"usage\":{\"input_tokens\":3,\"output_tokens\":2,\"total_tokens\":5}}}\n\n",
+        );
+        let mut scanner = SseScanner::new(false, 100);
+        // Fed in pieces that cut events apart.
+        for piece in stream.as_bytes().chunks(17) {
+            scanner.feed(piece, false);
+        }
+        scanner.feed(b"", true);
+        assert_eq!(scanner.response_id.as_deref(), Some("resp_77"));
+        assert_eq!(scanner.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(scanner.usage, Some(Usage { prompt: 3, completion: 2, total: 5 }));
+        assert_eq!(scanner.text, "Hello");
     }
 
     #[test]
     fn json_answer_usage() {
-        let (u, m) =
-            json_answer(br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
-        assert_eq!(u, Some(Usage { prompt: 3, completion: 4, total: 7 }));
-        assert_eq!(m.as_deref(), Some("gpt-4o"));
-        assert_eq!(json_answer(b"{}").0, None);
+        let a = json_answer(
+            br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+            false,
+        );
+        assert_eq!(a.usage, Some(Usage { prompt: 3, completion: 4, total: 7 }));
+        assert_eq!(a.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(json_answer(b"{}", false).usage, None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::config::{Config, Keys};
 use crate::contract::{body_metadata, header, Role};
 use crate::credentials::{self, ClientCredential, PassThrough};
 use crate::exchange::{Exchange, RequestHead, Step};
-use crate::gateway::{AttemptAnswer, Gateway, ResponseDecision};
+use crate::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, ResponseDecision, Stored};
 use crate::host::{self, Body, Headers, MetricKind, SetError};
 use crate::metrics::Metrics;
 use crate::replies::LocalReply;
@@ -287,12 +287,17 @@ impl RequestFilter {
 
     fn apply(&mut self, step: Step) -> Action {
         match step {
-            Step::Forward { cluster, path, inspect_body, drop_content_length } => {
+            Step::Forward { cluster, path, inspect_body, drop_content_length, stored } => {
                 if self.gateway.stashes_client_credentials() {
                     self.stash_client_credential();
                 }
                 set_request_header(header::CLUSTER, Some(&cluster));
                 set_request_header(header::PATH, Some(&path));
+                match stored {
+                    Stored::No => {}
+                    Stored::Pinned => set_request_header(header::PINNED, Some("1")),
+                    Stored::Lookup => set_request_header(header::LOOKUP, Some("1")),
+                }
                 if drop_content_length {
                     // The body may grow (stream_options added); Envoy re-frames it.
                     set_request_header("content-length", None);
@@ -317,8 +322,9 @@ impl HttpContext for RequestFilter {
         // Clients must not steer routing or fake bookkeeping: of the internal
         // headers the filter reads, CLUSTER and PATH are always overwritten
         // before the request goes on; TRIED and CREDENTIAL must go.
-        set_request_header(header::TRIED, None);
-        set_request_header(header::CREDENTIAL, None);
+        for internal in [header::TRIED, header::CREDENTIAL, header::PINNED, header::LOOKUP] {
+            set_request_header(internal, None);
+        }
         let (method, path) =
             (request_header(":method").unwrap_or_default(), request_header(":path").unwrap_or_default());
         let config = &self.gateway.config;
@@ -443,6 +449,7 @@ impl HttpContext for RequestFilter {
 struct Attempt {
     backend: usize,
     has_fallback: bool,
+    stored: Stored,
     attempts: usize,
     /// The answer's status shows the backend works.
     healthy: bool,
@@ -490,10 +497,17 @@ impl HttpContext for AttemptFilter {
             .unwrap_or_default();
         let original_path = request_header(header::PATH).or_else(|| request_header(":path")).unwrap_or_default();
         let tried = request_header(header::TRIED);
+        let stored = if request_header(header::PINNED).is_some() {
+            Stored::Pinned
+        } else if request_header(header::LOOKUP).is_some() {
+            Stored::Lookup
+        } else {
+            Stored::No
+        };
         let gateway = Rc::clone(&self.gateway);
-        let Some(plan) =
-            gateway.plan_attempt(&HostStore, &HostClock, &HostMetrics, &cluster, &original_path, tried.as_deref())
-        else {
+        let request =
+            AttemptRequest { cluster: &cluster, original_path: &original_path, tried: tried.as_deref(), stored };
+        let Some(plan) = gateway.plan_attempt(&HostStore, &HostClock, &HostMetrics, &request) else {
             return Action::Continue;
         };
         set_request_header(":path", Some(&plan.path));
@@ -526,6 +540,7 @@ impl HttpContext for AttemptFilter {
         self.attempt = Some(Attempt {
             backend: plan.backend,
             has_fallback: plan.fallback_cluster.is_some(),
+            stored,
             attempts: plan.attempts,
             healthy: false,
         });
@@ -556,8 +571,7 @@ impl HttpContext for AttemptFilter {
             &HostStore,
             &HostClock,
             &HostMetrics,
-            attempt.backend,
-            attempt.has_fallback,
+            &AttemptRef { backend: attempt.backend, has_fallback: attempt.has_fallback, stored: attempt.stored },
             &AttemptAnswer { status, retry_after_ms: retry_after_ms.as_deref(), retry_after: retry_after.as_deref() },
         );
         set_response_header(header::RETRY, retry.then_some("1"));

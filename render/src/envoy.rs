@@ -291,10 +291,12 @@ pub fn body_fields_filter() -> Value {
     rules.extend(body_metadata::NUMBERS.iter().map(|k| field(vec![k], k, "NUMBER")));
     rules.extend(body_metadata::BOOLS.iter().map(|k| field(vec![k], k, "PROTOBUF_VALUE")));
     rules.push(field(vec!["stream_options", "include_usage"], body_metadata::INCLUDE_USAGE, "PROTOBUF_VALUE"));
-    // A key no body has: its on_missing marks every body that parsed as JSON.
+    // A key no body has: its on_missing marks every body that parsed as JSON
+    // (Envoy applies on_missing only to rules that also have on_present).
     rules.push(json!({
         "selectors": [{ "key": "x-spillway-parsed-marker" }],
-        "on_missing": { "metadata_namespace": body_metadata::NAMESPACE, "key": body_metadata::PARSED, "value": 1, "type": "NUMBER" },
+        "on_present": { "metadata_namespace": body_metadata::NAMESPACE, "key": body_metadata::PARSED, "type": "STRING" },
+        "on_missing": { "metadata_namespace": body_metadata::NAMESPACE, "key": body_metadata::PARSED, "value": "1", "type": "STRING" },
     }));
     json!({
         "name": BODY_FIELDS_FILTER_NAME,

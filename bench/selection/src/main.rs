@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway::config::{Config, Keys};
-use spillway::gateway::Gateway;
+use spillway::gateway::{AttemptRequest, Gateway, Stored};
 use spillway::health::HealthTable;
 use spillway::paths;
 use spillway::selection::{Group, Pick, Pool};
@@ -213,7 +213,17 @@ fn main() {
                 }
             };
             let s = measure(samples, sample, || {
-                let plan = gw.plan_attempt(&store, &clock, &metrics, black_box(&cluster), black_box(CHAT), None);
+                let plan = gw.plan_attempt(
+                    &store,
+                    &clock,
+                    &metrics,
+                    &AttemptRequest {
+                        cluster: black_box(&cluster),
+                        original_path: black_box(CHAT),
+                        tried: None,
+                        stored: Stored::No,
+                    },
+                );
                 assert!(plan.is_some());
                 black_box(plan);
             });
