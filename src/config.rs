@@ -63,6 +63,8 @@ struct RawBackend {
     weight: u32,
     #[serde(default)]
     deployments: BTreeMap<String, String>,
+    #[serde(default)]
+    models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +144,9 @@ pub struct Backend {
     pub priority: u32,
     pub weight: u32,
     pub deployments: BTreeMap<String, String>,
+    /// The models / deployments (as clients name them) this backend serves;
+    /// `None`: all of them.
+    pub models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,6 +302,14 @@ fn parse_backend(i: usize, rb: RawBackend, keys: &Keys<'_>) -> Result<Backend, C
             ));
         }
     }
+    if let Some(models) = &rb.models {
+        if models.is_empty() {
+            return Err(err(field("models"), "must name at least one model (omit it to serve every model)"));
+        }
+        if let Some(bad) = models.iter().find(|m| !valid_deployment(m)) {
+            return Err(err(field("models"), format!("\"{bad}\" is not a plain model or deployment name")));
+        }
+    }
     Ok(Backend {
         cluster: cluster_name(&rb.name),
         name: rb.name,
@@ -309,6 +322,7 @@ fn parse_backend(i: usize, rb: RawBackend, keys: &Keys<'_>) -> Result<Backend, C
         priority: rb.priority,
         weight: rb.weight,
         deployments: rb.deployments,
+        models: rb.models,
     })
 }
 
@@ -580,6 +594,8 @@ mod tests {
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"default_retry_after_s":0}"#, "default_retry_after_s");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"api_version":"x y"}"#, "api_version");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_timeout_s":0}"#, "attempt_timeout_s");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x","models":[]}]}"#, "backends[0].models");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x","models":["a/b"]}]}"#, "backends[0].models");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_idle_timeout_s":0}"#, "attempt_idle_timeout_s");
     }
 

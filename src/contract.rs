@@ -17,6 +17,10 @@ pub mod header {
     /// Request: where the client's own credential waits for pass-through
     /// attempts (`slot.token` into shared data; no secret in it).
     pub const CREDENTIAL: &str = "x-spillway-credential";
+    /// Request: the model the request names (classic: the path's
+    /// deployment; v1: the body's `model`), for model-aware failover and
+    /// per-backend renames.
+    pub const MODEL: &str = "x-spillway-model";
     /// Request: the request names stored state its backend holds: no
     /// failover to another backend.
     pub const PINNED: &str = "x-spillway-pinned";
@@ -138,7 +142,7 @@ mod tests {
     #[test]
     fn every_header_has_the_prefix() {
         use header::*;
-        for h in [CLUSTER, PATH, TRIED, CREDENTIAL, PINNED, LOOKUP, RETRY, BACKEND, ATTEMPTS] {
+        for h in [CLUSTER, PATH, TRIED, CREDENTIAL, MODEL, PINNED, LOOKUP, RETRY, BACKEND, ATTEMPTS] {
             assert!(h.starts_with(PREFIX), "{h}");
         }
     }

@@ -46,6 +46,8 @@ pub enum Step {
         drop_content_length: bool,
         /// Whether the request names stored state, and where it lives.
         stored: Stored,
+        /// The model the request names, for the attempts.
+        model: Option<String>,
     },
     Reply(LocalReply),
 }
@@ -185,6 +187,7 @@ impl Exchange {
                     inspect_body: head.has_body && (estimate_pending || may_add_usage || gw.config.log_bodies),
                     drop_content_length: head.has_body && may_add_usage,
                     stored,
+                    model: self.model(head.fields.as_ref()).map(str::to_string),
                 }
             }
             Err((reason, mut reply)) => {
@@ -194,6 +197,12 @@ impl Exchange {
                 self.reply(metrics, reason, reply)
             }
         }
+    }
+
+    /// The model the request names: the classic path's deployment, else
+    /// the body's `model`.
+    pub fn model<'a>(&'a self, fields: Option<&'a BodyFields>) -> Option<&'a str> {
+        paths::deployment(&self.path).or_else(|| fields.and_then(|f| f.model.as_deref()))
     }
 
     /// The first backend: the owner of the stored state the request names
@@ -213,8 +222,9 @@ impl Exchange {
             Some(Ok(None)) => Stored::Lookup,
             Some(Err(reply)) => return Err(("owner_throttled", reply)),
         };
-        match gw.pick_first(store, clock) {
+        match gw.pick_first(store, clock, self.model(fields)) {
             Ok(backend) => Ok((backend, stored)),
+            Err(reply) if reply.status == 404 => Err(("model_not_found", reply)),
             Err(reply) => Err(("all_throttled", reply)),
         }
     }

@@ -40,6 +40,9 @@ pub struct AttemptPlan<'a> {
     pub attempts: usize,
     /// Cluster for the next attempt, if another backend can take it.
     pub fallback_cluster: Option<&'a str>,
+    /// The body's `model` becomes this for this backend (v1 paths carry the
+    /// deployment in the body; `deployments` renames it per backend).
+    pub body_model: Option<&'a str>,
 }
 
 /// Whether a request names stored state (a Responses API `resp_...` id)
@@ -66,6 +69,8 @@ pub struct AttemptRequest<'h> {
     /// Backends already tried, comma separated.
     pub tried: Option<&'h str>,
     pub stored: Stored,
+    /// The model the request names (classic: path deployment; v1: body).
+    pub model: Option<&'h str>,
 }
 
 /// One attempt, as the attempt role's response decision needs it.
@@ -218,16 +223,34 @@ impl Gateway {
 
     /// Request role: the backend a client request goes to first, or the
     /// 429 to answer when every backend is throttled or open.
-    pub fn pick_first(&self, store: &dyn SharedStore, clock: &dyn Clock) -> Result<&Backend, LocalReply> {
+    /// With `model`, only backends serving it are candidates; none at all is
+    /// a 404 `DeploymentNotFound` naming it, without an upstream call.
+    pub fn pick_first(
+        &self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        model: Option<&str>,
+    ) -> Result<&Backend, LocalReply> {
+        let excluded = self.not_serving(model);
+        if excluded.len() == self.config.backends.len() {
+            return Err(LocalReply::model_not_found(model.unwrap_or_default()));
+        }
         let now = clock.now_ms();
         let health = self.read_health(store);
         let cb = self.config.circuit_breaker;
         let mut rotate = |g: &Group| store::fetch_increment(store, &g.counter_key);
         let mut lease_probe = |i: usize| self.lease_probe(store, now, i);
-        match self.pool.pick(&health, &cb, now, &[], &mut rotate, Some(&mut lease_probe)) {
+        match self.pool.pick(&health, &cb, now, &excluded, &mut rotate, Some(&mut lease_probe)) {
             Pick::Backend(i) => self.config.backends.get(i).ok_or_else(|| LocalReply::all_busy(1_000)),
             Pick::NoneUntil(until) => Err(LocalReply::all_busy(until.saturating_sub(now))),
         }
+    }
+
+    /// Backends that declare their models and do not list `model`.
+    fn not_serving(&self, model: Option<&str>) -> Vec<usize> {
+        let Some(model) = model else { return Vec::new() };
+        let declines = |b: &Backend| b.models.as_ref().is_some_and(|m| !m.iter().any(|name| name == model));
+        self.config.backends.iter().enumerate().filter(|(_, b)| declines(b)).map(|(i, _)| i).collect()
     }
 
     /// Request role, for a request naming stored state `id`: its owner when
@@ -283,7 +306,7 @@ impl Gateway {
         metrics: &dyn Metrics,
         request: &AttemptRequest<'_>,
     ) -> Option<AttemptPlan<'a>> {
-        let AttemptRequest { cluster, original_path, tried, stored } = *request;
+        let AttemptRequest { cluster, original_path, tried, stored, model } = *request;
         let backend_index = self.config.backend_by_cluster(cluster)?;
         let backend = self.config.backends.get(backend_index)?;
         let mut tried_indices: Vec<usize> =
@@ -303,7 +326,10 @@ impl Gateway {
         // Fallbacks read the rotation without advancing it: an attempt that
         // succeeds must not shift the round robin.
         let mut peek = |g: &Group| store::read_counter(store, &g.counter_key);
-        let fallback_cluster = match self.pool.pick(&health, &cb, now, &tried_indices, &mut peek, None) {
+        // Failover stays among the backends serving the request's model.
+        let mut excluded = self.not_serving(model);
+        excluded.extend_from_slice(&tried_indices);
+        let fallback_cluster = match self.pool.pick(&health, &cb, now, &excluded, &mut peek, None) {
             // Stored state lives on one backend: nowhere else to go.
             _ if stored == Stored::Pinned => None,
             Pick::Backend(i) => self.config.backends.get(i).map(|b| b.cluster.as_str()),
@@ -318,6 +344,10 @@ impl Gateway {
             attempts: tried_indices.len(),
             tried: tried_value,
             fallback_cluster,
+            body_model: model
+                .filter(|_| paths::deployment(original_path).is_none())
+                .and_then(|m| backend.deployments.get(m))
+                .map(String::as_str),
         })
     }
 
@@ -554,8 +584,12 @@ mod tests {
 
     const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions";
 
+    fn gateway_with(json: &str) -> Gateway {
+        Gateway::new(Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap())
+    }
+
     fn req<'h>(cluster: &'h str, tried: Option<&'h str>) -> AttemptRequest<'h> {
-        AttemptRequest { cluster, original_path: CHAT, tried, stored: Stored::No }
+        AttemptRequest { cluster, original_path: CHAT, tried, stored: Stored::No, model: None }
     }
 
     fn at(backend: usize, has_fallback: bool) -> AttemptRef {
@@ -564,7 +598,7 @@ mod tests {
 
     /// The first pick's cluster.
     fn forward(g: &Gateway, s: &MemoryStore, c: &ManualClock) -> String {
-        match g.pick_first(s, c) {
+        match g.pick_first(s, c, None) {
             Ok(backend) => backend.cluster.clone(),
             Err(reply) => panic!("expected a backend, got {reply:?}"),
         }
@@ -647,7 +681,7 @@ mod tests {
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000), healthy: false });
         // A new request is answered locally with the same soonest wait.
         c.advance(500);
-        let r = g.pick_first(&s, &c).unwrap_err();
+        let r = g.pick_first(&s, &c, None).unwrap_err();
         assert_eq!(r.status, 429);
         assert!(r.headers.contains(&("retry-after", "8".to_string())), "{:?}", r.headers);
         assert!(r.headers.contains(&("retry-after-ms", "7500".to_string())));
@@ -874,8 +908,13 @@ mod tests {
         affinity::remember(&s, "resp_1", "west", 0);
         assert_eq!(g.owner_of(&s, &c, "resp_1").unwrap().unwrap().name, "west");
         // Pinned: no fallback, and a 429 waits for the owner only.
-        let pinned =
-            AttemptRequest { cluster: "spillway_west", original_path: CHAT, tried: None, stored: Stored::Pinned };
+        let pinned = AttemptRequest {
+            cluster: "spillway_west",
+            original_path: CHAT,
+            tried: None,
+            stored: Stored::Pinned,
+            model: None,
+        };
         assert_eq!(g.plan_attempt(&s, &c, &m, &pinned).unwrap().fallback_cluster, None);
         let answer = AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") };
         let d = g.on_attempt_response(
@@ -895,6 +934,58 @@ mod tests {
         let lookup = AttemptRef { backend: 0, has_fallback: true, stored: Stored::Lookup };
         assert!(g.on_attempt_response(&s, &c, &m, &lookup, &bad).retry);
         assert!(!g.on_attempt_response(&s, &c, &m, &at(0, true), &bad).retry);
+    }
+
+    #[test]
+    fn requests_go_only_to_backends_serving_their_model() {
+        let (s, c, m) = (MemoryStore::default(), ManualClock::at(0), Recorder::default());
+        let g = gateway_with(
+            r#"{"backends":[
+                {"name":"east","url":"http://127.0.0.1:1","models":["gpt-4o","gpt-4o-mini"]},
+                {"name":"west","url":"http://127.0.0.1:2","models":["gpt-4o-mini"]},
+                {"name":"any","url":"http://127.0.0.1:3","priority":2}]}"#,
+        );
+        let first = |model| (0..4).map(|_| g.pick_first(&s, &c, Some(model)).unwrap().name.clone()).collect::<Vec<_>>();
+        assert_eq!(first("gpt-4o"), ["east"; 4]);
+        assert!(first("gpt-4o-mini").contains(&"west".to_string()));
+        assert_eq!(first("dall-e-3"), ["any"; 4], "a backend without a list serves everything");
+        // Failover stays among them: after east, only "any" (priority 2) serves gpt-4o.
+        let req = AttemptRequest {
+            cluster: "spillway_east",
+            original_path: CHAT,
+            tried: None,
+            stored: Stored::No,
+            model: Some("gpt-4o"),
+        };
+        assert_eq!(g.plan_attempt(&s, &c, &m, &req).unwrap().fallback_cluster, Some("spillway_any"));
+        let only_listed =
+            gateway_with(r#"{"backends":[{"name":"east","url":"http://127.0.0.1:1","models":["gpt-4o"]}]}"#);
+        let none = only_listed.pick_first(&s, &c, Some("gpt-5")).unwrap_err();
+        assert_eq!(none.status, 404);
+        assert!(none.body.contains("DeploymentNotFound") && none.body.contains("gpt-5"), "{}", none.body);
+        assert!(only_listed.pick_first(&s, &c, None).is_ok(), "no model named: any backend");
+    }
+
+    #[test]
+    fn v1_bodies_get_each_backends_deployment_name() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
+        let v1 = |cluster, model| AttemptRequest {
+            cluster,
+            original_path: "/openai/v1/chat/completions",
+            tried: None,
+            stored: Stored::No,
+            model,
+        };
+        assert_eq!(
+            g.plan_attempt(&s, &c, &m, &v1("spillway_east", Some("gpt-4o"))).unwrap().body_model,
+            Some("gpt-4o-ptu")
+        );
+        assert_eq!(g.plan_attempt(&s, &c, &m, &v1("spillway_west", Some("gpt-4o"))).unwrap().body_model, None);
+        assert_eq!(g.plan_attempt(&s, &c, &m, &v1("spillway_east", Some("other"))).unwrap().body_model, None);
+        // Classic paths are renamed in the path, never in the body.
+        let classic = AttemptRequest { original_path: CHAT, ..v1("spillway_east", Some("gpt-4o")) };
+        let plan = g.plan_attempt(&s, &c, &m, &classic).unwrap();
+        assert_eq!((plan.body_model, plan.path.as_str()), (None, "/openai/deployments/gpt-4o-ptu/chat/completions"));
     }
 
     #[test]

@@ -45,6 +45,16 @@ impl LocalReply {
         LocalReply::error(400, "InvalidDeploymentName", "Deployment names are 1-64 letters, digits, '-', '_' or '.'.")
     }
 
+    /// No backend serves the model (or deployment) the request names: Azure's
+    /// own answer for a deployment a resource does not have.
+    pub fn model_not_found(model: &str) -> LocalReply {
+        LocalReply::error(
+            404,
+            "DeploymentNotFound",
+            &format!("The API deployment {model} does not exist on any backend of this gateway."),
+        )
+    }
+
     /// No gateway key, or one no client has.
     pub fn unauthorized() -> LocalReply {
         LocalReply::error(

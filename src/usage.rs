@@ -124,6 +124,14 @@ pub struct AnswerFacts {
     pub response_id: Option<String>,
 }
 
+/// The body with its top-level `model` set to `model` (a v1 request's
+/// deployment name for one backend); `None` when it is not a JSON object.
+pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    v.as_object_mut()?.insert("model".to_string(), Value::String(model.to_string()));
+    serde_json::to_vec(&v).ok()
+}
+
 /// Usage, `model` and, for Responses API answers (`responses`), the stored
 /// response's id from a complete JSON answer. Only usage and model are
 /// picked out of other answers, which are not parsed whole (an embeddings
@@ -430,6 +438,17 @@ mod tests {
         assert_eq!(scanner.model.as_deref(), Some("gpt-4o"));
         assert_eq!(scanner.usage, Some(Usage { prompt: 3, completion: 2, total: 5 }));
         assert_eq!(scanner.text, "Hello");
+    }
+
+    #[test]
+    fn the_model_is_renamed_and_nothing_else_changes() {
+        let out =
+            with_model(br#"{"model":"gpt-4o","messages":[{"role":"user","content":"model: gpt-4o"}]}"#, "gpt-4o-east");
+        let v: Value = serde_json::from_slice(&out.unwrap()).unwrap();
+        assert_eq!(v["model"], "gpt-4o-east");
+        assert_eq!(v["messages"][0]["content"], "model: gpt-4o");
+        assert_eq!(with_model(b"[1]", "x"), None);
+        assert_eq!(with_model(b"not json", "x"), None);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::replies::LocalReply;
 use crate::store::{Clock, SharedStore, StoreError};
 use crate::stream_end::{self, LostAttempt};
+use crate::usage;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
@@ -173,7 +174,9 @@ impl RootContext for Root {
                 inspect_body: false,
                 credential_stash: None,
             }),
-            Role::Attempt => Box::new(AttemptFilter { gateway, attempt: None, answered: false, complete: false }),
+            Role::Attempt => {
+                Box::new(AttemptFilter { gateway, attempt: None, body_model: None, answered: false, complete: false })
+            }
         })
     }
 
@@ -287,12 +290,15 @@ impl RequestFilter {
 
     fn apply(&mut self, step: Step) -> Action {
         match step {
-            Step::Forward { cluster, path, inspect_body, drop_content_length, stored } => {
+            Step::Forward { cluster, path, inspect_body, drop_content_length, stored, model } => {
                 if self.gateway.stashes_client_credentials() {
                     self.stash_client_credential();
                 }
                 set_request_header(header::CLUSTER, Some(&cluster));
                 set_request_header(header::PATH, Some(&path));
+                if let Some(model) = &model {
+                    set_request_header(header::MODEL, Some(model));
+                }
                 match stored {
                     Stored::No => {}
                     Stored::Pinned => set_request_header(header::PINNED, Some("1")),
@@ -322,7 +328,7 @@ impl HttpContext for RequestFilter {
         // Clients must not steer routing or fake bookkeeping: of the internal
         // headers the filter reads, CLUSTER and PATH are always overwritten
         // before the request goes on; TRIED and CREDENTIAL must go.
-        for internal in [header::TRIED, header::CREDENTIAL, header::PINNED, header::LOOKUP] {
+        for internal in [header::TRIED, header::CREDENTIAL, header::MODEL, header::PINNED, header::LOOKUP] {
             set_request_header(internal, None);
         }
         let (method, path) =
@@ -458,6 +464,8 @@ struct Attempt {
 struct AttemptFilter {
     gateway: Rc<Gateway>,
     attempt: Option<Attempt>,
+    /// Rewrite the body's `model` to this for this backend.
+    body_model: Option<String>,
     /// Response headers arrived.
     answered: bool,
     /// The answer's last byte arrived.
@@ -505,13 +513,24 @@ impl HttpContext for AttemptFilter {
             Stored::No
         };
         let gateway = Rc::clone(&self.gateway);
-        let request =
-            AttemptRequest { cluster: &cluster, original_path: &original_path, tried: tried.as_deref(), stored };
+        let model = request_header(header::MODEL);
+        let request = AttemptRequest {
+            cluster: &cluster,
+            original_path: &original_path,
+            tried: tried.as_deref(),
+            stored,
+            model: model.as_deref(),
+        };
         let Some(plan) = gateway.plan_attempt(&HostStore, &HostClock, &HostMetrics, &request) else {
             return Action::Continue;
         };
         set_request_header(":path", Some(&plan.path));
         set_request_header(":authority", Some(plan.authority));
+        if let Some(new_model) = plan.body_model {
+            // The body changes size: Envoy frames it anew.
+            set_request_header("content-length", None);
+            self.body_model = Some(new_model.to_string());
+        }
         // Exactly this backend's credential: its key, or the client's own.
         match plan.api_key {
             Some(key) => {
@@ -544,6 +563,24 @@ impl HttpContext for AttemptFilter {
             attempts: plan.attempts,
             healthy: false,
         });
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let Some(model) = &self.body_model else { return Action::Continue };
+        if !end_of_stream {
+            // The whole body, then the rename.
+            return Action::Pause;
+        }
+        let body = host::body(Body::Request, 0, size).unwrap_or_default();
+        match usage::with_model(&body, model) {
+            Some(renamed) => {
+                if let Err(e) = host::set_body(Body::Request, 0, size, &renamed) {
+                    log::warn!("cannot rename the body's model: {e:?}");
+                }
+            }
+            None => log::warn!("the request body is not a JSON object: its model is not renamed"),
+        }
         Action::Continue
     }
 

@@ -197,7 +197,7 @@ fn main() {
                 });
             }
             let s = measure(samples, sample, || {
-                let backend = gw.pick_first(&store, &clock).map(|b| b.cluster.len());
+                let backend = gw.pick_first(&store, &clock, None).map(|b| b.cluster.len());
                 assert!(backend.is_ok());
                 let _ = black_box(backend);
                 black_box(paths::with_api_version(black_box(CHAT), gw.config.api_version.as_deref()));
@@ -205,7 +205,7 @@ fn main() {
             record("route_request", s);
 
             // 3. Gateway::plan_attempt (attempt role, first attempt).
-            let cluster = match gw.pick_first(&store, &clock) {
+            let cluster = match gw.pick_first(&store, &clock, None) {
                 Ok(backend) => backend.cluster.clone(),
                 Err(r) => {
                     eprintln!("unexpected local reply {}", r.status);
@@ -222,6 +222,7 @@ fn main() {
                         original_path: black_box(CHAT),
                         tried: None,
                         stored: Stored::No,
+                        model: None,
                     },
                 );
                 assert!(plan.is_some());
