@@ -238,6 +238,22 @@ if r.status != 200:
 sys.exit(0 if r.status == 200 else 1)
 EOF
   rc=$?
+  if (( rc == 0 )); then
+    say "holding a two-turn Responses conversation through $GATEWAY/openai/v1/"
+    "$PY" - "$GATEWAY" <<'EOF'
+import sys
+from openai import OpenAI
+client = OpenAI(base_url=f"{sys.argv[1]}/openai/v1/", api_key="anything", max_retries=0)
+first = client.responses.with_raw_response.create(model="gpt-4o", input="Hello")
+second = client.responses.with_raw_response.create(model="gpt-4o", input="And then?",
+                                                    previous_response_id=first.parse().id)
+for turn in (first, second):
+    print(f"x-spillway-backend: {turn.headers['x-spillway-backend']}  {turn.parse().output_text}")
+# The follow-up must reach the backend that stored the first turn.
+sys.exit(0 if first.headers["x-spillway-backend"] == second.headers["x-spillway-backend"] else 1)
+EOF
+    rc=$?
+  fi
   set -e
   if (( rc == 0 )); then say "check passed"; else say "check FAILED (Envoy log: $RUN_DIR/envoy.log)"; fi
   exit "$rc"
@@ -274,6 +290,13 @@ Python (.venv/bin/python has the openai package):
   raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=[{"role": "user", "content": "Hello"}])
   print(raw.headers["x-spillway-backend"], raw.headers["x-spillway-attempts"])
   print(raw.parse().choices[0].message.content)
+
+Responses API (a conversation stays with the backend that stored it):
+  from openai import OpenAI
+  client = OpenAI(base_url="$GATEWAY/openai/v1/", api_key="anything")
+  first = client.responses.create(model="gpt-4o", input="Hello")
+  second = client.responses.create(model="gpt-4o", input="And then?", previous_response_id=first.id)
+  print(first.output_text); print(second.output_text)    # the same backend, "(turn 2)"
 
 Admin:
   http://127.0.0.1:$ADMIN_PORT/stats?filter=spillway    per-backend cluster stats (upstream_rq_429, upstream_rq_retry, ...)

@@ -217,6 +217,10 @@ def test_demo_script_check_serves_a_chat_request():
         assert "status: 200" in out, out[-4000:]
         backend = re.search(r"^x-spillway-backend: (\S+)$", out, re.MULTILINE)
         assert backend and backend.group(1) in ("eastus", "westus", "paygo"), out[-4000:]
+        # The Responses conversation: both turns answered by the backend that stored the first.
+        turns = re.findall(r"^x-spillway-backend: (\S+)  Hello from (\S+) .*$", out, re.MULTILINE)
+        assert len(turns) == 2 and turns[0] == turns[1] and turns[0][0] == turns[0][1], out[-4000:]
+        assert "(turn 2)" in out
         # The ports were substituted into a copy of demo.json; everything was stopped.
         rendered = (Path(run_dir) / "envoy.yaml").read_text()
         assert f'"port_value": {east}' in rendered and f'"port_value": {gateway}' in rendered
