@@ -107,3 +107,19 @@ def test_a_reload_that_changes_the_backend_set_is_refused(start_mock, start_envo
     r = envoy.chat()
     assert (r.status_code, r.headers["x-spillway-backend"]) == (200, "new")
     assert third.count() == 0
+
+
+@pytest.mark.parametrize("raw, field, secret", [
+    ('{"backends":[{"name":"a","url":"https://user:s3cret-pass@host.example.com/x"}]}', "backends[0].url", "s3cret-pass"),
+    ('{"backends":[{"name":"a","url":"http://127.0.0.1:9","api_key":"k3y-with\\r\\nx-evil: 1"}]}', "backends[0].api_key",
+     "k3y-with"),
+    ('{"backends":[{"name":"a","url":"http://127.0.0.1:9"}],"clients":[{"name":"c","key":"client key 123"}]}',
+     "clients[0].key", "client key 123"),
+])
+def test_a_refused_config_never_echoes_its_secrets(raw, field, secret):
+    result = validate(GOOD, raw_filter_json=raw)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    lines = [l for l in out.splitlines() if "invalid spillway config" in l]
+    assert any(field in l for l in lines), lines
+    assert not any(secret in l for l in lines), lines

@@ -448,3 +448,27 @@ def test_a_backend_whose_name_does_not_resolve_leaves_rotation(start_mock, start
     r = envoy.chat()
     assert r.status_code == 200 and r.headers["x-spillway-backend"] == "west"
     assert "Envoy has no host for it" in envoy.log()
+
+
+def test_when_envoy_declines_a_retry_the_client_still_gets_an_honest_answer(start_mock, start_envoy):
+    """With no retry capacity at all (a cluster limit of 0 retries), Envoy
+    declines every failover: the client gets the first backend's 429 with a
+    retry-after that is true for the gateway, and no failover is counted."""
+    def no_retries(bootstrap):
+        for cluster in bootstrap["static_resources"]["clusters"]:
+            cluster["circuit_breakers"] = {"thresholds": [{"priority": "DEFAULT", "max_retries": 0}]}
+
+    east = start_mock("east", "key-east")
+    west = start_mock("west", "key-west")
+    envoy = start_envoy({"backends": [backend_entry(east), backend_entry(west)]}, edit=no_retries)
+    east.configure(fail_next=[{"status": 429, "retry_after": "30"}])
+    r = envoy.chat()
+    assert r.status_code == 429 and r.headers["x-spillway-backend"] == "east", r.text
+    # West is free right now: the honest wait is the shortest, not east's 30 s.
+    assert r.headers["retry-after"] == "1"
+    assert "x-spillway-retry" not in r.headers
+    assert envoy.stat("cluster.spillway_east.upstream_rq_retry_overflow") == 1
+    assert envoy.stat("wasmcustom.spillway_failovers_total.backend.east") == 0
+    assert west.count() == 0
+    # The next request goes to west at once, as the answer said it could.
+    assert envoy.chat().headers["x-spillway-backend"] == "west"
