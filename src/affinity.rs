@@ -1,9 +1,8 @@
-//! Stored state stays with its owner. A Responses API object (`resp_...`)
-//! exists only on the backend that created it: follow-ups
-//! (`previous_response_id`), retrievals, deletes, cancels, input items,
-//! stream resumes and background polls must go there. The request role
-//! learns `id -> backend` from every answer that carries an id and keeps it
-//! in shared data.
+//! Stored state stays with its owner. A stored object (a response, a file,
+//! a batch, ...; `stateful`) exists only on the backend that created it:
+//! follow-ups (`previous_response_id`), retrievals, deletes, cancels, stream
+//! resumes and polls must go there. The request role learns `id -> backend`
+//! from every answer that carries such an id and keeps it in shared data.
 //!
 //! Shared data cannot delete keys, so the map is a fixed table: an id's slot
 //! is a hash of the id, and a newer id in the same slot replaces the older.
@@ -13,8 +12,8 @@
 //! Envoy replica, a restart) is looked up by trying the backends in order.
 
 use crate::contract::shared_data::AFFINITY_PREFIX;
+use crate::stateful::is_object_id;
 use crate::store::{self, SharedStore};
-use crate::usage::is_response_id;
 
 /// Slots in the table.
 pub const SLOTS: u64 = 16_384;
@@ -32,7 +31,7 @@ fn key(id: &str) -> String {
 
 /// Remembers that `backend` holds `id`.
 pub fn remember(store: &dyn SharedStore, id: &str, backend: &str, now_ms: u64) {
-    if !is_response_id(id) {
+    if !is_object_id(id) {
         return;
     }
     let entry = format!("{} {backend} {id}", now_ms.saturating_add(TTL_MS)).into_bytes();
@@ -45,7 +44,7 @@ pub fn remember(store: &dyn SharedStore, id: &str, backend: &str, now_ms: u64) {
 
 /// The backend holding `id`, if it is remembered and not expired.
 pub fn owner(store: &dyn SharedStore, id: &str, now_ms: u64) -> Option<String> {
-    if !is_response_id(id) {
+    if !is_object_id(id) {
         return None;
     }
     decode(&store.get(&key(id)).0?, id, now_ms)
@@ -78,7 +77,7 @@ mod tests {
     }
 
     #[test]
-    fn only_response_ids_are_kept() {
+    fn only_stored_object_ids_are_kept() {
         let s = MemoryStore::default();
         for bad in ["", "chatcmpl-1", "resp_ with space", "resp_\n"] {
             remember(&s, bad, "eastus", 0);

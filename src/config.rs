@@ -25,6 +25,8 @@ struct RawConfig {
     #[serde(default)]
     attempt_idle_timeout_s: Option<u64>,
     #[serde(default)]
+    home_backend: Option<String>,
+    #[serde(default)]
     clients: Vec<RawClient>,
     #[serde(default)]
     stream_usage: bool,
@@ -190,6 +192,9 @@ pub struct Config {
     /// before it answers, and a stream it stops feeding ends visibly and
     /// counts against it. Off by default for the same reason.
     pub attempt_idle_timeout_s: Option<u64>,
+    /// Where creations and lists of stored objects (files, batches, ...) go;
+    /// `None`: the first backend by priority and order.
+    pub home_backend: Option<String>,
 }
 
 /// A rejected configuration; `Display` names the offending field.
@@ -245,6 +250,11 @@ impl Config {
         if raw.attempt_timeout_s == Some(0) {
             return Err(err("attempt_timeout_s", "must be at least 1 (omit it for no per-attempt timeout)"));
         }
+        if let Some(home) = &raw.home_backend {
+            if !backends.iter().any(|b| &b.name == home) {
+                return Err(err("home_backend", format!("\"{home}\" is not one of the backends")));
+            }
+        }
         if raw.attempt_idle_timeout_s == Some(0) {
             return Err(err("attempt_idle_timeout_s", "must be at least 1 (omit it for no idle timeout)"));
         }
@@ -264,6 +274,7 @@ impl Config {
             api_version: raw.api_version,
             attempt_timeout_s: raw.attempt_timeout_s,
             attempt_idle_timeout_s: raw.attempt_idle_timeout_s,
+            home_backend: raw.home_backend,
         })
     }
 
@@ -595,6 +606,7 @@ mod tests {
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"api_version":"x y"}"#, "api_version");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_timeout_s":0}"#, "attempt_timeout_s");
         rejects(r#"{"backends":[{"name":"a","url":"http://x","models":[]}]}"#, "backends[0].models");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"home_backend":"b"}"#, "home_backend");
         rejects(r#"{"backends":[{"name":"a","url":"http://x","models":["a/b"]}]}"#, "backends[0].models");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_idle_timeout_s":0}"#, "attempt_idle_timeout_s");
     }

@@ -11,6 +11,7 @@ use crate::limits::{self, Admission, Remaining, Settlement};
 use crate::metrics::{self, Metrics};
 use crate::paths::{self, PathProblem};
 use crate::replies::LocalReply;
+use crate::stateful::{self, Target};
 use crate::store::{Clock, SharedStore};
 use crate::usage::{self, AnswerFacts, RequestFacts, SseScanner, Usage};
 use serde::Serialize;
@@ -214,8 +215,16 @@ impl Exchange {
         clock: &dyn Clock,
         fields: Option<&BodyFields>,
     ) -> Result<(&'g Backend, Stored), (&'static str, LocalReply)> {
-        let stored_id = paths::response_id(&self.path)
-            .or_else(|| fields.and_then(|f| f.previous_response_id.as_deref()).filter(|id| usage::is_response_id(id)));
+        let stored_id = match stateful::classify(&self.path) {
+            Target::Object(id) => Some(id),
+            // Creations and lists of most kinds live on the home backend.
+            Target::Collection(kind) if kind.at_home => {
+                return gw.home(store, clock).map(|home| (home, Stored::Pinned)).map_err(|r| ("owner_throttled", r));
+            }
+            Target::Collection(_) | Target::Stateless => {
+                fields.and_then(|f| f.previous_response_id.as_deref()).filter(|id| stateful::is_object_id(id))
+            }
+        };
         let stored = match stored_id.map(|id| gw.owner_of(store, clock, id)) {
             None => Stored::No,
             Some(Ok(Some(owner))) => return Ok((owner, Stored::Pinned)),
@@ -416,7 +425,7 @@ impl Exchange {
             self.refund(gw, store, now);
         }
         if let (true, Some(id), Some(backend)) =
-            ((200..300).contains(&status), read.facts.response_id.as_deref(), self.backend())
+            ((200..300).contains(&status), read.facts.object_id.as_deref(), self.backend())
         {
             // Stored state answered by this backend lives there.
             affinity::remember(store, id, backend, now);
@@ -450,7 +459,7 @@ impl Exchange {
         let Answer::Upstream { capture, .. } = &self.answer else { return AnswerRead::default() };
         match capture {
             Capture::Sse(sse) => AnswerRead {
-                facts: AnswerFacts { usage: sse.usage, model: sse.model.clone(), response_id: sse.response_id.clone() },
+                facts: AnswerFacts { usage: sse.usage, model: sse.model.clone(), object_id: sse.object_id.clone() },
                 text: Some(sse.text.clone()),
             },
             Capture::Json(body) => {
@@ -459,7 +468,10 @@ impl Exchange {
                     usage::push_capped(&mut text, &answer_json_text(body), gw.config.log_body_max_bytes);
                     text
                 });
-                AnswerRead { facts: usage::json_answer(body, paths::is_responses(&self.path)), text }
+                AnswerRead {
+                    facts: usage::json_answer(body, stateful::classify(&self.path) != Target::Stateless),
+                    text,
+                }
             }
             Capture::Nothing => AnswerRead::default(),
         }

@@ -115,6 +115,8 @@ pub struct Gateway {
     /// an attempt on a keyed backend rewrites headers a later pass-through
     /// attempt must put back.
     mixed_credentials: bool,
+    /// Index of the home backend.
+    home: usize,
 }
 
 impl Gateway {
@@ -135,7 +137,10 @@ impl Gateway {
             .collect();
         let keyed = config.backends.iter().filter(|b| b.api_key.is_some()).count();
         let mixed_credentials = keyed > 0 && keyed < config.backends.len();
-        Gateway { config, pool, names, retry_after, client_limits, mixed_credentials }
+        let first_by_priority = (0..config.backends.len()).min_by_key(|&i| config.backends.get(i).map(|b| b.priority));
+        let home =
+            config.home_backend.as_deref().and_then(|h| config.backend_by_name(h)).or(first_by_priority).unwrap_or(0);
+        Gateway { config, pool, names, retry_after, client_limits, mixed_credentials, home }
     }
 
     /// The request role keeps the client's own credential for pass-through
@@ -243,6 +248,18 @@ impl Gateway {
         match self.pool.pick(&health, &cb, now, &excluded, &mut rotate, Some(&mut lease_probe)) {
             Pick::Backend(i) => self.config.backends.get(i).ok_or_else(|| LocalReply::all_busy(1_000)),
             Pick::NoneUntil(until) => Err(LocalReply::all_busy(until.saturating_sub(now))),
+        }
+    }
+
+    /// Request role: the home backend, where creations and lists of stored
+    /// objects go (`home_backend`, else the first by priority and order);
+    /// a 429 with its wait while it is throttled or open.
+    pub fn home(&self, store: &dyn SharedStore, clock: &dyn Clock) -> Result<&Backend, LocalReply> {
+        let now = clock.now_ms();
+        let i = self.home;
+        match self.read_health(store).get(i).availability(now, &self.config.circuit_breaker) {
+            Availability::Unavailable { until_ms } => Err(LocalReply::owner_busy(until_ms.saturating_sub(now))),
+            _ => self.config.backends.get(i).ok_or_else(|| LocalReply::all_busy(1_000)),
         }
     }
 
@@ -986,6 +1003,21 @@ mod tests {
         let classic = AttemptRequest { original_path: CHAT, ..v1("spillway_east", Some("gpt-4o")) };
         let plan = g.plan_attempt(&s, &c, &m, &classic).unwrap();
         assert_eq!((plan.body_model, plan.path.as_str()), (None, "/openai/deployments/gpt-4o-ptu/chat/completions"));
+    }
+
+    #[test]
+    fn the_home_backend_is_configured_or_the_first_by_priority() {
+        let (s, c) = (MemoryStore::default(), ManualClock::at(0));
+        let json = r#"{"backends":[{"name":"a","url":"http://x","priority":2},{"name":"b","url":"http://y"}]}"#;
+        assert_eq!(gateway_with(json).home(&s, &c).unwrap().name, "b");
+        let json = r#"{"backends":[{"name":"a","url":"http://x"},{"name":"b","url":"http://y"}],"home_backend":"b"}"#;
+        let g = gateway_with(json);
+        assert_eq!(g.home(&s, &c).unwrap().name, "b");
+        // A throttled home: a 429 with its wait, never another backend.
+        let answer = AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("9") };
+        g.on_attempt_response(&s, &c, &Recorder::default(), &at(1, false), &answer);
+        let busy = g.home(&s, &c).unwrap_err();
+        assert!(busy.headers.contains(&("retry-after", "9".to_string())), "{:?}", busy.headers);
     }
 
     #[test]

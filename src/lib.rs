@@ -23,6 +23,7 @@ pub mod paths;
 pub mod replies;
 pub mod retry_after;
 pub mod selection;
+pub mod stateful;
 pub mod store;
 pub mod stream_end;
 #[cfg(any(test, feature = "testing"))]

@@ -1,7 +1,6 @@
 //! Request paths: which ones Spillway serves, the Azure `api-version` query
 //! parameter, and renaming the deployment segment per backend.
 
-use crate::usage::is_response_id;
 use std::collections::BTreeMap;
 
 const AZURE_DEPLOYMENTS: &str = "/openai/deployments/";
@@ -81,25 +80,6 @@ pub fn with_api_version(path: &str, version: Option<&str>) -> String {
     format!("{path}{sep}api-version={version}")
 }
 
-/// The stored response a path names: `…/responses/{id}` and what follows
-/// (`/cancel`, `/input_items`), on either API plane.
-pub fn response_id(path: &str) -> Option<&str> {
-    let (path, _) = split_query(path);
-    let rest = ["/openai/v1/responses/", "/openai/responses/", "/v1/responses/"]
-        .iter()
-        .find_map(|prefix| path.strip_prefix(prefix))?;
-    let id = rest.split('/').next()?;
-    is_response_id(id).then_some(id)
-}
-
-/// A Responses API path (creation or a stored response).
-pub fn is_responses(path: &str) -> bool {
-    let (path, _) = split_query(path);
-    ["/openai/v1/responses", "/openai/responses", "/v1/responses"]
-        .iter()
-        .any(|p| path.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with('/')))
-}
-
 /// The deployment named in an Azure classic path, if any.
 pub fn deployment(path: &str) -> Option<&str> {
     let rest = path.strip_prefix(AZURE_DEPLOYMENTS)?;
@@ -175,18 +155,6 @@ mod tests {
         ] {
             assert_eq!(check(bad), Err(why), "{bad}");
         }
-    }
-
-    #[test]
-    fn stored_responses_named_in_paths() {
-        assert_eq!(response_id("/openai/v1/responses/resp_1a"), Some("resp_1a"));
-        assert_eq!(response_id("/openai/responses/resp_1a/cancel?api-version=x"), Some("resp_1a"));
-        assert_eq!(response_id("/v1/responses/resp_1a/input_items?limit=2"), Some("resp_1a"));
-        assert_eq!(response_id("/openai/v1/responses"), None);
-        assert_eq!(response_id("/openai/v1/responses?x=resp_1"), None);
-        assert_eq!(response_id("/openai/v1/files/file_1"), None);
-        assert!(is_responses("/openai/v1/responses") && is_responses("/openai/responses/resp_1?api-version=x"));
-        assert!(!is_responses("/openai/v1/responsesx") && !is_responses("/openai/v1/chat/completions"));
     }
 
     #[test]

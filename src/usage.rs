@@ -2,6 +2,7 @@
 //! answers and from SSE streams (scanned incrementally, optionally with the
 //! usage-only chunk removed for clients that did not ask for it).
 
+use crate::stateful;
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -119,9 +120,9 @@ pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
 pub struct AnswerFacts {
     pub usage: Option<Usage>,
     pub model: Option<String>,
-    /// The id of a stored Responses API object (`resp_...`), which only the
-    /// backend that made it knows.
-    pub response_id: Option<String>,
+    /// The id of a stored object (a response, a file, a batch, ...), which
+    /// only the backend that made it knows.
+    pub object_id: Option<String>,
 }
 
 /// The body with its top-level `model` set to `model` (a v1 request's
@@ -132,37 +133,31 @@ pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
-/// Usage, `model` and, for Responses API answers (`responses`), the stored
-/// response's id from a complete JSON answer. Only usage and model are
-/// picked out of other answers, which are not parsed whole (an embeddings
-/// answer can be megabytes of floats).
-pub fn json_answer(body: &[u8], responses: bool) -> AnswerFacts {
+/// Usage, `model` and, for answers about stored objects (`stateful`), the
+/// object's id from a complete JSON answer. Only usage and model are picked
+/// out of other answers, which are not parsed whole (an embeddings answer
+/// can be megabytes of floats).
+pub fn json_answer(body: &[u8], stateful: bool) -> AnswerFacts {
     let usage = top_level_value(body, b"\"usage\"").and_then(|u| {
         let wrapped = serde_json::json!({ "usage": u });
         Usage::from_json(&wrapped)
     });
     let model = top_level_value(body, b"\"model\"").and_then(|m| m.as_str().map(str::to_string));
-    let response_id = if responses { stored_response_id(body) } else { None };
-    AnswerFacts { usage, model, response_id }
+    let object_id = if stateful { stored_object_id(body) } else { None };
+    AnswerFacts { usage, model, object_id }
 }
 
-/// The top-level `id` of a `"object": "response"` answer (nested output
+/// The top-level `id` of an answer describing a stored object (nested
 /// items have ids of their own).
-fn stored_response_id(body: &[u8]) -> Option<String> {
+fn stored_object_id(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Head {
         id: Option<String>,
         object: Option<String>,
     }
     let head: Head = serde_json::from_slice(body).ok()?;
-    (head.object.as_deref() == Some("response")).then_some(head.id?).filter(|id| is_response_id(id))
-}
-
-/// `resp_` and a plain token: anything else is not used as a key.
-pub fn is_response_id(id: &str) -> bool {
-    id.starts_with("resp_")
-        && id.len() <= 128
-        && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    let id = head.id?;
+    stateful::answer_object_id(head.object.as_deref()?, &id).map(str::to_string)
 }
 
 /// The value after the last `"key":` in `body` that is not inside a string
@@ -215,8 +210,9 @@ pub struct SseScanner {
     pending: Vec<u8>,
     pub usage: Option<Usage>,
     pub model: Option<String>,
-    /// From a Responses API stream's `response.created` event.
-    pub response_id: Option<String>,
+    /// The stored response's id, from a Responses API stream's
+    /// `response.created` event.
+    pub object_id: Option<String>,
     /// Text of the answer's content deltas (for body logging), capped.
     pub text: String,
     text_cap: usize,
@@ -312,7 +308,7 @@ impl SseScanner {
         match kind {
             "response.created" => {
                 let id = response.and_then(|r| r.get("id")).and_then(Value::as_str);
-                self.response_id = id.filter(|id| is_response_id(id)).map(str::to_string);
+                self.object_id = id.and_then(|id| stateful::answer_object_id("response", id)).map(str::to_string);
                 self.model = response.and_then(|r| r.get("model")).and_then(Value::as_str).map(str::to_string);
             }
             "response.completed" | "response.failed" | "response.incomplete" => {
@@ -410,14 +406,14 @@ mod tests {
             "usage":{"input_tokens":11,"input_tokens_details":{"cached_tokens":0},"output_tokens":5,"total_tokens":16},"id":"resp_0a1b2c"}"#;
         let a = json_answer(body, true);
         assert_eq!(a.usage, Some(Usage { prompt: 11, completion: 5, total: 16 }));
-        assert_eq!(a.response_id.as_deref(), Some("resp_0a1b2c"));
-        assert_eq!(json_answer(body, false).response_id, None);
+        assert_eq!(a.object_id.as_deref(), Some("resp_0a1b2c"));
+        assert_eq!(json_answer(body, false).object_id, None);
         // Only a response object's own id counts, not a nested item's.
         assert_eq!(
-            json_answer(br#"{"object":"list","data":[{"id":"resp_x","object":"response"}]}"#, true).response_id,
+            json_answer(br#"{"object":"list","data":[{"id":"resp_x","object":"response"}]}"#, true).object_id,
             None
         );
-        assert_eq!(json_answer(br#"{"id":"chatcmpl-1","object":"chat.completion"}"#, true).response_id, None);
+        assert_eq!(json_answer(br#"{"id":"chatcmpl-1","object":"chat.completion"}"#, true).object_id, None);
     }
 
     #[test]
@@ -434,7 +430,7 @@ mod tests {
             scanner.feed(piece, false);
         }
         scanner.feed(b"", true);
-        assert_eq!(scanner.response_id.as_deref(), Some("resp_77"));
+        assert_eq!(scanner.object_id.as_deref(), Some("resp_77"));
         assert_eq!(scanner.model.as_deref(), Some("gpt-4o"));
         assert_eq!(scanner.usage, Some(Usage { prompt: 3, completion: 2, total: 5 }));
         assert_eq!(scanner.text, "Hello");

@@ -124,7 +124,11 @@ mod tests {
         let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
         let route = &hcm["route_config"]["virtual_hosts"][0]["routes"][0];
         assert_eq!(route["match"]["prefix"], "/");
-        let request = &hcm["http_filters"][0]["typed_config"]["config"];
+        // Envoy reads the body's fields first, then the request role, then the router.
+        let filters: Vec<&str> =
+            hcm["http_filters"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+        assert_eq!(filters, ["spillway.body_fields", "spillway.request", "envoy.filters.http.router"]);
+        let request = &hcm["http_filters"][1]["typed_config"]["config"];
         assert_eq!(request["root_id"], "spillway_request");
         assert_eq!(request["vm_config"]["code"]["local"]["filename"], "/etc/envoy/spillway.wasm");
         assert!(hcm.get("access_log").is_some());

@@ -450,6 +450,21 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_body_fields_filter_copies_every_contract_field_and_marks_json() {
+        let f = body_fields_filter();
+        let rules = f["typed_config"]["request_rules"]["rules"].as_array().unwrap();
+        let keys: Vec<&str> = rules.iter().filter_map(|r| r["on_present"]["key"].as_str()).collect();
+        for k in body_metadata::STRINGS.iter().chain(&body_metadata::NUMBERS).chain(&body_metadata::BOOLS) {
+            assert!(keys.contains(k), "{k}");
+        }
+        let nested = rules.iter().find(|r| r["on_present"]["key"] == body_metadata::INCLUDE_USAGE).unwrap();
+        assert_eq!(nested["selectors"], json!([{ "key": "stream_options" }, { "key": "include_usage" }]));
+        // The marker rule needs on_present too: Envoy applies on_missing only then.
+        let marker = rules.iter().find(|r| r["on_missing"]["key"] == body_metadata::PARSED).unwrap();
+        assert!(marker.get("on_present").is_some());
+    }
+
+    #[test]
     fn one_tag_regex_per_label() {
         let tags = stats_config()["stats_tags"].as_array().unwrap().clone();
         assert_eq!(tags.len(), metric::LABELS.len());
