@@ -242,6 +242,16 @@ fn envoy_filter(config: &Config, filter_json: &str, opts: &IstioOptions, env_key
         },
         "patch": { "operation": "MERGE", "value": route },
     }));
+    // The body's fields, read by Envoy before the request role (first in the
+    // gateway's HTTP filters; it holds JSON request bodies until complete).
+    patches.push(json!({
+        "applyTo": "HTTP_FILTER",
+        "match": {
+            "context": "GATEWAY",
+            "listener": { "filterChain": { "filter": { "name": "envoy.filters.network.http_connection_manager" } } },
+        },
+        "patch": { "operation": "INSERT_FIRST", "value": envoy::body_fields_filter() },
+    }));
     Ok(json!({
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
@@ -411,6 +421,9 @@ mod tests {
         assert_eq!(patches[4]["applyTo"], "HTTP_ROUTE");
         assert!(route.get("match").is_none());
         assert_eq!(route["route"]["retry_policy"]["refresh_cluster_on_retry"], true);
+        assert_eq!(patches[5]["applyTo"], "HTTP_FILTER");
+        assert_eq!(patches[5]["patch"]["operation"], "INSERT_FIRST");
+        assert_eq!(patches[5]["patch"]["value"]["name"], "spillway.body_fields");
     }
 
     #[test]

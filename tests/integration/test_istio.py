@@ -102,6 +102,7 @@ def istio_bootstrap(docs: list[dict], wasm_file: Path, listen_port: int, admin_p
              "route": {"cluster": f"outbound|{dest['port']['number']}||{dest['host']}",
                        "timeout": http_route["timeout"]}}
     clusters = []
+    first_filters = []
     ef = by_kind(docs, "EnvoyFilter")[0]["spec"]
     for p in ef["configPatches"]:
         assert p["match"]["context"] == "GATEWAY"
@@ -112,6 +113,11 @@ def istio_bootstrap(docs: list[dict], wasm_file: Path, listen_port: int, admin_p
             assert p["match"]["routeConfiguration"]["vhost"]["route"]["name"] == route["name"]
             assert p["patch"]["operation"] == "MERGE"
             proto_merge(route, p["patch"]["value"])
+        elif p["applyTo"] == "HTTP_FILTER":
+            assert p["match"]["listener"]["filterChain"]["filter"]["name"] == \
+                "envoy.filters.network.http_connection_manager"
+            assert p["patch"]["operation"] == "INSERT_FIRST"
+            first_filters.insert(0, copy.deepcopy(p["patch"]["value"]))
         else:
             raise AssertionError(f"unexpected patch {p['applyTo']}")
     hcm = {
@@ -119,7 +125,7 @@ def istio_bootstrap(docs: list[dict], wasm_file: Path, listen_port: int, admin_p
         "stat_prefix": "outbound_0.0.0.0_8080",
         "route_config": {"name": "http.8080", "virtual_hosts": [
             {"name": f"{vs['hosts'][0]}:8080", "domains": ["*"], "routes": [route]}]},
-        "http_filters": [request_filter, {"name": "envoy.filters.http.router", "typed_config": {
+        "http_filters": [*first_filters, request_filter, {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
     return {
