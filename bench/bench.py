@@ -354,6 +354,12 @@ def overhead(args, workdir: Path) -> dict:
         procs.append(e)
         setups.append({"name": "envoy-spillway-nolog", "url": e.url + CHAT_PATH, "proc": e, "rate": args.rate,
                        "kind": "envoy"})
+        # Ablation: without the json_to_metadata filter (requests not held
+        # until their body has arrived): the cost of body-aware routing.
+        e = Envoy("envoy-spillway-no-body-fields", configs.spillway_without_body_fields(rendered), workdir)
+        procs.append(e)
+        setups.append({"name": "envoy-spillway-no-body-fields", "url": e.url + CHAT_PATH, "proc": e,
+                       "rate": args.rate, "kind": "envoy"})
         # Ablation: the request role alone (no attempt role on the clusters).
         e = Envoy("envoy-spillway-request-role", configs.spillway_request_role_only(rendered), workdir)
         procs.append(e)

@@ -133,6 +133,18 @@ def spillway_request_role_only(rendered: dict) -> dict:
     return boot
 
 
+def spillway_without_body_fields(rendered: dict) -> dict:
+    """Ablation: the rendered Spillway bootstrap without Envoy's
+    json_to_metadata filter, so requests are not held until their body has
+    arrived (the request role then falls back to size-based admission). The
+    difference to the full bootstrap is what reading the body's fields
+    before routing costs."""
+    boot = copy.deepcopy(rendered)
+    hcm = _hcm(boot)
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "spillway.body_fields"]
+    return boot
+
+
 def envoy_native_retry(plain_boot: dict, num_retries: int = 2) -> dict:
     """Envoy alone in front of the three mocks: retry a 429 on another host."""
     boot = copy.deepcopy(plain_boot)
