@@ -1,12 +1,17 @@
 //! `spillway-mock`: a mock Azure OpenAI backend for Spillway's integration
 //! tests and benchmarks. See `--help`.
 
+mod audio;
+mod batches;
 mod fault;
+mod files;
+mod multipart;
 mod openai;
 mod quota;
 mod responses;
 mod server;
 mod state;
+mod store;
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -24,21 +29,31 @@ use crate::state::{Mock, Settings};
 /// Shown by `--help` (details in the `server` module docs).
 const CONTROL_API: &str = r#"Data plane:
   POST /openai/deployments/{d}/{chat/completions,completions,embeddings,images/generations}?api-version=
-  POST /openai/v1/{op}, /v1/{op}       the same ops; deployment = body "model"
+  POST /openai/deployments/{d}/{audio/transcriptions,audio/translations,images/edits}?api-version=
+                        multipart/form-data: "file" (audio) or "image" and "prompt" (edits)
+  POST /openai/v1/{op}, /v1/{op}       the same ops; deployment = body (or form) "model"
   POST /openai/v1/responses, /v1/responses, /openai/responses?api-version=
                         Responses API (deployment = body "model"); responses are stored
                         in this process: previous_response_id, GET/DELETE .../responses/{id},
                         POST .../{id}/cancel, GET .../{id}/input_items only work here
                         (elsewhere 400 previous_response_not_found / 404)
+  POST .../files (multipart "purpose", "file"), GET .../files, GET/DELETE .../files/{id},
+  GET .../files/{id}/content    under /openai/v1, /v1, /openai (api-version); files are stored
+                        in this process (elsewhere 404)
+  POST .../batches {"input_file_id","endpoint","completion_window"}, GET .../batches,
+  GET .../batches/{id}, POST .../batches/{id}/cancel    same prefixes; the input file must
+                        be stored here (else 400 invalid_file_id); a batch completes when
+                        first retrieved, its answers in an output file stored here
 
 Control API (JSON), under /_mock/:
   GET  /_mock/health    {"ok": true}
   GET  /_mock/stats     requests_total, by_status, requests: one record per data-plane
                         request (method, path, query, headers, body_len, body_json,
-                        deployment, status: 0 = no response head, stream, fault),
-                        responses_stored
+                        deployment, status: 0 = no response head, stream, fault; a form's
+                        body_json: its fields, a file as "NAME (N bytes)"),
+                        responses_stored, files_stored, batches_stored
   POST /_mock/reset     clear stats, quota window and the fail_next queue (not the
-                        stored responses)
+                        stored responses, files, batches)
   GET  /_mock/config    current settings
   POST /_mock/config    change any of: requests_per_window, tokens_per_window, window_ms,
                         latency_ms, stream_chunks, stream_chunk_delay_ms, api_key,
@@ -242,7 +257,16 @@ mod tests {
         assert_eq!(parse_args("--help").unwrap_err().kind(), ErrorKind::DisplayHelp);
         assert_eq!(parse_args("-h").unwrap_err().kind(), ErrorKind::DisplayHelp);
         let help = Cli::command().render_long_help().to_string();
-        for needle in ["--stream-chunk-delay-ms <MS>", "[default: 60000]", "reset_after_events", "raw_headers"] {
+        for needle in [
+            "--stream-chunk-delay-ms <MS>",
+            "[default: 60000]",
+            "reset_after_events",
+            "raw_headers",
+            "audio/transcriptions",
+            "files/{id}/content",
+            "batches/{id}/cancel",
+            "files_stored",
+        ] {
             assert!(help.contains(needle), "{needle} not in help:\n{help}");
         }
     }

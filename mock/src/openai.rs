@@ -4,6 +4,9 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use crate::multipart::Form;
+use crate::state::Refusal;
+
 /// Default `api-version` named in messages when the request has none (v1 routes).
 pub const DEFAULT_API_VERSION: &str = "2024-10-21";
 
@@ -24,15 +27,43 @@ pub enum Operation {
     CancelResponse,
     /// `GET .../responses/{id}/input_items`
     ListInputItems,
+    /// `POST .../files` (multipart)
+    CreateFile,
+    /// `GET .../files`
+    ListFiles,
+    /// `GET .../files/{id}`
+    GetFile,
+    /// `DELETE .../files/{id}`
+    DeleteFile,
+    /// `GET .../files/{id}/content`
+    GetFileContent,
+    /// `POST .../batches`
+    CreateBatch,
+    /// `GET .../batches`
+    ListBatches,
+    /// `GET .../batches/{id}`
+    GetBatch,
+    /// `POST .../batches/{id}/cancel`
+    CancelBatch,
+    /// `POST .../audio/transcriptions` (multipart)
+    AudioTranscriptions,
+    /// `POST .../audio/translations` (multipart)
+    AudioTranslations,
+    /// `POST .../images/edits` (multipart)
+    ImageEdits,
 }
 
 impl Operation {
-    fn from_suffix(s: &str) -> Option<Self> {
+    /// The operation a deployment path (or a v1 path, a batch line's `url`) ends with.
+    pub fn from_suffix(s: &str) -> Option<Self> {
         match s {
             "chat/completions" => Some(Operation::ChatCompletions),
             "completions" => Some(Operation::Completions),
             "embeddings" => Some(Operation::Embeddings),
             "images/generations" => Some(Operation::ImageGenerations),
+            "images/edits" => Some(Operation::ImageEdits),
+            "audio/transcriptions" => Some(Operation::AudioTranscriptions),
+            "audio/translations" => Some(Operation::AudioTranslations),
             _ => None,
         }
     }
@@ -49,7 +80,30 @@ impl Operation {
             Operation::DeleteResponse => "Responses_Delete",
             Operation::CancelResponse => "Responses_Cancel",
             Operation::ListInputItems => "Responses_ListInputItems",
+            Operation::CreateFile => "Files_Upload",
+            Operation::ListFiles => "Files_List",
+            Operation::GetFile => "Files_Get",
+            Operation::DeleteFile => "Files_Delete",
+            Operation::GetFileContent => "Files_GetContent",
+            Operation::CreateBatch => "Batch_Create",
+            Operation::ListBatches => "Batch_List",
+            Operation::GetBatch => "Batch_Get",
+            Operation::CancelBatch => "Batch_Cancel",
+            Operation::AudioTranscriptions => "Transcriptions_Create",
+            Operation::AudioTranslations => "Translations_Create",
+            Operation::ImageEdits => "ImageEdits_Create",
         }
+    }
+
+    /// Whether the request body is a `multipart/form-data` form (not JSON).
+    pub fn takes_form(self) -> bool {
+        matches!(
+            self,
+            Operation::CreateFile
+                | Operation::AudioTranscriptions
+                | Operation::AudioTranslations
+                | Operation::ImageEdits
+        )
     }
 
     /// Whether `"stream": true` in the body is honoured for this operation.
@@ -64,17 +118,20 @@ pub enum Route {
     /// `/openai/deployments/{deployment}/{op}` (requires `api-version`).
     Classic { deployment: String, op: Operation },
     /// `/openai/v1/{op}` or `/v1/{op}`, and the classic `/openai/responses`
-    /// (which requires `api-version`): the deployment is the body's `model`.
+    /// (which requires `api-version`): the deployment is the body's (or
+    /// form's) `model`.
     ModelInBody { op: Operation, needs_api_version: bool },
-    /// `.../responses/{id}` and its `/cancel`, `/input_items`: one stored
-    /// response; no deployment.
-    StoredResponse { id: String, op: Operation, needs_api_version: bool },
+    /// This backend's stored objects, no deployment: `.../responses/{id}`
+    /// and its `/cancel`, `/input_items`; `.../files`, `.../files/{id}` and
+    /// its `/content`; `.../batches`, `.../batches/{id}` and its `/cancel`.
+    /// `id` is the object's, `None` for a create or a list.
+    Stored { id: Option<String>, op: Operation, needs_api_version: bool },
 }
 
 impl Route {
     pub fn op(&self) -> Operation {
         match self {
-            Route::Classic { op, .. } | Route::ModelInBody { op, .. } | Route::StoredResponse { op, .. } => *op,
+            Route::Classic { op, .. } | Route::ModelInBody { op, .. } | Route::Stored { op, .. } => *op,
         }
     }
 
@@ -82,7 +139,7 @@ impl Route {
     pub fn needs_api_version(&self) -> bool {
         match self {
             Route::Classic { .. } => true,
-            Route::ModelInBody { needs_api_version, .. } | Route::StoredResponse { needs_api_version, .. } => {
+            Route::ModelInBody { needs_api_version, .. } | Route::Stored { needs_api_version, .. } => {
                 *needs_api_version
             }
         }
@@ -105,27 +162,46 @@ pub fn parse_route(method: &str, path: &str) -> Option<Route> {
         if let Some(op) = Operation::from_suffix(suffix) {
             return (method == "POST").then_some(Route::ModelInBody { op, needs_api_version: false });
         }
-        return responses_route(method, suffix, false);
+        return object_route(method, suffix, false);
     }
-    responses_route(method, path.strip_prefix("/openai/")?, true)
+    object_route(method, path.strip_prefix("/openai/")?, true)
 }
 
-/// `responses`, `responses/{id}`, `responses/{id}/cancel`, `responses/{id}/input_items`.
-fn responses_route(method: &str, suffix: &str, needs_api_version: bool) -> Option<Route> {
-    let rest = suffix.strip_prefix("responses")?;
-    if rest.is_empty() {
-        return (method == "POST").then_some(Route::ModelInBody { op: Operation::CreateResponse, needs_api_version });
+/// `{collection}`, `{collection}/{id}`, `{collection}/{id}/{action}` for the
+/// stored-object APIs (responses, files, batches).
+fn object_route(method: &str, suffix: &str, needs_api_version: bool) -> Option<Route> {
+    let mut segments = suffix.splitn(3, '/');
+    let collection = segments.next()?;
+    let id = segments.next();
+    if id == Some("") {
+        return None;
     }
-    let rest = rest.strip_prefix('/')?;
-    let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
-    let op = match (method, action) {
-        ("GET", "") => Operation::GetResponse,
-        ("DELETE", "") => Operation::DeleteResponse,
-        ("POST", "cancel") => Operation::CancelResponse,
-        ("GET", "input_items") => Operation::ListInputItems,
+    let op = object_op(collection, method, id.is_some(), segments.next().unwrap_or(""))?;
+    Some(match op {
+        // A create is charged like a chat completion: its deployment is the body's model.
+        Operation::CreateResponse => Route::ModelInBody { op, needs_api_version },
+        _ => Route::Stored { id: id.map(str::to_string), op, needs_api_version },
+    })
+}
+
+fn object_op(collection: &str, method: &str, has_id: bool, action: &str) -> Option<Operation> {
+    Some(match (collection, method, has_id, action) {
+        ("responses", "POST", false, "") => Operation::CreateResponse,
+        ("responses", "GET", true, "") => Operation::GetResponse,
+        ("responses", "DELETE", true, "") => Operation::DeleteResponse,
+        ("responses", "POST", true, "cancel") => Operation::CancelResponse,
+        ("responses", "GET", true, "input_items") => Operation::ListInputItems,
+        ("files", "POST", false, "") => Operation::CreateFile,
+        ("files", "GET", false, "") => Operation::ListFiles,
+        ("files", "GET", true, "") => Operation::GetFile,
+        ("files", "DELETE", true, "") => Operation::DeleteFile,
+        ("files", "GET", true, "content") => Operation::GetFileContent,
+        ("batches", "POST", false, "") => Operation::CreateBatch,
+        ("batches", "GET", false, "") => Operation::ListBatches,
+        ("batches", "GET", true, "") => Operation::GetBatch,
+        ("batches", "POST", true, "cancel") => Operation::CancelBatch,
         _ => return None,
-    };
-    (!id.is_empty()).then(|| Route::StoredResponse { id: id.to_string(), op, needs_api_version })
+    })
 }
 
 /// Value of query parameter `name` in a raw query string (no percent-decoding).
@@ -171,7 +247,7 @@ pub fn estimate_prompt_tokens(op: Operation, body: &Value) -> u64 {
                 count_contents(msgs, &mut chars, &mut tokens);
             }
         }
-        Operation::Completions | Operation::ImageGenerations => {
+        Operation::Completions | Operation::ImageGenerations | Operation::ImageEdits => {
             if let Some(p) = body.get("prompt") {
                 count_text(p, &mut chars, &mut tokens);
             }
@@ -191,7 +267,8 @@ pub fn estimate_prompt_tokens(op: Operation, body: &Value) -> u64 {
                 count_text(i, &mut chars, &mut tokens);
             }
         }
-        Operation::GetResponse | Operation::DeleteResponse | Operation::CancelResponse | Operation::ListInputItems => {}
+        // Stored-object requests and audio: nothing to count.
+        _ => {}
     }
     (chars.div_ceil(4) + tokens).max(1)
 }
@@ -214,11 +291,8 @@ pub fn quota_charge(op: Operation, body: &Value) -> u64 {
             estimate_prompt_tokens(op, body).saturating_add(max.saturating_mul(best_of))
         }
         Operation::Embeddings => estimate_prompt_tokens(op, body),
-        Operation::ImageGenerations
-        | Operation::GetResponse
-        | Operation::DeleteResponse
-        | Operation::CancelResponse
-        | Operation::ListInputItems => 0,
+        // Images and audio count requests only; stored-object requests are never charged.
+        _ => 0,
     }
 }
 
@@ -234,6 +308,25 @@ fn include_usage(body: &Value) -> bool {
 /// `{"error":{"code":..,"message":..}}`
 pub fn error_body(code: &str, message: &str) -> Value {
     json!({"error": {"code": code, "message": message}})
+}
+
+/// OpenAI's error shape: `message`, `type`, `param`, `code`.
+pub fn invalid_request(message: &str, param: Option<&str>, code: Option<&str>) -> Value {
+    json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}})
+}
+
+/// 400 body for a request without the parameter `param`.
+pub fn missing_parameter(param: &str) -> Value {
+    invalid_request(&format!("Missing required parameter: '{param}'."), Some(param), Some("missing_required_parameter"))
+}
+
+/// 400 body for a form operation sent something else than a form.
+pub fn not_multipart() -> Value {
+    invalid_request(
+        "Invalid Content-Type header, expected multipart/form-data with a boundary and well-formed parts.",
+        None,
+        Some("invalid_content_type"),
+    )
 }
 
 pub fn resource_not_found() -> Value {
@@ -425,6 +518,27 @@ pub fn images(ctx: &Ctx, body: &Value, first_image: u64) -> Value {
     json!({"created": ctx.created, "data": data})
 }
 
+/// The checks of an image edit form: an `image` (or `image[]`) file and a `prompt`.
+pub fn validate_image_edit(form: &Form) -> Result<(), Refusal> {
+    if form.file("image").or_else(|| form.file("image[]")).is_none() {
+        return Err((400, missing_parameter("image")));
+    }
+    if form.text("prompt").is_none_or(|p| p.is_empty()) {
+        return Err((400, missing_parameter("prompt")));
+    }
+    Ok(())
+}
+
+/// An image edit form's fields (its summary) as the images code reads a
+/// body: `n` as a number.
+pub fn image_edit_request(fields: &Value) -> Value {
+    let mut body = fields.clone();
+    if let Some(n) = fields.get("n").and_then(Value::as_str).and_then(|n| n.trim().parse::<u64>().ok()) {
+        body["n"] = json!(n);
+    }
+    body
+}
+
 /// Number of images an images request produces (for URL numbering).
 pub fn image_count(body: &Value) -> u64 {
     u64_field(body, "n").unwrap_or(1).clamp(1, 128)
@@ -597,6 +711,71 @@ mod tests {
     }
 
     #[test]
+    fn file_batch_audio_and_edit_paths() {
+        let route = |method: &str, path: &str| parse_route(method, path).map(|r| (r.op(), r.needs_api_version()));
+        for (prefix, classic) in [("/openai/v1", false), ("/v1", false), ("/openai", true)] {
+            let at = |suffix: &str| format!("{prefix}/{suffix}");
+            assert_eq!(route("POST", &at("files")), Some((Operation::CreateFile, classic)), "{prefix}");
+            assert_eq!(route("GET", &at("files/")), Some((Operation::ListFiles, classic)));
+            assert_eq!(route("GET", &at("files/file-1")), Some((Operation::GetFile, classic)));
+            assert_eq!(route("DELETE", &at("files/file-1")), Some((Operation::DeleteFile, classic)));
+            assert_eq!(route("GET", &at("files/file-1/content")), Some((Operation::GetFileContent, classic)));
+            assert_eq!(route("POST", &at("batches")), Some((Operation::CreateBatch, classic)));
+            assert_eq!(route("GET", &at("batches")), Some((Operation::ListBatches, classic)));
+            assert_eq!(route("GET", &at("batches/batch_1")), Some((Operation::GetBatch, classic)));
+            assert_eq!(route("POST", &at("batches/batch_1/cancel")), Some((Operation::CancelBatch, classic)));
+            for (method, suffix) in [
+                ("DELETE", "files"),
+                ("POST", "files/file-1"),
+                ("POST", "files/file-1/content"),
+                ("GET", "files//content"),
+                ("GET", "files/file-1/content/x"),
+                ("DELETE", "batches/batch_1"),
+                ("GET", "batches/batch_1/cancel"),
+                ("POST", "batches/batch_1/other"),
+            ] {
+                assert_eq!(route(method, &at(suffix)), None, "{method} {prefix}/{suffix}");
+            }
+        }
+        assert_eq!(
+            parse_route("GET", "/v1/files/file-9"),
+            Some(Route::Stored { id: Some("file-9".into()), op: Operation::GetFile, needs_api_version: false })
+        );
+        assert_eq!(
+            post("/openai/files"),
+            Some(Route::Stored { id: None, op: Operation::CreateFile, needs_api_version: true })
+        );
+        for (suffix, op) in [
+            ("audio/transcriptions", Operation::AudioTranscriptions),
+            ("audio/translations", Operation::AudioTranslations),
+            ("images/edits", Operation::ImageEdits),
+        ] {
+            let classic = post(&format!("/openai/deployments/whisper/{suffix}"));
+            assert_eq!(classic, Some(Route::Classic { deployment: "whisper".into(), op }));
+            assert_eq!(post(&format!("/openai/v1/{suffix}")), model_in_body(op));
+            assert_eq!(post(&format!("/v1/{suffix}")), model_in_body(op));
+            assert!(op.takes_form());
+        }
+        assert_eq!(post("/openai/audio/transcriptions"), None, "classic audio needs a deployment");
+        assert_eq!(post("/openai/deployments/d/files"), None);
+        assert!(Operation::CreateFile.takes_form() && !Operation::CreateBatch.takes_form());
+    }
+
+    #[test]
+    fn image_edit_forms() {
+        assert_eq!(image_edit_request(&json!({"n": "2", "prompt": "p"})), json!({"n": 2, "prompt": "p"}));
+        assert_eq!(image_edit_request(&json!({"n": "x"})), json!({"n": "x"}));
+        let form = |fields: &[(&str, &str)], image: &str| {
+            let body = crate::multipart::tests::httpx_body(fields, &[(image, "a.png", "image/png", b"\x89PNG")]);
+            crate::multipart::parse(&Bytes::from(body), crate::multipart::tests::BOUNDARY).unwrap()
+        };
+        assert_eq!(validate_image_edit(&form(&[("prompt", "hat")], "image")), Ok(()));
+        assert_eq!(validate_image_edit(&form(&[("prompt", "hat")], "image[]")), Ok(()));
+        assert_eq!(validate_image_edit(&form(&[("prompt", "hat")], "mask")), Err((400, missing_parameter("image"))));
+        assert_eq!(validate_image_edit(&form(&[("prompt", "")], "image")), Err((400, missing_parameter("prompt"))));
+    }
+
+    #[test]
     fn responses_paths() {
         assert_eq!(post("/openai/v1/responses"), model_in_body(Operation::CreateResponse));
         assert_eq!(post("/v1/responses/"), model_in_body(Operation::CreateResponse));
@@ -609,7 +788,7 @@ mod tests {
         assert_eq!(stored("GET", "/openai/v1/responses/resp_1/input_items"), Some((Operation::ListInputItems, false)));
         assert_eq!(
             parse_route("GET", "/v1/responses/resp_9"),
-            Some(Route::StoredResponse { id: "resp_9".into(), op: Operation::GetResponse, needs_api_version: false })
+            Some(Route::Stored { id: Some("resp_9".into()), op: Operation::GetResponse, needs_api_version: false })
         );
         for (method, path) in [
             ("GET", "/openai/v1/responses"),

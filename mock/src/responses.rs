@@ -2,28 +2,21 @@
 //! the responses this backend created.
 //!
 //! Like an Azure OpenAI resource, a mock keeps the responses it created (the
-//! newest [`MAX_STORED`]), so a follow-up (`previous_response_id`), a
+//! newest [`store::MAX_STORED`]), so a follow-up (`previous_response_id`), a
 //! retrieval, a deletion, a cancellation or an input-item listing only works
 //! on the backend that created the response. Anywhere else it fails as on
 //! Azure: 400 `previous_response_not_found` for a follow-up, 404 for the
 //! others. Ids (`resp_`/`msg_` + 48 hex digits) are random-looking and say
-//! nothing about the backend.
+//! nothing about the backend (see [`crate::store`]).
 //!
 //! Everything here is pure (no I/O); the request checks, quota and faults
 //! are applied by [`crate::state`] as for any other operation.
 
-use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasher;
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde_json::{json, Value};
 
-use crate::openai::{self, Ctx, Operation, StreamPlan};
+use crate::openai::{self, invalid_request, Ctx, Operation, StreamPlan};
 use crate::state::{Refusal, ReplyBody};
-
-/// Stored responses kept per mock process (older ones are forgotten).
-pub const MAX_STORED: usize = 10_000;
+use crate::store::{self, Bounded, Ids};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Status {
@@ -82,24 +75,16 @@ fn unfinished(completed: &Value, status: &str) -> Value {
     v
 }
 
-/// The responses one mock created, by id.
+/// The responses one mock created, by id (the newest [`store::MAX_STORED`]).
 #[derive(Debug)]
 pub struct ResponseStore {
-    keys: RandomState,
-    /// Hash of the backend name, process id and start time.
-    seed: u64,
-    minted: u64,
-    by_id: HashMap<String, Stored>,
-    /// Ids in creation order, for eviction; a deleted id stays until evicted.
-    order: VecDeque<String>,
+    ids: Ids,
+    by_id: Bounded<Stored>,
 }
 
 impl ResponseStore {
     pub fn new(name: &str) -> Self {
-        let keys = RandomState::new();
-        let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let seed = keys.hash_one((name, std::process::id(), started));
-        ResponseStore { keys, seed, minted: 0, by_id: HashMap::new(), order: VecDeque::new() }
+        ResponseStore { ids: Ids::new(name), by_id: Bounded::default() }
     }
 
     /// Responses currently stored.
@@ -109,17 +94,14 @@ impl ResponseStore {
 
     /// `{prefix}_` + 48 hex digits, unique within and across mock processes.
     fn mint(&mut self, prefix: &str) -> String {
-        self.minted += 1;
-        let hex: String =
-            (0..3u8).map(|lane| format!("{:016x}", self.keys.hash_one((self.seed, self.minted, lane)))).collect();
-        format!("{prefix}_{hex}")
+        format!("{prefix}_{}", self.ids.hex(3))
     }
 
     /// The checks of a create before quota admission: `previous_response_id`
     /// must name a response stored here, and `background` needs `store`.
     pub fn validate(&self, body: &Value) -> Result<(), Refusal> {
         if let Some(prev) = body.get("previous_response_id").filter(|v| !v.is_null()) {
-            if !prev.as_str().is_some_and(|id| self.by_id.contains_key(id)) {
+            if !prev.as_str().is_some_and(|id| self.by_id.contains(id)) {
                 let shown = prev.as_str().map_or_else(|| prev.to_string(), str::to_string);
                 return Err((400, previous_not_found(&shown)));
             }
@@ -149,7 +131,7 @@ impl ResponseStore {
             ReplyBody::Json(stored.view())
         };
         if flag(body, "store", true) {
-            self.insert(id, stored);
+            self.by_id.insert(id, stored);
         }
         reply
     }
@@ -161,16 +143,6 @@ impl ResponseStore {
             s.settle();
             s.turn
         })
-    }
-
-    fn insert(&mut self, id: String, stored: Stored) {
-        if self.order.len() >= MAX_STORED {
-            if let Some(old) = self.order.pop_front() {
-                self.by_id.remove(&old);
-            }
-        }
-        self.order.push_back(id.clone());
-        self.by_id.insert(id, stored);
     }
 
     /// The request's `input` as stored items, each with an id; a string
@@ -213,7 +185,9 @@ impl ResponseStore {
                 (200, retrieve(stored, query))
             }
             Operation::CancelResponse => cancel(stored),
-            Operation::ListInputItems => (200, ReplyBody::Json(list_items(&stored.input_items, query))),
+            Operation::ListInputItems => {
+                (200, ReplyBody::Json(store::list_page(stored.input_items.iter().collect(), query, 20, 100)))
+            }
             Operation::DeleteResponse => {
                 self.by_id.remove(id);
                 (200, ReplyBody::Json(json!({"id": id, "object": "response.deleted", "deleted": true})))
@@ -246,24 +220,6 @@ fn cancel(stored: &mut Stored) -> (u16, ReplyBody) {
         stored.status = Status::Cancelled;
     }
     (200, ReplyBody::Json(stored.view()))
-}
-
-/// The input-item list: `order` (`desc`, the default, or `asc`), `after` (an
-/// item id) and `limit` (1-100, default 20) as the API takes them.
-fn list_items(items: &[Value], query: &str) -> Value {
-    let param = |name| openai::query_param(query, name);
-    let limit = param("limit").and_then(|v| v.parse::<usize>().ok()).unwrap_or(20).clamp(1, 100);
-    let ordered: Vec<&Value> =
-        if param("order") == Some("asc") { items.iter().collect() } else { items.iter().rev().collect() };
-    let start = param("after").and_then(|a| ordered.iter().position(|i| i["id"] == a)).map_or(0, |p| p + 1);
-    let page: Vec<Value> = ordered.iter().skip(start).take(limit).map(|v| (*v).clone()).collect();
-    json!({
-        "object": "list",
-        "data": page,
-        "first_id": page.first().map(|i| i["id"].clone()),
-        "last_id": page.last().map(|i| i["id"].clone()),
-        "has_more": ordered.len() > start + page.len(),
-    })
 }
 
 fn flag(body: &Value, key: &str, default: bool) -> bool {
@@ -406,11 +362,6 @@ fn numbered(groups: [Vec<Value>; 3]) -> StreamPlan {
     StreamPlan { head, content, tail }
 }
 
-/// OpenAI's error shape: `message`, `type`, `param`, `code`.
-fn invalid_request(message: &str, param: Option<&str>, code: Option<&str>) -> Value {
-    json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}})
-}
-
 /// 400 body of a follow-up whose `previous_response_id` this backend does not have.
 pub fn previous_not_found(id: &str) -> Value {
     invalid_request(
@@ -453,14 +404,14 @@ mod tests {
     fn json_of(body: ReplyBody) -> Value {
         match body {
             ReplyBody::Json(v) => v,
-            ReplyBody::Stream(_) => panic!("unexpected stream"),
+            other => panic!("not JSON: {other:?}"),
         }
     }
 
     fn plan_of(body: ReplyBody) -> StreamPlan {
         match body {
             ReplyBody::Stream(p) => p,
-            ReplyBody::Json(v) => panic!("unexpected JSON {v}"),
+            other => panic!("not a stream: {other:?}"),
         }
     }
 
@@ -626,10 +577,10 @@ mod tests {
     fn the_store_is_bounded() {
         let mut store = ResponseStore::new("eastus");
         let first = json_of(store.create(&ctx(), &json!({"input": "a"}), 1, 1));
-        for _ in 0..MAX_STORED {
+        for _ in 0..store::MAX_STORED {
             store.create(&ctx(), &json!({"input": "b", "store": true}), 1, 1);
         }
-        assert_eq!(store.len(), MAX_STORED);
+        assert_eq!(store.len(), store::MAX_STORED);
         let (status, _) = store.act(Operation::GetResponse, first["id"].as_str().unwrap(), "");
         assert_eq!(status, 404, "the oldest was forgotten");
     }

@@ -6,9 +6,26 @@
 //! | request | deployment |
 //! | --- | --- |
 //! | `POST /openai/deployments/{d}/{chat/completions, completions, embeddings, images/generations}?api-version=` | `{d}` |
-//! | `POST /openai/v1/{op}`, `POST /v1/{op}` (same ops) | body `model` |
+//! | `POST /openai/deployments/{d}/{audio/transcriptions, audio/translations, images/edits}?api-version=` (`multipart/form-data`) | `{d}` |
+//! | `POST /openai/v1/{op}`, `POST /v1/{op}` (same ops) | body (form) `model` |
 //! | `POST /openai/v1/responses`, `POST /v1/responses`, `POST /openai/responses?api-version=` | body `model` |
 //! | `GET`, `DELETE .../responses/{id}`; `POST .../responses/{id}/cancel`; `GET .../responses/{id}/input_items` (under the three response prefixes) | none |
+//! | `POST .../files` (form: `purpose`, `file`); `GET .../files`; `GET`, `DELETE .../files/{id}`; `GET .../files/{id}/content` (under `/openai/v1`, `/v1`, `/openai` + `api-version`) | none |
+//! | `POST .../batches`; `GET .../batches`; `GET .../batches/{id}`; `POST .../batches/{id}/cancel` (same prefixes) | none |
+//!
+//! Audio (see [`crate::audio`]) and image edits take a
+//! `multipart/form-data` body (a JSON body gets 400 `invalid_content_type`):
+//! audio a `file` part (answer: `{"text": "Transcribed by NAME from FILE (N
+//! bytes)"}`, or plain text for `response_format` `text`, `srt`, `vtt`),
+//! image edits an `image` (or `image[]`) part and a `prompt` (answered like
+//! an image generation). They are checked against the deployment allow-list
+//! and charged one request (no tokens).
+//!
+//! Files and batches (see [`crate::files`], [`crate::batches`]) are stored
+//! in this process like responses: a file or batch id is unknown to any
+//! other mock (404), and a batch can only be created on a file uploaded here
+//! (else 400 `invalid_file_id`). They check the key and `api-version`
+//! (classic prefix), use no quota, and take faults.
 //!
 //! The Responses API (see [`crate::responses`]): a create is checked, charged
 //! and faulted like a chat completion; its response is stored in this process
@@ -24,8 +41,8 @@
 //! | request | effect |
 //! | --- | --- |
 //! | `GET /_mock/health` | `{"ok": true}` |
-//! | `GET /_mock/stats` | `name`, `requests_total`, `by_status` (`{"200": n, ...}`), `requests`: the last 2000 data-plane request records, `responses_stored` (Responses API responses kept) |
-//! | `POST /_mock/reset` | clear stats, the quota window and the `fail_next` queue (stored responses stay) |
+//! | `GET /_mock/stats` | `name`, `requests_total`, `by_status` (`{"200": n, ...}`), `requests`: the last 2000 data-plane request records, `responses_stored` (Responses API responses kept), `files_stored`, `batches_stored` |
+//! | `POST /_mock/reset` | clear stats, the quota window and the `fail_next` queue (stored responses, files and batches stay) |
 //! | `GET /_mock/config` | the current settings and `fail_next_pending` |
 //! | `POST /_mock/config` | change settings; the body is validated whole (400 and no change on any error) |
 //!
@@ -37,7 +54,10 @@
 //!
 //! A stats record has `ts_ms`, `method`, `path`, `query`, `headers` (request
 //! headers; values that are not UTF-8 are decoded lossily), `body_len`,
-//! `body_json` (null when not JSON or over 64 KiB), `deployment`, `status` (of
+//! `body_json` (null when not JSON or over 64 KiB; for a `multipart/form-data`
+//! body its fields: text fields as strings, a file as `"NAME (N bytes)"`, a
+//! repeated name as an array; null when the text fields are over 64 KiB),
+//! `deployment`, `status` (of
 //! the response head; 0 when none was sent), `stream` (the body asked for
 //! one; on a response GET, `?stream=true`) and `fault` (the `fail_next` kind
 //! the request used, else null).
@@ -55,7 +75,7 @@
 //! | `{"status": N}`, N >= 400 | `status` | answer N with an Azure-style error body (404: `DeploymentNotFound`, 401: access denied, 429: rate-limit message, 500/502/503/504/408/400: Azure's texts) and `x-mock-injected: true`; no auth or quota check, no quota used |
 //! | `{"status": N}`, N < 400 | `pass` | no error: serve the request normally (checks and quota apply), with any extra headers below added |
 //! | `{"reset": true}` | `reset` | close the connection without any response (after `latency_ms`); status 0 |
-//! | `{"reset_after_events": N}` | `reset_after_events` | serve normally, then abort the connection mid-body: a stream stops after its first N SSE events (0: right after the head), without `[DONE]` or the closing chunk; a JSON body stops after half its bytes (`content-length` announces all of them). Status: the head's |
+//! | `{"reset_after_events": N}` | `reset_after_events` | serve normally, then abort the connection mid-body: a stream stops after its first N SSE events (0: right after the head), without `[DONE]` or the closing chunk; any other body (JSON, file content, plain text) stops after half its bytes (`content-length` announces all of them). Status: the head's |
 //! | `{"hang": true}` | `hang` | read the request and never answer; the connection stays open until the client closes it; status 0 |
 //! | `{"hang_ms": N}` | `hang_ms` | wait N ms (on top of `latency_ms`), then serve normally: a slow backend |
 //!
@@ -203,12 +223,11 @@ fn json_response(shared: &Shared, status: u16, v: &Value) -> Response<Body> {
     response(shared, status, "application/json", full(v.to_string()))
 }
 
-/// A JSON body cut after half its bytes, then an abort.
-fn cut_json_response(shared: &Shared, status: u16, v: &Value) -> Response<Body> {
-    let all = Bytes::from(v.to_string());
+/// A body cut after half its bytes, then an abort.
+fn cut_response(shared: &Shared, status: u16, content_type: &'static str, all: Bytes) -> Response<Body> {
     let half = all.slice(..all.len() / 2);
     let len = u64::try_from(all.len()).ok();
-    response(shared, status, "application/json", paced_body(vec![(half, 0)], true, len))
+    response(shared, status, content_type, paced_body(vec![(half, 0)], true, len))
 }
 
 /// An SSE stream; `reset_after_events` cuts it after that many events.
@@ -305,7 +324,11 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Respo
 fn reply_response(shared: &Shared, reply: Reply) -> Response<Body> {
     let mut resp = match (reply.body, reply.reset_after_events) {
         (ReplyBody::Json(v), None) => json_response(shared, reply.status, &v),
-        (ReplyBody::Json(v), Some(_)) => cut_json_response(shared, reply.status, &v),
+        (ReplyBody::Json(v), Some(_)) => {
+            cut_response(shared, reply.status, "application/json", Bytes::from(v.to_string()))
+        }
+        (ReplyBody::Raw { content_type, bytes }, None) => response(shared, reply.status, content_type, full(bytes)),
+        (ReplyBody::Raw { content_type, bytes }, Some(_)) => cut_response(shared, reply.status, content_type, bytes),
         (ReplyBody::Stream(plan), cut) => stream_response(shared, reply.status, plan, reply.stream_delay_ms, cut),
     };
     for (name, value) in reply.headers {
@@ -642,5 +665,46 @@ mod tests {
             (&json!(true), &json!(200), &json!("gpt-4o"))
         );
         assert_eq!(recs[1]["body_json"]["previous_response_id"], id.as_str());
+    }
+
+    #[tokio::test]
+    async fn multipart_upload_over_http_then_download() {
+        let addr = start(Settings::new("eastus")).await;
+        let data: &[u8] = b"{\"a\":1}\r\n--\r\n\x00\xff{\"b\":2}\n";
+        let body = crate::multipart::tests::httpx_body(
+            &[("purpose", "batch")],
+            &[("file", "batch.jsonl", "application/octet-stream", data)],
+        );
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /openai/files?api-version=2024-10-21 HTTP/1.1\r\nhost: x\r\ncontent-type: {}\r\ncontent-length: {}\r\n\r\n",
+            crate::multipart::tests::content_type(),
+            body.len()
+        );
+        s.write_all(&[head.as_bytes(), &body].concat()).await.unwrap();
+        let r = read_response(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("content-type: application/json"), "{r}");
+        let file: Value = serde_json::from_str(r.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!((&file["bytes"], &file["filename"]), (&json!(data.len()), &json!("batch.jsonl")));
+
+        // Same connection: the content comes back byte for byte.
+        let get = format!("GET /v1/files/{}/content HTTP/1.1\r\nhost: x\r\n\r\n", file["id"].as_str().unwrap());
+        s.write_all(get.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let mut tmp = [0u8; 4096];
+        while !raw.ends_with(data) {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut tmp)).await.unwrap().unwrap();
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&raw));
+            raw.extend_from_slice(&tmp[..n]);
+        }
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 200") && text.contains("content-type: application/octet-stream"), "{text}");
+        assert!(text.contains(&format!("content-length: {}\r\n", data.len())), "{text}");
+        let rec = &stats(addr).await["requests"][0];
+        assert_eq!(
+            rec["body_json"],
+            json!({"purpose": "batch", "file": format!("batch.jsonl ({} bytes)", data.len())})
+        );
+        assert_eq!((&rec["body_len"], &rec["status"]), (&json!(body.len()), &json!(200)));
     }
 }

@@ -7,17 +7,21 @@
 //! A data-plane request goes through, in order: the route (unknown path, or
 //! a method the path does not take: 404, no fault used), the next queued
 //! [`Fault`] (see [`crate::fault`]), then the normal checks — key,
-//! `api-version`, JSON body, model, deployment allow-list, for a Responses
-//! API create its `previous_response_id`, quota — and finally the generated
-//! answer. Requests on a stored response (`.../responses/{id}...`) only check
-//! the key and `api-version` and use no quota (see [`crate::responses`]).
+//! `api-version`, body (JSON object, or `multipart/form-data` for uploads,
+//! audio and image edits), model, deployment allow-list, the operation's own
+//! checks (a Responses API create's `previous_response_id`, an audio or image
+//! edit form's parts), quota — and finally the generated answer. Requests on
+//! this backend's stored objects (`.../responses/{id}...`, `.../files...`,
+//! `.../batches...`) check the key, `api-version` and their body, and use no
+//! quota (see [`crate::responses`], [`crate::files`], [`crate::batches`]).
 //! Faults that keep the request on the normal path (`hang_ms`,
 //! `reset_after_events`, `status` < 400) shape how that answer is delivered.
 //!
 //! Every data-plane request is recorded for `/_mock/stats`, faulted ones too:
 //! the record's `status` is what the response head said (0 when no head was
 //! sent: `reset`, `hang`) and `fault` names the `fail_next` kind it used
-//! ([`Fault::kind`]; `null` when the queue was empty).
+//! ([`Fault::kind`]; `null` when the queue was empty). A form's record shows
+//! its fields as `body_json` ([`Form::summary`]).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -25,14 +29,19 @@ use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::audio;
+use crate::batches::{BatchStore, Runner};
 use crate::fault::{self, Fault, Headers};
+use crate::files::FileStore;
+use crate::multipart::Form;
 use crate::openai::{self, Ctx, Operation, Route, StreamPlan};
 use crate::quota::{LimitKind, Quota, Remaining};
 use crate::responses::ResponseStore;
 
 /// Request records kept for `/_mock/stats`.
 pub const MAX_RECORDS: usize = 2000;
-/// Bodies larger than this are counted but not stored in stats.
+/// Bodies larger than this are counted but not stored in stats (for a form:
+/// when its text fields are larger).
 pub const MAX_STORED_BODY: usize = 64 * 1024;
 
 /// Runtime-changeable behaviour (besides the quota limits, which live in [`Quota`]).
@@ -98,6 +107,11 @@ pub struct RequestInfo {
 pub enum ReplyBody {
     Json(Value),
     Stream(StreamPlan),
+    /// Sent as it is: a file's content, a plain-text transcription.
+    Raw {
+        content_type: &'static str,
+        bytes: bytes::Bytes,
+    },
 }
 
 #[derive(Debug)]
@@ -112,7 +126,7 @@ pub struct Reply {
     /// Sleep before each stream content event.
     pub stream_delay_ms: u64,
     /// Abort the connection mid-body (`reset_after_events`): after this many
-    /// events of a stream; after half the bytes of a JSON body.
+    /// events of a stream; after half the bytes of any other body.
     pub reset_after_events: Option<usize>,
 }
 
@@ -150,6 +164,10 @@ pub struct Mock {
     next_image: u64,
     /// Responses API responses created here; kept across `/_mock/reset`.
     responses: ResponseStore,
+    /// Files uploaded here (and batch outputs); kept across `/_mock/reset`.
+    files: FileStore,
+    /// Batches created here; kept across `/_mock/reset`.
+    batches: BatchStore,
 }
 
 /// What a data-plane route implies for one request.
@@ -158,31 +176,35 @@ struct Call {
     /// `/openai/deployments/...` routes require `api-version`.
     needs_api_version: bool,
     api_version: Option<String>,
-    /// From the path, or the body's `model` on v1 routes.
+    /// From the path, or the body's (form's) `model` on v1 routes.
     deployment: Option<String>,
-    /// The stored response a `.../responses/{id}` route names.
-    response_id: Option<String>,
+    /// A request on this backend's stored objects (no deployment, no quota).
+    stored: bool,
+    /// The stored object the route names (`.../responses/{id}`, ...).
+    object_id: Option<String>,
     /// A stream was asked for: the body's `stream`, or `?stream=true` on a
     /// response GET.
     stream: bool,
+    /// The body, when it is a `multipart/form-data` form.
+    form: Option<Form>,
 }
 
 impl Call {
-    fn new(route: Route, query: &str, parsed: Option<&Value>) -> Self {
+    fn new(route: Route, query: &str, parsed: Option<&Value>, form: Option<Form>) -> Self {
         let (op, needs_api_version) = (route.op(), route.needs_api_version());
         let api_version = openai::query_param(query, "api-version").filter(|v| !v.is_empty()).map(str::to_string);
-        let (deployment, response_id) = match route {
-            Route::Classic { deployment, .. } => (Some(deployment), None),
+        let (deployment, stored, object_id) = match route {
+            Route::Classic { deployment, .. } => (Some(deployment), false, None),
             Route::ModelInBody { .. } => {
-                (parsed.and_then(|b| b.get("model")).and_then(Value::as_str).map(str::to_string), None)
+                (parsed.and_then(|b| b.get("model")).and_then(Value::as_str).map(str::to_string), false, None)
             }
-            Route::StoredResponse { id, .. } => (None, Some(id)),
+            Route::Stored { id, .. } => (None, true, id),
         };
         let stream = match op {
             Operation::GetResponse => openai::query_param(query, "stream") == Some("true"),
             _ => parsed.is_some_and(openai::wants_stream),
         };
-        Call { op, needs_api_version, api_version, deployment, response_id, stream }
+        Call { op, needs_api_version, api_version, deployment, stored, object_id, stream, form }
     }
 
     /// The `api-version` named in error messages.
@@ -250,8 +272,28 @@ fn check_access(settings: &Settings, req: &RequestInfo, call: &Call) -> Result<(
     Ok(())
 }
 
-/// The normal checks, in Azure's order: key, `api-version`, JSON object body,
-/// model, deployment allow-list. Returns the body and the model.
+/// The form of a form operation.
+fn form_of(call: &Call) -> Result<&Form, Refusal> {
+    call.form.as_ref().ok_or_else(|| (400, openai::not_multipart()))
+}
+
+/// The body as the operation takes it: a JSON object, or for a form
+/// operation ([`Operation::takes_form`]) a form (its fields, as an object).
+fn body_of<'a>(parsed: Option<&'a Value>, call: &Call) -> Result<&'a Value, Refusal> {
+    if call.op.takes_form() {
+        form_of(call)?;
+    } else if call.form.is_some() {
+        return Err((400, openai::error_body("BadRequest", NOT_JSON)));
+    }
+    match parsed {
+        Some(b @ Value::Object(_)) => Ok(b),
+        Some(_) => Err((400, openai::error_body("BadRequest", "The request body must be a JSON object."))),
+        None => Err((400, openai::error_body("BadRequest", NOT_JSON))),
+    }
+}
+
+/// The normal checks, in Azure's order: key, `api-version`, body (JSON
+/// object or form), model, deployment allow-list. Returns the body and the model.
 fn check<'a>(
     settings: &Settings,
     req: &RequestInfo,
@@ -259,11 +301,7 @@ fn check<'a>(
     call: &'a Call,
 ) -> Result<(&'a Value, &'a str), Refusal> {
     check_access(settings, req, call)?;
-    let body = match parsed {
-        Some(b @ Value::Object(_)) => b,
-        Some(_) => return Err((400, openai::error_body("BadRequest", "The request body must be a JSON object."))),
-        None => return Err((400, openai::error_body("BadRequest", NOT_JSON))),
-    };
+    let body = body_of(parsed, call)?;
     let Some(model) = call.deployment.as_deref() else {
         return Err((400, openai::error_body("BadRequest", "you must provide a model parameter")));
     };
@@ -273,11 +311,23 @@ fn check<'a>(
     Ok((body, model))
 }
 
+/// What a stats record shows of a body: its JSON, or a form's fields
+/// ([`Form::summary`]); null when not JSON or too large to keep.
+fn shown_body(req: &RequestInfo, parsed: Option<&Value>, form: Option<&Form>) -> Value {
+    let kept = form.map_or(req.body.len(), Form::text_len);
+    if kept <= MAX_STORED_BODY {
+        parsed.cloned().unwrap_or(Value::Null)
+    } else {
+        Value::Null
+    }
+}
+
 const NOT_JSON: &str = "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)";
 
 impl Mock {
     pub fn new(settings: Settings, quota: Quota) -> Self {
         let responses = ResponseStore::new(&settings.name);
+        let (files, batches) = (FileStore::new(&settings.name), BatchStore::new(&settings.name));
         Mock {
             settings,
             quota,
@@ -288,11 +338,13 @@ impl Mock {
             next_id: 1,
             next_image: 1,
             responses,
+            files,
+            batches,
         }
     }
 
     /// `/_mock/reset`: clear stats, quota window and fault queue (stored
-    /// responses stay, as on Azure).
+    /// responses, files and batches stay, as on Azure).
     pub fn reset(&mut self) {
         self.quota.reset();
         self.faults.clear();
@@ -308,6 +360,8 @@ impl Mock {
             "by_status": self.by_status,
             "requests": self.records,
             "responses_stored": self.responses.len(),
+            "files_stored": self.files.len(),
+            "batches_stored": self.batches.len(),
         })
     }
 
@@ -354,6 +408,7 @@ impl Mock {
         &mut self,
         req: RequestInfo,
         parsed: Option<&Value>,
+        body_json: Value,
         call: Option<Call>,
         outcome: &Outcome,
         fault: Option<&'static str>,
@@ -361,8 +416,6 @@ impl Mock {
         let status = outcome.status();
         self.total += 1;
         *self.by_status.entry(status.to_string()).or_insert(0) += 1;
-        let body_json =
-            if req.body.len() <= MAX_STORED_BODY { parsed.cloned().unwrap_or(Value::Null) } else { Value::Null };
         let stream = call.as_ref().map_or_else(|| parsed.is_some_and(openai::wants_stream), |c| c.stream);
         let deployment = call.and_then(|c| c.deployment);
         if self.records.len() >= MAX_RECORDS {
@@ -386,10 +439,12 @@ impl Mock {
     /// Decide how to answer a data-plane request and record it in stats.
     /// `now_ms` is the quota clock, `unix_s` the `created` timestamp.
     pub fn handle(&mut self, req: RequestInfo, now_ms: u64, unix_s: u64) -> Outcome {
-        let parsed: Option<Value> = serde_json::from_slice(&req.body).ok();
+        let form = Form::from_request(&req.headers, &req.body);
+        let parsed: Option<Value> = form.as_ref().map(Form::summary).or_else(|| serde_json::from_slice(&req.body).ok());
+        let body_json = shown_body(&req, parsed.as_ref(), form.as_ref());
         let (call, fault, outcome) = match openai::parse_route(&req.method, &req.path) {
             Some(route) => {
-                let call = Call::new(route, &req.query, parsed.as_ref());
+                let call = Call::new(route, &req.query, parsed.as_ref(), form);
                 let fault = self.faults.pop_front();
                 let outcome = self.decide(&req, parsed.as_ref(), &call, fault.as_ref(), now_ms, unix_s);
                 (Some(call), fault, outcome)
@@ -397,7 +452,7 @@ impl Mock {
             // Not a data-plane route: no fault is used up.
             None => (None, None, self.deliver(Answer::json(404, Headers::new(), openai::resource_not_found()))),
         };
-        self.record(req, parsed.as_ref(), call, &outcome, fault.as_ref().map(Fault::kind));
+        self.record(req, parsed.as_ref(), body_json, call, &outcome, fault.as_ref().map(Fault::kind));
         outcome
     }
 
@@ -447,13 +502,11 @@ impl Mock {
 
     /// The fault-free answer: checks, quota admission, then the generated body.
     fn serve(&mut self, req: &RequestInfo, parsed: Option<&Value>, call: &Call, now_ms: u64, unix_s: u64) -> Answer {
-        if let Some(id) = &call.response_id {
-            return self.serve_stored(req, call, id, now_ms);
+        if call.stored {
+            return self.serve_stored(req, parsed, call, now_ms, unix_s);
         }
         let checked = check(&self.settings, req, parsed, call).and_then(|(body, model)| {
-            if call.op == Operation::CreateResponse {
-                self.responses.validate(body)?;
-            }
+            self.validate(call, body)?;
             Ok((body, model))
         });
         let (body, model) = match checked {
@@ -462,20 +515,59 @@ impl Mock {
             Err((status, err)) => return Answer::json(status, remaining_headers(self.quota.remaining(now_ms)), err),
         };
         match self.admit(call, body, now_ms) {
-            Ok(headers) => Answer { status: 200, headers, body: self.generate(call.op, body, model, unix_s) },
+            Ok(headers) => Answer { status: 200, headers, body: self.generate(call, body, model, unix_s) },
             Err(answer) => answer,
         }
     }
 
-    /// A request on a stored response: the key and `api-version` checks, then
-    /// the store's answer; no quota is used (the headers report what is left).
-    fn serve_stored(&mut self, req: &RequestInfo, call: &Call, id: &str, now_ms: u64) -> Answer {
+    /// The operation's own checks, after the common ones and before quota.
+    fn validate(&self, call: &Call, body: &Value) -> Result<(), Refusal> {
+        match call.op {
+            Operation::CreateResponse => self.responses.validate(body),
+            Operation::AudioTranscriptions | Operation::AudioTranslations => audio::validate(form_of(call)?),
+            Operation::ImageEdits => openai::validate_image_edit(form_of(call)?),
+            _ => Ok(()),
+        }
+    }
+
+    /// A request on this backend's stored objects: the key and `api-version`
+    /// checks, then the store's answer; no quota is used (the headers report
+    /// what is left).
+    fn serve_stored(
+        &mut self,
+        req: &RequestInfo,
+        parsed: Option<&Value>,
+        call: &Call,
+        now_ms: u64,
+        unix_s: u64,
+    ) -> Answer {
         let headers = remaining_headers(self.quota.remaining(now_ms));
         let (status, body) = match check_access(&self.settings, req, call) {
-            Ok(()) => self.responses.act(call.op, id, &req.query),
+            Ok(()) => self.act_stored(req, parsed, call, unix_s),
             Err((status, err)) => (status, ReplyBody::Json(err)),
         };
         Answer { status, headers, body }
+    }
+
+    /// The store's answer to a request on a stored object.
+    fn act_stored(&mut self, req: &RequestInfo, parsed: Option<&Value>, call: &Call, unix_s: u64) -> (u16, ReplyBody) {
+        let id = call.object_id.as_deref();
+        let runner = Runner { name: &self.settings.name, chunks: self.settings.stream_chunks.max(1), now: unix_s };
+        let created = match call.op {
+            Operation::CreateFile => body_of(parsed, call).and_then(|_| self.files.upload(form_of(call)?, unix_s)),
+            Operation::CreateBatch => body_of(parsed, call).and_then(|b| self.batches.create(b, &self.files, unix_s)),
+            Operation::ListFiles | Operation::GetFile | Operation::DeleteFile | Operation::GetFileContent => {
+                return self.files.act(call.op, id, &req.query)
+            }
+            Operation::ListBatches | Operation::GetBatch | Operation::CancelBatch => {
+                return self.batches.act(call.op, id, &req.query, &mut self.files, runner)
+            }
+            _ => return self.responses.act(call.op, id.unwrap_or_default(), &req.query),
+        };
+        match created {
+            Ok(object) => (200, ReplyBody::Json(object)),
+            Err((status, err)) => (status, ReplyBody::Json(err)),
+        }
     }
 
     /// Charge the quota; the remaining-quota headers, or Azure's 429.
@@ -496,7 +588,8 @@ impl Mock {
     }
 
     /// The 200 body for an admitted request.
-    fn generate(&mut self, op: Operation, body: &Value, model: &str, unix_s: u64) -> ReplyBody {
+    fn generate(&mut self, call: &Call, body: &Value, model: &str, unix_s: u64) -> ReplyBody {
+        let op = call.op;
         let id = self.next_id;
         self.next_id += 1;
         let chunks = self.settings.stream_chunks.max(1);
@@ -509,20 +602,20 @@ impl Mock {
             (Operation::Completions, true) => ReplyBody::Stream(openai::completion_stream(&ctx, body, prompt, chunks)),
             (Operation::Completions, false) => ReplyBody::Json(openai::text_completion(&ctx, prompt, chunks)),
             (Operation::Embeddings, _) => ReplyBody::Json(openai::embeddings(&ctx, body, prompt)),
-            (Operation::ImageGenerations, _) => {
+            (Operation::ImageGenerations | Operation::ImageEdits, _) => {
+                let edit = (op == Operation::ImageEdits).then(|| openai::image_edit_request(body));
+                let body = edit.as_ref().unwrap_or(body);
                 let first = self.next_image;
                 self.next_image += openai::image_count(body);
                 ReplyBody::Json(openai::images(&ctx, body, first))
             }
             (Operation::CreateResponse, _) => self.responses.create(&ctx, body, prompt, chunks),
-            // Served by `serve_stored`, never admitted.
-            (
-                Operation::GetResponse
-                | Operation::DeleteResponse
-                | Operation::CancelResponse
-                | Operation::ListInputItems,
-                _,
-            ) => ReplyBody::Json(openai::resource_not_found()),
+            (Operation::AudioTranscriptions | Operation::AudioTranslations, _) => match &call.form {
+                Some(form) => audio::answer(op, ctx.name, form),
+                None => ReplyBody::Json(openai::not_multipart()),
+            },
+            // Stored-object requests: served by `serve_stored`, never admitted.
+            _ => ReplyBody::Json(openai::resource_not_found()),
         }
     }
 }
@@ -642,7 +735,7 @@ mod tests {
     fn json_body(r: &Reply) -> &Value {
         match &r.body {
             ReplyBody::Json(v) => v,
-            ReplyBody::Stream(_) => panic!("unexpected stream"),
+            other => panic!("not JSON: {other:?}"),
         }
     }
 
@@ -1202,5 +1295,210 @@ mod tests {
         }
         let recs = m.stats_json()["requests"].clone();
         assert_eq!((&recs[1]["deployment"], &recs[1]["status"]), (&json!("gpt-4o-mini"), &json!(404)));
+    }
+
+    use crate::multipart::tests::{content_type, httpx_body};
+
+    /// A POST with a form body built as httpx builds one.
+    fn form_req(path_and_query: &str, fields: &[(&str, &str)], files: &[(&str, &str, &str, &[u8])]) -> RequestInfo {
+        let mut r = req(path_and_query, json!({}));
+        r.headers.insert("content-type".into(), content_type());
+        r.body = bytes::Bytes::from(httpx_body(fields, files));
+        r
+    }
+
+    fn upload(m: &mut Mock, path: &str, data: &[u8]) -> (u16, Value) {
+        answer(m, form_req(path, &[("purpose", "batch")], &[("file", "in.jsonl", "application/octet-stream", data)]))
+    }
+
+    /// A JSONL line that is also valid with CRLF line ends.
+    const JSONL: &[u8] =
+        b"{\"custom_id\":\"a\",\"method\":\"POST\",\"url\":\"/chat/completions\",\"body\":{\"model\":\"gpt4o\",\"messages\":[]}}\r\n";
+
+    fn raw_body(r: &Reply) -> (&'static str, &[u8]) {
+        match &r.body {
+            ReplyBody::Raw { content_type, bytes } => (content_type, bytes.as_ref()),
+            other => panic!("not raw: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn files_upload_list_retrieve_content_delete() {
+        let mut m = mock();
+        m.apply_config(&json!({"requests_per_window": 10})).unwrap();
+        let (status, file) = upload(&mut m, "/openai/v1/files", JSONL);
+        assert_eq!((status, &file["object"], &file["status"]), (200, &json!("file"), &json!("processed")));
+        assert_eq!(
+            (&file["bytes"], &file["filename"], &file["purpose"]),
+            (&json!(JSONL.len()), &json!("in.jsonl"), &json!("batch"))
+        );
+        let id = file["id"].as_str().unwrap().to_string();
+        assert!(id.starts_with("file-") && !id.contains("eastus"), "{id}");
+        // Classic paths (api-version required) and /v1 reach the same store.
+        let (status, list) = answer(&mut m, bare("GET", "/openai/files?api-version=2024-10-21"));
+        assert_eq!((status, &list["object"], &list["data"]), (200, &json!("list"), &json!([file.clone()])));
+        assert_eq!(answer(&mut m, bare("GET", &format!("/v1/files/{id}"))), (200, file.clone()));
+        let r = reply(m.handle(bare("GET", &format!("/openai/files/{id}/content?api-version=1")), 0, 0));
+        assert_eq!((r.status, raw_body(&r)), (200, ("application/octet-stream", JSONL)));
+        assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("10"), "no quota used");
+        assert_eq!(answer(&mut m, bare("GET", "/openai/files")).0, 404, "classic path without api-version");
+        let (status, deleted) = answer(&mut m, bare("DELETE", &format!("/openai/v1/files/{id}")));
+        assert_eq!((status, deleted), (200, json!({"id": id, "object": "file", "deleted": true})));
+        let (status, err) = answer(&mut m, bare("GET", &format!("/openai/v1/files/{id}")));
+        assert_eq!((status, err), (404, crate::files::file_not_found(&id)));
+        let s = m.stats_json();
+        assert_eq!(s["files_stored"], 0);
+        let rec = &s["requests"][0];
+        assert_eq!(rec["body_json"], json!({"purpose": "batch", "file": format!("in.jsonl ({} bytes)", JSONL.len())}));
+        assert_eq!((&rec["deployment"], &rec["status"]), (&Value::Null, &json!(200)));
+        assert_eq!(
+            rec["body_len"],
+            httpx_body(&[("purpose", "batch")], &[("file", "in.jsonl", "application/octet-stream", JSONL)]).len()
+        );
+    }
+
+    #[test]
+    fn files_are_per_backend_and_checked() {
+        let mut m = mock();
+        let mut west = Mock::new(Settings::new("west"), Quota::new(None, None, 60_000));
+        let (_, theirs) = upload(&mut west, "/v1/files", b"x");
+        let path = format!("/v1/files/{}", theirs["id"].as_str().unwrap());
+        assert_eq!(answer(&mut m, bare("GET", &path)).0, 404, "another backend's file");
+        assert_eq!(answer(&mut m, bare("GET", "/v1/files")).1["data"], json!([]));
+        // Not a form; a form without purpose.
+        let (status, err) = answer(&mut m, req("/v1/files", json!({"purpose": "batch"})));
+        assert_eq!((status, err), (400, openai::not_multipart()));
+        let (status, err) = answer(&mut m, form_req("/v1/files", &[], &[("file", "a", "text/plain", b"x")]));
+        assert_eq!((status, err), (400, openai::missing_parameter("purpose")));
+        // Key, and faults as on any data-plane request.
+        m.settings.api_key = Some("k".into());
+        assert_eq!(upload(&mut m, "/v1/files", b"x").0, 401);
+        m.settings.api_key = None;
+        faults(&mut m, json!([{"status": 503}]));
+        assert_eq!(upload(&mut m, "/v1/files", b"x").0, 503);
+        assert_eq!(m.stats_json()["files_stored"], 0);
+        assert_eq!(m.stats_json()["requests"][5]["fault"], "status");
+    }
+
+    #[test]
+    fn batches_run_on_this_backends_files() {
+        let mut m = mock();
+        let mut west = Mock::new(Settings::new("west"), Quota::new(None, None, 60_000));
+        let (_, file) = upload(&mut m, "/openai/v1/files", JSONL);
+        let create = json!({"input_file_id": file["id"], "endpoint": "/chat/completions", "completion_window": "24h"});
+        let (status, err) = answer(&mut west, req("/openai/v1/batches", create.clone()));
+        assert_eq!((status, err), (400, crate::batches::invalid_file(file["id"].as_str().unwrap())));
+        let (status, batch) = answer(&mut m, req("/openai/batches?api-version=2024-10-21", create));
+        assert_eq!((status, &batch["status"], &batch["input_file_id"]), (200, &json!("validating"), &file["id"]));
+        let path = format!("/openai/v1/batches/{}", batch["id"].as_str().unwrap());
+        assert_eq!(answer(&mut west, bare("GET", &path)).0, 404, "another backend's batch");
+        let (status, done) = answer(&mut m, bare("GET", &path));
+        assert_eq!(
+            (status, &done["status"], &done["request_counts"]["completed"]),
+            (200, &json!("completed"), &json!(1))
+        );
+        let output = format!("/v1/files/{}/content", done["output_file_id"].as_str().unwrap());
+        let r = reply(m.handle(bare("GET", &output), 0, 0));
+        let line: Value = serde_json::from_slice(raw_body(&r).1).unwrap();
+        assert_eq!(line["response"]["body"]["choices"][0]["message"]["content"], "Hello from eastus part3 part4");
+        let (status, list) = answer(&mut m, bare("GET", "/v1/batches"));
+        assert_eq!((status, &list["data"]), (200, &json!([done.clone()])));
+        assert_eq!(answer(&mut m, bare("POST", &format!("{path}/cancel"))), (200, done));
+        let (status, err) = answer(&mut m, req("/v1/batches", json!({"input_file_id": file["id"]})));
+        assert_eq!((status, &err["error"]["param"]), (400, &json!("endpoint")));
+        let mut bad = req("/v1/batches", json!({}));
+        bad.body = bytes::Bytes::from_static(b"{not json");
+        assert_eq!(answer(&mut m, bad).1["error"]["code"], "BadRequest");
+        let s = m.stats_json();
+        assert_eq!((&s["batches_stored"], &s["files_stored"]), (&json!(1), &json!(2)));
+    }
+
+    const WAV: &[u8] = b"RIFF\x00\x00\r\n--\r\n\xff";
+
+    fn audio(path: &str, model: Option<&str>, format: Option<&str>) -> RequestInfo {
+        let fields: Vec<(&str, &str)> =
+            [("model", model), ("response_format", format)].into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+        form_req(path, &fields, &[("file", "talk.wav", "audio/x-wav", WAV)])
+    }
+
+    #[test]
+    fn audio_on_both_planes_with_the_allow_list() {
+        let mut m = mock();
+        m.apply_config(&json!({"deployments": ["whisper"], "requests_per_window": 5, "tokens_per_window": 1})).unwrap();
+        let classic = "/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21";
+        let r = reply(m.handle(audio(classic, Some("whisper"), None), 0, 0));
+        assert_eq!(
+            (r.status, json_body(&r)),
+            (200, &json!({"text": "Transcribed by eastus from talk.wav (13 bytes)"}))
+        );
+        assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("4"));
+        assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), Some("1"), "audio counts requests only");
+        let other = "/openai/deployments/other/audio/translations?api-version=2024-10-21";
+        assert_eq!(answer(&mut m, audio(other, Some("whisper"), None)), (404, openai::deployment_not_found()));
+        let (status, v) = answer(&mut m, audio("/openai/v1/audio/translations", Some("whisper"), None));
+        assert_eq!((status, v), (200, json!({"text": "Translated by eastus from talk.wav (13 bytes)"})));
+        let r = reply(m.handle(audio("/v1/audio/transcriptions", Some("whisper"), Some("text")), 0, 0));
+        assert_eq!(raw_body(&r), ("text/plain; charset=utf-8", &b"Transcribed by eastus from talk.wav (13 bytes)"[..]));
+        let v1 = "/openai/v1/audio/transcriptions";
+        assert_eq!(answer(&mut m, audio(v1, Some("other"), None)), (404, openai::deployment_not_found()));
+        assert_eq!(answer(&mut m, audio(v1, None, None)).0, 400, "no model");
+        assert_eq!(answer(&mut m, audio(v1, Some("whisper"), Some("mp3"))).1["error"]["param"], "response_format");
+        let (status, err) = answer(&mut m, req(v1, json!({"model": "whisper"})));
+        assert_eq!((status, err), (400, openai::not_multipart()));
+        let recs = m.stats_json()["requests"].clone();
+        assert_eq!((&recs[0]["deployment"], &recs[2]["deployment"]), (&json!("whisper"), &json!("whisper")));
+        assert_eq!(recs[2]["body_json"], json!({"model": "whisper", "file": "talk.wav (13 bytes)"}));
+        assert_eq!((&recs[4]["deployment"], &recs[4]["status"]), (&json!("other"), &json!(404)));
+    }
+
+    #[test]
+    fn image_edits_on_both_planes_with_the_allow_list() {
+        let mut m = mock();
+        m.settings.deployments = Some(vec!["dalle".into()]);
+        let png: &[u8] = b"\x89PNG\r\n\x1a\n";
+        let edit =
+            |path: &str, fields: &[(&str, &str)]| form_req(path, fields, &[("image", "cat.png", "image/png", png)]);
+        let classic = "/openai/deployments/dalle/images/edits?api-version=2025-04-01-preview";
+        let (status, v) = answer(&mut m, edit(classic, &[("prompt", "a hat"), ("n", "2")]));
+        assert_eq!((status, &v["created"]), (200, &json!(100)));
+        assert_eq!(v["data"][1]["url"], "https://mock.invalid/eastus/image-2.png");
+        assert_eq!(v["data"][0]["revised_prompt"], "a hat (by eastus)");
+        let fields = [("prompt", "a hat"), ("model", "dalle"), ("response_format", "b64_json")];
+        let (status, v) = answer(&mut m, edit("/openai/v1/images/edits", &fields));
+        assert_eq!((status, &v["data"][0]["b64_json"]), (200, &json!(openai::TINY_PNG_B64)));
+        let (status, err) = answer(&mut m, edit("/v1/images/edits", &[("prompt", "a hat"), ("model", "gpt-image")]));
+        assert_eq!((status, err), (404, openai::deployment_not_found()));
+        let classic_other = "/openai/deployments/other/images/edits?api-version=1";
+        assert_eq!(answer(&mut m, edit(classic_other, &[("prompt", "p")])).0, 404);
+        let (status, err) = answer(&mut m, edit(classic, &[("n", "1")]));
+        assert_eq!((status, err), (400, openai::missing_parameter("prompt")));
+        let no_image = form_req(classic, &[("prompt", "p")], &[]);
+        assert_eq!(answer(&mut m, no_image), (400, openai::missing_parameter("image")));
+        let recs = m.stats_json()["requests"].clone();
+        assert_eq!(recs[0]["body_json"], json!({"prompt": "a hat", "n": "2", "image": "cat.png (8 bytes)"}));
+        // The next generation continues the image numbering.
+        let img = "/openai/deployments/dalle/images/generations?api-version=1";
+        assert_eq!(
+            answer(&mut m, req(img, json!({"prompt": "x"}))).1["data"][0]["url"],
+            "https://mock.invalid/eastus/image-4.png"
+        );
+    }
+
+    #[test]
+    fn large_forms_keep_their_fields_in_stats() {
+        let mut m = mock();
+        let big = vec![b'\n'; MAX_STORED_BODY + 10];
+        assert_eq!(upload(&mut m, "/v1/files", &big).0, 200);
+        let rec = &m.stats_json()["requests"][0];
+        assert_eq!(rec["body_json"], json!({"purpose": "batch", "file": format!("in.jsonl ({} bytes)", big.len())}));
+        assert!(rec["body_len"].as_u64().unwrap() > big.len() as u64);
+        let long_prompt = "p".repeat(MAX_STORED_BODY + 1);
+        let path = "/openai/deployments/dalle/images/edits?api-version=1";
+        let r = form_req(path, &[("prompt", &long_prompt)], &[("image", "a.png", "image/png", b"x")]);
+        assert_eq!(answer(&mut m, r).0, 200);
+        assert_eq!(m.stats_json()["requests"][1]["body_json"], Value::Null, "large text fields are not kept");
+        // A form sent to a JSON operation is not JSON.
+        let chat = form_req(CHAT, &[("messages", "[]")], &[]);
+        assert_eq!(answer(&mut m, chat).1["error"]["code"], "BadRequest");
     }
 }
