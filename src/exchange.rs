@@ -153,7 +153,10 @@ impl Exchange {
                 return self.reply(metrics, "bad_path", LocalReply::bad_deployment_name());
             }
         }
-        let presented = clients::presented_key(head.api_key, head.apim_key, head.authorization);
+        // Browsers cannot set headers on a websocket: realtime clients may
+        // send the key as the `api-key` query parameter instead.
+        let api_key = head.api_key.or_else(|| paths::realtime_query_key(head.path));
+        let presented = clients::presented_key(api_key, head.apim_key, head.authorization);
         match clients::authenticate(&gw.config.clients, presented) {
             Auth::Open => {}
             Auth::Client(i) => self.charge.client = Some(i),
@@ -184,7 +187,7 @@ impl Exchange {
                 let estimate_pending = tokens_limited && !self.body.known_at_headers;
                 Step::Forward {
                     cluster: backend.cluster.clone(),
-                    path: paths::with_api_version(&self.path, gw.config.api_version.as_deref()),
+                    path: self.forwarded_path(gw),
                     inspect_body: head.has_body && (estimate_pending || may_add_usage || gw.config.log_bodies),
                     drop_content_length: head.has_body && may_add_usage,
                     stored,
@@ -200,10 +203,23 @@ impl Exchange {
         }
     }
 
+    /// The path the attempts start from: `api-version` added where needed,
+    /// and a gateway key sent as a realtime query parameter removed (it is
+    /// for the gateway only).
+    fn forwarded_path(&self, gw: &Gateway) -> String {
+        let path = paths::with_api_version(&self.path, gw.config.api_version.as_deref());
+        if gw.config.clients.is_empty() || paths::realtime_query_key(&path).is_none() {
+            return path;
+        }
+        paths::realtime_for_backend(&path, &Default::default(), true)
+    }
+
     /// The model the request names: the classic path's deployment, else
     /// the body's `model`.
     pub fn model<'a>(&'a self, fields: Option<&'a BodyFields>) -> Option<&'a str> {
-        paths::deployment(&self.path).or_else(|| fields.and_then(|f| f.model.as_deref()))
+        paths::deployment(&self.path)
+            .or_else(|| paths::realtime_deployment(&self.path))
+            .or_else(|| fields.and_then(|f| f.model.as_deref()))
     }
 
     /// The first backend: the owner of the stored state the request names
@@ -413,7 +429,8 @@ impl Exchange {
         let now = clock.now_ms();
         let read = self.read_answer(gw);
         let status = self.status();
-        if (200..300).contains(&status) {
+        // 101: a realtime connection was opened (and is served).
+        if (200..300).contains(&status) || status == 101 {
             if let Some(u) = read.facts.usage {
                 self.settle(gw, store, now, u.total, false);
             }
@@ -823,6 +840,21 @@ mod tests {
             let Step::Forward { inspect_body, drop_content_length, .. } = step else { panic!("{step:?}") };
             assert_eq!((inspect_body, drop_content_length), (rewritten, rewritten), "{body}");
         }
+    }
+
+    #[test]
+    fn a_realtime_connection_may_carry_its_key_in_the_query_which_goes_no_further() {
+        let w = World::new("");
+        let path = "/openai/v1/realtime?model=gpt-realtime&api-key=key-of-team-b";
+        let h = RequestHead { method: "GET", path, ..RequestHead::default() };
+        let mut ex = Exchange::new(0);
+        let step = ex.on_request_headers(&w.gw, &w.store, &w.clock, &w.metrics, &h);
+        let Step::Forward { path, model, .. } = step else { panic!("{step:?}") };
+        assert_eq!(path, "/openai/v1/realtime?model=gpt-realtime");
+        assert_eq!(model.as_deref(), Some("gpt-realtime"));
+        let wrong = RequestHead { path: "/openai/v1/realtime?model=x&api-key=nope-nope-nope", ..h };
+        let step = Exchange::new(0).on_request_headers(&w.gw, &w.store, &w.clock, &w.metrics, &wrong);
+        assert!(matches!(step, Step::Reply(LocalReply { status: 401, .. })));
     }
 
     #[test]

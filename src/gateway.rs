@@ -355,7 +355,11 @@ impl Gateway {
         Some(AttemptPlan {
             backend: backend_index,
             backend_name: &backend.name,
-            path: paths::rename_deployment(original_path, &backend.deployments),
+            path: if paths::is_realtime(original_path) {
+                paths::realtime_for_backend(original_path, &backend.deployments, backend.api_key.is_some())
+            } else {
+                paths::rename_deployment(original_path, &backend.deployments)
+            },
             authority: &backend.authority,
             api_key: backend.api_key.as_ref(),
             attempts: tried_indices.len(),

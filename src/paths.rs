@@ -102,6 +102,58 @@ pub fn rename_deployment(path: &str, renames: &BTreeMap<String, String>) -> Stri
     }
 }
 
+const REALTIME_PATHS: [&str; 3] = ["/openai/realtime", "/openai/v1/realtime", "/v1/realtime"];
+/// Query parameters that carry a realtime connection's deployment (GA:
+/// `model`, preview: `deployment`).
+const REALTIME_DEPLOYMENT_PARAMS: [&str; 2] = ["model", "deployment"];
+
+/// A Realtime API websocket path.
+pub fn is_realtime(path: &str) -> bool {
+    REALTIME_PATHS.contains(&split_query(path).0)
+}
+
+/// The deployment a realtime connection names in its query.
+pub fn realtime_deployment(path: &str) -> Option<&str> {
+    if !is_realtime(path) {
+        return None;
+    }
+    let (_, query) = split_query(path);
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (REALTIME_DEPLOYMENT_PARAMS.contains(&k) && !v.is_empty()).then_some(v)
+    })
+}
+
+/// The `api-key` query parameter browsers use for realtime connections.
+pub fn realtime_query_key(path: &str) -> Option<&str> {
+    if !is_realtime(path) {
+        return None;
+    }
+    split_query(path).1?.split('&').find_map(|kv| kv.strip_prefix("api-key="))
+}
+
+/// A realtime path for one backend: its deployment name in the query, and
+/// without the client's `api-key` parameter when the backend's own key goes
+/// in the header (a key in a path would reach access logs).
+pub fn realtime_for_backend(path: &str, renames: &BTreeMap<String, String>, drop_query_key: bool) -> String {
+    let (base, Some(query)) = split_query(path) else { return path.to_string() };
+    let params: Vec<String> = query
+        .split('&')
+        .filter(|kv| !(drop_query_key && kv.starts_with("api-key=")))
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if REALTIME_DEPLOYMENT_PARAMS.contains(&k) => {
+                format!("{k}={}", renames.get(v).map_or(v, String::as_str))
+            }
+            _ => kv.to_string(),
+        })
+        .collect();
+    if params.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", params.join("&"))
+    }
+}
+
 fn split_query(path: &str) -> (&str, Option<&str>) {
     match path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -155,6 +207,21 @@ mod tests {
         ] {
             assert_eq!(check(bad), Err(why), "{bad}");
         }
+    }
+
+    #[test]
+    fn realtime_paths_carry_deployment_and_key_in_the_query() {
+        let ga = "/openai/v1/realtime?model=gpt-realtime&api-key=client-key";
+        let preview = "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-rt";
+        assert!(is_realtime(ga) && is_realtime(preview) && !is_realtime("/openai/v1/realtimex"));
+        assert_eq!(realtime_deployment(ga), Some("gpt-realtime"));
+        assert_eq!(realtime_deployment(preview), Some("gpt-4o-rt"));
+        assert_eq!(realtime_deployment("/openai/v1/chat/completions?model=x"), None);
+        assert_eq!(realtime_query_key(ga), Some("client-key"));
+        let map: BTreeMap<String, String> = [("gpt-realtime".to_string(), "rt-east".to_string())].into();
+        assert_eq!(realtime_for_backend(ga, &map, true), "/openai/v1/realtime?model=rt-east");
+        assert_eq!(realtime_for_backend(ga, &BTreeMap::new(), false), ga);
+        assert_eq!(realtime_for_backend("/openai/v1/realtime?api-key=k", &map, true), "/openai/v1/realtime");
     }
 
     #[test]

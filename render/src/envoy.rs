@@ -316,6 +316,8 @@ pub fn http_connection_manager(route: Value, request_plugin: &Value, access_log:
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "spillway",
         "codec_type": "AUTO",
+        // Realtime API connections are websockets.
+        "upgrade_configs": [{ "upgrade_type": "websocket" }],
         // Only API paths may reach a backend with its key: resolve `.`/`..`
         // (also percent-encoded) and merge `//` before the filter and the
         // route look at the path. Encoded slashes are left for the filter,
