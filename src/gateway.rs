@@ -678,27 +678,13 @@ mod tests {
     #[test]
     fn last_429_reaches_the_client_with_the_soonest_wait() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
-        g.on_attempt_response(
-            &s,
-            &c,
-            &Recorder::default(),
-            &at(0, true),
-            &AttemptAnswer { status: 429, retry_after_ms: Some("30000"), retry_after: None },
-        );
-        g.on_attempt_response(
-            &s,
-            &c,
-            &Recorder::default(),
-            &at(1, true),
-            &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("8") },
-        );
-        let d = g.on_attempt_response(
-            &s,
-            &c,
-            &Recorder::default(),
-            &at(2, false),
-            &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("60") },
-        );
+        let throttle = |attempt: AttemptRef, retry_after_ms, retry_after| {
+            let answer = AttemptAnswer { status: 429, retry_after_ms, retry_after };
+            g.on_attempt_response(&s, &c, &Recorder::default(), &attempt, &answer)
+        };
+        throttle(at(0, true), Some("30000"), None);
+        throttle(at(1, true), None, Some("8"));
+        let d = throttle(at(2, false), None, Some("60"));
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000), healthy: false });
         // A new request is answered locally with the same soonest wait.
         c.advance(500);
