@@ -8,6 +8,7 @@ mod files;
 mod multipart;
 mod openai;
 mod quota;
+mod realtime;
 mod responses;
 mod server;
 mod state;
@@ -44,13 +45,20 @@ const CONTROL_API: &str = r#"Data plane:
   GET .../batches/{id}, POST .../batches/{id}/cancel    same prefixes; the input file must
                         be stored here (else 400 invalid_file_id); a batch completes when
                         first retrieved, its answers in an output file stored here
+  GET /openai/v1/realtime?model={d}, /v1/realtime?model={d},
+  GET /openai/realtime?api-version=&deployment={d}
+                        Realtime API: websocket upgrade (key also as ?api-key=); then
+                        session.created, and session.updated / conversation.item.created /
+                        response.created + text deltas + response.done (usage) per client
+                        event; one quota request per connection, faults before upgrading
 
 Control API (JSON), under /_mock/:
   GET  /_mock/health    {"ok": true}
   GET  /_mock/stats     requests_total, by_status, requests: one record per data-plane
                         request (method, path, query, headers, body_len, body_json,
-                        deployment, status: 0 = no response head, stream, fault; a form's
-                        body_json: its fields, a file as "NAME (N bytes)"),
+                        deployment, status: 0 = no response head, 101 = websocket, stream,
+                        fault, ws_events: client events on an upgraded realtime connection
+                        (else null); a form's body_json: its fields, a file as "NAME (N bytes)"),
                         responses_stored, files_stored, batches_stored
   POST /_mock/reset     clear stats, quota window and the fail_next queue (not the
                         stored responses, files, batches)
@@ -266,6 +274,8 @@ mod tests {
             "files/{id}/content",
             "batches/{id}/cancel",
             "files_stored",
+            "realtime?model=",
+            "ws_events",
         ] {
             assert!(help.contains(needle), "{needle} not in help:\n{help}");
         }

@@ -51,6 +51,8 @@ pub enum Operation {
     AudioTranslations,
     /// `POST .../images/edits` (multipart)
     ImageEdits,
+    /// `GET .../realtime` (a websocket upgrade)
+    Realtime,
 }
 
 impl Operation {
@@ -92,6 +94,7 @@ impl Operation {
             Operation::AudioTranscriptions => "Transcriptions_Create",
             Operation::AudioTranslations => "Translations_Create",
             Operation::ImageEdits => "ImageEdits_Create",
+            Operation::Realtime => "Realtime_Connect",
         }
     }
 

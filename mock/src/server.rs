@@ -34,6 +34,26 @@
 //! `previous_response_not_found`, 404). Requests on `{id}` check the key and
 //! `api-version` (classic prefix) and use no quota; faults apply to them too.
 //!
+//! # Realtime API (websocket)
+//!
+//! `GET /openai/v1/realtime?model={d}` (also `/v1/realtime`) and the preview
+//! `GET /openai/realtime?api-version=...&deployment={d}`, as a websocket
+//! upgrade (`Connection: Upgrade`, `Upgrade: websocket`,
+//! `Sec-WebSocket-Version: 13`, `Sec-WebSocket-Key`). Before upgrading, in
+//! order: the next `fail_next` entry (as for any data-plane request: an
+//! error status, reset or hang instead of the 101; `status` < 400 adds its
+//! headers to the 101, `hang_ms` delays it, `reset_after_events` N drops the
+//! socket without a close frame after N server events), the key (`api-key`
+//! header, `Authorization: Bearer`, or an `api-key` query parameter; else
+//! 401), `api-version` (preview route; else 404), the deployment (missing:
+//! 400; not in `deployments`: 404 `DeploymentNotFound`), the upgrade headers
+//! (else 400), quota (one request per connection, no tokens; else 429).
+//! Refusals are ordinary HTTP answers. The protocol after the 101 is in
+//! [`crate::realtime`]; pings are answered, a close frame is answered and
+//! ends the session. The connection's record has status 101 and
+//! `ws_events`: the client events (text or binary frames, not control
+//! frames) received so far.
+//!
 //! # Control API
 //!
 //! All bodies are JSON.
@@ -59,8 +79,9 @@
 //! repeated name as an array; null when the text fields are over 64 KiB),
 //! `deployment`, `status` (of
 //! the response head; 0 when none was sent), `stream` (the body asked for
-//! one; on a response GET, `?stream=true`) and `fault` (the `fail_next` kind
-//! the request used, else null).
+//! one; on a response GET, `?stream=true`), `fault` (the `fail_next` kind
+//! the request used, else null) and `ws_events` (an upgraded realtime
+//! connection's client events so far, else null).
 //!
 //! # `fail_next`
 //!
@@ -101,6 +122,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -110,11 +132,18 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::openai::{self, StreamPlan};
-use crate::state::{Mock, Outcome, Reply, ReplyBody, RequestInfo};
+use crate::realtime;
+use crate::realtime::{RealtimeRoute, Session};
+use crate::state::{Mock, Outcome, Reply, ReplyBody, RequestInfo, Upgrade};
 
 /// Largest request body accepted (bigger → 413).
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -277,7 +306,8 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |req| handle(Arc::clone(&shared), req));
     // Errors here are client disconnects or injected resets.
-    let _ = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service).await;
+    let _ =
+        http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service).with_upgrades().await;
 }
 
 /// The hyper service function.
@@ -287,6 +317,11 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Respo
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let headers = header_map(req.headers());
+
+    if let Some(route) = realtime::parse_route(&method, &path, &query) {
+        let info = RequestInfo { ts_ms, method, path, query, headers, body: Bytes::new() };
+        return realtime_connect(shared, req, info, route).await;
+    }
 
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(c) => c.to_bytes(),
@@ -318,6 +353,121 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Respo
             sleep_ms(reply.latency_ms).await;
             Ok(reply_response(&shared, reply))
         }
+        // Only realtime requests are upgraded.
+        Outcome::Upgrade(_) => Ok(json_response(&shared, 404, &openai::resource_not_found())),
+    }
+}
+
+/// Whether a comma-separated header holds `token` (case-insensitively).
+fn header_has_token(headers: &hyper::HeaderMap, name: hyper::header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// The `Sec-WebSocket-Key` of a well-formed websocket upgrade request.
+fn websocket_key(req: &Request<Incoming>) -> Option<HeaderValue> {
+    use hyper::header::{CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
+    let h = req.headers();
+    let ok = req.version() == hyper::Version::HTTP_11
+        && header_has_token(h, CONNECTION, "upgrade")
+        && header_has_token(h, UPGRADE, "websocket")
+        && h.get(SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
+    ok.then(|| h.get(SEC_WEBSOCKET_KEY).cloned()).flatten()
+}
+
+/// A realtime request: decided by [`Mock::handle_realtime`]; when accepted,
+/// a 101 and the websocket session on a task of its own.
+async fn realtime_connect(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    info: RequestInfo,
+    route: RealtimeRoute,
+) -> Result<Response<Body>, ResetConnection> {
+    let key = websocket_key(&req);
+    let now_ms = shared.now_ms();
+    let outcome = shared.lock().handle_realtime(info, route, key.is_some(), now_ms);
+    let (upgrade, key) = match (outcome, key) {
+        (Outcome::Upgrade(u), Some(key)) => (u, key),
+        (Outcome::Reset { latency_ms }, _) => {
+            sleep_ms(latency_ms).await;
+            return Err(ResetConnection);
+        }
+        (Outcome::Hang, _) => std::future::pending().await,
+        (Outcome::Reply(reply), _) => {
+            sleep_ms(reply.latency_ms).await;
+            return Ok(reply_response(&shared, reply));
+        }
+        // handle_realtime upgrades only requests with a key.
+        (Outcome::Upgrade(_), None) => return Err(ResetConnection),
+    };
+    let Upgrade { headers, latency_ms, session, reset_after_events, events } = upgrade;
+    sleep_ms(latency_ms).await;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            run_session(ws, session, reset_after_events, &events).await;
+        }
+    });
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(hyper::header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(hyper::header::UPGRADE, HeaderValue::from_static("websocket"));
+    let accept = derive_accept_key(key.as_bytes());
+    h.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).map_err(|_| ResetConnection)?);
+    h.insert("x-mock-backend", shared.name.clone());
+    for (name, value) in headers {
+        h.insert(name, value);
+    }
+    Ok(resp)
+}
+
+/// Speak the realtime protocol (see [`crate::realtime`]) until the client
+/// closes; with `reset_after`, drop the connection (no close frame) once
+/// that many server events were sent.
+async fn run_session<S>(
+    mut ws: WebSocketStream<S>,
+    mut session: Session,
+    reset_after: Option<usize>,
+    events: &AtomicU64,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut sent = 0usize;
+    let mut pending = vec![(session.created(), 0)];
+    loop {
+        for (event, delay_ms) in pending.drain(..) {
+            sleep_ms(delay_ms).await;
+            if reset_after == Some(sent) {
+                return;
+            }
+            if ws.send(Message::text(event.to_string())).await.is_err() {
+                return;
+            }
+            sent += 1;
+        }
+        let Some(Ok(msg)) = ws.next().await else { return };
+        pending = match msg {
+            Message::Text(text) => {
+                events.fetch_add(1, Ordering::Relaxed);
+                session.on_text(text.as_str())
+            }
+            Message::Binary(_) => {
+                events.fetch_add(1, Ordering::Relaxed);
+                session.on_binary()
+            }
+            // tungstenite queues the pong (or the close reply); send it now.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
+                if ws.flush().await.is_err() {
+                    return;
+                }
+                Vec::new()
+            }
+        };
     }
 }
 
@@ -706,5 +856,99 @@ mod tests {
             json!({"purpose": "batch", "file": format!("batch.jsonl ({} bytes)", data.len())})
         );
         assert_eq!((&rec["body_len"], &rec["status"]), (&json!(body.len()), &json!(200)));
+    }
+
+    /// The next text frame as JSON (skipping anything else).
+    async fn next_event<S>(ws: &mut WebSocketStream<S>) -> Value
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+            if let Message::Text(t) = msg {
+                return serde_json::from_str(t.as_str()).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn realtime_over_a_websocket() {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut settings = Settings::new("eastus");
+        settings.stream_chunks = 4;
+        settings.api_key = Some("k".into());
+        settings.deployments = Some(vec!["gpt-rt".into()]);
+        let addr = start(settings).await;
+        let url = format!("ws://{addr}/openai/v1/realtime?model=gpt-rt");
+
+        // No key: a plain 401 instead of the upgrade.
+        let refused = tokio_tungstenite::client_async(url.as_str(), TcpStream::connect(addr).await.unwrap()).await;
+        match refused {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+            other => panic!("{other:?}"),
+        }
+
+        let mut request = url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert("api-key", "k".parse().unwrap());
+        let (mut ws, resp) =
+            tokio_tungstenite::client_async(request, TcpStream::connect(addr).await.unwrap()).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        assert_eq!(resp.headers()["x-mock-backend"], "eastus");
+        let created = next_event(&mut ws).await;
+        assert_eq!((&created["type"], &created["session"]["model"]), (&json!("session.created"), &json!("gpt-rt")));
+        ws.send(Message::Ping(Bytes::from_static(b"hi"))).await.unwrap();
+        let pong = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(pong, Message::Pong(Bytes::from_static(b"hi")));
+        let item = json!({"type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello there"}]}});
+        ws.send(Message::text(item.to_string())).await.unwrap();
+        assert_eq!(next_event(&mut ws).await["type"], "conversation.item.created");
+        ws.send(Message::text(r#"{"type":"response.create"}"#)).await.unwrap();
+        assert_eq!(next_event(&mut ws).await["type"], "response.created");
+        let mut text = String::new();
+        let done = loop {
+            let ev = next_event(&mut ws).await;
+            match ev["type"].as_str().unwrap() {
+                "response.output_text.delta" => text.push_str(ev["delta"].as_str().unwrap()),
+                "response.output_text.done" => {}
+                "response.done" => break ev,
+                other => panic!("unexpected {other}: {ev}"),
+            }
+        };
+        assert_eq!(text, "Hello from eastus part3 ");
+        let usage = &done["response"]["usage"];
+        assert_eq!(usage["output_tokens"], 4);
+        assert_eq!(usage["total_tokens"], usage["input_tokens"].as_u64().unwrap() + 4);
+        ws.close(None).await.unwrap();
+        // The server answers the close frame, then the stream ends.
+        let end = tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = ws.next().await {} });
+        end.await.unwrap();
+
+        let recs = stats(addr).await["requests"].clone();
+        assert_eq!((&recs[0]["status"], &recs[0]["ws_events"]), (&json!(401), &Value::Null));
+        let rec = &recs[1];
+        assert_eq!(
+            (&rec["method"], &rec["path"], &rec["query"]),
+            (&json!("GET"), &json!("/openai/v1/realtime"), &json!("model=gpt-rt"))
+        );
+        assert_eq!(
+            (&rec["status"], &rec["deployment"], &rec["headers"]["api-key"]),
+            (&json!(101), &json!("gpt-rt"), &json!("k"))
+        );
+        assert_eq!(rec["ws_events"], 2, "item create and response create");
+    }
+
+    #[tokio::test]
+    async fn realtime_reset_after_events_drops_the_socket() {
+        let addr = start(Settings::new("eastus")).await;
+        fail_next(addr, json!([{"reset_after_events": 1}])).await;
+        let url = format!("ws://{addr}/openai/realtime?api-version=2024-10-01-preview&deployment=d");
+        let (mut ws, _) =
+            tokio_tungstenite::client_async(url.as_str(), TcpStream::connect(addr).await.unwrap()).await.unwrap();
+        assert_eq!(next_event(&mut ws).await["type"], "session.created");
+        let _ = ws.send(Message::text(r#"{"type":"response.create"}"#)).await;
+        let next = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap();
+        let clean = matches!(next, Some(Ok(Message::Text(_) | Message::Close(_))));
+        assert!(!clean, "expected an abrupt end: {next:?}");
     }
 }

@@ -24,6 +24,8 @@
 //! its fields as `body_json` ([`Form::summary`]).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use serde::Serialize;
@@ -36,6 +38,7 @@ use crate::files::FileStore;
 use crate::multipart::Form;
 use crate::openai::{self, Ctx, Operation, Route, StreamPlan};
 use crate::quota::{LimitKind, Quota, Remaining};
+use crate::realtime::{RealtimeRoute, Session};
 use crate::responses::ResponseStore;
 
 /// Request records kept for `/_mock/stats`.
@@ -87,6 +90,17 @@ pub struct Record {
     pub stream: bool,
     /// The `fail_next` kind this request used ([`Fault::kind`]), if any.
     pub fault: Option<&'static str>,
+    /// Realtime connections that were upgraded (status 101): the client
+    /// events (text or binary frames) received so far; null otherwise.
+    #[serde(serialize_with = "serialize_counter")]
+    pub ws_events: Option<Arc<AtomicU64>>,
+}
+
+fn serialize_counter<S: serde::Serializer>(c: &Option<Arc<AtomicU64>>, s: S) -> Result<S::Ok, S::Error> {
+    match c {
+        Some(c) => s.serialize_u64(c.load(Ordering::Relaxed)),
+        None => s.serialize_none(),
+    }
 }
 
 /// A data-plane request, already fully read.
@@ -139,6 +153,23 @@ pub enum Outcome {
     },
     /// Never respond; keep the connection until the client closes it.
     Hang,
+    /// Switch a realtime request to the websocket protocol (101).
+    Upgrade(Upgrade),
+}
+
+/// An accepted realtime connection.
+#[derive(Debug)]
+pub struct Upgrade {
+    /// Sent with the 101, after the mock's own headers.
+    pub headers: Headers,
+    /// Sleep before sending the 101.
+    pub latency_ms: u64,
+    pub session: Session,
+    /// Close the connection abruptly (no close frame) after this many server
+    /// events (`reset_after_events`).
+    pub reset_after_events: Option<usize>,
+    /// Client events received; shown as the record's `ws_events`.
+    pub events: Arc<AtomicU64>,
 }
 
 impl Outcome {
@@ -147,6 +178,7 @@ impl Outcome {
         match self {
             Outcome::Reply(r) => r.status,
             Outcome::Reset { .. } | Outcome::Hang => 0,
+            Outcome::Upgrade(_) => 101,
         }
     }
 }
@@ -240,6 +272,11 @@ fn remaining_headers(r: Remaining) -> Headers {
     headers
 }
 
+/// A realtime request may also carry the key as the `api-key` query parameter.
+fn authorized_realtime(key: &str, req: &RequestInfo) -> bool {
+    authorized(key, &req.headers) || openai::query_param(&req.query, "api-key") == Some(key)
+}
+
 fn authorized(key: &str, headers: &BTreeMap<String, String>) -> bool {
     if headers.get("api-key").is_some_and(|v| v == key) {
         return true;
@@ -309,6 +346,31 @@ fn check<'a>(
         return Err((404, openai::deployment_not_found()));
     }
     Ok((body, model))
+}
+
+/// A realtime request's checks, in order: key, `api-version` (preview),
+/// deployment (present, allow-list), the websocket upgrade headers.
+fn check_realtime(settings: &Settings, req: &RequestInfo, call: &Call, upgrade: bool) -> Result<(), Refusal> {
+    if let Some(key) = &settings.api_key {
+        if !authorized_realtime(key, req) {
+            return Err((401, openai::access_denied()));
+        }
+    }
+    if call.needs_api_version && call.api_version.is_none() {
+        return Err((404, openai::resource_not_found()));
+    }
+    let Some(model) = call.deployment.as_deref() else {
+        let param = if call.needs_api_version { "deployment" } else { "model" };
+        return Err((400, openai::missing_parameter(param)));
+    };
+    if settings.deployments.as_ref().is_some_and(|list| !list.iter().any(|d| d == model)) {
+        return Err((404, openai::deployment_not_found()));
+    }
+    if !upgrade {
+        let msg = "This endpoint takes a websocket upgrade (Connection: Upgrade, Upgrade: websocket).";
+        return Err((400, openai::error_body("BadRequest", msg)));
+    }
+    Ok(())
 }
 
 /// What a stats record shows of a body: its JSON, or a form's fields
@@ -433,7 +495,95 @@ impl Mock {
             status,
             stream,
             fault,
+            ws_events: match outcome {
+                Outcome::Upgrade(u) => Some(Arc::clone(&u.events)),
+                _ => None,
+            },
         });
+    }
+
+    /// Decide a realtime (websocket) connection request and record it.
+    /// `upgrade`: the request asked for a websocket upgrade. In order: the
+    /// next fault, the key (header, `Authorization: Bearer` or `api-key`
+    /// query parameter), `api-version` (preview route), deployment (present,
+    /// allow-list), the upgrade headers, quota (one request, no tokens).
+    pub fn handle_realtime(&mut self, req: RequestInfo, route: RealtimeRoute, upgrade: bool, now_ms: u64) -> Outcome {
+        let call = Call {
+            op: Operation::Realtime,
+            needs_api_version: route.preview,
+            api_version: openai::query_param(&req.query, "api-version").filter(|v| !v.is_empty()).map(str::to_string),
+            deployment: route.deployment.clone(),
+            stored: false,
+            object_id: None,
+            stream: false,
+            form: None,
+        };
+        let fault = self.faults.pop_front();
+        let outcome = match &fault {
+            Some(Fault::Reset) => Outcome::Reset { latency_ms: self.settings.latency_ms },
+            Some(Fault::Hang) => Outcome::Hang,
+            Some(Fault::Status { status, headers }) if *status >= 400 => {
+                let before = self.quota.remaining(now_ms);
+                self.deliver(injected_answer(*status, headers, &call, before))
+            }
+            _ => {
+                let mut outcome = match self.admit_realtime(&req, &call, upgrade, now_ms) {
+                    Ok(headers) => {
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        let s = &self.settings;
+                        let deployment = call.deployment.as_deref().unwrap_or_default();
+                        let session = Session::new(
+                            &s.name,
+                            deployment,
+                            route.preview,
+                            id,
+                            s.stream_chunks,
+                            s.stream_chunk_delay_ms,
+                        );
+                        Outcome::Upgrade(Upgrade {
+                            headers,
+                            latency_ms: s.latency_ms,
+                            session,
+                            reset_after_events: None,
+                            events: Arc::new(AtomicU64::new(0)),
+                        })
+                    }
+                    Err(answer) => self.deliver(answer),
+                };
+                match (&mut outcome, &fault) {
+                    (Outcome::Reply(r), Some(Fault::Status { headers, .. })) => {
+                        r.headers.extend(headers.iter().cloned())
+                    }
+                    (Outcome::Upgrade(u), Some(Fault::Status { headers, .. })) => {
+                        u.headers.extend(headers.iter().cloned())
+                    }
+                    (Outcome::Reply(r), Some(Fault::HangMs(ms))) => r.latency_ms = r.latency_ms.saturating_add(*ms),
+                    (Outcome::Upgrade(u), Some(Fault::HangMs(ms))) => u.latency_ms = u.latency_ms.saturating_add(*ms),
+                    (Outcome::Reply(r), Some(Fault::ResetAfterEvents(n))) => r.reset_after_events = Some(*n),
+                    (Outcome::Upgrade(u), Some(Fault::ResetAfterEvents(n))) => u.reset_after_events = Some(*n),
+                    _ => {}
+                }
+                outcome
+            }
+        };
+        self.record(req, None, Value::Null, Some(call), &outcome, fault.as_ref().map(Fault::kind));
+        outcome
+    }
+
+    /// The checks of a realtime request and its quota charge: the
+    /// remaining-quota headers for the 101, or the error answer.
+    fn admit_realtime(
+        &mut self,
+        req: &RequestInfo,
+        call: &Call,
+        upgrade: bool,
+        now_ms: u64,
+    ) -> Result<Headers, Answer> {
+        if let Err((status, err)) = check_realtime(&self.settings, req, call, upgrade) {
+            return Err(Answer::json(status, remaining_headers(self.quota.remaining(now_ms)), err));
+        }
+        self.admit(call, &Value::Null, now_ms)
     }
 
     /// Decide how to answer a data-plane request and record it in stats.
@@ -1500,5 +1650,113 @@ mod tests {
         // A form sent to a JSON operation is not JSON.
         let chat = form_req(CHAT, &[("messages", "[]")], &[]);
         assert_eq!(answer(&mut m, chat).1["error"]["code"], "BadRequest");
+    }
+
+    /// A realtime connection request (`upgrade`: it asks for a websocket).
+    fn realtime(m: &mut Mock, path_and_query: &str, headers: &[(&str, &str)], upgrade: bool) -> Outcome {
+        let mut r = bare("GET", path_and_query);
+        r.headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let route = crate::realtime::parse_route(&r.method, &r.path, &r.query).unwrap();
+        m.handle_realtime(r, route, upgrade, 0)
+    }
+
+    fn refused(o: Outcome) -> (u16, Value) {
+        let r = reply(o);
+        (r.status, json_body(&r).clone())
+    }
+
+    const GA_RT: &str = "/openai/v1/realtime?model=gpt-rt";
+
+    #[test]
+    fn realtime_auth_forms() {
+        let mut m = mock();
+        m.settings.api_key = Some("k".into());
+        assert_eq!(refused(realtime(&mut m, GA_RT, &[], true)), (401, openai::access_denied()));
+        assert_eq!(refused(realtime(&mut m, GA_RT, &[("api-key", "bad")], true)).0, 401);
+        assert_eq!(refused(realtime(&mut m, &format!("{GA_RT}&api-key=bad"), &[], true)).0, 401);
+        for (path, headers) in [
+            (GA_RT.to_string(), vec![("api-key", "k")]),
+            (GA_RT.to_string(), vec![("authorization", "Bearer k")]),
+            (format!("{GA_RT}&api-key=k"), vec![]),
+            ("/openai/realtime?api-key=k&api-version=2024-10-01-preview&deployment=gpt-rt".to_string(), vec![]),
+        ] {
+            let Outcome::Upgrade(u) = realtime(&mut m, &path, &headers, true) else { panic!("{path} {headers:?}") };
+            assert_eq!(u.reset_after_events, None);
+        }
+        let s = m.stats_json();
+        assert_eq!((&s["by_status"]["101"], &s["by_status"]["401"]), (&json!(4), &json!(3)));
+        let rec = &s["requests"][5];
+        assert_eq!(
+            (&rec["method"], &rec["path"], &rec["query"]),
+            (&json!("GET"), &json!("/openai/v1/realtime"), &json!("model=gpt-rt&api-key=k"))
+        );
+        assert_eq!((&rec["deployment"], &rec["status"], &rec["ws_events"]), (&json!("gpt-rt"), &json!(101), &json!(0)));
+        assert_eq!(s["requests"][0]["ws_events"], Value::Null, "not upgraded");
+        assert_eq!(s["requests"][4]["headers"]["authorization"], "Bearer k");
+    }
+
+    #[test]
+    fn realtime_deployment_api_version_and_upgrade_checks() {
+        let mut m = mock();
+        m.settings.deployments = Some(vec!["gpt-rt".into()]);
+        assert!(matches!(realtime(&mut m, GA_RT, &[], true), Outcome::Upgrade(_)));
+        let other = "/openai/v1/realtime?model=gpt-4o";
+        assert_eq!(refused(realtime(&mut m, other, &[], true)), (404, openai::deployment_not_found()));
+        let preview = "/openai/realtime?api-version=2024-10-01-preview&deployment=";
+        assert_eq!(refused(realtime(&mut m, &format!("{preview}gpt-4o"), &[], true)).0, 404);
+        let (status, err) = refused(realtime(&mut m, preview, &[], true));
+        assert_eq!((status, &err["error"]["param"]), (400, &json!("deployment")));
+        let (status, err) = refused(realtime(&mut m, "/openai/realtime?deployment=gpt-rt", &[], true));
+        assert_eq!((status, err), (404, openai::resource_not_found()), "preview needs api-version");
+        assert_eq!(refused(realtime(&mut m, "/openai/v1/realtime", &[], true)).1["error"]["param"], "model");
+        assert_eq!(refused(realtime(&mut m, GA_RT, &[], false)).0, 400, "no upgrade headers");
+        let Outcome::Upgrade(u) = realtime(&mut m, &format!("{preview}gpt-rt"), &[], true) else { panic!() };
+        assert!(format!("{:?}", u.session).contains("preview: true"));
+        let recs = m.stats_json()["requests"].clone();
+        assert_eq!((&recs[1]["deployment"], &recs[1]["status"]), (&json!("gpt-4o"), &json!(404)));
+    }
+
+    #[test]
+    fn realtime_faults_and_quota_apply_before_upgrading() {
+        let mut m = mock();
+        m.apply_config(&json!({"requests_per_window": 2, "tokens_per_window": 5, "api_key": "k"})).unwrap();
+        faults(
+            &mut m,
+            json!([{"status": 429, "retry_after": "7"}, {"reset": true}, {"hang": true}, {"status": 200, "headers": {"x-a": "b"}},
+                   {"hang_ms": 30}, {"reset_after_events": 2}]),
+        );
+        // An injected error needs no key and uses no quota.
+        let r = reply(realtime(&mut m, GA_RT, &[], true));
+        assert_eq!(
+            (r.status, header(&r, "retry-after"), header(&r, "x-mock-injected")),
+            (429, Some("7"), Some("true"))
+        );
+        assert!(json_body(&r)["error"]["message"].as_str().unwrap().contains("Realtime_Connect"));
+        assert!(matches!(realtime(&mut m, GA_RT, &[("api-key", "k")], true), Outcome::Reset { .. }));
+        assert!(matches!(realtime(&mut m, GA_RT, &[("api-key", "k")], true), Outcome::Hang));
+        let Outcome::Upgrade(u) = realtime(&mut m, GA_RT, &[("api-key", "k")], true) else { panic!() };
+        let names: Vec<&str> = u.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"x-a") && names.contains(&"x-ratelimit-remaining-requests"), "{names:?}");
+        assert!(u.headers.iter().any(|(n, v)| n == "x-ratelimit-remaining-tokens" && v == "5"), "no tokens charged");
+        // The quota is spent: one request per connection.
+        let Outcome::Upgrade(u) = realtime(&mut m, GA_RT, &[("api-key", "k")], true) else { panic!() };
+        assert_eq!(u.latency_ms, 30, "hang_ms delays the 101");
+        let r = reply(realtime(&mut m, GA_RT, &[("api-key", "k")], true));
+        assert_eq!(r.status, 429);
+        let s = m.stats_json();
+        let kinds: Vec<Value> = s["requests"].as_array().unwrap().iter().map(|r| r["fault"].clone()).collect();
+        assert_eq!(
+            kinds,
+            [
+                json!("status"),
+                json!("reset"),
+                json!("hang"),
+                json!("pass"),
+                json!("hang_ms"),
+                json!("reset_after_events")
+            ]
+        );
+        let statuses: Vec<Value> = s["requests"].as_array().unwrap().iter().map(|r| r["status"].clone()).collect();
+        assert_eq!(statuses, [json!(429), json!(0), json!(0), json!(101), json!(101), json!(429)]);
     }
 }
