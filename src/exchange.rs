@@ -449,6 +449,7 @@ impl Exchange {
         }
         let client = self.client_name(gw).to_string();
         let deployment = paths::deployment(&self.path)
+            .or_else(|| paths::realtime_deployment(&self.path))
             .map(str::to_string)
             .or_else(|| self.body.facts.model.clone())
             .or(read.facts.model.clone())

@@ -365,8 +365,10 @@ impl Gateway {
             attempts: tried_indices.len(),
             tried: tried_value,
             fallback_cluster,
+            // Classic paths carry the deployment in the path, realtime ones in
+            // the query: only v1 bodies name it.
             body_model: model
-                .filter(|_| paths::deployment(original_path).is_none())
+                .filter(|_| paths::deployment(original_path).is_none() && !paths::is_realtime(original_path))
                 .and_then(|m| backend.deployments.get(m))
                 .map(String::as_str),
         })
@@ -989,6 +991,11 @@ mod tests {
         );
         assert_eq!(g.plan_attempt(&s, &c, &m, &v1("spillway_west", Some("gpt-4o"))).unwrap().body_model, None);
         assert_eq!(g.plan_attempt(&s, &c, &m, &v1("spillway_east", Some("other"))).unwrap().body_model, None);
+        // A realtime connection is renamed in its query, never in its frames.
+        let realtime =
+            AttemptRequest { original_path: "/openai/v1/realtime?model=gpt-4o", ..v1("spillway_east", Some("gpt-4o")) };
+        let plan = g.plan_attempt(&s, &c, &m, &realtime).unwrap();
+        assert_eq!((plan.body_model, plan.path.as_str()), (None, "/openai/v1/realtime?model=gpt-4o-ptu"));
         // Classic paths are renamed in the path, never in the body.
         let classic = AttemptRequest { original_path: CHAT, ..v1("spillway_east", Some("gpt-4o")) };
         let plan = g.plan_attempt(&s, &c, &m, &classic).unwrap();

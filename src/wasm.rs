@@ -613,7 +613,9 @@ impl HttpContext for AttemptFilter {
         );
         set_response_header(header::RETRY, retry.then_some("1"));
         // Envoy drops a retried answer unread: that is not a broken answer.
-        self.complete |= retry;
+        // Nor is the end of an upgraded (websocket) connection: it has no
+        // complete form to break.
+        self.complete |= retry || status == 101;
         attempt.healthy = healthy;
         if let Some(ms) = wait {
             for (name, value) in crate::replies::retry_after_headers(ms) {

@@ -310,14 +310,26 @@ pub fn body_fields_filter() -> Value {
 /// Name of the `json_to_metadata` filter in the listener.
 pub const BODY_FIELDS_FILTER_NAME: &str = "spillway.body_fields";
 
+fn router_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
+    })
+}
+
 /// The HTTP connection manager: the route, the request role, the router.
 pub fn http_connection_manager(route: Value, request_plugin: &Value, access_log: bool) -> Value {
     let mut hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "spillway",
         "codec_type": "AUTO",
-        // Realtime API connections are websockets.
-        "upgrade_configs": [{ "upgrade_type": "websocket" }],
+        // Realtime API connections are websockets. Their chain leaves out the
+        // body-fields filter: an upgrade has no JSON body, and Envoy's
+        // json_to_metadata holds an upgrade request for ever.
+        "upgrade_configs": [{
+            "upgrade_type": "websocket",
+            "filters": [wasm_filter(REQUEST_FILTER_NAME, request_plugin), router_filter()],
+        }],
         // Only API paths may reach a backend with its key: resolve `.`/`..`
         // (also percent-encoded) and merge `//` before the filter and the
         // route look at the path. Encoded slashes are left for the filter,
@@ -335,10 +347,7 @@ pub fn http_connection_manager(route: Value, request_plugin: &Value, access_log:
         "http_filters": [
             body_fields_filter(),
             wasm_filter(REQUEST_FILTER_NAME, request_plugin),
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
-            },
+            router_filter(),
         ],
     });
     if let (true, Some(obj)) = (access_log, hcm.as_object_mut()) {
