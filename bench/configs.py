@@ -85,7 +85,9 @@ def plain(rendered: dict, mock_ports: list[int]) -> dict:
     three mocks; same listener, HCM, route options and retry policy."""
     boot = copy.deepcopy(rendered)
     hcm = _hcm(boot)
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["typed_config"]["@type"] != WASM_FILTER_TYPE]
+    # Only the router: no wasm, and not Spillway's body-fields filter either.
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
+    hcm.pop("upgrade_configs", None)
     route = _route(boot)
     route.pop("inline_cluster_specifier_plugin")
     route["cluster"] = POOL_CLUSTER
