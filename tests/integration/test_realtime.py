@@ -11,7 +11,8 @@ def converse(connection) -> str:
     connection.response.create()
     text = ""
     for event in connection:
-        if event.type == "response.output_text.delta":
+        # GA event names, and the preview protocol's.
+        if event.type in ("response.output_text.delta", "response.text.delta"):
             text += event.delta
         if event.type == "response.done":
             assert event.response.usage.total_tokens > 0
@@ -39,6 +40,18 @@ def test_each_realtime_connection_goes_to_one_backend_with_its_key_and_name(star
         assert record["status"] == 101 and record["deployment"] == deployment, record
         assert record["headers"]["api-key"] == mock.api_key
         assert "authorization" not in record["headers"]
+
+
+def test_the_azure_client_connects_on_the_preview_path(start_mock, start_envoy):
+    east = start_mock("east", "key-east", "--deployments", "rt-east")
+    envoy = start_envoy({"backends": [backend_entry(east, deployments={"gpt-realtime": "rt-east"})]})
+    # The SDK forces wss:// unless told where the websocket goes (no TLS on this loopback gateway).
+    client = openai.AzureOpenAI(azure_endpoint=envoy.url, api_key="unused", api_version="2025-04-01-preview",
+                                websocket_base_url=f"ws://127.0.0.1:{envoy.port}/openai", max_retries=0)
+    with client.realtime.connect(model="gpt-realtime") as connection:
+        assert converse(connection).startswith("Hello from east")
+    [record] = connections(east)
+    assert record["deployment"] == "rt-east" and record["headers"]["api-key"] == "key-east"
 
 
 def test_a_key_in_the_query_is_for_the_gateway_only(start_mock, start_envoy):

@@ -57,3 +57,12 @@ def test_multipart_audio_is_balanced_with_the_deployment_renamed(start_mock, sta
     assert all(f"({len(audio)} bytes)" in a.text for a in answers)
     assert {r["path"] for r in east.requests()} == {"/openai/deployments/whisper-east/audio/transcriptions"}
     assert {r["path"] for r in west.requests()} == {"/openai/deployments/whisper/audio/transcriptions"}
+    # The v1 style sends the deployment as a form field of the multipart body, which is not
+    # parsed: it is balanced, and each backend must know the name the client uses.
+    v1 = openai.OpenAI(base_url=f"{envoy.url}/openai/v1/", api_key="unused", max_retries=0)
+    west.reset()
+    answer = v1.audio.transcriptions.create(model="whisper", file=("speech.wav", io.BytesIO(audio)))
+    answer = answer if answer.text.startswith("Transcribed by west") else \
+        v1.audio.transcriptions.create(model="whisper", file=("speech.wav", io.BytesIO(audio)))
+    assert answer.text.startswith("Transcribed by west")
+    assert [r["path"] for r in west.requests()][-1] == "/openai/v1/audio/transcriptions"

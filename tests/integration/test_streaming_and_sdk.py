@@ -52,12 +52,24 @@ def test_stream_fails_over_before_the_first_byte(trio):
     assert events[-1][0] - events[1][0] >= 0.6  # chunks were spread out, not buffered
 
 
-@pytest.fixture
-def azure(trio):
+@pytest.fixture(params=["azure", "openai-v1"])
+def azure(trio, request):
+    """The SDK in both styles users write: AzureOpenAI on the classic paths,
+    and OpenAI on the v1 API (the deployment in the body's model)."""
     envoy, east, west, paygo = trio()
-    client = openai.AzureOpenAI(azure_endpoint=envoy.url, api_key="client-side-key",
-                                api_version="2024-10-21", max_retries=0)
+    if request.param == "azure":
+        client = openai.AzureOpenAI(azure_endpoint=envoy.url, api_key="client-side-key",
+                                    api_version="2024-10-21", max_retries=0)
+    else:
+        client = openai.OpenAI(base_url=f"{envoy.url}/openai/v1/", api_key="client-side-key", max_retries=0)
     return client, envoy, east, west, paygo
+
+
+def api_path(client, deployment: str, operation: str) -> str:
+    """Where the SDK sends an operation: the classic path, or the v1 one."""
+    if isinstance(client, openai.AzureOpenAI):
+        return f"/openai/deployments/{deployment}/{operation}"
+    return f"/openai/v1/{operation}"
 
 
 def test_sdk_chat_and_streamed_chat(azure):
@@ -88,8 +100,8 @@ def test_sdk_embeddings_and_images(azure):
     assert image.data[0].url.startswith("https://")
     assert "(by " in image.data[0].revised_prompt
     paths = [r["path"] for m in (east, west) for r in m.requests()]
-    assert "/openai/deployments/dall-e-3/images/generations" in paths
-    assert "/openai/deployments/text-embedding-3-small/embeddings" in paths
+    assert api_path(client, "dall-e-3", "images/generations") in paths
+    assert api_path(client, "text-embedding-3-small", "embeddings") in paths
     # The SDK's key never reaches a backend; each got its own.
     for m in (east, west):
         for r in m.requests():
