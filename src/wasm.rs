@@ -199,14 +199,9 @@ fn header_text(map: Headers, name: &str) -> Option<String> {
     }
 }
 
-fn set_header(map: Headers, name: &str, value: Option<&str>) {
-    if let Err(e) = host::set_header(map, name, value.map(str::as_bytes)) {
-        log::warn!("cannot set header {name}: {e:?}");
-    }
-}
-
-fn set_header_bytes(name: &str, value: Option<&[u8]>) {
-    if let Err(e) = host::set_header(Headers::Request, name, value) {
+/// Sets (`Some`) or removes a header; a refusal is logged, never fatal.
+fn set_header(map: Headers, name: &str, value: Option<&[u8]>) {
+    if let Err(e) = host::set_header(map, name, value) {
         log::warn!("cannot set header {name}: {e:?}");
     }
 }
@@ -216,7 +211,7 @@ fn request_header(name: &str) -> Option<String> {
 }
 
 fn set_request_header(name: &str, value: Option<&str>) {
-    set_header(Headers::Request, name, value)
+    set_header(Headers::Request, name, value.map(str::as_bytes))
 }
 
 fn response_header(name: &str) -> Option<String> {
@@ -224,7 +219,7 @@ fn response_header(name: &str) -> Option<String> {
 }
 
 fn set_response_header(name: &str, value: Option<&str>) {
-    set_header(Headers::Response, name, value)
+    set_header(Headers::Response, name, value.map(str::as_bytes))
 }
 
 fn send_reply(reply: &LocalReply) -> Action {
@@ -542,8 +537,8 @@ impl HttpContext for AttemptFilter {
                 match gateway.pass_through_credential(&HostStore, stash.as_deref()) {
                     PassThrough::Leave => {}
                     PassThrough::Restore(own) => {
-                        set_header_bytes("api-key", own.api_key.as_deref());
-                        set_header_bytes("authorization", own.authorization.as_deref());
+                        set_header(Headers::Request, "api-key", own.api_key.as_deref());
+                        set_header(Headers::Request, "authorization", own.authorization.as_deref());
                     }
                     PassThrough::Strip => {
                         set_request_header("api-key", None);
