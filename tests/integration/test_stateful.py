@@ -66,3 +66,21 @@ def test_multipart_audio_is_balanced_with_the_deployment_renamed(start_mock, sta
         v1.audio.transcriptions.create(model="whisper", file=("speech.wav", io.BytesIO(audio)))
     assert answer.text.startswith("Transcribed by west")
     assert [r["path"] for r in west.requests()][-1] == "/openai/v1/audio/transcriptions"
+
+
+def test_multipart_image_edits_are_balanced_with_the_deployment_renamed(start_mock, start_envoy):
+    east = start_mock("east", "key-east", "--deployments", "image-east")
+    west = start_mock("west", "key-west", "--deployments", "gpt-image-1")
+    envoy = start_envoy({"backends": [backend_entry(east, deployments={"gpt-image-1": "image-east"}),
+                                      backend_entry(west)], "api_version": API_VERSION})
+    azure = openai.AzureOpenAI(azure_endpoint=envoy.url, api_key="unused", api_version=API_VERSION, max_retries=0)
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    for _ in range(2):
+        edited = azure.images.edit(model="gpt-image-1", image=("cat.png", io.BytesIO(png)), prompt="add a hat")
+        assert edited.data
+    assert [r["path"] for r in east.requests()] == ["/openai/deployments/image-east/images/edits"]
+    assert [r["path"] for r in west.requests()] == ["/openai/deployments/gpt-image-1/images/edits"]
+    # The multipart body reached each backend whole.
+    for m in (east, west):
+        assert m.requests()[0]["body_json"]["prompt"] == "add a hat"
+        assert m.requests()[0]["body_json"]["image"] == f"cat.png ({len(png)} bytes)"
