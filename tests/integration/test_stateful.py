@@ -44,12 +44,18 @@ def test_files_and_batches_live_on_the_home_backend(start_mock, start_envoy, hom
     assert len([p for p in paths_seen(expected) if "/files" in p or "/batches" in p]) == 6
 
 
-def test_multipart_audio_is_balanced_with_the_deployment_renamed(start_mock, start_envoy):
-    east = start_mock("east", "key-east", "--deployments", "whisper-east")
-    west = start_mock("west", "key-west", "--deployments", "whisper")
-    envoy = start_envoy({"backends": [backend_entry(east, deployments={"whisper": "whisper-east"}),
+def renaming_pair(start_mock, start_envoy, deployment: str, east_name: str):
+    """East knows the deployment as `east_name`, west by the client's name."""
+    east = start_mock("east", "key-east", "--deployments", east_name)
+    west = start_mock("west", "key-west", "--deployments", deployment)
+    envoy = start_envoy({"backends": [backend_entry(east, deployments={deployment: east_name}),
                                       backend_entry(west)], "api_version": API_VERSION})
     azure = openai.AzureOpenAI(azure_endpoint=envoy.url, api_key="unused", api_version=API_VERSION, max_retries=0)
+    return envoy, azure, east, west
+
+
+def test_multipart_audio_is_balanced_with_the_deployment_renamed(start_mock, start_envoy):
+    envoy, azure, east, west = renaming_pair(start_mock, start_envoy, "whisper", "whisper-east")
     audio = b"RIFF\x24\x00\x00\x00WAVEfmt \r\n" + bytes(range(256)) * 8
     answers = [azure.audio.transcriptions.create(model="whisper", file=("speech.wav", io.BytesIO(audio)))
                for _ in range(4)]
@@ -69,11 +75,7 @@ def test_multipart_audio_is_balanced_with_the_deployment_renamed(start_mock, sta
 
 
 def test_multipart_image_edits_are_balanced_with_the_deployment_renamed(start_mock, start_envoy):
-    east = start_mock("east", "key-east", "--deployments", "image-east")
-    west = start_mock("west", "key-west", "--deployments", "gpt-image-1")
-    envoy = start_envoy({"backends": [backend_entry(east, deployments={"gpt-image-1": "image-east"}),
-                                      backend_entry(west)], "api_version": API_VERSION})
-    azure = openai.AzureOpenAI(azure_endpoint=envoy.url, api_key="unused", api_version=API_VERSION, max_retries=0)
+    envoy, azure, east, west = renaming_pair(start_mock, start_envoy, "gpt-image-1", "image-east")
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
     for _ in range(2):
         edited = azure.images.edit(model="gpt-image-1", image=("cat.png", io.BytesIO(png)), prompt="add a hat")
