@@ -410,7 +410,7 @@ impl Gateway {
         metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &[("backend", name), ("class", &class)]), 1);
         let table = if status == 429 {
             metrics.add(&metrics::name(metrics::THROTTLE_EVENTS, &[("backend", name)]), 1);
-            let wait = self.retry_after.wait_ms(retry_after_ms, retry_after, now);
+            let wait = self.retry_after.wait_ms(retry_after_ms, retry_after, clock.wall_ms());
             self.update_health(store, |t| match t.get_mut(backend) {
                 Some(h) => {
                     h.record_throttle(now, wait);

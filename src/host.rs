@@ -309,6 +309,28 @@ mod calls {
         check(unsafe { proxy_record_metric(id, value) })
     }
 
+    // WASI's clock, which proxy-wasm hosts implement: its monotonic clock
+    // is the host's steady clock (one per process, shared by all workers).
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    extern "C" {
+        fn clock_time_get(clock_id: i32, precision: i64, time: i32) -> i32;
+    }
+
+    const WASI_CLOCK_MONOTONIC: i32 = 1;
+
+    /// Steady time in milliseconds (an arbitrary origin, never stepped).
+    pub fn monotonic_ms() -> Result<u64, HostError> {
+        let mut nanos = 0u64;
+        let out = &mut nanos as *mut u64 as usize;
+        // SAFETY: the host writes 8 bytes to a local; wasm32 pointers fit i32.
+        let errno = unsafe { clock_time_get(WASI_CLOCK_MONOTONIC, 1_000_000, out as i32) };
+        if errno == 0 {
+            Ok(nanos / 1_000_000)
+        } else {
+            Err(HostError(errno.unsigned_abs()))
+        }
+    }
+
     /// Wall-clock time in milliseconds since the Unix epoch.
     pub fn now_ms() -> Result<u64, HostError> {
         let mut nanos = 0u64;

@@ -3,8 +3,14 @@
 //! process-wide key/value store with compare-and-swap).
 
 pub trait Clock {
-    /// Milliseconds since the Unix epoch.
+    /// Milliseconds on a clock that never steps (NTP corrections, an
+    /// operator setting the date): every deadline and window is on it. One
+    /// clock for the whole process, so all workers agree.
     fn now_ms(&self) -> u64;
+    /// Milliseconds since the Unix epoch: only to read an HTTP date.
+    fn wall_ms(&self) -> u64 {
+        self.now_ms()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -42,21 +42,32 @@ impl SharedStore for MemoryStore {
     }
 }
 
-/// A clock tests set by hand.
-pub struct ManualClock(pub Cell<u64>);
+/// A clock tests set by hand: time passes on both clocks; the wall clock
+/// can also be stepped alone, as NTP or an operator would.
+pub struct ManualClock {
+    steady: Cell<u64>,
+    wall: Cell<u64>,
+}
 
 impl ManualClock {
     pub fn at(ms: u64) -> Self {
-        ManualClock(Cell::new(ms))
+        ManualClock { steady: Cell::new(ms), wall: Cell::new(ms) }
     }
     pub fn advance(&self, ms: u64) {
-        self.0.set(self.0.get() + ms);
+        self.steady.set(self.steady.get() + ms);
+        self.wall.set(self.wall.get() + ms);
+    }
+    pub fn step_wall(&self, delta_ms: i64) {
+        self.wall.set(self.wall.get().saturating_add_signed(delta_ms));
     }
 }
 
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
-        self.0.get()
+        self.steady.get()
+    }
+    fn wall_ms(&self) -> u64 {
+        self.wall.get()
     }
 }
 

@@ -85,8 +85,24 @@ impl Metrics for HostMetrics {
 
 struct HostClock;
 
+thread_local! {
+    /// The last steady time handed out, for hosts without a monotonic clock.
+    static LAST_NOW_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 impl Clock for HostClock {
+    /// The host's monotonic clock; without one, the wall clock clamped so
+    /// that it never runs backwards (a forward step cannot be told apart).
     fn now_ms(&self) -> u64 {
+        let now = host::monotonic_ms().or_else(|_| host::now_ms()).unwrap_or(0);
+        LAST_NOW_MS.with(|last| {
+            let now = now.max(last.get());
+            last.set(now);
+            now
+        })
+    }
+
+    fn wall_ms(&self) -> u64 {
         host::now_ms().unwrap_or(0)
     }
 }
