@@ -5,7 +5,7 @@
 //! holding or parsing the body itself.
 
 use crate::contract::body_metadata;
-use crate::usage::{completion_budget, RequestFacts, CHARS_PER_TOKEN};
+use crate::usage::{completion_budget, RequestFacts};
 
 /// The fields of one JSON request body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,13 +49,14 @@ impl BodyFields {
     /// What admission charges before the body is read: the body's size
     /// bounds the prompt, plus the completion budget for every copy.
     pub fn facts(&self, body_len: u64) -> RequestFacts {
-        let prompt = body_len.div_ceil(CHARS_PER_TOKEN).max(1);
-        let copies = self.n.max(self.best_of).unwrap_or(1).max(1);
+        let copies = self.n.max(self.best_of).unwrap_or(1);
         let budget = completion_budget(self.max_completion_tokens, self.max_tokens, self.max_output_tokens);
+        let (prompt_tokens, estimated_tokens) = RequestFacts::estimate(body_len, budget, copies);
         RequestFacts {
             stream: self.stream,
             include_usage: self.include_usage,
-            estimated_tokens: prompt.saturating_add(budget.saturating_mul(copies)),
+            prompt_tokens,
+            estimated_tokens,
             model: self.model.clone(),
         }
     }

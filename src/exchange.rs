@@ -3,6 +3,7 @@
 //! glue feeds it what the host reports and applies what it returns.
 
 use crate::affinity;
+use crate::answer_capture::JsonCapture;
 use crate::body_fields::BodyFields;
 use crate::clients::{self, Auth};
 use crate::config::Backend;
@@ -25,6 +26,8 @@ pub struct RequestHead<'a> {
     pub api_key: Option<&'a str>,
     pub apim_key: Option<&'a str>,
     pub authorization: Option<&'a str>,
+    /// The body's size: its `content-length`, or the bytes Envoy received
+    /// when it held the request until the body was complete.
     pub content_length: Option<u64>,
     /// False when the headers ended the request (no body follows).
     pub has_body: bool,
@@ -52,10 +55,6 @@ pub enum Step {
     },
     Reply(LocalReply),
 }
-
-/// Largest JSON answer kept to read its `usage` (answers are small; a huge
-/// one is passed on without accounting rather than held in memory).
-const MAX_JSON_ANSWER: usize = 4 << 20;
 
 /// The client's side of the request: who it is and what its limits were charged.
 #[derive(Debug, Default)]
@@ -85,10 +84,10 @@ struct BodyFacts {
 /// How an answer's body is read on its way to the client.
 #[derive(Debug)]
 enum Capture {
-    /// Neither JSON nor SSE, or a JSON answer too large to keep.
+    /// Neither JSON nor SSE.
     Nothing,
     Sse(SseScanner),
-    Json(Vec<u8>),
+    Json(JsonCapture),
 }
 
 /// Where the answer stands: nothing yet, the gateway's own, or a backend's.
@@ -118,6 +117,17 @@ pub struct Exchange {
     answer: Answer,
     /// The client disconnected or its time ran out before the end.
     client_gone: bool,
+    /// An attempt timed out or was reset after reaching its backend.
+    upstream_may_have_worked: bool,
+}
+
+/// What a finished request is charged.
+enum Cost {
+    Used(u64),
+    /// The estimate admission charged stands.
+    AsCharged,
+    /// Never served, nothing billed: the request and its tokens come back.
+    Nothing,
 }
 
 impl Exchange {
@@ -167,9 +177,11 @@ impl Exchange {
         }
         if let Some(fields) = &head.fields {
             self.body.facts = fields.facts(head.content_length.unwrap_or(0));
-            // A body sent without a length (chunked) leaves the prompt's
-            // size unknown until it is read.
             self.body.known_at_headers = head.content_length.is_some() || !self.tokens_limited(gw);
+        } else if head.has_body && head.content_length.is_none() && self.tokens_limited(gw) {
+            // Its size is known only once it has gone on to a backend: too
+            // late to refuse it, and a way around the limit.
+            return self.reply(metrics, "length_required", LocalReply::length_required());
         }
         let now = clock.now_ms();
         if let Err(LimitedReply { reason, reply }) = self.admit(gw, store, now, head.content_length) {
@@ -359,6 +371,12 @@ impl Exchange {
         self.client_gone = true;
     }
 
+    /// An attempt ended after its request reached a backend, without an
+    /// answer (timeout, reset): the backend may have billed it.
+    pub fn on_upstream_may_have_worked(&mut self) {
+        self.upstream_may_have_worked = true;
+    }
+
     pub fn is_local_reply(&self) -> bool {
         matches!(self.answer, Answer::Local { .. })
     }
@@ -381,7 +399,7 @@ impl Exchange {
             Some(c) if c.starts_with("text/event-stream") => {
                 Capture::Sse(SseScanner::new(self.body.strip_usage, text_cap))
             }
-            Some(c) if c.contains("json") => Capture::Json(Vec::new()),
+            Some(c) if c.contains("json") => Capture::Json(JsonCapture::new(text_cap)),
             _ => Capture::Nothing,
         };
         self.answer = Answer::Upstream {
@@ -405,12 +423,8 @@ impl Exchange {
                 let out = sse.feed(chunk, end_of_stream);
                 self.body.strip_usage.then_some(out)
             }
-            Capture::Json(buf) if buf.len() + chunk.len() <= MAX_JSON_ANSWER => {
-                buf.extend_from_slice(chunk);
-                None
-            }
-            Capture::Json(_) => {
-                *capture = Capture::Nothing;
+            Capture::Json(capture) => {
+                capture.feed(chunk);
                 None
             }
             Capture::Nothing => None,
@@ -429,17 +443,10 @@ impl Exchange {
         let now = clock.now_ms();
         let read = self.read_answer(gw);
         let status = self.status();
-        // 101: a realtime connection was opened (and is served).
-        if (200..300).contains(&status) || status == 101 {
-            if let Some(u) = read.facts.usage {
-                self.settle(gw, store, now, u.total, false);
-            }
-        } else if !self.client_gone {
-            // Failed answers are not billed by the backend: refund the
-            // estimate. A request its client abandoned keeps its charge: the
-            // backend may well have worked on it, and giving up must not be
-            // a way around the limit.
-            self.refund(gw, store, now);
+        match self.cost(&read, status) {
+            Cost::Used(tokens) => self.settle(gw, store, now, tokens, false),
+            Cost::AsCharged => {}
+            Cost::Nothing => self.refund(gw, store, now),
         }
         if let (true, Some(id), Some(backend)) =
             ((200..300).contains(&status), read.facts.object_id.as_deref(), self.backend())
@@ -456,6 +463,29 @@ impl Exchange {
             .unwrap_or_default();
         self.count(metrics, &client, &deployment, read.facts.usage);
         self.log_line(gw, now, &client, &deployment, read.facts.usage, read.text.as_deref())
+    }
+
+    /// What the request cost, for the client's token limit.
+    fn cost(&self, read: &AnswerRead, status: u32) -> Cost {
+        // What the backend says it billed, whatever the status.
+        if let Some(u) = read.facts.usage {
+            return Cost::Used(u.total);
+        }
+        // 101: a realtime connection was opened (and is served).
+        let served = (200..300).contains(&status) || status == 101;
+        match read.streamed_tokens {
+            // A stream without usage (not asked for, or cut before it): the
+            // prompt and what was streamed.
+            Some(streamed) if served || streamed > 0 => {
+                Cost::Used(self.body.facts.prompt_tokens.saturating_add(streamed))
+            }
+            _ if served => Cost::AsCharged,
+            // A backend that answered with an error billed nothing; one that
+            // timed out, reset or was left by its client may well have
+            // worked: giving up must not be a way around the limit.
+            _ if self.client_gone || self.upstream_may_have_worked => Cost::AsCharged,
+            _ => Cost::Nothing,
+        }
     }
 
     fn status(&self) -> u32 {
@@ -479,17 +509,16 @@ impl Exchange {
             Capture::Sse(sse) => AnswerRead {
                 facts: AnswerFacts { usage: sse.usage, model: sse.model.clone(), object_id: sse.object_id.clone() },
                 text: Some(sse.text.clone()),
+                streamed_tokens: Some(sse.streamed_tokens),
             },
-            Capture::Json(body) => {
+            Capture::Json(capture) => {
                 let text = gw.config.log_bodies.then(|| {
                     let mut text = String::new();
-                    usage::push_capped(&mut text, &answer_json_text(body), gw.config.log_body_max_bytes);
+                    usage::push_capped(&mut text, &capture.text(), gw.config.log_body_max_bytes);
                     text
                 });
-                AnswerRead {
-                    facts: usage::json_answer(body, stateful::classify(&self.path) != Target::Stateless),
-                    text,
-                }
+                let stateful = stateful::classify(&self.path) != Target::Stateless;
+                AnswerRead { facts: capture.facts(stateful), text, streamed_tokens: None }
             }
             Capture::Nothing => AnswerRead::default(),
         }
@@ -558,6 +587,8 @@ struct LimitedReply {
 struct AnswerRead {
     facts: AnswerFacts,
     text: Option<String>,
+    /// Tokens streamed, for an SSE answer.
+    streamed_tokens: Option<u64>,
 }
 
 /// The per-request log line.
@@ -617,15 +648,6 @@ fn prompt_text(body: &[u8]) -> String {
         }
     }
     parts.join("\n")
-}
-
-fn answer_json_text(body: &[u8]) -> String {
-    let Ok(v) = serde_json::from_slice::<Value>(body) else { return String::new() };
-    v.pointer("/choices/0/message/content")
-        .or_else(|| v.pointer("/choices/0/text"))
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string()
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! and its Envoy configuration share are in `contract`.
 
 pub mod affinity;
+pub mod answer_capture;
 pub mod body_fields;
 pub mod clients;
 pub mod config;

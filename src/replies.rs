@@ -64,6 +64,16 @@ impl LocalReply {
         )
     }
 
+    /// A token-limited client sent a body whose size cannot be known before
+    /// it is forwarded (no `content-length`, not JSON).
+    pub fn length_required() -> LocalReply {
+        LocalReply::error(
+            411,
+            "LengthRequired",
+            "This client has a token limit: send the request body with a content-length header, or as JSON.",
+        )
+    }
+
     /// A client's own request or token limit is spent.
     pub fn client_limited(client: &str, by_tokens: bool, wait_ms: u64) -> LocalReply {
         let what = if by_tokens { "token" } else { "request" };

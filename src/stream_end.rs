@@ -6,7 +6,18 @@
 
 /// Envoy `ResponseFlag` bits (`response.flags`).
 const UPSTREAM_REQUEST_TIMEOUT: u64 = 0x4;
+const UPSTREAM_REMOTE_RESET: u64 = 0x10;
+const UPSTREAM_CONNECTION_TERMINATION: u64 = 0x40;
 const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 0x4000;
+const STREAM_IDLE_TIMEOUT: u64 = 0x10000;
+
+/// Whether some attempt reached its backend and then ended without an
+/// answer (timed out, reset, connection closed): the backend may have done
+/// the work. A refused connection or no healthy host means it did not.
+pub fn upstream_may_have_worked(flags: u64) -> bool {
+    flags & (UPSTREAM_REQUEST_TIMEOUT | UPSTREAM_REMOTE_RESET | UPSTREAM_CONNECTION_TERMINATION | STREAM_IDLE_TIMEOUT)
+        != 0
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LostAttempt {
@@ -52,6 +63,18 @@ mod tests {
             classify(0x20 | 0x8000, "upstream_reset_before_response_started{remote_connection_failure}"),
             LostAttempt::Backend
         );
+    }
+
+    #[test]
+    fn timeouts_and_resets_may_have_cost_refused_connections_did_not() {
+        assert!(upstream_may_have_worked(0x4));
+        assert!(upstream_may_have_worked(0x10 | 0x8000));
+        assert!(upstream_may_have_worked(0x40));
+        // Connection failure, no healthy upstream, overflow.
+        assert!(!upstream_may_have_worked(0x20 | 0x8000));
+        assert!(!upstream_may_have_worked(0x2));
+        assert!(!upstream_may_have_worked(0x80));
+        assert!(!upstream_may_have_worked(0));
     }
 
     #[test]

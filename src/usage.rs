@@ -3,7 +3,10 @@
 //! usage-only chunk removed for clients that did not ask for it).
 
 use crate::stateful;
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Number, Value};
+use std::borrow::Cow;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -31,39 +34,72 @@ impl Usage {
 pub struct RequestFacts {
     pub stream: bool,
     pub include_usage: bool,
-    /// Prompt estimate plus the completion budget: what the token limit charges up front.
+    /// The prompt's estimate alone (what a backend bills as input).
+    pub prompt_tokens: u64,
+    /// Prompt estimate plus the completion budget of every copy: what the
+    /// token limit charges up front.
     pub estimated_tokens: u64,
     pub model: Option<String>,
+}
+
+impl RequestFacts {
+    /// The estimate for a body of `body_len` bytes: everything in it counts
+    /// as prompt (messages and all their parts, tools and function schemas,
+    /// response formats; the JSON around them is a small overcount), plus
+    /// the completion budget for each of `copies` (`n`, `best_of`).
+    pub fn estimate(body_len: u64, budget: u64, copies: u64) -> (u64, u64) {
+        let prompt = body_len.div_ceil(CHARS_PER_TOKEN).max(1);
+        (prompt, prompt.saturating_add(budget.saturating_mul(copies.max(1))))
+    }
 }
 
 /// Characters per token for estimates (the usual rule of thumb for English).
 pub const CHARS_PER_TOKEN: u64 = 4;
 
+/// The top-level request fields the estimate needs, read without building
+/// the body's tree (everything else is skipped as it is parsed).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RequestHeadFields<'a> {
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<Number>,
+    max_completion_tokens: Option<Number>,
+    max_output_tokens: Option<Number>,
+    n: Option<Number>,
+    best_of: Option<Number>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// A count as a client may write it (`100`, `100.0`); negative or absurd
+/// values count as absent.
+fn count(n: Option<&Number>) -> Option<u64> {
+    let n = n?;
+    n.as_u64().or_else(|| n.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f.ceil() as u64))
+}
+
 pub fn request_facts(body: &[u8]) -> RequestFacts {
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        // Not JSON (e.g. multipart audio): estimate from the size.
-        return RequestFacts {
-            estimated_tokens: (body.len() as u64).div_ceil(CHARS_PER_TOKEN).max(1),
-            ..RequestFacts::default()
-        };
-    };
-    let mut chars = 0u64;
-    if let Some(messages) = v.get("messages").and_then(Value::as_array) {
-        for m in messages {
-            chars += text_chars(m.get("content"));
-        }
-    }
-    chars += text_chars(v.get("prompt")) + text_chars(v.get("input"));
-    let prompt = chars.div_ceil(CHARS_PER_TOKEN).max(1);
-    let field = |k: &str| v.get(k).and_then(Value::as_u64);
-    let budget = completion_budget(field("max_completion_tokens"), field("max_tokens"), field("max_output_tokens"));
-    let copies =
-        [v.get("n"), v.get("best_of")].into_iter().flatten().filter_map(Value::as_u64).max().unwrap_or(1).max(1);
+    let head: RequestHeadFields = serde_json::from_slice(body).unwrap_or_default();
+    let budget = completion_budget(
+        count(head.max_completion_tokens.as_ref()),
+        count(head.max_tokens.as_ref()),
+        count(head.max_output_tokens.as_ref()),
+    );
+    let copies = count(head.n.as_ref()).max(count(head.best_of.as_ref())).unwrap_or(1);
+    let (prompt_tokens, estimated_tokens) = RequestFacts::estimate(body.len() as u64, budget, copies);
     RequestFacts {
-        stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        include_usage: v.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
-        estimated_tokens: prompt.saturating_add(budget.saturating_mul(copies)),
-        model: v.get("model").and_then(Value::as_str).map(str::to_string),
+        stream: head.stream.unwrap_or(false),
+        include_usage: head.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+        prompt_tokens,
+        estimated_tokens,
+        model: head.model.map(Cow::into_owned),
     }
 }
 
@@ -78,41 +114,71 @@ pub fn completion_budget(
     max_completion_tokens.or(max_tokens).or(max_output_tokens).unwrap_or(0)
 }
 
-/// Characters of text in a string, an array of strings / token ids, or
-/// content parts (`[{"type":"text","text":...}]`).
-fn text_chars(v: Option<&Value>) -> u64 {
-    match v {
-        Some(Value::String(s)) => s.chars().count() as u64,
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|item| match item {
-                Value::String(s) => s.chars().count() as u64,
-                // A token id counts as one token's worth of characters.
-                Value::Number(_) => CHARS_PER_TOKEN,
-                Value::Array(_) => text_chars(Some(item)),
-                Value::Object(o) => text_chars(o.get("text")),
-                _ => 0,
-            })
-            .sum(),
-        _ => 0,
+/// Where a top-level member's value sits in the body, and where a new
+/// member could go: read without building the body's tree.
+#[derive(Deserialize)]
+struct MemberSpan<'a> {
+    #[serde(borrow, default)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream_options: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+}
+
+/// Byte range of `value` (a slice of `body`) inside `body`.
+fn range_in(body: &[u8], value: &RawValue) -> Option<std::ops::Range<usize>> {
+    let start = (value.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    let end = start.checked_add(value.get().len())?;
+    (end <= body.len()).then_some(start..end)
+}
+
+/// Just after the body's opening brace.
+fn after_open_brace(body: &[u8]) -> Option<usize> {
+    let pos = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    (body.get(pos) == Some(&b'{')).then_some(pos + 1)
+}
+
+/// `body` with `member` (`"key":value`) inserted as the object's first member.
+fn insert_member(body: &[u8], member: &str) -> Option<Vec<u8>> {
+    let at = after_open_brace(body)?;
+    let empty = body.get(at..)?.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let mut out = Vec::with_capacity(body.len() + member.len() + 1);
+    out.extend_from_slice(body.get(..at)?);
+    out.extend_from_slice(member.as_bytes());
+    if !empty {
+        out.push(b',');
     }
+    out.extend_from_slice(body.get(at..)?);
+    Some(out)
+}
+
+/// `body` with the bytes in `range` replaced by `value`.
+fn splice(body: &[u8], range: std::ops::Range<usize>, value: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(body.len() + value.len());
+    out.extend_from_slice(body.get(..range.start)?);
+    out.extend_from_slice(value);
+    out.extend_from_slice(body.get(range.end..)?);
+    Some(out)
 }
 
 /// The body with `stream_options.include_usage = true`, for streamed
 /// requests that did not ask for usage; `None` when nothing needs changing.
+/// Only the `stream_options` member changes; the rest is copied as is.
 pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
-    let mut v: Value = serde_json::from_slice(body).ok()?;
-    if v.get("stream").and_then(Value::as_bool) != Some(true) {
+    let span: MemberSpan = serde_json::from_slice(body).ok()?;
+    if span.stream.map(RawValue::get) != Some("true") {
         return None;
     }
-    let obj = v.as_object_mut()?;
-    let options = obj.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
-    let options = options.as_object_mut()?;
-    if options.get("include_usage").and_then(Value::as_bool) == Some(true) {
+    let Some(options) = span.stream_options else {
+        return insert_member(body, r#""stream_options":{"include_usage":true}"#);
+    };
+    let mut parsed: serde_json::Map<String, Value> = serde_json::from_str(options.get()).ok()?;
+    if parsed.get("include_usage").and_then(Value::as_bool) == Some(true) {
         return None;
     }
-    options.insert("include_usage".to_string(), Value::Bool(true));
-    serde_json::to_vec(&v).ok()
+    parsed.insert("include_usage".to_string(), Value::Bool(true));
+    splice(body, range_in(body, options)?, &serde_json::to_vec(&parsed).ok()?)
 }
 
 /// What an answer says about itself.
@@ -127,10 +193,14 @@ pub struct AnswerFacts {
 
 /// The body with its top-level `model` set to `model` (a v1 request's
 /// deployment name for one backend); `None` when it is not a JSON object.
+/// Only the value changes; the rest is copied as is.
 pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
-    let mut v: Value = serde_json::from_slice(body).ok()?;
-    v.as_object_mut()?.insert("model".to_string(), Value::String(model.to_string()));
-    serde_json::to_vec(&v).ok()
+    let span: MemberSpan = serde_json::from_slice(body).ok()?;
+    let value = serde_json::to_string(model).ok()?;
+    match span.model {
+        Some(old) => splice(body, range_in(body, old)?, value.as_bytes()),
+        None => insert_member(body, &format!(r#""model":{value}"#)),
+    }
 }
 
 /// Usage, `model` and, for answers about stored objects (`stateful`), the
@@ -145,6 +215,30 @@ pub fn json_answer(body: &[u8], stateful: bool) -> AnswerFacts {
     let model = top_level_value(body, b"\"model\"").and_then(|m| m.as_str().map(str::to_string));
     let object_id = if stateful { stored_object_id(body) } else { None };
     AnswerFacts { usage, model, object_id }
+}
+
+/// The first message text of a JSON answer (chat `message.content`,
+/// completions `text`), for body logging; from the start of a cut-off
+/// answer too.
+pub fn answer_text(body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        let text = v.pointer("/choices/0/message/content").or_else(|| v.pointer("/choices/0/text"));
+        return text.and_then(Value::as_str).unwrap_or("").to_string();
+    }
+    let Ok(text) =
+        std::str::from_utf8(body).or_else(|e| std::str::from_utf8(body.get(..e.valid_up_to()).unwrap_or(&[])))
+    else {
+        return String::new();
+    };
+    for key in ["\"content\":", "\"text\":"] {
+        let Some(at) = text.find(key) else { continue };
+        let value = text.get(at + key.len()..).unwrap_or("").trim_start();
+        let Some(rest) = value.strip_prefix('"') else { continue };
+        let len = string_chars_len(rest.as_bytes());
+        let quoted = format!("\"{}\"", rest.get(..len).unwrap_or(""));
+        return serde_json::from_str::<String>(&quoted).unwrap_or_default();
+    }
+    String::new()
 }
 
 /// The top-level `id` of an answer describing a stored object (nested
@@ -216,6 +310,9 @@ pub struct SseScanner {
     /// Text of the answer's content deltas (for body logging), capped.
     pub text: String,
     text_cap: usize,
+    /// Estimated tokens of the content streamed so far: what the answer
+    /// cost when it carries no usage (not asked for, or cut before it).
+    pub streamed_tokens: u64,
 }
 
 impl SseScanner {
@@ -266,6 +363,10 @@ impl SseScanner {
             let data = data.trim();
             if data == "[DONE]" || data.is_empty() {
                 continue;
+            }
+            let streamed = streamed_chars(data);
+            if streamed > 0 {
+                self.streamed_tokens = self.streamed_tokens.saturating_add(streamed.div_ceil(CHARS_PER_TOKEN));
             }
             // With include_usage every chunk carries `"usage":null`; only a
             // real usage object is worth parsing.
@@ -336,6 +437,50 @@ pub fn push_capped(buf: &mut String, s: &str, cap: usize) {
     }
 }
 
+/// Characters of generated content in one SSE event's data, found without
+/// parsing it: the string after `"content":` (chat), `"arguments":` (tool
+/// calls) or `"text":` (legacy completions); in the Responses API only the
+/// `"delta":` of delta events (its `.done` events repeat the whole text).
+fn streamed_chars(data: &str) -> u64 {
+    const CHAT: [&str; 3] = ["\"content\":", "\"arguments\":", "\"text\":"];
+    const RESPONSES: [&str; 1] = ["\"delta\":"];
+    let keys: &[&str] = if data.contains("\"type\":\"response.") { &RESPONSES } else { &CHAT };
+    keys.iter().find_map(|key| data.find(key).map(|at| at + key.len())).map_or(0, |at| {
+        let value = data.get(at..).unwrap_or("").trim_start();
+        value.strip_prefix('"').map_or(0, |s| string_chars(s.as_bytes()))
+    })
+}
+
+/// Characters up to the closing quote of a JSON string's body (an escape
+/// counts as one); all of them when the string is not closed.
+fn string_chars(s: &[u8]) -> u64 {
+    let (mut chars, mut i) = (0u64, 0usize);
+    while let Some(&b) = s.get(i) {
+        match b {
+            b'"' => break,
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+        chars += 1;
+    }
+    chars
+}
+
+/// Bytes up to the closing quote of a JSON string's body, or up to the
+/// last whole escape when it is not closed.
+fn string_chars_len(s: &[u8]) -> usize {
+    let mut i = 0usize;
+    while let Some(&b) = s.get(i) {
+        match b {
+            b'"' => return i,
+            b'\\' if i + 1 < s.len() => i += 2,
+            b'\\' => return i,
+            _ => i += 1,
+        }
+    }
+    i
+}
+
 /// End (exclusive) of the first complete event at or after `from`: the
 /// position after a blank line (`\n\n` or `\r\n\r\n`).
 fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
@@ -364,25 +509,43 @@ mod tests {
     );
 
     #[test]
-    fn estimates_prompt_and_budget() {
-        let f = request_facts(br#"{"messages":[{"role":"user","content":"12345678"},{"role":"user","content":[{"type":"text","text":"abcd"}]}],"max_tokens":100,"n":2,"stream":true}"#);
-        assert_eq!(f.estimated_tokens, 3 + 200);
+    fn everything_in_the_body_counts_as_prompt_with_every_copy_of_the_budget() {
+        let chat = br#"{"messages":[{"role":"user","content":"12345678"},{"role":"user","content":[{"type":"text","text":"abcd"}]}],"max_tokens":100,"n":2,"stream":true}"#;
+        let f = request_facts(chat);
+        let prompt = (chat.len() as u64).div_ceil(4);
+        assert_eq!((f.prompt_tokens, f.estimated_tokens), (prompt, prompt + 200));
         assert!(f.stream && !f.include_usage);
-        assert_eq!(request_facts(br#"{"input":["abcd","efgh"],"model":"emb"}"#).estimated_tokens, 2);
-        assert_eq!(request_facts(br#"{"input":[[1,2,3]]}"#).estimated_tokens, 3);
+        // Tools, schemas and response formats are billed as prompt: a body
+        // that is mostly schema costs what the schema costs.
+        let schema = format!(r#"{{"type":"object","properties":{{"p":{{"description":"{}"}}}}}}"#, "d".repeat(4000));
+        let tools = format!(
+            r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{schema}}}}}],
+                "response_format":{{"type":"json_schema","json_schema":{{"name":"s","schema":{schema}}}}}}}"#
+        );
+        assert!(request_facts(tools.as_bytes()).prompt_tokens >= 2 * 4000 / 4);
+        let copies = br#"{"prompt":"x","max_completion_tokens":10,"best_of":3,"n":2}"#;
+        assert_eq!(request_facts(copies).estimated_tokens, 15 + 3 * 10);
+        assert_eq!(request_facts(br#"{"input":"x","max_output_tokens":10.0}"#).estimated_tokens, 10 + 10);
+        // Not JSON (multipart audio): its size.
         assert_eq!(request_facts(b"not json at all!").estimated_tokens, 4);
-        assert_eq!(request_facts(br#"{"prompt":"x","max_completion_tokens":10}"#).estimated_tokens, 11);
+        assert_eq!(request_facts(br#"{"max_tokens":-5}"#).estimated_tokens, 5);
     }
 
     #[test]
-    fn include_usage_is_added_only_when_missing() {
-        let out = with_include_usage(br#"{"stream":true,"messages":[]}"#).unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
+    fn include_usage_is_added_only_when_missing_and_nothing_else_changes() {
+        let out = with_include_usage(br#" {"stream":true,"messages":[]}"#).unwrap();
+        assert_eq!(out, br#" {"stream_options":{"include_usage":true},"stream":true,"messages":[]}"#);
         assert!(with_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#).is_none());
         assert!(with_include_usage(br#"{"messages":[]}"#).is_none());
-        let kept = with_include_usage(br#"{"stream":true,"stream_options":{"x":1}}"#).unwrap();
-        assert_eq!(serde_json::from_slice::<Value>(&kept).unwrap()["stream_options"]["x"], 1);
+        assert!(with_include_usage(br#"{"stream":false}"#).is_none());
+        let kept = with_include_usage(br#"{"stream":true,"stream_options":{"x":1},"m":"stream_options"}"#).unwrap();
+        let v: Value = serde_json::from_slice(&kept).unwrap();
+        assert_eq!(
+            (v["stream_options"]["x"].as_u64(), v["stream_options"]["include_usage"].as_bool()),
+            (Some(1), Some(true))
+        );
+        assert_eq!(v["m"], "stream_options");
+        assert!(with_include_usage(b"[1]").is_none());
     }
 
     #[test]
@@ -445,6 +608,9 @@ mod tests {
         assert_eq!(v["messages"][0]["content"], "model: gpt-4o");
         assert_eq!(with_model(b"[1]", "x"), None);
         assert_eq!(with_model(b"not json", "x"), None);
+        assert_eq!(with_model(br#"{"a":1, "model" : "m"}"#, "n\"x").unwrap(), br#"{"a":1, "model" : "n\"x"}"#);
+        assert_eq!(with_model(br#"{}"#, "n").unwrap(), br#"{"model":"n"}"#);
+        assert_eq!(with_model(br#"{"a":1}"#, "n").unwrap(), br#"{"model":"n","a":1}"#);
     }
 
     #[test]
@@ -491,6 +657,29 @@ mod tests {
             assert!(text.ends_with("data: [DONE]\n\n"));
             assert_eq!(s.usage.map(|u| u.total), Some(9));
         }
+    }
+
+    #[test]
+    fn streamed_content_is_counted_without_usage() {
+        let mut s = SseScanner::new(false, 0);
+        s.feed(STREAM.as_bytes(), true);
+        // "Hello " and "world": 2 tokens each by size; the role-only and
+        // usage chunks none.
+        assert_eq!(s.streamed_tokens, 4);
+        let mut tools = SseScanner::new(false, 0);
+        tools.feed(b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{\\\"city\\\": \\\"Paris\\\"}\"}}]}}]}\n\n", true);
+        // {"city": "Paris"}: 17 characters.
+        assert_eq!(tools.streamed_tokens, 5);
+        let mut responses = SseScanner::new(false, 0);
+        responses.feed(
+            concat!(
+                "data: {\"type\":\"response.output_text.delta\",\"content_index\":0,\"delta\":\"Hello\"}\n\n",
+                "data: {\"type\":\"response.output_text.done\",\"text\":\"Hello\"}\n\n",
+            )
+            .as_bytes(),
+            true,
+        );
+        assert_eq!(responses.streamed_tokens, 2);
     }
 
     #[test]

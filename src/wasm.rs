@@ -299,6 +299,21 @@ impl RequestFilter {
         }
     }
 
+    /// Shows the buffered body (`size` bytes, or all) to the exchange and
+    /// puts back the replacement it returns.
+    fn inspect_whole_body(&mut self, size: usize) {
+        self.inspect_body = false;
+        let body = host::body(Body::Request, 0, size).unwrap_or_else(|e| {
+            log::warn!("cannot read the request body: {e:?}");
+            Vec::new()
+        });
+        if let Some(new_body) = self.exchange.on_request_body(&self.gateway, &HostStore, &HostClock, &body) {
+            if let Err(e) = host::set_body(Body::Request, 0, body.len(), &new_body) {
+                log::warn!("cannot replace request body: {e:?}");
+            }
+        }
+    }
+
     fn apply(&mut self, step: Step) -> Action {
         match step {
             Step::Forward { cluster, path, inspect_body, drop_content_length, stored, model } => {
@@ -350,11 +365,6 @@ impl HttpContext for RequestFilter {
         } else {
             (request_header("api-key"), request_header("ocp-apim-subscription-key"), request_header("authorization"))
         };
-        let content_length = if config.clients.iter().any(|c| c.tokens_per_minute.is_some()) {
-            request_header("content-length").and_then(|v| v.parse().ok())
-        } else {
-            None
-        };
         // Envoy's json_to_metadata (in front of this filter) read the body's
         // fields before releasing the headers.
         let fields = if end_of_stream {
@@ -364,6 +374,19 @@ impl HttpContext for RequestFilter {
                 host::property(&["metadata", "filter_metadata", body_metadata::NAMESPACE, key]).ok().flatten()
             };
             BodyFields::read(&metadata)
+        };
+        let content_length = if config.clients.iter().any(|c| c.tokens_per_minute.is_some()) {
+            request_header("content-length").and_then(|v| v.parse().ok()).or_else(|| {
+                // Chunked or HTTP/2 without a length: json_to_metadata held
+                // the headers until the whole body was in, so the bytes
+                // received are its size.
+                fields.as_ref().and_then(|_| host::property(&["request", "size"]).ok().flatten()).and_then(|b| {
+                    let raw: [u8; 8] = b.get(..8)?.try_into().ok()?;
+                    u64::try_from(i64::from_le_bytes(raw)).ok()
+                })
+            })
+        } else {
+            None
         };
         let head = RequestHead {
             method: &method,
@@ -393,15 +416,15 @@ impl HttpContext for RequestFilter {
             // Buffer until the whole body is here.
             return Action::Pause;
         }
-        self.inspect_body = false;
-        let body = host::body(Body::Request, 0, size).unwrap_or_else(|e| {
-            log::warn!("cannot read the request body: {e:?}");
-            Vec::new()
-        });
-        if let Some(new_body) = self.exchange.on_request_body(&self.gateway, &HostStore, &HostClock, &body) {
-            if let Err(e) = host::set_body(Body::Request, 0, size, &new_body) {
-                log::warn!("cannot replace request body: {e:?}");
-            }
+        self.inspect_whole_body(size);
+        Action::Continue
+    }
+
+    /// A body followed by trailers (HTTP/2) ends here, not with an
+    /// end-of-stream body callback.
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        if self.inspect_body {
+            self.inspect_whole_body(usize::MAX);
         }
         Action::Continue
     }
@@ -455,8 +478,12 @@ impl HttpContext for RequestFilter {
         if let Some(stash) = &self.credential_stash {
             credentials::clear(&HostStore, stash);
         }
-        if stream_end() == LostAttempt::ClientSide {
+        let (flags, details) = stream_flags();
+        if stream_end::classify(flags, &details) == LostAttempt::ClientSide {
             self.exchange.on_client_gone();
+        }
+        if stream_end::upstream_may_have_worked(flags) {
+            self.exchange.on_upstream_may_have_worked();
         }
         let line = self.exchange.finish(&self.gateway, &HostStore, &HostClock, &HostMetrics);
         log::info!("{line}");
@@ -483,11 +510,35 @@ struct AttemptFilter {
     complete: bool,
 }
 
-/// Why the request's stream is ending, from what Envoy recorded on it so far.
-fn stream_end() -> LostAttempt {
+/// Envoy's response flags and code details for the request so far.
+fn stream_flags() -> (u64, String) {
     let flags = host::property(&["response", "flags"]).ok().flatten().map_or(0, |b| stream_end::decode_flags(&b));
     let details = host::property(&["response", "code_details"]).ok().flatten().unwrap_or_default();
-    stream_end::classify(flags, &String::from_utf8_lossy(&details))
+    (flags, String::from_utf8_lossy(&details).into_owned())
+}
+
+impl AttemptFilter {
+    /// Sets the buffered body's `model` to this backend's deployment name.
+    fn rename_body_model(&mut self, size: usize) {
+        let Some(model) = self.body_model.take() else { return };
+        let body = host::body(Body::Request, 0, size).unwrap_or_default();
+        match usage::with_model(&body, &model) {
+            Some(renamed) => {
+                if let Err(e) = host::set_body(Body::Request, 0, body.len(), &renamed) {
+                    log::warn!("cannot rename the body's model: {e:?}");
+                }
+            }
+            None => log::warn!("the request body is not a JSON object: its model is not renamed"),
+        }
+        // The next attempt (another backend) renames it again.
+        self.body_model = Some(model);
+    }
+}
+
+/// Why the request's stream is ending, from what Envoy recorded on it so far.
+fn stream_end() -> LostAttempt {
+    let (flags, details) = stream_flags();
+    stream_end::classify(flags, &details)
 }
 
 impl Context for AttemptFilter {
@@ -578,20 +629,20 @@ impl HttpContext for AttemptFilter {
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        let Some(model) = &self.body_model else { return Action::Continue };
+        if self.body_model.is_none() {
+            return Action::Continue;
+        }
         if !end_of_stream {
             // The whole body, then the rename.
             return Action::Pause;
         }
-        let body = host::body(Body::Request, 0, size).unwrap_or_default();
-        match usage::with_model(&body, model) {
-            Some(renamed) => {
-                if let Err(e) = host::set_body(Body::Request, 0, size, &renamed) {
-                    log::warn!("cannot rename the body's model: {e:?}");
-                }
-            }
-            None => log::warn!("the request body is not a JSON object: its model is not renamed"),
-        }
+        self.rename_body_model(size);
+        Action::Continue
+    }
+
+    /// A body followed by trailers (HTTP/2) ends here.
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        self.rename_body_model(usize::MAX);
         Action::Continue
     }
 
