@@ -239,3 +239,52 @@ def test_a_body_of_unknown_size_from_a_token_limited_client_is_refused(start_moc
     # With a length it is admitted at its size.
     r = envoy.client.post(CHAT, content=b"x" * 5000, headers={"api-key": KEY, "content-type": "application/octet-stream"})
     assert remaining(r.headers) <= TPM - 1250
+
+
+def test_racing_requests_on_both_workers_cannot_overshoot(gateway):
+    """Twenty-four requests at once, a third each with a length, chunked and
+    over HTTP/2, on separate connections (Envoy spreads them over its two
+    workers): exactly as many are admitted as the limit holds, the rest get
+    429 before any backend sees them, and once the answers are in the bucket
+    holds the limit less what the admitted requests really used."""
+    east, west, envoy = gateway(["--stream-request-bodies"])
+    for mock in (east, west):
+        mock.configure(latency_ms=1500)  # no answer settles before all are admitted
+    raw = body(content="x" * 400)
+    auth = {"api-key": KEY}
+
+    def send(i: int):
+        if i % 3 == 0:
+            with httpx.Client(base_url=envoy.url, timeout=30) as c:
+                r = c.post(CHAT, content=raw, headers={"content-type": "application/json", **auth})
+            return r.status_code, r.content
+        if i % 3 == 1:
+            with httpx.Client(base_url=envoy.url, timeout=30) as c:
+                r = chunked(c, raw, auth)
+            return r.status_code, r.content
+        status, _, answer = h2_post(envoy.port, CHAT, [("api-key", KEY)], [raw], None)
+        return status, answer
+
+    barrier = threading.Barrier(24)
+
+    def at_once(i: int):
+        barrier.wait()
+        return send(i)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(at_once, range(24)))
+    admitted = [json.loads(a) for s, a in results if s == 200]
+    limited = [s for s, _ in results if s == 429]
+    fits = TPM // estimate(raw)
+    assert fits <= len(admitted) <= fits + 1, [s for s, _ in results]
+    assert len(admitted) + len(limited) == 24
+    assert east.count() + west.count() == len(admitted)
+    used = sum(a["usage"]["total_tokens"] for a in admitted)
+    for mock in (east, west):
+        mock.configure(latency_ms=0)
+    probe = body(max_tokens=10)
+    r = envoy.client.post(CHAT, content=probe, headers={"content-type": "application/json", **auth})
+    expected = TPM - used - estimate(probe, 10)
+    refilled = (time.monotonic() - started + 0.5) * TPM / 60
+    assert expected <= remaining(r.headers) <= expected + refilled, (remaining(r.headers), expected, refilled)
