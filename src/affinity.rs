@@ -51,7 +51,8 @@ pub fn owner(store: &dyn SharedStore, id: &str, now_ms: u64) -> Option<String> {
 }
 
 /// `expires backend id` -> backend, when the entry is for `id` and live.
-fn decode(bytes: &[u8], id: &str, now_ms: u64) -> Option<String> {
+/// Public for the fuzz targets (`fuzz/`).
+pub fn decode(bytes: &[u8], id: &str, now_ms: u64) -> Option<String> {
     let text = std::str::from_utf8(bytes).ok()?;
     let mut parts = text.splitn(3, ' ');
     let expires: u64 = parts.next()?.parse().ok()?;

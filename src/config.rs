@@ -309,7 +309,7 @@ fn parse_backend(i: usize, rb: RawBackend, keys: &Keys<'_>) -> Result<Backend, C
         if !valid_deployment(from) || !valid_deployment(to) {
             return Err(err(
                 field(&format!("deployments.{from}")),
-                "deployment names must be non-empty URL path segments without '/', '?', '%', '#', whitespace or control characters",
+                "deployment names must be non-empty URL path segments other than '.' and '..', without '/', '\\', '?', '%', '#', whitespace or control characters",
             ));
         }
     }
@@ -453,8 +453,13 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 48 && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
 }
 
+/// A deployment or model name as one path segment: a rename to a dot
+/// segment or a backslash would make a checked path ambiguous again.
 fn valid_deployment(name: &str) -> bool {
-    !name.is_empty() && !name.bytes().any(|c| matches!(c, b'/' | b'?' | b'#' | b'%') || c <= b' ' || c == 0x7f)
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.bytes().any(|c| matches!(c, b'/' | b'\\' | b'?' | b'#' | b'%') || c <= b' ' || c == 0x7f)
 }
 
 struct ParsedUrl {
@@ -597,6 +602,12 @@ mod tests {
             r#"{"backends":[{"name":"a","url":"http://x","deployments":{"g":"a/b"}}]}"#,
             "backends[0].deployments.g",
         );
+        // Found by fuzz/ (config target): a rename must not turn a checked
+        // path into an ambiguous one for the backend.
+        for to in ["..", ".", r"a\\b"] {
+            let json = format!(r#"{{"backends":[{{"name":"a","url":"http://x","deployments":{{"g":"{to}"}}}}]}}"#);
+            rejects(&json, "backends[0].deployments.g");
+        }
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"retry_on":[200]}"#, "retry_on");
         rejects(
             r#"{"backends":[{"name":"a","url":"http://x"}],"circuit_breaker":{"consecutive_failures":0}}"#,

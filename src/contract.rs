@@ -68,6 +68,14 @@ impl Role {
             Role::Attempt => ATTEMPT_ROOT_ID,
         }
     }
+
+    /// The role's name in metric labels and keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Request => "request",
+            Role::Attempt => "attempt",
+        }
+    }
 }
 
 /// Prefix of the Envoy cluster that carries a backend's traffic.
@@ -94,6 +102,10 @@ pub mod shared_data {
     pub const CREDENTIAL_PREFIX: &str = "spillway.credential.";
     /// The ring's rotation counter.
     pub const CREDENTIAL_ROTATION: &str = "spillway.credential.next";
+    /// How many keys the filter has created (keys are never deleted).
+    pub const KEY_COUNT: &str = "spillway.keys";
+    /// Prefix of the largest linear memory a role's VMs have had.
+    pub const VM_MEMORY_PREFIX: &str = "spillway.vm_memory.";
 }
 
 /// Request-body fields Envoy's `json_to_metadata` filter (placed before the
@@ -122,7 +134,7 @@ pub mod metric {
     /// Every metric name starts with this.
     pub const PREFIX: &str = "spillway_";
     /// Label keys, in the order they appear in names.
-    pub const LABELS: [&str; 6] = ["backend", "client", "deployment", "class", "kind", "reason"];
+    pub const LABELS: [&str; 7] = ["backend", "client", "deployment", "class", "kind", "reason", "role"];
 }
 
 #[cfg(test)]

@@ -90,7 +90,8 @@ fn parse_header(header: &str) -> Option<(u64, &str)> {
 /// `token \n api-key-flag api-key \n authorization-flag authorization`, with
 /// lengths so any bytes survive: `token` then for each header a `0` (absent)
 /// or `1` + 4-byte little-endian length + the bytes.
-fn encode(token: &str, c: &ClientCredential) -> Vec<u8> {
+/// Public for the fuzz targets (`fuzz/`), like `decode`.
+pub fn encode(token: &str, c: &ClientCredential) -> Vec<u8> {
     let mut out = Vec::with_capacity(token.len() + 16);
     out.extend_from_slice(token.as_bytes());
     out.push(b'\n');
@@ -107,7 +108,8 @@ fn encode(token: &str, c: &ClientCredential) -> Vec<u8> {
     out
 }
 
-fn decode(bytes: &[u8], token: &str) -> Option<ClientCredential> {
+/// What `encode` wrote, when it was written for `token`.
+pub fn decode(bytes: &[u8], token: &str) -> Option<ClientCredential> {
     let rest = bytes.strip_prefix(token.as_bytes())?.strip_prefix(b"\n")?;
     let (api_key, rest) = decode_value(rest)?;
     let (authorization, rest) = decode_value(rest)?;

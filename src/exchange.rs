@@ -56,6 +56,10 @@ pub enum Step {
     Reply(LocalReply),
 }
 
+/// Longest model name accepted (Azure deployment names have at most 64
+/// characters): it travels in a header and labels metrics.
+const MAX_MODEL_LEN: usize = 256;
+
 /// The client's side of the request: who it is and what its limits were charged.
 #[derive(Debug, Default)]
 struct ClientCharge {
@@ -174,6 +178,9 @@ impl Exchange {
                 metrics.add(metrics::AUTH_FAILURES, 1);
                 return self.reply(metrics, "unauthorized", LocalReply::unauthorized());
             }
+        }
+        if self.model(head.fields.as_ref()).is_some_and(|m| m.len() > MAX_MODEL_LEN) {
+            return self.reply(metrics, "bad_model", LocalReply::model_name_too_long(MAX_MODEL_LEN));
         }
         if let Some(fields) = &head.fields {
             self.body.facts = fields.facts(head.content_length.unwrap_or(0));
@@ -461,7 +468,7 @@ impl Exchange {
             .or_else(|| self.body.facts.model.clone())
             .or(read.facts.model.clone())
             .unwrap_or_default();
-        self.count(metrics, &client, &deployment, read.facts.usage);
+        self.count(metrics, &client, &gw.deployment_labels.label(&deployment), read.facts.usage);
         self.log_line(gw, now, &client, &deployment, read.facts.usage, read.text.as_deref())
     }
 

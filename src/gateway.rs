@@ -117,6 +117,8 @@ pub struct Gateway {
     mixed_credentials: bool,
     /// Index of the home backend.
     home: usize,
+    /// Deployment label values in this worker's metrics.
+    pub deployment_labels: crate::metrics::ClientLabels,
 }
 
 impl Gateway {
@@ -140,7 +142,16 @@ impl Gateway {
         let first_by_priority = (0..config.backends.len()).min_by_key(|&i| config.backends.get(i).map(|b| b.priority));
         let home =
             config.home_backend.as_deref().and_then(|h| config.backend_by_name(h)).or(first_by_priority).unwrap_or(0);
-        Gateway { config, pool, names, retry_after, client_limits, mixed_credentials, home }
+        Gateway {
+            config,
+            pool,
+            names,
+            retry_after,
+            client_limits,
+            mixed_credentials,
+            home,
+            deployment_labels: Default::default(),
+        }
     }
 
     /// The request role keeps the client's own credential for pass-through

@@ -318,6 +318,11 @@ mod calls {
 
     const WASI_CLOCK_MONOTONIC: i32 = 1;
 
+    /// The VM's linear memory, in bytes.
+    pub fn memory_bytes() -> u64 {
+        (core::arch::wasm32::memory_size(0) as u64).saturating_mul(65_536)
+    }
+
     /// Steady time in milliseconds (an arbitrary origin, never stepped).
     pub fn monotonic_ms() -> Result<u64, HostError> {
         let mut nanos = 0u64;

@@ -13,6 +13,7 @@ pub mod config;
 pub mod contract;
 pub mod credentials;
 pub mod exchange;
+pub mod footprint;
 pub mod gateway;
 pub mod health;
 // Host calls without SDK panics; only the encoders exist natively (tested).

@@ -20,10 +20,10 @@ pub struct Limits {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Buckets {
-    requests: f64,
-    tokens: f64,
-    updated_ms: u64,
+pub struct Buckets {
+    pub requests: f64,
+    pub tokens: f64,
+    pub updated_ms: u64,
 }
 
 impl Buckets {
@@ -35,7 +35,7 @@ impl Buckets {
         }
     }
 
-    fn decode(bytes: Option<&[u8]>, limits: &Limits, now_ms: u64) -> Buckets {
+    pub fn decode(bytes: Option<&[u8]>, limits: &Limits, now_ms: u64) -> Buckets {
         let parsed = bytes.and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| {
             let mut it = s.split(' ');
             Some(Buckets {
@@ -47,7 +47,7 @@ impl Buckets {
         parsed.unwrap_or_else(|| Buckets::full(limits, now_ms))
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         format!("{} {} {}", self.requests, self.tokens, self.updated_ms).into_bytes()
     }
 

@@ -15,6 +15,38 @@ pub const LOCAL_REPLIES: &str = "spillway_local_replies_total";
 pub const AUTH_FAILURES: &str = "spillway_auth_failures_total";
 pub const TOKENS: &str = "spillway_tokens_total";
 pub const ANSWERS_CUT: &str = "spillway_answers_cut_total";
+pub const VM_MEMORY: &str = "spillway_vm_memory_bytes";
+pub const SHARED_DATA_KEYS: &str = "spillway_shared_data_keys";
+
+/// Label values clients choose (deployment and model names) are capped, so
+/// no client can create unbounded Envoy stats: at most this many distinct
+/// values per worker (the rest count under `other`), each at most
+/// `MAX_LABEL_LEN` characters.
+pub const MAX_CLIENT_LABEL_VALUES: usize = 64;
+pub const MAX_LABEL_LEN: usize = 64;
+
+/// The client-chosen label values one worker has used so far.
+#[derive(Debug, Default)]
+pub struct ClientLabels {
+    seen: std::cell::RefCell<std::collections::BTreeSet<String>>,
+}
+
+impl ClientLabels {
+    /// `value` cut to `MAX_LABEL_LEN`, or `other` once the worker has used
+    /// `MAX_CLIENT_LABEL_VALUES` other values.
+    pub fn label(&self, value: &str) -> String {
+        let cut: String = value.chars().take(MAX_LABEL_LEN).collect();
+        let mut seen = self.seen.borrow_mut();
+        if seen.contains(&cut) {
+            return cut;
+        }
+        if seen.len() >= MAX_CLIENT_LABEL_VALUES {
+            return "other".to_string();
+        }
+        seen.insert(cut.clone());
+        cut
+    }
+}
 
 pub trait Metrics {
     fn add(&self, name: &str, value: u64);
@@ -49,6 +81,18 @@ pub fn status_class(status: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_chosen_label_values_are_capped_in_length_and_count() {
+        let labels = ClientLabels::default();
+        assert_eq!(labels.label(&"d".repeat(500)).len(), MAX_LABEL_LEN);
+        for i in 1..MAX_CLIENT_LABEL_VALUES {
+            assert_eq!(labels.label(&format!("deployment-{i}")), format!("deployment-{i}"));
+        }
+        assert_eq!(labels.label("one-too-many"), "other");
+        // Values already in use keep their label.
+        assert_eq!(labels.label("deployment-1"), "deployment-1");
+    }
 
     #[test]
     fn names_encode_labels_safely() {

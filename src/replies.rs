@@ -64,6 +64,11 @@ impl LocalReply {
         )
     }
 
+    /// The request names a model longer than any deployment name.
+    pub fn model_name_too_long(max: usize) -> LocalReply {
+        LocalReply::error(400, "InvalidModel", &format!("The model name is longer than {max} characters."))
+    }
+
     /// A token-limited client sent a body whose size cannot be known before
     /// it is forwarded (no `content-length`, not JSON).
     pub fn length_required() -> LocalReply {

@@ -86,7 +86,9 @@ pub fn parse_http_date(v: &str) -> Option<u64> {
     };
     let mut hms = time.split(':').map(|p| p.parse::<u32>().ok());
     let (h, mi, s) = (hms.next()??, hms.next()??, hms.next()??);
-    if hms.next().is_some() || !(1..=31).contains(&day) || h > 23 || mi > 59 || s > 60 {
+    // An HTTP-date's year has four digits; a longer one would overflow the
+    // day arithmetic below.
+    if hms.next().is_some() || !(1..=31).contains(&day) || h > 23 || mi > 59 || s > 60 || !(0..=9999).contains(&year) {
         return None;
     }
     let days = days_from_civil(year, month, day);
@@ -155,6 +157,15 @@ mod tests {
         assert_eq!(P.wait_ms(Some("-1"), Some("-1"), T0), 10_000);
         assert_eq!(P.wait_ms(None, Some("soon"), T0), 10_000);
         assert_eq!(P.wait_ms(None, Some("Sun, 32 Nov 1994 08:00:00 GMT"), T0), 10_000);
+    }
+
+    #[test]
+    fn years_beyond_four_digits_are_not_dates() {
+        // Found by fuzz/ (retry_after target): overflowed the day arithmetic.
+        assert_eq!(parse_http_date("Sun Nov  6 0:5:3 994999999999"), None);
+        assert_eq!(parse_http_date("Sun, 06 Nov 9223372036854775807 08:49:37 GMT"), None);
+        assert_eq!(parse_http_date("Sun, 06-Nov--9223372036854775808 08:49:37 GMT"), None);
+        assert_eq!(parse_http_date("Fri, 31 Dec 9999 23:59:59 GMT"), Some(253_402_300_799));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::config::{Config, Keys};
 use crate::contract::{body_metadata, header, Role};
 use crate::credentials::{self, ClientCredential, PassThrough};
 use crate::exchange::{Exchange, RequestHead, Step};
+use crate::footprint;
 use crate::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, ResponseDecision, Stored};
 use crate::host::{self, Body, Headers, MetricKind, SetError};
 use crate::metrics::Metrics;
@@ -39,7 +40,13 @@ impl SharedStore for HostStore {
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
         match host::set_shared_data(key, value, cas) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if cas.is_none() {
+                    // A create-only write that won made a new key.
+                    footprint::count_created_key(self, key);
+                }
+                Ok(())
+            }
             Err(SetError::CasMismatch) => Err(StoreError::CasMismatch),
             Err(SetError::Host(e)) => {
                 log::warn!("cannot write shared data {key}: {e:?}");
@@ -155,11 +162,9 @@ impl RootContext for Root {
                 }
                 log::info!("{role:?} role configured with {} backends", gateway.config.backends.len());
                 self.gateway = Some(Rc::new(gateway));
-                if role == Role::Request {
-                    // Refreshes the "currently throttled / open" gauges.
-                    if let Err(e) = host::set_tick_period_ms(1000) {
-                        log::warn!("cannot set tick period: {e:?}");
-                    }
+                // Refreshes the gauges: backends out (request role), memory.
+                if let Err(e) = host::set_tick_period_ms(1000) {
+                    log::warn!("cannot set tick period: {e:?}");
                 }
                 true
             }
@@ -171,9 +176,11 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if let Some(g) = &self.gateway {
+        let Some(role) = self.role else { return };
+        if let (Some(g), Role::Request) = (&self.gateway, role) {
             g.report_health(&HostStore, &HostClock, &HostMetrics);
         }
+        footprint::report(&HostStore, &HostMetrics, role, host::memory_bytes());
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
