@@ -134,7 +134,21 @@ pub mod metric {
     /// Every metric name starts with this.
     pub const PREFIX: &str = "spillway_";
     /// Label keys, in the order they appear in names.
-    pub const LABELS: [&str; 7] = ["backend", "client", "deployment", "class", "kind", "reason", "role"];
+    pub const LABELS: [&str; 11] = [
+        "backend",
+        "client",
+        "deployment",
+        "class",
+        "kind",
+        "reason",
+        "role",
+        "gen_ai_operation_name",
+        "gen_ai_request_model",
+        "gen_ai_token_type",
+        "server_address",
+    ];
+    /// Prefix of the metrics under OpenTelemetry GenAI names.
+    pub const GEN_AI_PREFIX: &str = "gen_ai_";
 }
 
 #[cfg(test)]

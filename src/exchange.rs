@@ -8,6 +8,7 @@ use crate::body_fields::BodyFields;
 use crate::clients::{self, Auth};
 use crate::config::Backend;
 use crate::gateway::{Gateway, Stored};
+use crate::gen_ai;
 use crate::limits::{self, Admission, Remaining, Settlement};
 use crate::metrics::{self, Metrics};
 use crate::paths::{self, PathProblem};
@@ -143,9 +144,10 @@ impl Exchange {
         self.charge.client.and_then(|i| gw.config.clients.get(i)).map_or("", |c| c.name.as_str())
     }
 
-    fn reply(&mut self, metrics: &dyn Metrics, reason: &'static str, reply: LocalReply) -> Step {
+    fn reply(&mut self, gw: &Gateway, metrics: &dyn Metrics, reason: &'static str, reply: LocalReply) -> Step {
         self.answer = Answer::Local { reason, status: reply.status };
-        metrics.add(&metrics::name(metrics::LOCAL_REPLIES, &[("reason", reason)]), 1);
+        let labels = [("client", self.client_name(gw)), ("reason", reason)];
+        metrics.add(&metrics::name(metrics::LOCAL_REPLIES, &labels), 1);
         Step::Reply(reply)
     }
 
@@ -161,10 +163,10 @@ impl Exchange {
         self.path = head.path.to_string();
         match paths::check(head.path) {
             Ok(()) => {}
-            Err(PathProblem::NotApi) => return self.reply(metrics, "not_found", LocalReply::not_found()),
-            Err(PathProblem::Ambiguous) => return self.reply(metrics, "bad_path", LocalReply::ambiguous_path()),
+            Err(PathProblem::NotApi) => return self.reply(gw, metrics, "not_found", LocalReply::not_found()),
+            Err(PathProblem::Ambiguous) => return self.reply(gw, metrics, "bad_path", LocalReply::ambiguous_path()),
             Err(PathProblem::BadDeployment) => {
-                return self.reply(metrics, "bad_path", LocalReply::bad_deployment_name());
+                return self.reply(gw, metrics, "bad_path", LocalReply::bad_deployment_name());
             }
         }
         // Browsers cannot set headers on a websocket: realtime clients may
@@ -176,11 +178,11 @@ impl Exchange {
             Auth::Client(i) => self.charge.client = Some(i),
             Auth::Missing | Auth::Invalid => {
                 metrics.add(metrics::AUTH_FAILURES, 1);
-                return self.reply(metrics, "unauthorized", LocalReply::unauthorized());
+                return self.reply(gw, metrics, "unauthorized", LocalReply::unauthorized());
             }
         }
         if self.model(head.fields.as_ref()).is_some_and(|m| m.len() > MAX_MODEL_LEN) {
-            return self.reply(metrics, "bad_model", LocalReply::model_name_too_long(MAX_MODEL_LEN));
+            return self.reply(gw, metrics, "bad_model", LocalReply::model_name_too_long(MAX_MODEL_LEN));
         }
         if let Some(fields) = &head.fields {
             self.body.facts = fields.facts(head.content_length.unwrap_or(0));
@@ -188,11 +190,11 @@ impl Exchange {
         } else if head.has_body && head.content_length.is_none() && self.tokens_limited(gw) {
             // Its size is known only once it has gone on to a backend: too
             // late to refuse it, and a way around the limit.
-            return self.reply(metrics, "length_required", LocalReply::length_required());
+            return self.reply(gw, metrics, "length_required", LocalReply::length_required());
         }
         let now = clock.now_ms();
         if let Err(LimitedReply { reason, reply }) = self.admit(gw, store, now, head.content_length) {
-            return self.reply(metrics, reason, reply);
+            return self.reply(gw, metrics, reason, reply);
         }
         match self.choose_backend(gw, store, clock, head.fields.as_ref()) {
             Ok((backend, stored)) => {
@@ -217,7 +219,7 @@ impl Exchange {
                 // Not served: give the client its request and tokens back.
                 self.refund(gw, store, now);
                 reply.headers.extend(self.remaining_headers());
-                self.reply(metrics, reason, reply)
+                self.reply(gw, metrics, reason, reply)
             }
         }
     }
@@ -468,8 +470,17 @@ impl Exchange {
             .or_else(|| self.body.facts.model.clone())
             .or(read.facts.model.clone())
             .unwrap_or_default();
-        self.count(metrics, &client, &gw.deployment_labels.label(&deployment), read.facts.usage);
-        self.log_line(gw, now, &client, &deployment, read.facts.usage, read.text.as_deref())
+        let deployment_label = gw.deployment_labels.label(&deployment);
+        self.count(metrics, &client, &deployment_label, read.facts.usage);
+        self.log_line(
+            gw,
+            now,
+            &client,
+            &deployment,
+            read.facts.usage,
+            read.facts.model.as_deref(),
+            read.text.as_deref(),
+        )
     }
 
     /// What the request cost, for the client's token limit.
@@ -539,9 +550,17 @@ impl Exchange {
         metrics.add(&metrics::name(metrics::REQUESTS, &[("client", client), ("class", &class)]), 1);
         if let Some(u) = usage {
             let backend = self.backend().unwrap_or_default();
-            for (kind, n) in [("prompt", u.prompt), ("completion", u.completion)] {
+            let operation = gen_ai::operation(&self.path);
+            for (kind, token_type, n) in [("prompt", "input", u.prompt), ("completion", "output", u.completion)] {
                 let labels = [("backend", backend), ("client", client), ("deployment", deployment), ("kind", kind)];
                 metrics.add(&metrics::name(metrics::TOKENS, &labels), n);
+                let labels = [
+                    ("gen_ai_operation_name", operation),
+                    ("gen_ai_request_model", deployment),
+                    ("gen_ai_token_type", token_type),
+                    ("server_address", backend),
+                ];
+                metrics.record(&metrics::name(gen_ai::TOKEN_USAGE, &labels), n);
             }
         }
     }
@@ -553,6 +572,7 @@ impl Exchange {
         client: &str,
         deployment: &str,
         usage: Option<Usage>,
+        response_model: Option<&str>,
         answer_text: Option<&str>,
     ) -> String {
         let (attempts, streamed, local_reply) = match &self.answer {
@@ -578,6 +598,12 @@ impl Exchange {
             local_reply,
             prompt: gw.config.log_bodies.then_some(self.body.prompt.as_deref()),
             answer: gw.config.log_bodies.then_some(answer_text),
+            gen_ai_operation_name: gen_ai::operation(&self.path),
+            gen_ai_provider_name: gen_ai::PROVIDER,
+            gen_ai_request_model: deployment,
+            gen_ai_response_model: response_model,
+            gen_ai_usage_input_tokens: usage.map(|u| u.prompt),
+            gen_ai_usage_output_tokens: usage.map(|u| u.completion),
         };
         serde_json::to_string(&line).unwrap_or_default()
     }
@@ -623,6 +649,19 @@ struct LogLine<'a> {
     prompt: Option<Option<&'a str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     answer: Option<Option<&'a str>>,
+    // The same facts under OpenTelemetry's GenAI attribute names.
+    #[serde(rename = "gen_ai.operation.name")]
+    gen_ai_operation_name: &'static str,
+    #[serde(rename = "gen_ai.provider.name")]
+    gen_ai_provider_name: &'static str,
+    #[serde(rename = "gen_ai.request.model")]
+    gen_ai_request_model: &'a str,
+    #[serde(rename = "gen_ai.response.model", skip_serializing_if = "Option::is_none")]
+    gen_ai_response_model: Option<&'a str>,
+    #[serde(rename = "gen_ai.usage.input_tokens", skip_serializing_if = "Option::is_none")]
+    gen_ai_usage_input_tokens: Option<u64>,
+    #[serde(rename = "gen_ai.usage.output_tokens", skip_serializing_if = "Option::is_none")]
+    gen_ai_usage_output_tokens: Option<u64>,
 }
 
 fn is_chat(path: &str) -> bool {
@@ -723,7 +762,7 @@ mod tests {
             assert_eq!(serde_json::from_str::<Value>(&r.body).unwrap()["error"]["type"], "authentication_error");
         }
         assert_eq!(w.metrics.get("spillway_auth_failures_total"), 2);
-        assert_eq!(w.metrics.get("spillway_local_replies_total.reason.unauthorized"), 2);
+        assert_eq!(w.metrics.get("spillway_local_replies_total.client.none.reason.unauthorized"), 2);
     }
 
     #[test]
@@ -769,12 +808,23 @@ mod tests {
         assert_eq!(line["total_tokens"], 52);
         assert_eq!(line["client"], "team-c");
         assert_eq!(line["deployment"], "gpt-4o");
+        // The same under the GenAI conventions' names.
+        assert_eq!(line["gen_ai.request.model"], "gpt-4o");
+        assert_eq!(line["gen_ai.operation.name"], "chat");
+        assert_eq!(
+            (line["gen_ai.usage.input_tokens"].as_u64(), line["gen_ai.usage.output_tokens"].as_u64()),
+            (Some(2), Some(50))
+        );
+        assert_eq!(
+            w.metrics.get("gen_ai_client_token_usage.gen_ai_operation_name.chat.gen_ai_request_model.gpt-4o.gen_ai_token_type.output.server_address.east"),
+            50
+        );
         assert!(matches!(w.start(Some("key-of-team-c"), body).1, Step::Forward { .. }));
         assert_eq!(
             w.metrics.get("spillway_tokens_total.backend.east.client.team-c.deployment.gpt-4o.kind.completion"),
             50
         );
-        assert_eq!(w.metrics.get("spillway_local_replies_total.reason.client_tokens"), 1);
+        assert_eq!(w.metrics.get("spillway_local_replies_total.client.team-c.reason.client_tokens"), 1);
     }
 
     #[test]

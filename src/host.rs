@@ -75,6 +75,7 @@ mod calls {
     pub enum MetricKind {
         Counter = 0,
         Gauge = 1,
+        Histogram = 2,
     }
 
     // Enums cross the ABI as plain u32: a status the host adds later must

@@ -15,6 +15,7 @@ pub mod credentials;
 pub mod exchange;
 pub mod footprint;
 pub mod gateway;
+pub mod gen_ai;
 pub mod health;
 // Host calls without SDK panics; only the encoders exist natively (tested).
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]

@@ -51,6 +51,8 @@ impl ClientLabels {
 pub trait Metrics {
     fn add(&self, name: &str, value: u64);
     fn set(&self, name: &str, value: u64);
+    /// One sample of a histogram.
+    fn record(&self, name: &str, value: u64);
 }
 
 /// `metric.key.value...`; values are reduced to `[A-Za-z0-9_-]` so a dot in

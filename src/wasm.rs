@@ -88,6 +88,12 @@ impl Metrics for HostMetrics {
             let _ = host::record_metric(id, value);
         }
     }
+
+    fn record(&self, name: &str, value: u64) {
+        if let Some(id) = Self::id(name, MetricKind::Histogram) {
+            let _ = host::record_metric(id, value);
+        }
+    }
 }
 
 struct HostClock;

@@ -224,7 +224,7 @@ def test_metrics_after_a_scripted_run(gated):
         f'spillway_backend_throttled{{backend="{a.name}"}}': 1,
         f'spillway_backend_throttled{{backend="{b.name}"}}': 0,
         'spillway_auth_failures_total{}': 1,
-        'spillway_local_replies_total{reason="unauthorized"}': 1,
+        'spillway_local_replies_total{client="none",reason="unauthorized"}': 1,
         'spillway_requests_total{client="team-a",class="2xx"}': 2,
         'spillway_requests_total{client="team-a",class="4xx"}': 1,
     }
