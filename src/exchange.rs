@@ -472,15 +472,7 @@ impl Exchange {
             .unwrap_or_default();
         let deployment_label = gw.deployment_labels.label(&deployment);
         self.count(metrics, &client, &deployment_label, read.facts.usage);
-        self.log_line(
-            gw,
-            now,
-            &client,
-            &deployment,
-            read.facts.usage,
-            read.facts.model.as_deref(),
-            read.text.as_deref(),
-        )
+        self.log_line(gw, now, &client, &deployment, &read)
     }
 
     /// What the request cost, for the client's token limit.
@@ -565,16 +557,8 @@ impl Exchange {
         }
     }
 
-    fn log_line(
-        &self,
-        gw: &Gateway,
-        now: u64,
-        client: &str,
-        deployment: &str,
-        usage: Option<Usage>,
-        response_model: Option<&str>,
-        answer_text: Option<&str>,
-    ) -> String {
+    fn log_line(&self, gw: &Gateway, now: u64, client: &str, deployment: &str, read: &AnswerRead) -> String {
+        let (usage, answer_text) = (read.facts.usage, read.text.as_deref());
         let (attempts, streamed, local_reply) = match &self.answer {
             Answer::Upstream { attempts, capture, .. } => (*attempts, matches!(capture, Capture::Sse(_)), None),
             Answer::Local { reason, .. } => (None, false, Some(*reason)),
@@ -601,7 +585,7 @@ impl Exchange {
             gen_ai_operation_name: gen_ai::operation(&self.path),
             gen_ai_provider_name: gen_ai::PROVIDER,
             gen_ai_request_model: deployment,
-            gen_ai_response_model: response_model,
+            gen_ai_response_model: read.facts.model.as_deref(),
             gen_ai_usage_input_tokens: usage.map(|u| u.prompt),
             gen_ai_usage_output_tokens: usage.map(|u| u.completion),
         };
