@@ -5,6 +5,9 @@
 #                             it, run until Ctrl-C / SIGTERM, then stop it all
 #   scripts/demo.sh --check   same start-up, then one chat request through the
 #                             gateway; exits 0 only if it got HTTP 200
+#   scripts/demo.sh --watch   like the first, with a live view of the gateway
+#                             (backends, states, requests, failovers, tokens/s)
+#                             instead of the access log
 #
 # eastus is quota-limited (3 requests per 20 s): once it has served 3, the next
 # request sent to it gets a 429 and fails over to westus within the same request
@@ -26,9 +29,11 @@ cd "$ROOT"
 usage() { sed -n '2,/^[^#]/p' "$0" | sed -n 's/^# \{0,1\}//p'; }
 
 CHECK=0
+WATCH=0
 for arg in "$@"; do
   case "$arg" in
     --check) CHECK=1 ;;
+    --watch) WATCH=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "demo.sh: unknown argument $arg" >&2; usage >&2; exit 2 ;;
   esac
@@ -298,15 +303,22 @@ Responses API (a conversation stays with the backend that stored it):
   second = client.responses.create(model="gpt-4o", input="And then?", previous_response_id=first.id)
   print(first.output_text); print(second.output_text)    # the same backend, "(turn 2)"
 
+Live view (backends and their state, requests, failovers, tokens/s):
+  python3 scripts/spillway-top.py --admin http://127.0.0.1:$ADMIN_PORT     (or start the demo with --watch)
+
 Admin:
   http://127.0.0.1:$ADMIN_PORT/stats?filter=spillway    per-backend cluster stats (upstream_rq_429, upstream_rq_retry, ...)
   http://127.0.0.1:$ADMIN_PORT/clusters                 backend endpoints
 Files: $RUN_DIR/{envoy.yaml,envoy.log,access.log,mock-*.log}
 
-Access log follows (attempts= and cluster= show failover). Ctrl-C stops everything.
+$( (( WATCH )) && echo "The live view follows. Ctrl-C stops everything." || echo "Access log follows (attempts= and cluster= show failover). Ctrl-C stops everything.")
 EOF
 
-tail -n +1 -f "$RUN_DIR/access.log" &
+if (( WATCH )); then
+  python3 "$ROOT/scripts/spillway-top.py" --admin "http://127.0.0.1:$ADMIN_PORT" &
+else
+  tail -n +1 -f "$RUN_DIR/access.log" &
+fi
 TAIL_PID=$!
 set +e
 wait "$ENVOY_PID"

@@ -138,3 +138,22 @@ def test_alert_rules_pass_promtool():
         pytest.skip("promtool is not installed")
     check = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert check.returncode == 0 and "SUCCESS: 6 rules found" in check.stdout, check.stdout + check.stderr
+
+
+def test_the_live_view_shows_each_backends_state_and_traffic(start_mock, start_envoy):
+    east = start_mock("east", "key-east")
+    west = start_mock("west", "key-west")
+    envoy = start_envoy({"backends": [backend_entry(east), backend_entry(west)],
+                         "clients": [{"name": "team-a", "key": TEAM_A}]})
+    east.configure(fail_next=[{"status": 429, "retry_after": "120"}])
+    for _ in range(6):
+        assert envoy.chat(headers={"api-key": TEAM_A}).status_code == 200
+    time.sleep(1.2)  # the state gauges refresh every second
+    top = subprocess.run([sys.executable, str(ROOT / "scripts" / "spillway-top.py"), "--admin", envoy.admin,
+                          "--once", "--interval", "0.5"], capture_output=True, text=True, timeout=30)
+    assert top.returncode == 0, top.stderr
+    rows = {line.split()[0]: line.split() for line in top.stdout.splitlines() if line.strip()}
+    assert rows["east"][1] == "THROTTLED" and rows["west"][1] == "ok", top.stdout
+    # west answered all six (2xx column); east's one 429 was failed over.
+    assert rows["west"][3] == "6" and rows["east"][4] == "1" and rows["east"][7] == "1", top.stdout
+    assert rows["team-a"][2] == "6", top.stdout
