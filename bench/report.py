@@ -724,6 +724,12 @@ def main() -> None:
     lines += why_section(ov, sel, misses)
     lines += commands_section(ov, gp)
     lines += notes_section()
+    soak = load("soak.json")
+    if soak:
+        # bench/soak.sh's results (a separate, longer run), kept when this file is regenerated.
+        from soak import markdown_section  # noqa: PLC0415
+
+        lines += markdown_section(soak)
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote BENCHMARKS.md and {', '.join(charts)}")
 

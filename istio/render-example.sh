@@ -15,8 +15,7 @@ OUT=istio/example-manifests.yaml
 fresh="$("$SPILLWAY_RENDER" istio/example-filter.json --istio \
   --namespace istio-ingress \
   --workload-selector app=gateway \
-  --wasm-url oci://ghcr.io/example/spillway:0.1.0 \
-  --attempt-wasm-url https://downloads.example.com/spillway/0.1.0/spillway.wasm \
+  --wasm-url https://downloads.example.com/spillway/0.1.0/spillway.wasm \
   --wasm-sha256 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef \
   --gateway istio-ingress/gateway \
   --host openai.example.com; echo x)"

@@ -28,6 +28,18 @@ if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 
     || echo "setup: could not install docker-compose; the compose file check will be skipped" >&2
 fi
 
+# The fuzz targets link libFuzzer, which libfuzzer-sys compiles from C++.
+if ! command -v c++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+fi
+
+# Prometheus (Debian package, with promtool) proves the dashboard queries and
+# alert rules in deploy/ against a real server.
+if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+    || echo "setup: could not install prometheus; the observability test will fail in CI" >&2
+fi
+
 if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi

@@ -13,6 +13,7 @@ mod responses;
 mod server;
 mod state;
 mod store;
+mod usage;
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -59,7 +60,10 @@ Control API (JSON), under /_mock/:
                         deployment, status: 0 = no response head, 101 = websocket, stream,
                         fault, ws_events: client events on an upgraded realtime connection
                         (else null); a form's body_json: its fields, a file as "NAME (N bytes)"),
-                        responses_stored, files_stored, batches_stored
+                        responses_stored, files_stored, batches_stored,
+                        usage: per deployment, the tokens put into answers
+                        ({answers, prompt_tokens, completion_tokens, cut: the same for
+                        answers a reset_after_events fault cut before their usage})
   POST /_mock/reset     clear stats, quota window and the fail_next queue (not the
                         stored responses, files, batches)
   GET  /_mock/config    current settings
@@ -77,7 +81,11 @@ fail_next: [entry, ...], one entry per later data-plane request, in order:
   {"reset_after_events": N}   serve, then abort mid-body: after N SSE events of a
                               stream, after half of a JSON body
   {"hang": true}              never answer; hold the connection until the client closes
-  {"hang_ms": N}              answer normally after N more ms (a slow backend)"#;
+  {"hang_ms": N}              answer normally after N more ms (a slow backend)
+
+Request headers (data plane), for clients that hang up on purpose:
+  x-mock-latency-ms: N                 N more ms before this request's response head
+  x-mock-stream-chunk-delay-ms: N      this request's stream_chunk_delay_ms"#;
 
 /// Mock Azure OpenAI backend for Spillway's integration tests and benchmarks.
 ///

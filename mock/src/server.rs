@@ -61,7 +61,7 @@
 //! | request | effect |
 //! | --- | --- |
 //! | `GET /_mock/health` | `{"ok": true}` |
-//! | `GET /_mock/stats` | `name`, `requests_total`, `by_status` (`{"200": n, ...}`), `requests`: the last 2000 data-plane request records, `responses_stored` (Responses API responses kept), `files_stored`, `batches_stored` |
+//! | `GET /_mock/stats` | `name`, `requests_total`, `by_status` (`{"200": n, ...}`), `requests`: the last 2000 data-plane request records, `responses_stored` (Responses API responses kept), `files_stored`, `batches_stored`, `usage`: tokens billed per deployment (see [`crate::usage`]) |
 //! | `POST /_mock/reset` | clear stats, the quota window and the `fail_next` queue (stored responses, files and batches stay) |
 //! | `GET /_mock/config` | the current settings and `fail_next_pending` |
 //! | `POST /_mock/config` | change settings; the body is validated whole (400 and no change on any error) |
@@ -82,6 +82,11 @@
 //! one; on a response GET, `?stream=true`), `fault` (the `fail_next` kind
 //! the request used, else null) and `ws_events` (an upgraded realtime
 //! connection's client events so far, else null).
+//!
+//! Two request headers shape one answer's delivery, so a client can hang up
+//! before the answer or in the middle of a stream on purpose:
+//! `x-mock-latency-ms: N` adds N ms before the response head,
+//! `x-mock-stream-chunk-delay-ms: N` replaces `stream_chunk_delay_ms`.
 //!
 //! # `fail_next`
 //!

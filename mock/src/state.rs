@@ -40,6 +40,7 @@ use crate::openai::{self, Ctx, Operation, Route, StreamPlan};
 use crate::quota::{LimitKind, Quota, Remaining};
 use crate::realtime::{RealtimeRoute, Session};
 use crate::responses::ResponseStore;
+use crate::usage::Tally;
 
 /// Request records kept for `/_mock/stats`.
 pub const MAX_RECORDS: usize = 2000;
@@ -200,6 +201,8 @@ pub struct Mock {
     files: FileStore,
     /// Batches created here; kept across `/_mock/reset`.
     batches: BatchStore,
+    /// Tokens billed in answers, per deployment (`usage` in stats).
+    usage: Tally,
 }
 
 /// What a data-plane route implies for one request.
@@ -402,6 +405,7 @@ impl Mock {
             responses,
             files,
             batches,
+            usage: Tally::default(),
         }
     }
 
@@ -413,6 +417,7 @@ impl Mock {
         self.total = 0;
         self.by_status.clear();
         self.records.clear();
+        self.usage.clear();
     }
 
     pub fn stats_json(&self) -> Value {
@@ -424,6 +429,7 @@ impl Mock {
             "responses_stored": self.responses.len(),
             "files_stored": self.files.len(),
             "batches_stored": self.batches.len(),
+            "usage": self.usage.to_json(),
         })
     }
 
@@ -596,7 +602,10 @@ impl Mock {
             Some(route) => {
                 let call = Call::new(route, &req.query, parsed.as_ref(), form);
                 let fault = self.faults.pop_front();
-                let outcome = self.decide(&req, parsed.as_ref(), &call, fault.as_ref(), now_ms, unix_s);
+                let mut outcome = self.decide(&req, parsed.as_ref(), &call, fault.as_ref(), now_ms, unix_s);
+                if let Outcome::Reply(reply) = &mut outcome {
+                    apply_delay_headers(reply, &req.headers);
+                }
                 (Some(call), fault, outcome)
             }
             // Not a data-plane route: no fault is used up.
@@ -626,6 +635,7 @@ impl Mock {
             _ => {}
         }
         let answer = self.serve(req, parsed, call, now_ms, unix_s);
+        let generated = answer.status == 200 && !call.stored;
         let mut outcome = self.deliver(answer);
         if let Outcome::Reply(reply) = &mut outcome {
             match fault {
@@ -633,6 +643,10 @@ impl Mock {
                 Some(Fault::HangMs(ms)) => reply.latency_ms = reply.latency_ms.saturating_add(*ms),
                 Some(Fault::ResetAfterEvents(n)) => reply.reset_after_events = Some(*n),
                 _ => {}
+            }
+            if generated {
+                let deployment = call.deployment.as_deref().unwrap_or_default();
+                self.usage.count(deployment, &reply.body, reply.reset_after_events);
             }
         }
         outcome
@@ -770,6 +784,24 @@ impl Mock {
     }
 }
 
+/// Request header adding this many ms to the delay before the response head.
+pub const LATENCY_HEADER: &str = "x-mock-latency-ms";
+/// Request header replacing `stream_chunk_delay_ms` for this request.
+pub const STREAM_DELAY_HEADER: &str = "x-mock-stream-chunk-delay-ms";
+
+/// Per-request delays from the request's own headers (a client that wants to
+/// hang up before the answer or in the middle of a stream, whatever the
+/// mock's settings); values that are not a whole number are ignored.
+fn apply_delay_headers(reply: &mut Reply, headers: &BTreeMap<String, String>) {
+    let ms = |name: &str| headers.get(name).and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(extra) = ms(LATENCY_HEADER) {
+        reply.latency_ms = reply.latency_ms.saturating_add(extra);
+    }
+    if let Some(delay) = ms(STREAM_DELAY_HEADER) {
+        reply.stream_delay_ms = delay;
+    }
+}
+
 /// A `/_mock/config` being applied: copies that replace the live state only
 /// when every key was valid.
 struct StagedConfig {
@@ -887,6 +919,39 @@ mod tests {
             ReplyBody::Json(v) => v,
             other => panic!("not JSON: {other:?}"),
         }
+    }
+
+    #[test]
+    fn usage_is_tallied_per_deployment_and_delay_headers_apply() {
+        let mut m = mock();
+        let stream = json!({"messages": [{"role": "user", "content": "12345678"}], "stream": true,
+                            "stream_options": {"include_usage": true}});
+        m.handle(req(CHAT, chat_body()), 0, 0);
+        m.apply_config(&json!({"fail_next": [{"reset_after_events": 1}, {"status": 500}, {"reset": true}]})).unwrap();
+        m.handle(req(CHAT, stream.clone()), 0, 0); // cut before its usage chunk
+        m.handle(req(CHAT, chat_body()), 0, 0); // injected 500: no answer, no usage
+        m.handle(req(CHAT, chat_body()), 0, 0); // reset: no usage
+        let mut slow = req("/openai/v1/responses", json!({"model": "r", "input": "12345678"}));
+        slow.headers.insert(LATENCY_HEADER.into(), "250".into());
+        slow.headers.insert(STREAM_DELAY_HEADER.into(), "40".into());
+        let r = reply(m.handle(slow, 0, 0));
+        assert_eq!((r.latency_ms, r.stream_delay_ms), (250, 40));
+        let mut bad = req(CHAT, chat_body());
+        bad.headers.insert(LATENCY_HEADER.into(), "soon".into());
+        assert_eq!(reply(m.handle(bad, 0, 0)).latency_ms, 0);
+        let id = m.stats_json()["requests"][4]["path"].clone();
+        assert_eq!(id, "/openai/v1/responses");
+        assert_eq!(
+            m.stats_json()["usage"],
+            json!({
+                "gpt4o": {"answers": 3, "prompt_tokens": 6, "completion_tokens": 15,
+                          "cut": {"answers": 1, "prompt_tokens": 2, "completion_tokens": 5}},
+                "r": {"answers": 1, "prompt_tokens": 2, "completion_tokens": 5,
+                      "cut": {"answers": 0, "prompt_tokens": 0, "completion_tokens": 0}}
+            })
+        );
+        m.reset();
+        assert_eq!(m.stats_json()["usage"], json!({}));
     }
 
     #[test]

@@ -14,19 +14,90 @@ use serde_json::{json, Map, Value};
 use spillway::config::{Backend, Config, Scheme};
 use spillway::contract::{body_metadata, header, metric, Role, VM_ID};
 
-/// Route settings both outputs share.
+/// Route and request-body settings both outputs share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteOptions {
     /// Timeout for a whole request, retries included; long because streamed
     /// completions can run for minutes.
     pub timeout_s: u64,
-    /// Requests up to this size can be retried (Envoy buffers them).
+    /// Requests up to this size can be retried (Envoy buffers them); with
+    /// `buffer_request_bodies`, larger ones are refused (413).
     pub request_body_limit_bytes: u64,
+    /// Hold every request body in Envoy until it is complete before the
+    /// request goes upstream (JSON bodies are held by the body-fields filter
+    /// anyway): a slow uploader then never holds a backend connection.
+    pub buffer_request_bodies: bool,
 }
 
 impl Default for RouteOptions {
     fn default() -> Self {
-        RouteOptions { timeout_s: 600, request_body_limit_bytes: 32 * 1024 * 1024 }
+        RouteOptions { timeout_s: 600, request_body_limit_bytes: 32 * 1024 * 1024, buffer_request_bodies: true }
+    }
+}
+
+/// What the listener does with request headers whose names contain `_`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnderscoreHeaders {
+    /// Pass them on.
+    Allow,
+    /// Remove the header, serve the request.
+    Drop,
+    /// Answer 400 (Envoy's edge guidance).
+    Reject,
+}
+
+impl UnderscoreHeaders {
+    fn envoy_action(self) -> &'static str {
+        match self {
+            UnderscoreHeaders::Allow => "ALLOW",
+            UnderscoreHeaders::Drop => "DROP_HEADER",
+            UnderscoreHeaders::Reject => "REJECT_REQUEST",
+        }
+    }
+}
+
+/// Settings of the HTTP connection manager clients talk to (Envoy's
+/// "Configuring Envoy as an edge proxy", adapted to LLM traffic). Timeouts in
+/// seconds, 0 turns one off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeOptions {
+    /// A client must have sent its whole request headers within this time.
+    pub request_headers_timeout_s: u64,
+    /// A client must have sent its whole request (headers and body) within
+    /// this time; the answer, however long, is not limited by it.
+    pub request_timeout_s: u64,
+    /// A stream with nothing sent either way for this long is closed. Long:
+    /// a model can think for minutes before its first token.
+    pub stream_idle_timeout_s: u64,
+    pub max_request_headers_kb: u32,
+    pub max_headers_count: u32,
+    pub headers_with_underscores: UnderscoreHeaders,
+    pub http2_max_concurrent_streams: u32,
+    pub http2_initial_stream_window_bytes: u32,
+    pub http2_initial_connection_window_bytes: u32,
+    /// Take the client address from the connection, not from a client-sent
+    /// `x-forwarded-for` (the request is then external: Envoy removes
+    /// client-sent `x-envoy-*` headers before they reach a backend).
+    pub use_remote_address: bool,
+    /// Proxies in front of Envoy whose `x-forwarded-for` entries are trusted.
+    pub xff_num_trusted_hops: u32,
+}
+
+impl Default for EdgeOptions {
+    fn default() -> Self {
+        EdgeOptions {
+            request_headers_timeout_s: 10,
+            request_timeout_s: 300,
+            stream_idle_timeout_s: 600,
+            max_request_headers_kb: 32,
+            max_headers_count: 100,
+            headers_with_underscores: UnderscoreHeaders::Reject,
+            http2_max_concurrent_streams: 100,
+            http2_initial_stream_window_bytes: 1024 * 1024,
+            http2_initial_connection_window_bytes: 4 * 1024 * 1024,
+            use_remote_address: true,
+            xff_num_trusted_hops: 0,
+        }
     }
 }
 
@@ -57,35 +128,51 @@ pub fn local_code(wasm_path: &str) -> Value {
     json!({ "local": { "filename": wasm_path } })
 }
 
-/// A Wasm plugin config for one role. `vm_id: None` leaves it out (Istio
-/// leaves it empty for WasmPlugins; both roles must then use the same).
-pub fn plugin(role: Role, filter_json: &str, env_keys: &[String], code: Value, vm_id: Option<&str>) -> Value {
-    let mut vm_config = Map::new();
-    if let Some(id) = vm_id {
-        vm_config.insert("vm_id".into(), json!(id));
-    }
-    vm_config.insert("runtime".into(), json!("envoy.wasm.runtime.v8"));
-    vm_config.insert("code".into(), code);
-    vm_config.insert("environment_variables".into(), json!({ "host_env_keys": env_keys }));
+/// A Wasm plugin config for one role. Both roles name Spillway's own
+/// `vm_id`: Envoy scopes shared data by it, so the roles share the health
+/// table and counters with each other and with no other Wasm module.
+pub fn plugin(role: Role, filter_json: &str, env_keys: &[String], code: Value) -> Value {
     json!({
         "name": role.root_id(),
         "root_id": role.root_id(),
-        "vm_config": vm_config,
+        "vm_config": {
+            "vm_id": VM_ID,
+            "runtime": "envoy.wasm.runtime.v8",
+            "code": code,
+            "environment_variables": { "host_env_keys": env_keys },
+        },
         "configuration": {
             "@type": "type.googleapis.com/google.protobuf.StringValue",
             "value": filter_json,
         },
-        // A broken VM must fail requests, not silently skip the key rewrite.
-        "fail_open": false,
+        // A VM that fails (it should not: nothing in it can trap) is
+        // reloaded, with backoff; meanwhile requests fail rather than skip
+        // the key rewrite. Envoy counts reloads in wasm.<root id>.vm_reload.
+        "failure_policy": "FAIL_RELOAD",
     })
 }
 
-/// The default vm id for plain Envoy.
-pub fn default_vm_id() -> Option<&'static str> {
-    Some(VM_ID)
+/// The backend keys and client keys written into the config itself
+/// (`api_key`, `key`), by field and name; never their values. Such a key is
+/// readable by anyone who can read the rendered file or Envoy's
+/// `/config_dump`; `api_key_env` / `key_env` keep it in the environment.
+pub fn literal_keys(config: &Config) -> Vec<String> {
+    let backends = config
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.api_key.is_some())
+        .map(|(i, b)| format!("backends[{i}].api_key ({})", b.name));
+    let clients = config
+        .clients
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.key.is_some())
+        .map(|(i, c)| format!("clients[{i}].key ({})", c.name));
+    backends.chain(clients).collect()
 }
 
-fn wasm_filter(name: &str, plugin: &Value) -> Value {
+pub fn wasm_filter(name: &str, plugin: &Value) -> Value {
     json!({
         "name": name,
         "typed_config": {
@@ -245,21 +332,37 @@ pub fn route_action(config: &Config, opts: &RouteOptions) -> Value {
     })
 }
 
-/// Envoy's own error answers (no backend reachable, timeouts) in the OpenAI
-/// error shape clients already parse.
+/// Envoy's own error answers (no backend reachable, timeouts, a request that
+/// took too long to arrive or is too large) in the OpenAI error shape clients
+/// already parse. The filter's own answers keep their bodies: none of them
+/// has one of these flags or statuses. (Envoy's overload 503 carries no flag
+/// to tell it from the filter's own 503: it stays plain text.)
 fn local_reply_config() -> Value {
-    json!({ "mappers": [{
-        "filter": { "response_flag_filter": { "flags": ["UF", "URX", "UH", "UO", "UT", "UC", "UR", "UMSDR", "NR"] } },
-        "body_format_override": {
-            "json_format": { "error": {
-                "message": "%LOCAL_REPLY_BODY%",
-                "type": "server_error",
-                "code": "%RESPONSE_CODE%",
-                "param": null,
-            } },
-            "content_type": "application/json",
+    let body = json!({
+        "json_format": { "error": {
+            "message": "%LOCAL_REPLY_BODY%",
+            "type": "server_error",
+            "code": "%RESPONSE_CODE%",
+            "param": null,
+        } },
+        "content_type": "application/json",
+    });
+    let status = |code: u32| {
+        json!({ "status_code_filter": { "comparison": { "op": "EQ", "value": {
+        "default_value": code, "runtime_key": format!("spillway.local_reply.status_{code}"),
+    } } } })
+    };
+    json!({ "mappers": [
+        {
+            "filter": { "response_flag_filter": { "flags": ["UF", "URX", "UH", "UO", "UT", "UC", "UR", "UMSDR", "NR"] } },
+            "body_format_override": body,
         },
-    }] })
+        {
+            // 408: the request did not arrive in time; 413: larger than the body limit.
+            "filter": { "or_filter": { "filters": [status(408), status(413)] } },
+            "body_format_override": body,
+        },
+    ] })
 }
 
 fn stdout_access_log() -> Value {
@@ -268,7 +371,7 @@ fn stdout_access_log() -> Value {
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
             "log_format": { "text_format_source": { "inline_string":
-                "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% %RESPONSE_FLAGS% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% cluster=%UPSTREAM_CLUSTER% %DURATION%ms\n"
+                "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% %RESPONSE_FLAGS% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% cluster=%UPSTREAM_CLUSTER% %DURATION%ms client=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%\n"
             } },
         },
     }])
@@ -310,22 +413,64 @@ pub fn body_fields_filter() -> Value {
 /// Name of the `json_to_metadata` filter in the listener.
 pub const BODY_FIELDS_FILTER_NAME: &str = "spillway.body_fields";
 
-fn router_filter() -> Value {
+/// Name of the buffer filter that holds request bodies until complete.
+pub const BUFFER_FILTER_NAME: &str = "spillway.buffer";
+
+/// Envoy's buffer filter: the request goes on (to the body-fields filter,
+/// the request role and the router) only once its whole body has arrived;
+/// a body over `max_bytes` gets a 413. A slow uploader then costs Envoy
+/// memory for at most the HCM's `request_timeout`, never a backend connection.
+pub fn request_buffer_filter(max_bytes: u64) -> Value {
+    json!({
+        "name": BUFFER_FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+            "max_request_bytes": max_bytes,
+        },
+    })
+}
+
+pub fn router_filter() -> Value {
     json!({
         "name": "envoy.filters.http.router",
         "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
     })
 }
 
-/// The HTTP connection manager: the route, the request role, the router.
-pub fn http_connection_manager(route: Value, request_plugin: &Value, access_log: bool) -> Value {
+/// Spillway's HTTP filters in order, without the router: the request buffer
+/// (unless bodies stream), the body-fields filter, the request role.
+pub fn spillway_http_filters(route: &RouteOptions, request_plugin: &Value) -> Vec<Value> {
+    let mut filters = Vec::new();
+    if route.buffer_request_bodies {
+        filters.push(request_buffer_filter(route.request_body_limit_bytes));
+    }
+    filters.push(body_fields_filter());
+    filters.push(wasm_filter(REQUEST_FILTER_NAME, request_plugin));
+    filters
+}
+
+fn seconds(s: u64) -> Value {
+    json!(format!("{s}s"))
+}
+
+/// The HTTP connection manager: the route, Spillway's filters, the router,
+/// and the edge settings.
+pub fn http_connection_manager(
+    route: Value,
+    request_plugin: &Value,
+    access_log: bool,
+    route_opts: &RouteOptions,
+    edge: &EdgeOptions,
+) -> Value {
+    let mut http_filters = spillway_http_filters(route_opts, request_plugin);
+    http_filters.push(router_filter());
     let mut hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "spillway",
         "codec_type": "AUTO",
         // Realtime API connections are websockets. Their chain leaves out the
-        // body-fields filter: an upgrade has no JSON body, and Envoy's
-        // json_to_metadata holds an upgrade request for ever.
+        // buffer and body-fields filters: an upgrade has no body to wait for,
+        // and both would hold the upgrade request for ever.
         "upgrade_configs": [{
             "upgrade_type": "websocket",
             "filters": [wasm_filter(REQUEST_FILTER_NAME, request_plugin), router_filter()],
@@ -337,18 +482,33 @@ pub fn http_connection_manager(route: Value, request_plugin: &Value, access_log:
         "normalize_path": true,
         "merge_slashes": true,
         "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
-        // Streams can be quiet while a model thinks.
-        "stream_idle_timeout": "600s",
+        // The client's address is the connection's (plus trusted proxies'
+        // x-forwarded-for entries); Envoy then also removes client-sent
+        // x-envoy-* headers, which are meant for Envoy itself.
+        "use_remote_address": edge.use_remote_address,
+        "xff_num_trusted_hops": edge.xff_num_trusted_hops,
+        // A client that never finishes its headers, or its body, is cut
+        // (408); the answer, however long, is not bounded by these.
+        "request_headers_timeout": seconds(edge.request_headers_timeout_s),
+        "request_timeout": seconds(edge.request_timeout_s),
+        // Streams can be quiet for minutes while a model thinks.
+        "stream_idle_timeout": seconds(edge.stream_idle_timeout_s),
+        "max_request_headers_kb": edge.max_request_headers_kb,
+        "common_http_protocol_options": {
+            "max_headers_count": edge.max_headers_count,
+            "headers_with_underscores_action": edge.headers_with_underscores.envoy_action(),
+        },
+        "http2_protocol_options": {
+            "max_concurrent_streams": edge.http2_max_concurrent_streams,
+            "initial_stream_window_size": edge.http2_initial_stream_window_bytes,
+            "initial_connection_window_size": edge.http2_initial_connection_window_bytes,
+        },
         "route_config": {
             "name": "spillway",
             "virtual_hosts": [{ "name": "spillway", "domains": ["*"], "routes": [route] }],
         },
         "local_reply_config": local_reply_config(),
-        "http_filters": [
-            body_fields_filter(),
-            wasm_filter(REQUEST_FILTER_NAME, request_plugin),
-            router_filter(),
-        ],
+        "http_filters": http_filters,
     });
     if let (true, Some(obj)) = (access_log, hcm.as_object_mut()) {
         obj.insert("access_log".into(), stdout_access_log());
@@ -378,7 +538,11 @@ pub fn stats_config() -> Value {
         .map(|k| {
             json!({
                 "tag_name": k,
-                "regex": format!(r"^wasmcustom\.{}\w+(?:\.\w+\.[\w-]+)*?(\.{k}\.([\w-]+))", metric::PREFIX),
+                "regex": format!(
+                    r"^wasmcustom\.(?:{}|{})\w+(?:\.\w+\.[\w-]+)*?(\.{k}\.([\w-]+))",
+                    metric::PREFIX,
+                    metric::GEN_AI_PREFIX
+                ),
             })
         })
         .collect();
@@ -430,7 +594,7 @@ pub(crate) mod tests {
     #[test]
     fn https_backends_get_tls_with_sni_and_http_ones_do_not() {
         let cfg = config(JSON);
-        let plugin = plugin(Role::Attempt, JSON, &[], local_code("/x.wasm"), default_vm_id());
+        let plugin = plugin(Role::Attempt, JSON, &[], local_code("/x.wasm"));
         let east = backend_cluster(&cfg.backends[0], &plugin);
         assert_eq!(east["transport_socket"]["typed_config"]["sni"], "eastus.openai.azure.com");
         assert_eq!(
@@ -451,13 +615,117 @@ pub(crate) mod tests {
 
     #[test]
     fn plugins_name_their_role_and_vm() {
-        let p = plugin(Role::Request, "{}", &["K".to_string()], local_code("/x.wasm"), default_vm_id());
+        let p = plugin(Role::Request, "{}", &["K".to_string()], local_code("/x.wasm"));
         assert_eq!(p["root_id"], "spillway_request");
         assert_eq!(p["vm_config"]["vm_id"], "spillway");
         assert_eq!(p["vm_config"]["environment_variables"]["host_env_keys"], json!(["K"]));
-        assert_eq!(p["fail_open"], false);
-        let istio = plugin(Role::Attempt, "{}", &[], local_code("/x.wasm"), None);
-        assert!(istio["vm_config"].get("vm_id").is_none());
+        assert_eq!(p["failure_policy"], "FAIL_RELOAD");
+        let a = plugin(Role::Attempt, "{}", &["K".to_string()], local_code("/x.wasm"));
+        assert_eq!(a["vm_config"], p["vm_config"]);
+    }
+
+    #[test]
+    fn literal_keys_are_named_by_field_never_by_value() {
+        let keys = literal_keys(&config(JSON));
+        assert_eq!(keys, ["backends[1].api_key (local)"]);
+        let both = config(
+            r#"{"backends":[{"name":"a","url":"http://x","api_key_env":"A"},{"name":"b","url":"http://y","api_key":"sk-b-123"}],
+                "clients":[{"name":"c","key":"client-key-1"},{"name":"d","key_env":"D"}]}"#,
+        );
+        let keys = literal_keys(&both);
+        assert_eq!(keys, ["backends[1].api_key (b)", "clients[0].key (c)"]);
+        assert!(!keys.concat().contains("sk-b-123") && !keys.concat().contains("client-key-1"));
+        let none =
+            config(r#"{"backends":[{"name":"a","url":"http://x","api_key_env":"A"},{"name":"b","url":"http://y"}]}"#);
+        assert!(literal_keys(&none).is_empty());
+    }
+
+    fn hcm(route: &RouteOptions, edge: &EdgeOptions) -> Value {
+        let p = plugin(Role::Request, "{}", &[], local_code("/x.wasm"));
+        http_connection_manager(json!({}), &p, true, route, edge)
+    }
+
+    fn filter_names(filters: &Value) -> Vec<&str> {
+        filters.as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_listener_has_the_edge_defaults() {
+        let h = hcm(&RouteOptions::default(), &EdgeOptions::default());
+        assert_eq!(h["request_headers_timeout"], "10s");
+        assert_eq!(h["request_timeout"], "300s");
+        assert_eq!(h["stream_idle_timeout"], "600s");
+        assert_eq!(h["max_request_headers_kb"], 32);
+        assert_eq!(h["common_http_protocol_options"]["max_headers_count"], 100);
+        assert_eq!(h["common_http_protocol_options"]["headers_with_underscores_action"], "REJECT_REQUEST");
+        let h2 = &h["http2_protocol_options"];
+        assert_eq!(h2["max_concurrent_streams"], 100);
+        assert_eq!(h2["initial_stream_window_size"], 1024 * 1024);
+        assert_eq!(h2["initial_connection_window_size"], 4 * 1024 * 1024);
+        assert_eq!(h["use_remote_address"], true);
+        assert_eq!(h["xff_num_trusted_hops"], 0);
+        // Bodies are held until complete (buffer first), websockets skip both holders.
+        assert_eq!(
+            filter_names(&h["http_filters"]),
+            [BUFFER_FILTER_NAME, BODY_FIELDS_FILTER_NAME, REQUEST_FILTER_NAME, "envoy.filters.http.router"]
+        );
+        assert_eq!(h["http_filters"][0]["typed_config"]["max_request_bytes"], 32 * 1024 * 1024);
+        assert_eq!(
+            filter_names(&h["upgrade_configs"][0]["filters"]),
+            [REQUEST_FILTER_NAME, "envoy.filters.http.router"]
+        );
+    }
+
+    #[test]
+    fn every_edge_setting_follows_its_option() {
+        let edge = EdgeOptions {
+            request_headers_timeout_s: 0,
+            request_timeout_s: 7,
+            stream_idle_timeout_s: 0,
+            max_request_headers_kb: 8,
+            max_headers_count: 20,
+            headers_with_underscores: UnderscoreHeaders::Drop,
+            http2_max_concurrent_streams: 5,
+            http2_initial_stream_window_bytes: 65_535,
+            http2_initial_connection_window_bytes: 70_000,
+            use_remote_address: false,
+            xff_num_trusted_hops: 2,
+        };
+        let route = RouteOptions { request_body_limit_bytes: 1000, buffer_request_bodies: false, ..Default::default() };
+        let h = hcm(&route, &edge);
+        assert_eq!((&h["request_headers_timeout"], &h["request_timeout"]), (&json!("0s"), &json!("7s")));
+        assert_eq!(h["stream_idle_timeout"], "0s");
+        assert_eq!(h["max_request_headers_kb"], 8);
+        assert_eq!(h["common_http_protocol_options"]["max_headers_count"], 20);
+        assert_eq!(h["common_http_protocol_options"]["headers_with_underscores_action"], "DROP_HEADER");
+        let h2 = &h["http2_protocol_options"];
+        assert_eq!(
+            (&h2["max_concurrent_streams"], &h2["initial_stream_window_size"], &h2["initial_connection_window_size"]),
+            (&json!(5), &json!(65_535), &json!(70_000))
+        );
+        assert_eq!((&h["use_remote_address"], &h["xff_num_trusted_hops"]), (&json!(false), &json!(2)));
+        assert_eq!(filter_names(&h["http_filters"])[0], BODY_FIELDS_FILTER_NAME);
+        let buffered = hcm(&RouteOptions { request_body_limit_bytes: 1000, ..Default::default() }, &edge);
+        assert_eq!(buffered["http_filters"][0]["typed_config"]["max_request_bytes"], 1000);
+        assert_eq!(UnderscoreHeaders::Allow.envoy_action(), "ALLOW");
+    }
+
+    #[test]
+    fn envoys_own_errors_are_openai_shaped() {
+        let h = hcm(&RouteOptions::default(), &EdgeOptions::default());
+        let mappers = h["local_reply_config"]["mappers"].as_array().unwrap();
+        let flags = &mappers[0]["filter"]["response_flag_filter"]["flags"];
+        assert!(flags.as_array().unwrap().contains(&json!("UF")));
+        let statuses: Vec<&Value> = mappers[1]["filter"]["or_filter"]["filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| &f["status_code_filter"]["comparison"]["value"]["default_value"])
+            .collect();
+        assert_eq!(statuses, [&json!(408), &json!(413)]);
+        for m in mappers {
+            assert_eq!(m["body_format_override"]["json_format"]["error"]["type"], "server_error");
+        }
     }
 
     #[test]

@@ -2,44 +2,56 @@
 //! retry machinery as the plain Envoy bootstrap (`render`), expressed as
 //! resources istiod turns into the gateway's Envoy config.
 //!
-//! * `WasmPlugin` (extensions.istio.io/v1alpha1): the request role, as a
-//!   downstream HTTP filter right before the router (`UNSPECIFIED_PHASE`),
-//!   `pluginConfig` = the filter JSON, key env vars read from the proxy's
-//!   environment (`valueFrom: HOST`).
 //! * `EnvoyFilter` (networking.istio.io/v1alpha3):
+//!   - `HTTP_FILTER` `INSERT_BEFORE` the router, in every HTTP connection
+//!     manager of the gateway: Spillway's downstream filters (request buffer,
+//!     body fields, the request role), each **disabled by default**
+//!     (`HttpFilter.disabled`), so routes of other applications on the same
+//!     gateway never run them; the request role is a plain Wasm filter here,
+//!     not a `WasmPlugin`, so it carries Spillway's own `vm_id` (istiod
+//!     leaves a WasmPlugin's empty) and shares it with the attempt role and
+//!     no other module;
 //!   - `CLUSTER` `ADD` of one `spillway_<name>` cluster per backend, the very
 //!     clusters the bootstrap has, with the attempt role as an upstream HTTP
-//!     filter whose code Envoy fetches itself (`vm_config.code.remote`);
-//!     Istio's own `outbound|443||HOST` clusters are not used on this path:
-//!     two backends may share a host (one Azure resource, two deployments),
-//!     and the attempt role tells backends apart by cluster name;
+//!     filter; Istio's own `outbound|443||HOST` clusters are not used on this
+//!     path: two backends may share a host (one Azure resource, two
+//!     deployments), and the attempt role tells backends apart by cluster name;
 //!   - `CLUSTER` `ADD` of `spillway_wasm_fetch`, the cluster Envoy fetches
-//!     the attempt role's code through;
-//!   - `HTTP_ROUTE` `MERGE` on the route named `spillway`: the matcher
-//!     cluster specifier on `x-spillway-cluster`, the retry policy with
-//!     `refresh_cluster_on_retry`, the timeout and the request body buffer.
-//! * `VirtualService`: binds the gateway host to a route named `spillway`
-//!   (the one the EnvoyFilter patches), with Istio's own retries off.
+//!     the module through (both roles' code is `vm_config.code.remote`);
+//!   - `HTTP_ROUTE` `MERGE` on the routes named `spillway` and
+//!     `spillway-realtime`: the matcher cluster specifier on
+//!     `x-spillway-cluster`, the retry policy with `refresh_cluster_on_retry`,
+//!     the timeout, the request body buffer, and `typed_per_filter_config`
+//!     turning Spillway's filters on for these routes (on the websocket
+//!     route only the request role: the body filters would hold an upgrade,
+//!     as the bootstrap's upgrade chain knows).
+//! * `VirtualService`: binds the gateway hosts to those two routes (websocket
+//!   upgrades first), with Istio's own retries off.
 //! * `ServiceEntry` + `DestinationRule` (TLS `SIMPLE`, SNI) per https host:
 //!   register the Azure hosts with the mesh (needed with
 //!   `outboundTrafficPolicy: REGISTRY_ONLY`, visible to telemetry) and give
 //!   the VirtualService a valid destination.
 //!
-//! Clusters, route and plugin come from the same builders as the bootstrap
+//! Clusters, route and filters come from the same builders as the bootstrap
 //! (`envoy`), so both outputs stay one design.
 
 use crate::envoy::{self, RouteOptions};
 use crate::yaml::to_yaml;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use spillway::config::{Config, Scheme};
-use spillway::contract::{Role, REQUEST_ROOT_ID};
+use spillway::contract::Role;
 use url::Url;
 
-/// Cluster the attempt role's remote code is fetched through.
+/// Cluster both roles' remote code is fetched through.
 pub const FETCH_CLUSTER: &str = "spillway_wasm_fetch";
 /// Name of the VirtualService HTTP route the EnvoyFilter patches.
 pub const ROUTE_NAME: &str = "spillway";
-pub const WASM_PLUGIN_NAME: &str = "spillway-request";
+/// The route for websocket upgrades (Realtime API), matched first: only the
+/// request role runs there (an upgrade has no body to hold).
+pub const REALTIME_ROUTE_NAME: &str = "spillway-realtime";
+/// The gateway's router, which Spillway's filters go right before.
+const ROUTER: &str = "envoy.filters.http.router";
+const HCM: &str = "envoy.filters.network.http_connection_manager";
 pub const ENVOY_FILTER_NAME: &str = "spillway";
 
 #[derive(Debug, Clone)]
@@ -47,14 +59,11 @@ pub struct IstioOptions {
     /// Namespace of the gateway workload (EnvoyFilter `workloadSelector`
     /// only applies in the workload's own namespace).
     pub namespace: String,
-    /// Where Istio pulls the module for the request role: `oci://`,
-    /// `https://` (or `http://`, `file://`).
+    /// Where Envoy fetches the module for both roles: `https://` (or
+    /// `http://`), or `file://` for a file mounted into the proxy.
     pub wasm_url: String,
     /// sha256 of the `.wasm` file (hex).
     pub wasm_sha256: Option<String>,
-    /// Where Envoy itself fetches the module for the attempt role, when
-    /// `wasm_url` is an OCI image (Envoy cannot pull OCI images).
-    pub attempt_wasm_url: Option<String>,
     /// Labels selecting the gateway pods.
     pub workload_selector: Vec<(String, String)>,
     /// Gateway the VirtualService binds to (`[NAMESPACE/]NAME`).
@@ -129,18 +138,18 @@ fn k8s_name(prefix: &str, host: &str) -> String {
     s.trim_end_matches('-').to_string()
 }
 
-/// The attempt role's code: fetched by Envoy (`remote`, through
-/// `FETCH_CLUSTER`) or a file mounted into the proxy.
-fn attempt_code(opts: &IstioOptions) -> Result<(Value, Option<Remote>), String> {
-    let url = opts.attempt_wasm_url.as_deref().unwrap_or(&opts.wasm_url);
+/// Both roles' code: fetched by Envoy (`remote`, through `FETCH_CLUSTER`)
+/// or a file mounted into the proxy.
+fn wasm_code(opts: &IstioOptions) -> Result<(Value, Option<Remote>), String> {
+    let url = opts.wasm_url.as_str();
     if let Some(path) = url.strip_prefix("file://") {
-        return Ok((json!({ "local": { "filename": path } }), None));
+        return Ok((envoy::local_code(path), None));
     }
     if url.starts_with("oci://") || !url.contains("://") {
         return Err(format!(
-            "{url}: the attempt role runs inside the backend clusters, where Envoy fetches \
-             Wasm code itself and cannot pull OCI images; pass --attempt-wasm-url with an \
-             https:// URL of the same .wasm file (or file:///PATH mounted into the proxy)"
+            "{url}: both roles are Wasm filters in the EnvoyFilter, whose code Envoy fetches \
+             itself, and Envoy cannot pull OCI images; pass --wasm-url with an https:// URL of \
+             spillway.wasm (or file:///PATH mounted into the proxy)"
         ));
     }
     let remote = parse_remote(url)?;
@@ -174,52 +183,40 @@ pub fn render_istio(config: &Config, filter_json: &str, opts: &IstioOptions) -> 
             return Err("--wasm-sha256: expected 64 hex digits".to_string());
         }
     }
-    let plugin_config: Value = serde_json::from_str(filter_json).map_err(|e| format!("filter JSON: {e}"))?;
-    let env_keys = envoy::env_keys(config);
-    let mut docs =
-        vec![wasm_plugin(opts, &env_keys, plugin_config), envoy_filter(config, filter_json, opts, &env_keys)?];
-    docs.push(virtual_service(config, opts)?);
+    let mut docs = vec![envoy_filter(config, filter_json, opts)?, virtual_service(config, opts)?];
     docs.extend(external_hosts(config, opts));
     Ok(docs)
 }
 
-/// The request role, as a WasmPlugin istiod places before the router.
-fn wasm_plugin(opts: &IstioOptions, env_keys: &[String], plugin_config: Value) -> Value {
-    let mut plugin = Map::new();
-    plugin.insert("selector".into(), json!({ "matchLabels": labels(opts) }));
-    plugin.insert("url".into(), json!(opts.wasm_url));
-    if let (Some(sha), false) = (&opts.wasm_sha256, opts.wasm_url.starts_with("oci://")) {
-        // For OCI images Istio checks this against the image digest, not
-        // the module: pin those with `@sha256:` in the URL instead.
-        plugin.insert("sha256".into(), json!(sha));
+/// An HTTP filter that runs only on routes that turn it on.
+fn disabled_by_default(mut filter: Value) -> Value {
+    if let Some(obj) = filter.as_object_mut() {
+        obj.insert("disabled".into(), json!(true));
     }
-    plugin.insert("imagePullPolicy".into(), json!("IfNotPresent"));
-    plugin.insert("pluginName".into(), json!(REQUEST_ROOT_ID));
-    // Istio puts UNSPECIFIED_PHASE plugins last, right before the router.
-    plugin.insert("phase".into(), json!("UNSPECIFIED_PHASE"));
-    plugin.insert("type".into(), json!("HTTP"));
-    // A broken VM must fail requests, not silently skip the key rewrite.
-    plugin.insert("failStrategy".into(), json!("FAIL_CLOSE"));
-    if !env_keys.is_empty() {
-        let env: Vec<Value> = env_keys.iter().map(|k| json!({ "name": k, "valueFrom": "HOST" })).collect();
-        plugin.insert("vmConfig".into(), json!({ "env": env }));
-    }
-    plugin.insert("pluginConfig".into(), plugin_config);
-    json!({
-        "apiVersion": "extensions.istio.io/v1alpha1",
-        "kind": "WasmPlugin",
-        "metadata": metadata(WASM_PLUGIN_NAME, opts),
-        "spec": Value::Object(plugin),
-    })
+    filter
 }
 
-/// The backend clusters (attempt role, code fetched by Envoy) and the route
-/// patch (cluster matcher, retry policy).
-fn envoy_filter(config: &Config, filter_json: &str, opts: &IstioOptions, env_keys: &[String]) -> Result<Value, String> {
-    let (code, remote) = attempt_code(opts)?;
-    // Istio leaves vm_id empty for WasmPlugins; the same (empty) vm_id puts
-    // both roles on one shared-data namespace.
-    let attempt_plugin = envoy::plugin(Role::Attempt, filter_json, env_keys, code, None);
+/// Turns each named filter on for one route (an empty `config` enables a
+/// filter that is disabled by default, with its listener config).
+fn enable_filters(names: &[&str]) -> Value {
+    Value::Object(
+        names
+            .iter()
+            .map(|n| {
+                let on = json!({ "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {} });
+                (n.to_string(), on)
+            })
+            .collect(),
+    )
+}
+
+/// Spillway's filters (off except on its route), the backend clusters
+/// (attempt role), the fetch cluster and the route patch (cluster matcher,
+/// retry policy, the filters turned on).
+fn envoy_filter(config: &Config, filter_json: &str, opts: &IstioOptions) -> Result<Value, String> {
+    let (code, remote) = wasm_code(opts)?;
+    let env_keys = envoy::env_keys(config);
+    let plugin = |role| envoy::plugin(role, filter_json, &env_keys, code.clone());
     let add_cluster = |value: Value| {
         json!({
             "applyTo": "CLUSTER",
@@ -231,27 +228,38 @@ fn envoy_filter(config: &Config, filter_json: &str, opts: &IstioOptions, env_key
     if let Some(r) = &remote {
         patches.push(add_cluster(fetch_cluster(r)));
     }
+    let attempt_plugin = plugin(Role::Attempt);
     patches.extend(config.backends.iter().map(|b| add_cluster(envoy::backend_cluster(b, &attempt_plugin))));
-    // The VirtualService owns the match; the patch brings the rest.
-    let route = envoy::route_action(config, &opts.route);
-    patches.push(json!({
-        "applyTo": "HTTP_ROUTE",
-        "match": {
-            "context": "GATEWAY",
-            "routeConfiguration": { "vhost": { "route": { "name": ROUTE_NAME } } },
-        },
-        "patch": { "operation": "MERGE", "value": route },
+    // Right before the router, in order (buffer, body fields, request role):
+    // after the gateway's own filters (authentication, authorization), so a
+    // refused request is not buffered first.
+    let filters = envoy::spillway_http_filters(&opts.route, &plugin(Role::Request));
+    let names: Vec<&str> = filters.iter().filter_map(|f| f["name"].as_str()).collect();
+    patches.extend(filters.iter().map(|f| {
+        json!({
+            "applyTo": "HTTP_FILTER",
+            "match": {
+                "context": "GATEWAY",
+                "listener": { "filterChain": { "filter": { "name": HCM, "subFilter": { "name": ROUTER } } } },
+            },
+            "patch": { "operation": "INSERT_BEFORE", "value": disabled_by_default(f.clone()) },
+        })
     }));
-    // The body's fields, read by Envoy before the request role (first in the
-    // gateway's HTTP filters; it holds JSON request bodies until complete).
-    patches.push(json!({
-        "applyTo": "HTTP_FILTER",
-        "match": {
-            "context": "GATEWAY",
-            "listener": { "filterChain": { "filter": { "name": "envoy.filters.network.http_connection_manager" } } },
-        },
-        "patch": { "operation": "INSERT_FIRST", "value": envoy::body_fields_filter() },
-    }));
+    // The VirtualService owns the matches; the patches bring the rest.
+    for (route_name, enabled) in [(REALTIME_ROUTE_NAME, vec![envoy::REQUEST_FILTER_NAME]), (ROUTE_NAME, names)] {
+        let mut route = envoy::route_action(config, &opts.route);
+        if let Some(obj) = route.as_object_mut() {
+            obj.insert("typed_per_filter_config".into(), enable_filters(&enabled));
+        }
+        patches.push(json!({
+            "applyTo": "HTTP_ROUTE",
+            "match": {
+                "context": "GATEWAY",
+                "routeConfiguration": { "vhost": { "route": { "name": route_name } } },
+            },
+            "patch": { "operation": "MERGE", "value": route },
+        }));
+    }
     Ok(json!({
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
@@ -260,8 +268,9 @@ fn envoy_filter(config: &Config, filter_json: &str, opts: &IstioOptions, env_key
     }))
 }
 
-/// The route the EnvoyFilter patches. Its destination only matters if the
-/// patch is not applied: the preferred https backend's host.
+/// The routes the EnvoyFilter patches: websocket upgrades, then everything
+/// else. Their destination only matters if the patch is not applied: the
+/// preferred https backend's host.
 fn virtual_service(config: &Config, opts: &IstioOptions) -> Result<Value, String> {
     let first = config
         .backends
@@ -269,6 +278,21 @@ fn virtual_service(config: &Config, opts: &IstioOptions) -> Result<Value, String
         .find(|b| b.scheme == Scheme::Https)
         .or_else(|| config.backends.first())
         .ok_or_else(|| "no backends".to_string())?;
+    let route = |name: &str, matches: Option<Value>| {
+        let mut r = json!({
+            "name": name,
+            "route": [{ "destination": { "host": first.host, "port": { "number": first.port } } }],
+            "timeout": format!("{}s", opts.route.timeout_s),
+            // Istio's retries off: the EnvoyFilter brings Spillway's.
+            "retries": { "attempts": 0 },
+        });
+        if let (Some(m), Some(obj)) = (matches, r.as_object_mut()) {
+            obj.insert("match".into(), m);
+        }
+        r
+    };
+    let websocket = json!([{ "headers": { "upgrade": { "regex": "(?i)websocket" } } }]);
+    let http = [route(REALTIME_ROUTE_NAME, Some(websocket)), route(ROUTE_NAME, None)];
     Ok(json!({
         "apiVersion": "networking.istio.io/v1beta1",
         "kind": "VirtualService",
@@ -276,13 +300,7 @@ fn virtual_service(config: &Config, opts: &IstioOptions) -> Result<Value, String
         "spec": {
             "hosts": opts.hosts,
             "gateways": [opts.gateway],
-            "http": [{
-                "name": ROUTE_NAME,
-                "route": [{ "destination": { "host": first.host, "port": { "number": first.port } } }],
-                "timeout": format!("{}s", opts.route.timeout_s),
-                // Istio's retries off: the EnvoyFilter brings Spillway's.
-                "retries": { "attempts": 0 },
-            }],
+            "http": http,
         },
     }))
 }
@@ -331,19 +349,12 @@ pub fn to_multi_yaml(docs: &[Value]) -> String {
     docs.iter().map(|d| format!("---\n{}", to_yaml(d))).collect()
 }
 
-/// Environment variables the proxy must have (for the YAML header).
-pub fn env_vars(docs: &[Value]) -> Vec<String> {
-    docs.iter()
-        .filter_map(|d| d.pointer("/spec/vmConfig/env").and_then(Value::as_array))
-        .flatten()
-        .filter_map(|e| e.get("name").and_then(Value::as_str).map(str::to_string))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envoy::{BODY_FIELDS_FILTER_NAME, BUFFER_FILTER_NAME, REQUEST_FILTER_NAME};
     use spillway::config::Keys;
+    use spillway::contract::VM_ID;
 
     const JSON: &str = r#"{"backends":[
         {"name":"eastus","url":"https://eastus.openai.azure.com","api_key_env":"EASTUS_KEY"},
@@ -356,7 +367,6 @@ mod tests {
             namespace: "gw".into(),
             wasm_url: url.into(),
             wasm_sha256: Some("ab".repeat(32)),
-            attempt_wasm_url: None,
             workload_selector: vec![("app".into(), "gateway".into())],
             gateway: "gw/spillway-gateway".into(),
             hosts: vec!["*".into()],
@@ -373,69 +383,111 @@ mod tests {
         d.iter().map(|d| d["kind"].as_str().unwrap()).collect()
     }
 
-    #[test]
-    fn one_service_entry_per_https_host() {
-        let d = docs(&opts("https://example.com/spillway.wasm")).unwrap();
-        assert_eq!(kinds(&d), ["WasmPlugin", "EnvoyFilter", "VirtualService", "ServiceEntry", "DestinationRule"]);
-        assert_eq!(d[3]["metadata"]["name"], "spillway-eastus-openai-azure-com");
-        assert_eq!(d[4]["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"]["sni"], "eastus.openai.azure.com");
+    fn patches<'a>(d: &'a [Value], apply_to: &str) -> Vec<&'a Value> {
+        d[0]["spec"]["configPatches"].as_array().unwrap().iter().filter(|p| p["applyTo"] == apply_to).collect()
     }
 
     #[test]
-    fn plugin_config_is_the_filter_json_and_keys_come_from_the_host() {
+    fn one_service_entry_per_https_host() {
         let d = docs(&opts("https://example.com/spillway.wasm")).unwrap();
-        let spec = &d[0]["spec"];
-        assert_eq!(spec["pluginConfig"], serde_json::from_str::<Value>(JSON).unwrap());
-        assert_eq!(spec["pluginName"], "spillway_request");
-        assert_eq!(
-            spec["vmConfig"]["env"],
-            json!([{"name": "EASTUS_KEY", "valueFrom": "HOST"}, {"name": "TEAM_KEY", "valueFrom": "HOST"}])
-        );
-        assert_eq!(env_vars(&d), ["EASTUS_KEY", "TEAM_KEY"]);
+        assert_eq!(kinds(&d), ["EnvoyFilter", "VirtualService", "ServiceEntry", "DestinationRule"]);
+        assert_eq!(d[2]["metadata"]["name"], "spillway-eastus-openai-azure-com");
+        assert_eq!(d[3]["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"]["sni"], "eastus.openai.azure.com");
+    }
+
+    #[test]
+    fn the_filters_are_off_by_default_and_on_only_on_spillways_route() {
+        let d = docs(&opts("https://example.com/spillway.wasm")).unwrap();
+        let filters = patches(&d, "HTTP_FILTER");
+        let names: Vec<&str> = filters.iter().map(|p| p["patch"]["value"]["name"].as_str().unwrap()).collect();
+        assert_eq!(names, [BUFFER_FILTER_NAME, BODY_FIELDS_FILTER_NAME, REQUEST_FILTER_NAME]);
+        for p in &filters {
+            // Inserted one after the other right before the gateway's router: order kept.
+            assert_eq!(p["patch"]["operation"], "INSERT_BEFORE");
+            let filter = &p["match"]["listener"]["filterChain"]["filter"];
+            assert_eq!(filter["name"], "envoy.filters.network.http_connection_manager");
+            assert_eq!(filter["subFilter"]["name"], "envoy.filters.http.router");
+            assert_eq!(p["patch"]["value"]["disabled"], true);
+        }
+        let on = json!({ "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {} });
+        let [realtime, route] = patches(&d, "HTTP_ROUTE")[..] else { panic!("two route patches") };
+        assert_eq!(route["match"]["routeConfiguration"]["vhost"]["route"]["name"], ROUTE_NAME);
+        let enabled = route["patch"]["value"]["typed_per_filter_config"].as_object().unwrap();
+        assert_eq!(enabled.len(), names.len());
+        for name in &names {
+            assert_eq!(enabled[*name], on);
+        }
+        // Websocket upgrades: only the request role (the body filters would hold them).
+        assert_eq!(realtime["match"]["routeConfiguration"]["vhost"]["route"]["name"], REALTIME_ROUTE_NAME);
+        assert_eq!(realtime["patch"]["value"]["typed_per_filter_config"], json!({ REQUEST_FILTER_NAME: on }));
+        assert_eq!(realtime["patch"]["value"]["route"], route["patch"]["value"]["route"]);
+        // The VirtualService names both routes, upgrades first.
+        let http = &d[1]["spec"]["http"];
+        assert_eq!((&http[0]["name"], &http[1]["name"]), (&json!(REALTIME_ROUTE_NAME), &json!(ROUTE_NAME)));
+        assert_eq!(http[0]["match"], json!([{ "headers": { "upgrade": { "regex": "(?i)websocket" } } }]));
+        assert!(http[1].get("match").is_none());
+        assert_eq!(http[0]["retries"], json!({ "attempts": 0 }));
+        // Streaming bodies: no buffer filter, nothing to turn on for it.
+        let mut o = opts("https://example.com/spillway.wasm");
+        o.route.buffer_request_bodies = false;
+        let d = docs(&o).unwrap();
+        let names: Vec<&str> =
+            patches(&d, "HTTP_FILTER").iter().map(|p| p["patch"]["value"]["name"].as_str().unwrap()).collect();
+        assert_eq!(names, [BODY_FIELDS_FILTER_NAME, REQUEST_FILTER_NAME]);
+        let route = patches(&d, "HTTP_ROUTE")[1];
+        assert!(route["patch"]["value"]["typed_per_filter_config"].get(BUFFER_FILTER_NAME).is_none());
+    }
+
+    #[test]
+    fn both_roles_share_spillways_own_vm_id_config_and_keys() {
+        let d = docs(&opts("https://example.com/spillway.wasm")).unwrap();
+        let request = &patches(&d, "HTTP_FILTER")[2]["patch"]["value"]["typed_config"]["config"];
+        let clusters = patches(&d, "CLUSTER");
+        let attempt = &clusters[1]["patch"]["value"]["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0]["typed_config"]["config"];
+        assert_eq!(request["root_id"], "spillway_request");
+        assert_eq!(attempt["root_id"], "spillway_attempt");
+        // One VM config for both: same vm_id (shared data), code and keys.
+        assert_eq!(request["vm_config"], attempt["vm_config"]);
+        assert_eq!(request["vm_config"]["vm_id"], VM_ID);
+        assert_eq!(request["vm_config"]["environment_variables"]["host_env_keys"], json!(["EASTUS_KEY", "TEAM_KEY"]));
+        assert_eq!(request["configuration"]["value"], JSON);
+        assert_eq!(request["failure_policy"], "FAIL_RELOAD");
     }
 
     #[test]
     fn clusters_carry_the_attempt_role_with_remote_code() {
         let d = docs(&opts("https://example.com:8443/spillway.wasm")).unwrap();
-        let patches = d[1]["spec"]["configPatches"].as_array().unwrap();
-        let names: Vec<&str> = patches
-            .iter()
-            .filter(|p| p["applyTo"] == "CLUSTER")
-            .map(|p| p["patch"]["value"]["name"].as_str().unwrap())
-            .collect();
+        let clusters = patches(&d, "CLUSTER");
+        let names: Vec<&str> = clusters.iter().map(|p| p["patch"]["value"]["name"].as_str().unwrap()).collect();
         assert_eq!(names, [FETCH_CLUSTER, "spillway_eastus", "spillway_eastus-mini", "spillway_local"]);
-        let fetch = &patches[0]["patch"]["value"];
+        let fetch = &clusters[0]["patch"]["value"];
         assert_eq!(
             fetch["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
                 ["port_value"],
             8443
         );
-        let filters = &patches[1]["patch"]["value"]["typed_extension_protocol_options"]
+        let filters = &clusters[1]["patch"]["value"]["typed_extension_protocol_options"]
             ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"];
         let vm = &filters[0]["typed_config"]["config"]["vm_config"];
-        assert!(vm.get("vm_id").is_none());
         assert_eq!(vm["code"]["remote"]["http_uri"]["uri"], "https://example.com:8443/spillway.wasm");
+        assert_eq!(vm["code"]["remote"]["http_uri"]["cluster"], FETCH_CLUSTER);
         assert_eq!(vm["code"]["remote"]["sha256"], "ab".repeat(32));
         assert_eq!(filters[1]["name"], "envoy.filters.http.upstream_codec");
-        let route = &patches[4]["patch"]["value"];
-        assert_eq!(patches[4]["applyTo"], "HTTP_ROUTE");
+        let route = &patches(&d, "HTTP_ROUTE")[1]["patch"]["value"];
         assert!(route.get("match").is_none());
         assert_eq!(route["route"]["retry_policy"]["refresh_cluster_on_retry"], true);
-        assert_eq!(patches[5]["applyTo"], "HTTP_FILTER");
-        assert_eq!(patches[5]["patch"]["operation"], "INSERT_FIRST");
-        assert_eq!(patches[5]["patch"]["value"]["name"], "spillway.body_fields");
     }
 
     #[test]
-    fn oci_needs_a_url_envoy_can_fetch_for_the_attempt_role() {
+    fn oci_is_refused_and_a_mounted_file_needs_no_fetch_cluster() {
         let e = docs(&opts("oci://ghcr.io/x/spillway:1")).unwrap_err();
-        assert!(e.contains("--attempt-wasm-url"), "{e}");
-        let mut o = opts("oci://ghcr.io/x/spillway:1");
-        o.attempt_wasm_url = Some("file:///var/lib/spillway/spillway.wasm".into());
-        let d = docs(&o).unwrap();
-        assert!(d[0]["spec"].get("sha256").is_none());
-        let patches = d[1]["spec"]["configPatches"].as_array().unwrap();
-        assert_eq!(patches[0]["patch"]["value"]["name"], "spillway_eastus");
+        assert!(e.contains("cannot pull OCI images") && e.contains("https://"), "{e}");
+        let d = docs(&opts("file:///var/lib/spillway/spillway.wasm")).unwrap();
+        let clusters = patches(&d, "CLUSTER");
+        assert_eq!(clusters[0]["patch"]["value"]["name"], "spillway_eastus");
+        let request = &patches(&d, "HTTP_FILTER")[2]["patch"]["value"]["typed_config"]["config"];
+        assert_eq!(request["vm_config"]["code"]["local"]["filename"], "/var/lib/spillway/spillway.wasm");
     }
 
     #[test]

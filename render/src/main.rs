@@ -6,9 +6,9 @@ mod envoy;
 mod istio;
 mod yaml;
 
-use bootstrap::{BootstrapOptions, Rendered};
+use bootstrap::{BootstrapOptions, OverloadOptions, Rendered};
 use clap::{Args, Parser};
-use envoy::RouteOptions;
+use envoy::{EdgeOptions, RouteOptions, UnderscoreHeaders};
 use istio::IstioOptions;
 use spillway::config::{Config, Keys};
 use std::path::PathBuf;
@@ -22,12 +22,17 @@ use std::process::ExitCode;
 /// without a restart; a config the filter rejects is refused by Envoy, which
 /// keeps serving the previous one.
 ///
-/// With --istio it writes Istio manifests instead (see istio/README.md): a
-/// WasmPlugin for the request role, an EnvoyFilter adding the spillway_<name>
-/// clusters (attempt role as an upstream filter, code fetched by Envoy from
-/// --wasm-url or --attempt-wasm-url, checked with --wasm-sha256) and patching
-/// the VirtualService route `spillway`, that VirtualService, and a
+/// With --istio it writes Istio manifests instead (see istio/README.md): an
+/// EnvoyFilter adding Spillway's HTTP filters to the gateway (off except on
+/// the VirtualService routes `spillway` and `spillway-realtime`, which it
+/// patches), the
+/// spillway_<name> clusters with the attempt role, code fetched by Envoy from
+/// --wasm-url and checked with --wasm-sha256; that VirtualService, and a
 /// ServiceEntry + DestinationRule per https host.
+///
+/// A key written into the filter JSON (api_key, key) ends up in the output
+/// and in Envoy's /config_dump: the renderer warns about each one; use
+/// api_key_env / key_env.
 #[derive(Debug, Parser)]
 #[command(name = "spillway-render", version, args_override_self = true)]
 struct Cli {
@@ -43,9 +48,18 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = RouteOptions::default().timeout_s)]
     route_timeout_s: u64,
 
-    /// Requests up to this size can be retried (Envoy buffers them).
-    #[arg(long, value_name = "N", default_value_t = RouteOptions::default().request_body_limit_bytes)]
+    /// Largest request body, in bytes: Envoy holds request bodies up to this
+    /// size until complete (larger: 413) and can retry them on another backend.
+    #[arg(long, value_name = "N", default_value_t = RouteOptions::default().request_body_limit_bytes,
+          value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
     body_limit_bytes: u64,
+
+    /// Pass request bodies that are not JSON (multipart uploads) to the backend
+    /// as they arrive instead of holding them until complete: bodies over
+    /// --body-limit-bytes then pass (without failover), but a slow uploader
+    /// holds a backend connection for up to --request-timeout-s.
+    #[arg(long)]
+    stream_request_bodies: bool,
 
     /// Write Istio manifests instead of an Envoy bootstrap.
     #[arg(long)]
@@ -53,6 +67,9 @@ struct Cli {
 
     #[command(flatten, next_help_heading = "Envoy bootstrap options")]
     bootstrap: BootstrapArgs,
+
+    #[command(flatten, next_help_heading = "Client-facing listener options (Envoy bootstrap)")]
+    edge: EdgeArgs,
 
     #[command(flatten, next_help_heading = "Istio options (with --istio)")]
     istio_args: IstioArgs,
@@ -70,9 +87,19 @@ struct BootstrapArgs {
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:10000", value_parser = parse_addr)]
     listen: (String, u16),
 
-    /// Address of Envoy's admin interface.
+    /// Address of Envoy's admin interface. Keep it on loopback: it shows the
+    /// whole config (/config_dump) and can stop Envoy.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9901", value_parser = parse_addr)]
     admin: (String, u16),
+
+    /// Heap Envoy may use, in MiB (overload manager): at 95 % it returns free
+    /// memory to the system, at 98 % it answers new requests 503. 0 = no limit.
+    #[arg(long, value_name = "MIB", default_value_t = OverloadOptions::default().max_heap_mb)]
+    max_heap_mb: u64,
+
+    /// Client connections Envoy accepts at once. 0 = no limit.
+    #[arg(long, value_name = "N", default_value_t = OverloadOptions::default().max_connections)]
+    max_connections: u64,
 
     /// No access log lines on stdout.
     #[arg(long)]
@@ -83,6 +110,65 @@ struct BootstrapArgs {
     lds: Option<String>,
 }
 
+/// Settings of the listener clients connect to; none of them applies with
+/// --istio (the gateway's listener is Istio's).
+#[derive(Debug, Args)]
+#[group(id = "edge_options", multiple = true, conflicts_with = "istio")]
+struct EdgeArgs {
+    /// A client must send its request headers within N seconds (else 408). 0 = no limit.
+    #[arg(long, value_name = "N", default_value_t = EdgeOptions::default().request_headers_timeout_s)]
+    request_headers_timeout_s: u64,
+
+    /// A client must send its whole request, headers and body, within N seconds
+    /// (else 408); the answer is not limited by it. 0 = no limit.
+    #[arg(long, value_name = "N", default_value_t = EdgeOptions::default().request_timeout_s)]
+    request_timeout_s: u64,
+
+    /// Close a stream when nothing was sent either way for N seconds. 0 = never.
+    #[arg(long, value_name = "N", default_value_t = EdgeOptions::default().stream_idle_timeout_s)]
+    stream_idle_timeout_s: u64,
+
+    /// Largest request headers, in KiB (else 431).
+    #[arg(long, value_name = "KIB", default_value_t = EdgeOptions::default().max_request_headers_kb,
+          value_parser = clap::value_parser!(u32).range(1..=8192))]
+    max_request_headers_kb: u32,
+
+    /// Most request headers (else 431).
+    #[arg(long, value_name = "N", default_value_t = EdgeOptions::default().max_headers_count,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_headers_count: u32,
+
+    /// Request headers with '_' in their name.
+    #[arg(long, value_name = "ACTION", value_enum, default_value_t = EdgeOptions::default().headers_with_underscores)]
+    headers_with_underscores: UnderscoreHeaders,
+
+    /// HTTP/2: most concurrent streams per client connection.
+    #[arg(long, value_name = "N", default_value_t = EdgeOptions::default().http2_max_concurrent_streams,
+          value_parser = clap::value_parser!(u32).range(1..=2_147_483_647))]
+    http2_max_concurrent_streams: u32,
+
+    /// HTTP/2: bytes a client may send on one stream before Envoy reads them.
+    #[arg(long, value_name = "BYTES", default_value_t = EdgeOptions::default().http2_initial_stream_window_bytes,
+          value_parser = clap::value_parser!(u32).range(65_535..=2_147_483_647))]
+    http2_initial_stream_window_bytes: u32,
+
+    /// HTTP/2: bytes a client may send on one connection before Envoy reads them.
+    #[arg(long, value_name = "BYTES", default_value_t = EdgeOptions::default().http2_initial_connection_window_bytes,
+          value_parser = clap::value_parser!(u32).range(65_535..=2_147_483_647))]
+    http2_initial_connection_window_bytes: u32,
+
+    /// The client's address is the connection's peer (true), or whatever the
+    /// client's x-forwarded-for says (false: only behind a proxy that sets it).
+    #[arg(long, value_name = "BOOL", default_value_t = EdgeOptions::default().use_remote_address,
+          action = clap::ArgAction::Set)]
+    use_remote_address: bool,
+
+    /// Proxies in front of Envoy (load balancers) whose x-forwarded-for
+    /// entries are trusted for the client's address.
+    #[arg(long, value_name = "N", default_value_t = EdgeOptions::default().xff_num_trusted_hops)]
+    xff_num_trusted_hops: u32,
+}
+
 /// Options of the Istio manifests; each needs --istio.
 #[derive(Debug, Args)]
 #[group(id = "istio_options", multiple = true, requires = "istio")]
@@ -91,18 +177,14 @@ struct IstioArgs {
     #[arg(long, value_name = "NS")]
     namespace: Option<String>,
 
-    /// Where Istio pulls the module: oci://..., https://... or file://...
+    /// Where Envoy fetches spillway.wasm for both roles: https://... or
+    /// file:///PATH mounted into the gateway's proxy.
     #[arg(long, value_name = "URL")]
     wasm_url: Option<String>,
 
     /// sha256 of spillway.wasm (64 hex digits).
     #[arg(long, value_name = "HEX")]
     wasm_sha256: Option<String>,
-
-    /// Where Envoy fetches the module for the attempt role when --wasm-url is
-    /// an OCI image: https://... or file:///PATH mounted into the proxy.
-    #[arg(long, value_name = "URL")]
-    attempt_wasm_url: Option<String>,
 
     /// Labels selecting the gateway pods: KEY=VALUE[,KEY=VALUE].
     #[arg(long, value_name = "KEY=VALUE,...", value_parser = parse_labels)]
@@ -133,7 +215,11 @@ fn parse_addr(v: &str) -> Result<(String, u16), String> {
 
 impl Cli {
     fn route(&self) -> RouteOptions {
-        RouteOptions { timeout_s: self.route_timeout_s, request_body_limit_bytes: self.body_limit_bytes }
+        RouteOptions {
+            timeout_s: self.route_timeout_s,
+            request_body_limit_bytes: self.body_limit_bytes,
+            buffer_request_bodies: !self.stream_request_bodies,
+        }
     }
 
     fn bootstrap_options(&self) -> BootstrapOptions {
@@ -147,6 +233,25 @@ impl Cli {
             access_log: !b.no_access_log,
             lds_path: b.lds.clone(),
             route: self.route(),
+            edge: self.edge_options(),
+            overload: OverloadOptions { max_heap_mb: b.max_heap_mb, max_connections: b.max_connections },
+        }
+    }
+
+    fn edge_options(&self) -> EdgeOptions {
+        let e = &self.edge;
+        EdgeOptions {
+            request_headers_timeout_s: e.request_headers_timeout_s,
+            request_timeout_s: e.request_timeout_s,
+            stream_idle_timeout_s: e.stream_idle_timeout_s,
+            max_request_headers_kb: e.max_request_headers_kb,
+            max_headers_count: e.max_headers_count,
+            headers_with_underscores: e.headers_with_underscores,
+            http2_max_concurrent_streams: e.http2_max_concurrent_streams,
+            http2_initial_stream_window_bytes: e.http2_initial_stream_window_bytes,
+            http2_initial_connection_window_bytes: e.http2_initial_connection_window_bytes,
+            use_remote_address: e.use_remote_address,
+            xff_num_trusted_hops: e.xff_num_trusted_hops,
         }
     }
 
@@ -157,7 +262,6 @@ impl Cli {
             namespace: a.namespace.clone().unwrap_or_default(),
             wasm_url,
             wasm_sha256: a.wasm_sha256.as_ref().map(|s| s.to_ascii_lowercase()),
-            attempt_wasm_url: a.attempt_wasm_url.clone(),
             workload_selector: a.workload_selector.clone().map(|l| l.0).unwrap_or_default(),
             gateway: a.gateway.clone(),
             hosts: if a.hosts.is_empty() { vec!["*".to_string()] } else { a.hosts.clone() },
@@ -188,7 +292,7 @@ fn write_output(output: Option<&PathBuf>, text: &str) -> Result<(), String> {
 
 fn render_istio(cli: &Cli, config: &Config, filter_json: &str) -> Result<String, String> {
     let docs = istio::render_istio(config, filter_json, &cli.istio_options()?)?;
-    let vars = istio::env_vars(&docs);
+    let vars = envoy::env_keys(config);
     let mut yaml = format!(
         "# Rendered by spillway-render --istio from {}; edit the filter JSON and render again.\n",
         cli.filter.display()
@@ -220,8 +324,34 @@ fn render_bootstrap(cli: &Cli, config: &Config, filter_json: &str) -> Result<Str
     Ok(format!("{header}{}", yaml::to_yaml(&bootstrap)))
 }
 
+/// What the output exposes that the user may not mean to: keys written into
+/// it, an admin interface reachable from other hosts.
+fn warnings(cli: &Cli, config: &Config) -> Vec<String> {
+    let mut out: Vec<String> = envoy::literal_keys(config)
+        .into_iter()
+        .map(|field| {
+            format!(
+                "{field} is a literal key: it is written into the output and shown by Envoy's \
+                 /config_dump; name an environment variable instead (api_key_env / key_env)"
+            )
+        })
+        .collect();
+    let (address, port) = &cli.bootstrap.admin;
+    if !cli.istio && !bootstrap::is_loopback(address) {
+        out.push(format!(
+            "the admin interface listens on {address}:{port}, beyond this host: whoever reaches it \
+             can read the whole config (/config_dump) and stop Envoy; keep it on 127.0.0.1 or \
+             restrict who can reach that port"
+        ));
+    }
+    out
+}
+
 fn run(cli: &Cli) -> Result<(), String> {
     let (config, filter_json) = read_filter(&cli.filter)?;
+    for warning in warnings(cli, &config) {
+        eprintln!("spillway-render: warning: {warning}");
+    }
     let text = if cli.istio {
         render_istio(cli, &config, &filter_json)?
     } else {
@@ -270,6 +400,103 @@ mod tests {
         assert!(parse(&["f.json", "--listen", "nope"]).is_err());
         // As with most tools, a repeated option's last value wins (scripts append overrides).
         assert_eq!(parse(&["f.json", "--wasm", "/a.wasm", "--wasm", "/b.wasm"]).unwrap().bootstrap.wasm, "/b.wasm");
+    }
+
+    #[test]
+    fn edge_and_overload_defaults_and_options() {
+        let o = parse(&["f.json"]).unwrap().bootstrap_options();
+        assert_eq!(o.edge, EdgeOptions::default());
+        assert_eq!(o.overload, OverloadOptions::default());
+        assert!(o.route.buffer_request_bodies);
+        let cli = parse(&[
+            "f.json",
+            "--request-headers-timeout-s",
+            "3",
+            "--request-timeout-s",
+            "0",
+            "--stream-idle-timeout-s",
+            "1200",
+            "--max-request-headers-kb",
+            "96",
+            "--max-headers-count",
+            "50",
+            "--headers-with-underscores",
+            "drop",
+            "--http2-max-concurrent-streams",
+            "10",
+            "--http2-initial-stream-window-bytes",
+            "65535",
+            "--http2-initial-connection-window-bytes",
+            "131072",
+            "--use-remote-address",
+            "false",
+            "--xff-num-trusted-hops",
+            "1",
+            "--max-heap-mb",
+            "512",
+            "--max-connections",
+            "0",
+            "--stream-request-bodies",
+        ])
+        .unwrap();
+        let o = cli.bootstrap_options();
+        let want = EdgeOptions {
+            request_headers_timeout_s: 3,
+            request_timeout_s: 0,
+            stream_idle_timeout_s: 1200,
+            max_request_headers_kb: 96,
+            max_headers_count: 50,
+            headers_with_underscores: UnderscoreHeaders::Drop,
+            http2_max_concurrent_streams: 10,
+            http2_initial_stream_window_bytes: 65_535,
+            http2_initial_connection_window_bytes: 131_072,
+            use_remote_address: false,
+            xff_num_trusted_hops: 1,
+        };
+        assert_eq!(o.edge, want);
+        assert_eq!(o.overload, OverloadOptions { max_heap_mb: 512, max_connections: 0 });
+        assert!(!o.route.buffer_request_bodies);
+        // Envoy's own bounds are checked here, not by a failing Envoy later.
+        for bad in [
+            &["--max-request-headers-kb", "0"][..],
+            &["--max-request-headers-kb", "8193"],
+            &["--max-headers-count", "0"],
+            &["--http2-initial-stream-window-bytes", "1000"],
+            &["--http2-max-concurrent-streams", "0"],
+            &["--headers-with-underscores", "maybe"],
+            &["--use-remote-address", "perhaps"],
+            &["--body-limit-bytes", "0"],
+            &["--body-limit-bytes", "4294967296"],
+        ] {
+            let args: Vec<&str> = std::iter::once("f.json").chain(bad.iter().copied()).collect();
+            assert!(parse(&args).is_err(), "{bad:?}");
+        }
+        // The listener's settings are not Istio's to set.
+        let e = parse(&["f.json", "--istio", "--request-timeout-s", "5"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        // Request bodies are held in both outputs unless asked.
+        let cli = parse(&["f.json", "--istio", "--wasm-url", "https://h/s.wasm", "--stream-request-bodies"]).unwrap();
+        assert!(!cli.istio_options().unwrap().route.buffer_request_bodies);
+    }
+
+    fn config(json: &str) -> Config {
+        Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap()
+    }
+
+    #[test]
+    fn literal_keys_and_an_open_admin_are_warned_about() {
+        let env_only = config(r#"{"backends":[{"name":"a","url":"http://x","api_key_env":"A"}]}"#);
+        let literal = config(r#"{"backends":[{"name":"a","url":"http://x","api_key":"sk-literal-1"}]}"#);
+        assert!(warnings(&parse(&["f.json"]).unwrap(), &env_only).is_empty());
+        let w = warnings(&parse(&["f.json"]).unwrap(), &literal);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].starts_with("backends[0].api_key (a) is a literal key") && w[0].contains("/config_dump"), "{w:?}");
+        assert!(!w[0].contains("sk-literal-1"));
+        let w = warnings(&parse(&["f.json", "--admin", "0.0.0.0:9901"]).unwrap(), &env_only);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("0.0.0.0:9901") && w[0].contains("/config_dump"), "{w:?}");
+        let istio = parse(&["f.json", "--istio", "--wasm-url", "https://h/s.wasm"]).unwrap();
+        assert_eq!(warnings(&istio, &literal).len(), 1);
     }
 
     #[test]

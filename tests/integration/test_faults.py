@@ -236,11 +236,13 @@ def _hang_up_mid_upload(port: int, api_key: str, content_type: str) -> None:
 def test_clients_that_give_up_take_no_backend_out(start_mock, start_envoy):
     east = start_mock("east", "key-east", "--latency-ms", "3000")
     west = start_mock("west", "key-west", "--latency-ms", "3000")
+    # Bodies stream (no buffer filter), so a multipart upload reaches the
+    # backend before its client hangs up.
     envoy = start_envoy({
         "backends": [backend_entry(east), backend_entry(west)],
         "circuit_breaker": {"consecutive_failures": 2, "open_s": 60},
         "clients": [{"name": "team", "key": "team-key-123", "tokens_per_minute": 100000}],
-    })
+    }, render_args=["--stream-request-bodies"])
     headers = {"api-key": "team-key-123"}
     envoy.client.headers.update(headers)
     for _ in range(8):

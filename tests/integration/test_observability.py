@@ -54,6 +54,9 @@ class Prometheus:
              f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=self.log, stderr=self.log)
         wait_until(lambda: httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200, 30, what="prometheus ready")
+        # Prometheus starts scraping up to 5 s after it is ready (its target
+        # discovery batches updates): the run must not start before.
+        wait_until(lambda: self.query('up{job="spillway-envoy"} == 1'), 30, interval=0.2, what="first scrape")
 
     def query(self, expr: str) -> list[dict]:
         r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
@@ -69,10 +72,12 @@ def scripted_run(envoy, east, west, paygo) -> None:
     """Two clients, chats and streams; 429s and 5xx on the way; team-a over
     its request limit; at the end all three backends throttled."""
     a, b = {"api-key": TEAM_A}, {"api-key": TEAM_B}
+    # East refuses every request with a 1 ms retry-after: each one it gets
+    # fails over, and it stays in rotation.
+    east.configure(fail_next=[{"status": 429, "retry_after_ms": "1"}] * 500)
     for i in range(36):
-        if i % 2 == 0:
-            east.configure(fail_next=[{"status": 429, "retry_after": "1"}])
         if i % 6 == 3:
+            # Two 500s in a row open west's circuit (for 1 s).
             west.configure(fail_next=[{"status": 500}, {"status": 500}])
         envoy.chat(headers=a)
         envoy.chat(headers=b)
@@ -121,7 +126,10 @@ def test_every_dashboard_query_and_alert_returns_data(start_mock, start_envoy, t
         # that rule's series must exist and read zero reloads.
         vm = firing.pop("SpillwayVmFailures")
         assert vm == [] and prometheus.query("envoy_wasm_spillway_request_vm_reload"), vm
-        assert all(firing.values()), {k: v for k, v in firing.items() if not v}
+        debug = {q: [x["value"][1] for x in prometheus.query(q)] for q in (
+            "sum(spillway_failovers_total)", "sum(spillway_requests_total)", "sum(rate(spillway_failovers_total[5m]))",
+            "sum(rate(spillway_requests_total[5m]))", "spillway_circuit_opens_total", "increase(spillway_circuit_opens_total[30m])")}
+        assert all(firing.values()), ({k: v for k, v in firing.items() if not v}, debug)
         assert {s["metric"]["backend"] for s in firing["SpillwayBackendThrottledLong"]} == {"east", "west", "paygo"}
         assert {s["metric"]["client"] for s in firing["SpillwayClientAtLimit"]} == {"team-a"}
         assert {s["metric"]["backend"] for s in firing["SpillwayCircuitFlapping"]} == {"west"}
