@@ -60,9 +60,11 @@ impl Pool {
     /// Walks the groups in priority order; the first group with a usable,
     /// not excluded member asks `rotation` for its position (the caller
     /// increments the shared counter for a first pick and only reads it for
-    /// a fallback), then takes the first usable member from there in the
-    /// group's schedule. `probe` is asked to lease the single probe of a
-    /// half-open backend; with `probe = None` half-open backends are skipped.
+    /// a fallback). A half-open member at that position gets its probe;
+    /// otherwise the position picks among the available members in schedule
+    /// order, so an unavailable member's turns spread over all the others.
+    /// `probe` is asked to lease the single probe of a half-open backend;
+    /// with `probe = None` half-open backends are skipped.
     pub fn pick(
         &self,
         health: &HealthTable,
@@ -98,19 +100,33 @@ impl Pool {
             }
             let start = rotation(group);
             let len = group.schedule.len() as u64;
+            let at = |n: u64| group.schedule.get(usize::try_from(n % len).unwrap_or(0)).copied();
+            // A half-open backend gets its probe when its turn comes.
+            if let (Some(i), Some(lease)) = (at(start), probe.as_mut()) {
+                if usable(i, &mut soonest) == Some(true) && lease(i) {
+                    return Pick::Backend(i);
+                }
+            }
+            // The available members take turns among themselves: the turns
+            // of a backend that is out are shared by all the others, not all
+            // given to the one after it in the schedule.
+            let available = |i: &&usize| {
+                !exclude.contains(*i) && health.get(**i).availability(now_ms, cb) == Availability::Available
+            };
+            let count = group.schedule.iter().filter(available).count() as u64;
+            if count > 0 {
+                let nth = usize::try_from(start % count).unwrap_or(0);
+                if let Some(&i) = group.schedule.iter().filter(available).nth(nth) {
+                    return Pick::Backend(i);
+                }
+            }
+            // Only half-open members are left: the first whose probe is free.
             for step in 0..len {
-                let slot = usize::try_from((start.wrapping_add(step)) % len).unwrap_or(0);
-                let Some(&i) = group.schedule.get(slot) else { continue };
-                match usable(i, &mut soonest) {
-                    Some(false) => return Pick::Backend(i),
-                    Some(true) => {
-                        if let Some(lease) = probe.as_mut() {
-                            if lease(i) {
-                                return Pick::Backend(i);
-                            }
-                        }
+                let Some(i) = at(start.wrapping_add(step)) else { continue };
+                if let (Some(true), Some(lease)) = (usable(i, &mut soonest), probe.as_mut()) {
+                    if lease(i) {
+                        return Pick::Backend(i);
                     }
-                    None => {}
                 }
             }
         }
@@ -228,6 +244,23 @@ mod tests {
         let seen = run(&cfg, &health, 10);
         assert_eq!(seen["b"], 10);
         assert_eq!(seen.get("c"), None);
+    }
+
+    #[test]
+    fn an_unavailable_members_turns_are_shared_by_all_the_others() {
+        // Found by the soak: the member after a throttled one used to get
+        // every one of its turns (a:b = 2:1 here).
+        let cfg = config(&[("a", 1, 1), ("b", 1, 1), ("c", 1, 1)]);
+        let mut health = HealthTable::new(3);
+        health.entries[2].record_throttle(0, 5_000);
+        let seen = run(&cfg, &health, 60);
+        assert_eq!((seen["a"], seen["b"], seen.get("c")), (30, 30, None));
+        // With weights the others keep their ratio.
+        let cfg = config(&[("a", 1, 3), ("b", 1, 1), ("c", 1, 4)]);
+        let mut health = HealthTable::new(3);
+        health.entries[2].record_throttle(0, 5_000);
+        let seen = run(&cfg, &health, 400);
+        assert_eq!((seen["a"], seen["b"]), (300, 100));
     }
 
     #[test]

@@ -214,3 +214,14 @@ def test_attempt_timeout_fails_over_from_a_hung_backend_without_cutting_streams(
         body = s.read().decode()
     assert s.status_code == 200 and body.rstrip().endswith("data: [DONE]")
     assert body.count('"content":"') >= 6
+
+
+def test_a_throttled_backends_turns_are_shared_by_the_others(start_mock, start_envoy):
+    a, b, c = (start_mock(n, f"key-{n}") for n in ("a", "b", "c"))
+    envoy = start_envoy({"backends": [backend_entry(m) for m in (a, b, c)]})
+    c.configure(fail_next=[{"status": 429, "retry_after": "60"}])
+    served = [envoy.chat().headers["x-spillway-backend"] for _ in range(31)]
+    # One request met c's 429 and failed over; the other thirty are split
+    # evenly between a and b (not 2:1 to whichever follows c).
+    assert served.count("c") == 0 and c.count() == 1
+    assert abs(served.count("a") - served.count("b")) <= 1, served
