@@ -122,8 +122,10 @@ fn decode_value(bytes: &[u8]) -> Option<(Option<Vec<u8>>, &[u8])> {
         0 => Some((None, rest)),
         1 => {
             let len = usize::try_from(u32::from_le_bytes(rest.get(..4)?.try_into().ok()?)).ok()?;
-            let value = rest.get(4..4 + len)?;
-            Some((Some(value.to_vec()), rest.get(4 + len..)?))
+            // Checked: on wasm32 a length near u32::MAX would overflow usize.
+            let end = len.checked_add(4)?;
+            let value = rest.get(4..end)?;
+            Some((Some(value.to_vec()), rest.get(end..)?))
         }
         _ => None,
     }

@@ -1,7 +1,8 @@
 //! The filter's own footprint, as gauges operators can watch: the largest
 //! linear memory a role's VMs have had (a wasm memory grows and never
 //! shrinks, so a plateau shows nothing leaks), and how many shared-data
-//! keys exist (Envoy never deletes them; every structure is bounded).
+//! keys exist (Envoy never deletes them; every structure is bounded); and
+//! how many host calls serving requests took.
 
 use crate::contract::shared_data::{KEY_COUNT, VM_MEMORY_PREFIX};
 use crate::contract::Role;
@@ -33,6 +34,14 @@ pub fn report(store: &dyn SharedStore, metrics: &dyn Metrics, role: Role, own_by
         // The counter itself is a key too.
         let keys = parse(store.get(KEY_COUNT).0.as_deref()).saturating_add(1);
         metrics.set(metrics::SHARED_DATA_KEYS, keys);
+    }
+}
+
+/// Adds the host calls a VM made serving requests (its ticks' own left out),
+/// so calls per request can be watched without timing anything.
+pub fn count_host_calls(metrics: &dyn Metrics, calls: u64) {
+    if calls > 0 {
+        metrics.add(metrics::HOST_CALLS, calls);
     }
 }
 

@@ -180,6 +180,7 @@ mod calls {
 
     /// A header's value as bytes; `Ok(None)` when absent.
     pub fn header(map: Headers, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        count_call();
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: pointers to locals; the host fills them with memory from our allocator.
         let status = unsafe { proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size) };
@@ -192,6 +193,7 @@ mod calls {
 
     /// Sets (`Some`) or removes (`None`) a header.
     pub fn set_header(map: Headers, name: &str, value: Option<&[u8]>) -> Result<(), HostError> {
+        count_call();
         // SAFETY: all pointers come from live slices with their lengths.
         check(unsafe {
             match value {
@@ -203,6 +205,7 @@ mod calls {
 
     /// A property (e.g. `["xds", "cluster_name"]`); `Ok(None)` when absent.
     pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+        count_call();
         let encoded = encode_property_path(path);
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: as in `header`.
@@ -216,6 +219,7 @@ mod calls {
 
     /// A shared-data value and its CAS token; `(None, None)` when absent.
     pub fn shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
+        count_call();
         let (mut data, mut size, mut cas) = (null_mut(), 0, 0u32);
         // SAFETY: as in `header`.
         let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
@@ -232,6 +236,7 @@ mod calls {
     /// asked with a token no existing key is expected to have (`u32::MAX`):
     /// two workers creating the same key cannot both win.
     pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        count_call();
         let cas = cas.unwrap_or(u32::MAX);
         // SAFETY: pointers from live slices.
         match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) } {
@@ -249,6 +254,7 @@ mod calls {
 
     /// Up to `max` bytes of a body buffer from `start`.
     pub fn body(kind: Body, start: usize, max: usize) -> Result<Vec<u8>, HostError> {
+        count_call();
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: as in `header`.
         let status = unsafe { proxy_get_buffer_bytes(kind as u32, start, max, &mut data, &mut size) };
@@ -261,12 +267,14 @@ mod calls {
 
     /// Replaces `size` bytes of a body buffer from `start` with `bytes`.
     pub fn set_body(kind: Body, start: usize, size: usize, bytes: &[u8]) -> Result<(), HostError> {
+        count_call();
         // SAFETY: pointer from a live slice.
         check(unsafe { proxy_set_buffer_bytes(kind as u32, start, size, bytes.as_ptr(), bytes.len()) })
     }
 
     /// Answers the request with a local reply.
     pub fn send_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HostError> {
+        count_call();
         let encoded = encode_header_pairs(headers);
         let details = b"spillway";
         // SAFETY: pointers from live slices; -1 = not gRPC.
@@ -286,6 +294,7 @@ mod calls {
 
     /// Calls a host extension function (e.g. Envoy's `clear_route_cache`).
     pub fn call_foreign(name: &str, args: &[u8]) -> Result<Vec<u8>, HostError> {
+        count_call();
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: as in `header`.
         let status = unsafe {
@@ -295,17 +304,20 @@ mod calls {
     }
 
     pub fn define_metric(kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        count_call();
         let mut id = 0;
         // SAFETY: pointers from a live slice and a local.
         check(unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) }).map(|()| id)
     }
 
     pub fn increment_metric(id: u32, by: i64) -> Result<(), HostError> {
+        count_call();
         // SAFETY: no pointers.
         check(unsafe { proxy_increment_metric(id, by) })
     }
 
     pub fn record_metric(id: u32, value: u64) -> Result<(), HostError> {
+        count_call();
         // SAFETY: no pointers.
         check(unsafe { proxy_record_metric(id, value) })
     }
@@ -319,6 +331,19 @@ mod calls {
 
     const WASI_CLOCK_MONOTONIC: i32 = 1;
 
+    thread_local! {
+        static CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    fn count_call() {
+        CALLS.with(|c| c.set(c.get().wrapping_add(1)));
+    }
+
+    /// Host calls this VM has made so far (a cost the benchmarks attribute).
+    pub fn calls() -> u64 {
+        CALLS.with(std::cell::Cell::get)
+    }
+
     /// The VM's linear memory, in bytes.
     pub fn memory_bytes() -> u64 {
         (core::arch::wasm32::memory_size(0) as u64).saturating_mul(65_536)
@@ -326,6 +351,7 @@ mod calls {
 
     /// Steady time in milliseconds (an arbitrary origin, never stepped).
     pub fn monotonic_ms() -> Result<u64, HostError> {
+        count_call();
         let mut nanos = 0u64;
         let out = &mut nanos as *mut u64 as usize;
         // SAFETY: the host writes 8 bytes to a local; wasm32 pointers fit i32.
@@ -339,17 +365,20 @@ mod calls {
 
     /// Wall-clock time in milliseconds since the Unix epoch.
     pub fn now_ms() -> Result<u64, HostError> {
+        count_call();
         let mut nanos = 0u64;
         // SAFETY: pointer to a local.
         check(unsafe { proxy_get_current_time_nanoseconds(&mut nanos) }).map(|()| nanos / 1_000_000)
     }
 
     pub fn set_tick_period_ms(ms: u32) -> Result<(), HostError> {
+        count_call();
         // SAFETY: no pointers.
         check(unsafe { proxy_set_tick_period_milliseconds(ms) })
     }
 
     fn write_log(level: u32, message: &str) {
+        count_call();
         // SAFETY: pointer from a live string. A failed log call is dropped.
         let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
     }

@@ -17,6 +17,7 @@ pub const TOKENS: &str = "spillway_tokens_total";
 pub const ANSWERS_CUT: &str = "spillway_answers_cut_total";
 pub const VM_MEMORY: &str = "spillway_vm_memory_bytes";
 pub const SHARED_DATA_KEYS: &str = "spillway_shared_data_keys";
+pub const HOST_CALLS: &str = "spillway_host_calls_total";
 
 /// Label values clients choose (deployment and model names) are capped, so
 /// no client can create unbounded Envoy stats: at most this many distinct

@@ -25,7 +25,9 @@ use std::rc::Rc;
 
 proxy_wasm::main! {{
     host::install_logger();
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { role: None, gateway: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { role: None, gateway: None })
+    });
 }}
 
 struct HostStore;
@@ -126,6 +128,12 @@ struct Root {
     gateway: Option<Rc<Gateway>>,
 }
 
+thread_local! {
+    /// Host calls counted up to the end of the last tick, for the whole VM
+    /// (both roles' plugins share one VM when their VM config is the same).
+    static REPORTED_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 impl Context for Root {}
 
 impl RootContext for Root {
@@ -183,10 +191,14 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(role) = self.role else { return };
+        // Calls made serving requests since the last tick (not the ticks' own).
+        let served_calls = host::calls().wrapping_sub(REPORTED_CALLS.with(std::cell::Cell::get));
         if let (Some(g), Role::Request) = (&self.gateway, role) {
             g.report_health(&HostStore, &HostClock, &HostMetrics);
         }
         footprint::report(&HostStore, &HostMetrics, role, host::memory_bytes());
+        footprint::count_host_calls(&HostMetrics, served_calls);
+        REPORTED_CALLS.with(|r| r.set(host::calls()));
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -1,0 +1,56 @@
+"""Host calls per request against a recorded budget: a guard against cost
+regressions that times nothing. Every call from the VM into Envoy (a header,
+a property, shared data, a metric, a log line) is counted by the filter
+itself (`spillway_host_calls_total`, both roles together); the budgets are
+what the current code needs, rounded up, and only ever go down."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+
+from conftest import backend_entry
+
+CHAT = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+KEY = "key-of-the-team-1"
+
+# (scenario, budget in host calls per client request, both roles)
+BUDGETS = {
+    ("default", "chat"): 70,
+    ("default", "stream"): 67,
+    ("gateway", "chat"): 83,
+    ("gateway", "stream"): 89,
+}
+
+
+def host_calls(envoy) -> int:
+    found = re.search(r"^wasmcustom\.spillway_host_calls_total: (\d+)$", envoy.stats(), re.M)
+    return int(found.group(1)) if found else 0
+
+
+@pytest.mark.parametrize("mode", ["default", "gateway"])
+def test_host_calls_per_request_stay_within_budget(start_mock, start_envoy, mode):
+    mocks = [start_mock(n, f"key-{n}") for n in ("east", "west", "central")]
+    config = {"backends": [backend_entry(m) for m in mocks]}
+    headers = {}
+    if mode == "gateway":
+        config |= {"clients": [{"name": "team", "key": KEY, "tokens_per_minute": 10_000_000}], "stream_usage": True}
+        headers = {"api-key": KEY}
+    envoy = start_envoy(config)
+    measured = {}
+    for kind, n in (("chat", 200), ("stream", 100)):
+        time.sleep(1.2)  # counted on the once-a-second tick
+        before = host_calls(envoy)
+        for _ in range(n):
+            body = {"messages": [{"role": "user", "content": "hi"}], "stream": kind == "stream"}
+            with envoy.client.stream("POST", CHAT, json=body, headers=headers) as r:
+                assert r.status_code == 200
+                r.read()
+        time.sleep(1.2)
+        measured[kind] = (host_calls(envoy) - before) / n
+    over = {k: v for k, v in measured.items() if v > BUDGETS[(mode, k)]}
+    assert not over, (measured, "over budget")
+    assert all(v > 10 for v in measured.values()), measured  # the counter counts
