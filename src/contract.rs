@@ -134,7 +134,7 @@ pub mod metric {
     /// Every metric name starts with this.
     pub const PREFIX: &str = "spillway_";
     /// Label keys, in the order they appear in names.
-    pub const LABELS: [&str; 11] = [
+    pub const LABELS: [&str; 12] = [
         "backend",
         "client",
         "deployment",
@@ -146,6 +146,7 @@ pub mod metric {
         "gen_ai_request_model",
         "gen_ai_token_type",
         "server_address",
+        "call",
     ];
     /// Prefix of the metrics under OpenTelemetry GenAI names.
     pub const GEN_AI_PREFIX: &str = "gen_ai_";

@@ -39,9 +39,10 @@ pub fn report(store: &dyn SharedStore, metrics: &dyn Metrics, role: Role, own_by
 
 /// Adds the host calls a VM made serving requests (its ticks' own left out),
 /// so calls per request can be watched without timing anything.
-pub fn count_host_calls(metrics: &dyn Metrics, calls: u64) {
-    if calls > 0 {
-        metrics.add(metrics::HOST_CALLS, calls);
+/// `calls`: (kind of call, how many).
+pub fn count_host_calls(metrics: &dyn Metrics, calls: &[(&str, u64)]) {
+    for (kind, n) in calls.iter().filter(|(_, n)| *n > 0) {
+        metrics.add(&metrics::name(metrics::HOST_CALLS, &[("call", kind)]), *n);
     }
 }
 

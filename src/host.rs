@@ -45,6 +45,63 @@ fn len_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// What a host call does, for counting them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    HeaderGet,
+    HeaderSet,
+    Property,
+    SharedGet,
+    SharedSet,
+    BodyGet,
+    BodySet,
+    Reply,
+    Foreign,
+    Metric,
+    Clock,
+    Tick,
+    Log,
+}
+
+pub const CALL_KINDS: usize = 13;
+
+impl Call {
+    pub const ALL: [Call; CALL_KINDS] = [
+        Call::HeaderGet,
+        Call::HeaderSet,
+        Call::Property,
+        Call::SharedGet,
+        Call::SharedSet,
+        Call::BodyGet,
+        Call::BodySet,
+        Call::Reply,
+        Call::Foreign,
+        Call::Metric,
+        Call::Clock,
+        Call::Tick,
+        Call::Log,
+    ];
+
+    /// The `call` label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Call::HeaderGet => "header_get",
+            Call::HeaderSet => "header_set",
+            Call::Property => "property",
+            Call::SharedGet => "shared_data_get",
+            Call::SharedSet => "shared_data_set",
+            Call::BodyGet => "body_get",
+            Call::BodySet => "body_set",
+            Call::Reply => "local_reply",
+            Call::Foreign => "foreign_function",
+            Call::Metric => "metric",
+            Call::Clock => "clock",
+            Call::Tick => "tick",
+            Call::Log => "log",
+        }
+    }
+}
+
 #[cfg(target_arch = "wasm32")]
 pub use calls::*;
 
@@ -53,6 +110,7 @@ mod calls {
     use super::{
         encode_header_pairs, encode_property_path, HostError, STATUS_CAS_MISMATCH, STATUS_NOT_FOUND, STATUS_OK,
     };
+    use super::{Call, CALL_KINDS};
     use std::ptr::null_mut;
 
     /// Header maps (ABI `MapType`).
@@ -180,7 +238,7 @@ mod calls {
 
     /// A header's value as bytes; `Ok(None)` when absent.
     pub fn header(map: Headers, name: &str) -> Result<Option<Vec<u8>>, HostError> {
-        count_call();
+        count_call(Call::HeaderGet);
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: pointers to locals; the host fills them with memory from our allocator.
         let status = unsafe { proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size) };
@@ -193,7 +251,7 @@ mod calls {
 
     /// Sets (`Some`) or removes (`None`) a header.
     pub fn set_header(map: Headers, name: &str, value: Option<&[u8]>) -> Result<(), HostError> {
-        count_call();
+        count_call(Call::HeaderSet);
         // SAFETY: all pointers come from live slices with their lengths.
         check(unsafe {
             match value {
@@ -205,7 +263,7 @@ mod calls {
 
     /// A property (e.g. `["xds", "cluster_name"]`); `Ok(None)` when absent.
     pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
-        count_call();
+        count_call(Call::Property);
         let encoded = encode_property_path(path);
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: as in `header`.
@@ -219,7 +277,7 @@ mod calls {
 
     /// A shared-data value and its CAS token; `(None, None)` when absent.
     pub fn shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
-        count_call();
+        count_call(Call::SharedGet);
         let (mut data, mut size, mut cas) = (null_mut(), 0, 0u32);
         // SAFETY: as in `header`.
         let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
@@ -236,7 +294,7 @@ mod calls {
     /// asked with a token no existing key is expected to have (`u32::MAX`):
     /// two workers creating the same key cannot both win.
     pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-        count_call();
+        count_call(Call::SharedSet);
         let cas = cas.unwrap_or(u32::MAX);
         // SAFETY: pointers from live slices.
         match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) } {
@@ -254,7 +312,7 @@ mod calls {
 
     /// Up to `max` bytes of a body buffer from `start`.
     pub fn body(kind: Body, start: usize, max: usize) -> Result<Vec<u8>, HostError> {
-        count_call();
+        count_call(Call::BodyGet);
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: as in `header`.
         let status = unsafe { proxy_get_buffer_bytes(kind as u32, start, max, &mut data, &mut size) };
@@ -267,14 +325,14 @@ mod calls {
 
     /// Replaces `size` bytes of a body buffer from `start` with `bytes`.
     pub fn set_body(kind: Body, start: usize, size: usize, bytes: &[u8]) -> Result<(), HostError> {
-        count_call();
+        count_call(Call::BodySet);
         // SAFETY: pointer from a live slice.
         check(unsafe { proxy_set_buffer_bytes(kind as u32, start, size, bytes.as_ptr(), bytes.len()) })
     }
 
     /// Answers the request with a local reply.
     pub fn send_reply(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), HostError> {
-        count_call();
+        count_call(Call::Reply);
         let encoded = encode_header_pairs(headers);
         let details = b"spillway";
         // SAFETY: pointers from live slices; -1 = not gRPC.
@@ -294,7 +352,7 @@ mod calls {
 
     /// Calls a host extension function (e.g. Envoy's `clear_route_cache`).
     pub fn call_foreign(name: &str, args: &[u8]) -> Result<Vec<u8>, HostError> {
-        count_call();
+        count_call(Call::Foreign);
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: as in `header`.
         let status = unsafe {
@@ -304,20 +362,20 @@ mod calls {
     }
 
     pub fn define_metric(kind: MetricKind, name: &str) -> Result<u32, HostError> {
-        count_call();
+        count_call(Call::Metric);
         let mut id = 0;
         // SAFETY: pointers from a live slice and a local.
         check(unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) }).map(|()| id)
     }
 
     pub fn increment_metric(id: u32, by: i64) -> Result<(), HostError> {
-        count_call();
+        count_call(Call::Metric);
         // SAFETY: no pointers.
         check(unsafe { proxy_increment_metric(id, by) })
     }
 
     pub fn record_metric(id: u32, value: u64) -> Result<(), HostError> {
-        count_call();
+        count_call(Call::Metric);
         // SAFETY: no pointers.
         check(unsafe { proxy_record_metric(id, value) })
     }
@@ -332,15 +390,21 @@ mod calls {
     const WASI_CLOCK_MONOTONIC: i32 = 1;
 
     thread_local! {
-        static CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        static CALLS: std::cell::Cell<[u64; CALL_KINDS]> = const { std::cell::Cell::new([0; CALL_KINDS]) };
     }
 
-    fn count_call() {
-        CALLS.with(|c| c.set(c.get().wrapping_add(1)));
+    fn count_call(kind: Call) {
+        CALLS.with(|c| {
+            let mut counts = c.get();
+            if let Some(n) = counts.get_mut(kind as usize) {
+                *n = n.wrapping_add(1);
+            }
+            c.set(counts);
+        });
     }
 
-    /// Host calls this VM has made so far (a cost the benchmarks attribute).
-    pub fn calls() -> u64 {
+    /// Host calls this VM has made so far, by kind (`Call as usize`).
+    pub fn calls() -> [u64; CALL_KINDS] {
         CALLS.with(std::cell::Cell::get)
     }
 
@@ -351,7 +415,7 @@ mod calls {
 
     /// Steady time in milliseconds (an arbitrary origin, never stepped).
     pub fn monotonic_ms() -> Result<u64, HostError> {
-        count_call();
+        count_call(Call::Clock);
         let mut nanos = 0u64;
         let out = &mut nanos as *mut u64 as usize;
         // SAFETY: the host writes 8 bytes to a local; wasm32 pointers fit i32.
@@ -365,20 +429,20 @@ mod calls {
 
     /// Wall-clock time in milliseconds since the Unix epoch.
     pub fn now_ms() -> Result<u64, HostError> {
-        count_call();
+        count_call(Call::Clock);
         let mut nanos = 0u64;
         // SAFETY: pointer to a local.
         check(unsafe { proxy_get_current_time_nanoseconds(&mut nanos) }).map(|()| nanos / 1_000_000)
     }
 
     pub fn set_tick_period_ms(ms: u32) -> Result<(), HostError> {
-        count_call();
+        count_call(Call::Tick);
         // SAFETY: no pointers.
         check(unsafe { proxy_set_tick_period_milliseconds(ms) })
     }
 
     fn write_log(level: u32, message: &str) {
-        count_call();
+        count_call(Call::Log);
         // SAFETY: pointer from a live string. A failed log call is dropped.
         let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
     }

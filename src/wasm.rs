@@ -131,7 +131,8 @@ struct Root {
 thread_local! {
     /// Host calls counted up to the end of the last tick, for the whole VM
     /// (both roles' plugins share one VM when their VM config is the same).
-    static REPORTED_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static REPORTED_CALLS: std::cell::Cell<[u64; host::CALL_KINDS]> =
+        const { std::cell::Cell::new([0; host::CALL_KINDS]) };
 }
 
 impl Context for Root {}
@@ -192,12 +193,17 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(role) = self.role else { return };
         // Calls made serving requests since the last tick (not the ticks' own).
-        let served_calls = host::calls().wrapping_sub(REPORTED_CALLS.with(std::cell::Cell::get));
+        let (now, reported) = (host::calls(), REPORTED_CALLS.with(std::cell::Cell::get));
+        let served: Vec<(&str, u64)> = host::Call::ALL
+            .iter()
+            .zip(now.iter().zip(reported))
+            .map(|(c, (n, r))| (c.name(), n.wrapping_sub(r)))
+            .collect();
         if let (Some(g), Role::Request) = (&self.gateway, role) {
             g.report_health(&HostStore, &HostClock, &HostMetrics);
         }
         footprint::report(&HostStore, &HostMetrics, role, host::memory_bytes());
-        footprint::count_host_calls(&HostMetrics, served_calls);
+        footprint::count_host_calls(&HostMetrics, &served);
         REPORTED_CALLS.with(|r| r.set(host::calls()));
     }
 
