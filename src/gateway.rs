@@ -43,6 +43,10 @@ pub struct AttemptPlan<'a> {
     /// The body's `model` becomes this for this backend (v1 paths carry the
     /// deployment in the body; `deployments` renames it per backend).
     pub body_model: Option<&'a str>,
+    /// Looking for the holder of stored state, this is the last backend that
+    /// can be asked, and others that may hold it are out for this long: a
+    /// "not found" here is answered with 429 and that wait instead.
+    pub lookup_blocked_ms: Option<u64>,
 }
 
 /// Whether a request names stored state (a Responses API `resp_...` id)
@@ -357,11 +361,16 @@ impl Gateway {
         // Failover stays among the backends serving the request's model.
         let mut excluded = self.not_serving(model);
         excluded.extend_from_slice(&tried_indices);
-        let fallback_cluster = match self.pool.pick(&health, &cb, now, &excluded, &mut peek, None) {
+        let pick = self.pool.pick(&health, &cb, now, &excluded, &mut peek, None);
+        let fallback_cluster = match pick {
             // Stored state lives on one backend: nowhere else to go.
             _ if stored == Stored::Pinned => None,
             Pick::Backend(i) => self.config.backends.get(i).map(|b| b.cluster.as_str()),
             Pick::NoneUntil(_) => None,
+        };
+        let lookup_blocked_ms = match pick {
+            Pick::NoneUntil(until) if stored == Stored::Lookup && until > now => Some(until - now),
+            _ => None,
         };
         Some(AttemptPlan {
             backend: backend_index,
@@ -382,7 +391,16 @@ impl Gateway {
                 .filter(|_| paths::deployment(original_path).is_none() && !paths::is_realtime(original_path))
                 .and_then(|m| backend.deployments.get(m))
                 .map(String::as_str),
+            lookup_blocked_ms,
         })
+    }
+
+    /// Attempt role: the answer of the last backend a stored-state lookup
+    /// could ask. "Not found" while a backend that may hold the state is out
+    /// means "try later" (429 with its wait), not "it does not exist".
+    pub fn lookup_verdict(&self, plan_blocked_ms: Option<u64>, status: u32) -> Option<LocalReply> {
+        let blocked = plan_blocked_ms?;
+        matches!(status, 400 | 404).then(|| LocalReply::owner_busy(blocked))
     }
 
     /// Attempt role, response headers: record what the answer says about the

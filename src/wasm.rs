@@ -528,6 +528,8 @@ struct Attempt {
     attempts: usize,
     /// The answer's status shows the backend works.
     healthy: bool,
+    /// See `AttemptPlan::lookup_blocked_ms`.
+    lookup_blocked_ms: Option<u64>,
 }
 
 struct AttemptFilter {
@@ -655,6 +657,7 @@ impl HttpContext for AttemptFilter {
             stored,
             attempts: plan.attempts,
             healthy: false,
+            lookup_blocked_ms: plan.lookup_blocked_ms,
         });
         Action::Continue
     }
@@ -719,6 +722,13 @@ impl HttpContext for AttemptFilter {
             set_response_header(header::BACKEND, Some(&b.name));
         }
         set_response_header(header::ATTEMPTS, Some(&attempt.attempts.to_string()));
+        if !retry {
+            if let Some(reply) = self.gateway.lookup_verdict(attempt.lookup_blocked_ms, status) {
+                // The backend's own "not found" would tell the client its
+                // stored state is gone; it may only be out of reach.
+                return send_reply(&reply);
+            }
+        }
         Action::Continue
     }
 }

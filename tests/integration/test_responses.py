@@ -127,6 +127,29 @@ def test_an_unknown_id_is_found_by_asking_the_backends_then_remembered(pair, sta
     assert after == {"east": before["east"] + 1, "west": before["west"] + 1}
 
 
+def test_an_unknown_id_whose_possible_owner_is_out_gets_a_429_not_a_400(pair, start_envoy):
+    """A follow-up nobody remembers (another Envoy, or an evicted entry) is
+    looked up on the backends that are in; when the one that holds it is
+    out, "not found" from the others is not the answer: the client gets a
+    429 with the wait and finds its conversation once the owner is back."""
+    envoy, east, west = pair
+    client = sdk_clients(envoy)["openai-v1"]
+    first = client.responses.create(model="gpt-4o", input="Hello")
+    owner, other = (east, west) if answered_by(first) == "east" else (west, east)
+    fresh = start_envoy({"backends": [backend_entry(east), backend_entry(west)], "api_version": API_VERSION})
+    owner.configure(fail_next=[{"status": 429, "retry_after": "2"}])
+    while owner.count() < 2:  # the owner's 429 takes it out of the fresh Envoy's rotation
+        fresh.chat()
+    client = sdk_clients(fresh)["openai-v1"]
+    with pytest.raises(openai.RateLimitError) as err:
+        client.responses.create(model="gpt-4o", input="more", previous_response_id=first.id)
+    assert 1 <= int(err.value.response.headers["retry-after"]) <= 2
+    assert creates_and_follow_ups(other)[-1] == "follow-up"  # the other backend was asked
+    time.sleep(2.1)
+    follow = client.responses.create(model="gpt-4o", input="more", previous_response_id=first.id)
+    assert answered_by(follow) == answered_by(first)
+
+
 def test_responses_usage_and_budget_count_against_client_limits(start_mock, start_envoy):
     east = start_mock("east", "key-east")
     envoy = start_envoy({"backends": [backend_entry(east)], "api_version": API_VERSION,
