@@ -2,7 +2,8 @@
 # The one test command: installs what is missing, builds the filter (wasm),
 # the renderer and the mock backends, then runs every test:
 # formatting (rustfmt), clippy (panics denied in filter code), native unit
-# tests, and the integration suite against real Envoy processes.
+# tests, a short fuzzing pass (scripts/fuzz.sh), and the integration suite
+# against real Envoy processes.
 #
 #   scripts/test.sh [PYTEST ARGS]                  integration suite on the pinned Envoy (1.40.0)
 #   scripts/test.sh --envoy-matrix [PYTEST ARGS]   ... on every Envoy in ENVOY_MATRIX instead,
@@ -40,6 +41,14 @@ cargo clippy --locked --target wasm32-wasip1 --release --lib -- -D warnings
 
 echo "== unit tests"
 cargo test --locked --workspace
+
+# A short fuzzing pass from the committed seeds (fuzz/corpus): any crash fails
+# the run. SPILLWAY_FUZZ_SECONDS sets the time per target; 0 skips it.
+FUZZ_SECONDS="${SPILLWAY_FUZZ_SECONDS:-15}"
+if (( FUZZ_SECONDS > 0 )); then
+  echo "== fuzz (${FUZZ_SECONDS} s per target)"
+  bash scripts/fuzz.sh "$FUZZ_SECONDS"
+fi
 
 if (( ! MATRIX )); then
   echo "== integration tests (real Envoy $("$ROOT/.venv/bin/envoy" --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*' | head -1))"

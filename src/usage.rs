@@ -118,12 +118,26 @@ pub fn completion_budget(
 /// member could go: read without building the body's tree.
 #[derive(Deserialize)]
 struct MemberSpan<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "raw_member")]
     stream: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "raw_member")]
     stream_options: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "raw_member")]
     model: Option<&'a RawValue>,
+}
+
+/// A member's raw value, `null` included (`Option` alone reads `null` as absent).
+fn raw_member<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as Deserialize>::deserialize(d).map(Some)
+}
+
+/// The body's top-level members, when it is a JSON object: UTF-8 checked
+/// first (serde_json does not check strings it skips), and an object (the
+/// derive would also read an array positionally).
+fn member_span(body: &[u8]) -> Option<MemberSpan<'_>> {
+    let text = std::str::from_utf8(body).ok()?;
+    after_open_brace(body)?;
+    serde_json::from_str(text).ok()
 }
 
 /// Byte range of `value` (a slice of `body`) inside `body`.
@@ -166,13 +180,16 @@ fn splice(body: &[u8], range: std::ops::Range<usize>, value: &[u8]) -> Option<Ve
 /// requests that did not ask for usage; `None` when nothing needs changing.
 /// Only the `stream_options` member changes; the rest is copied as is.
 pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
-    let span: MemberSpan = serde_json::from_slice(body).ok()?;
+    let span = member_span(body)?;
     if span.stream.map(RawValue::get) != Some("true") {
         return None;
     }
     let Some(options) = span.stream_options else {
         return insert_member(body, r#""stream_options":{"include_usage":true}"#);
     };
+    if options.get() == "null" {
+        return splice(body, range_in(body, options)?, br#"{"include_usage":true}"#);
+    }
     let mut parsed: serde_json::Map<String, Value> = serde_json::from_str(options.get()).ok()?;
     if parsed.get("include_usage").and_then(Value::as_bool) == Some(true) {
         return None;
@@ -195,7 +212,7 @@ pub struct AnswerFacts {
 /// deployment name for one backend); `None` when it is not a JSON object.
 /// Only the value changes; the rest is copied as is.
 pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
-    let span: MemberSpan = serde_json::from_slice(body).ok()?;
+    let span = member_span(body)?;
     let value = serde_json::to_string(model).ok()?;
     match span.model {
         Some(old) => splice(body, range_in(body, old)?, value.as_bytes()),
@@ -546,6 +563,15 @@ mod tests {
         );
         assert_eq!(v["m"], "stream_options");
         assert!(with_include_usage(b"[1]").is_none());
+        // Found by fuzzing: a null member is present (not inserted twice),
+        // an array is not an object, bytes that are not UTF-8 are not JSON.
+        let null = with_include_usage(br#"{"stream":true,"stream_options":null}"#).unwrap();
+        assert_eq!(null, br#"{"stream":true,"stream_options":{"include_usage":true}}"#);
+        assert!(with_include_usage(br#"[true,{"a":1}]"#).is_none());
+        assert!(with_include_usage(b"{\"stream\":true,\"x\":\"\xa4\"}").is_none());
+        assert_eq!(with_model(br#"{"model":null}"#, "n").unwrap(), br#"{"model":"n"}"#);
+        assert_eq!(with_model(br#"["x","x","y"]"#, "n"), None);
+        assert_eq!(with_model(b"{\"model\":\"a\",\"x\":\"\xa4\"}", "n"), None);
     }
 
     #[test]
