@@ -21,7 +21,7 @@ pub fn count_created_key(store: &dyn SharedStore, key: &str) {
 pub fn report(store: &dyn SharedStore, metrics: &dyn Metrics, role: Role, own_bytes: u64) {
     let key = format!("{VM_MEMORY_PREFIX}{}", role.name());
     let largest = store::update(store, &key, |current| {
-        let known = parse(current);
+        let known = store::parse_counter(current);
         if own_bytes > known {
             (own_bytes, Some(own_bytes.to_string().into_bytes()))
         } else {
@@ -32,7 +32,7 @@ pub fn report(store: &dyn SharedStore, metrics: &dyn Metrics, role: Role, own_by
     metrics.set(&metrics::name(metrics::VM_MEMORY, &[("role", role.name())]), largest);
     if role == Role::Request {
         // The counter itself is a key too.
-        let keys = parse(store.get(KEY_COUNT).0.as_deref()).saturating_add(1);
+        let keys = store::read_counter(store, KEY_COUNT).saturating_add(1);
         metrics.set(metrics::SHARED_DATA_KEYS, keys);
     }
 }
@@ -44,10 +44,6 @@ pub fn count_host_calls(metrics: &dyn Metrics, calls: &[(&str, u64)]) {
     for (kind, n) in calls.iter().filter(|(_, n)| *n > 0) {
         metrics.add(&metrics::name(metrics::HOST_CALLS, &[("call", kind)]), *n);
     }
-}
-
-fn parse(bytes: Option<&[u8]>) -> u64 {
-    bytes.and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -72,7 +72,8 @@ pub fn read_counter(store: &dyn SharedStore, key: &str) -> u64 {
     parse_counter(store.get(key).0.as_deref())
 }
 
-fn parse_counter(bytes: Option<&[u8]>) -> u64 {
+/// A decimal counter's value (0 when absent or unreadable).
+pub fn parse_counter(bytes: Option<&[u8]>) -> u64 {
     bytes.and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
