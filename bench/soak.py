@@ -1300,11 +1300,10 @@ def markdown_section(doc: dict) -> list[str]:
             "successful create. The affinity table (src/affinity.rs) has 16,384 slots and a newer id takes an "
             "older one's slot: an id a thousand creates old (typical for this client's follow-ups) is gone with "
             "probability 1 − (1 − 1/16,384)^1,000 ≈ 6%. A forgotten id is "
-            "looked up by trying the backends in turn, and when its owner is throttled (here m2) the owner is "
-            "skipped and the client gets the last non-owner's 400, not a 429 with `retry-after`. Reproduced "
-            "alone: a response created on m2, a fresh Envoy (nothing remembered), m2 throttled: the follow-up "
-            "goes to m0 and m1 and answers 400 with `x-spillway-attempts: 2`. The lookups also explain most of "
-            "the upstream 4xx on m0 and m1.")
+            "looked up on the available backends in turn; when none has it and a backend that may hold it is "
+            "throttled or open, the client gets a 429 with that wait. A 400 still reaches the client when the "
+            "owner was not counted as out at that moment (for example half-open, its probe taken). The lookups "
+            "also explain most of the upstream 4xx on m0 and m1.")
     if obs:
         lines += ["", "What looked wrong:", ""] + obs
     lines += [
