@@ -552,10 +552,10 @@ fn stream_flags() -> (u64, String) {
 
 impl AttemptFilter {
     /// Sets the buffered body's `model` to this backend's deployment name.
-    fn rename_body_model(&mut self, size: usize) {
-        let Some(model) = self.body_model.take() else { return };
+    fn rename_body_model(&self, size: usize) {
+        let Some(model) = &self.body_model else { return };
         let body = host::body(Body::Request, 0, size).unwrap_or_default();
-        match usage::with_model(&body, &model) {
+        match usage::with_model(&body, model) {
             Some(renamed) => {
                 if let Err(e) = host::set_body(Body::Request, 0, body.len(), &renamed) {
                     log::warn!("cannot rename the body's model: {e:?}");
@@ -563,8 +563,6 @@ impl AttemptFilter {
             }
             None => log::warn!("the request body is not a JSON object: its model is not renamed"),
         }
-        // The next attempt (another backend) renames it again.
-        self.body_model = Some(model);
     }
 }
 
