@@ -123,6 +123,19 @@ def with_trivial(plain_boot: dict, wasm_path: str, upstream_too: bool = False) -
     return boot
 
 
+def with_hostcall_probe(plain_boot: dict, wasm_path: str, kind: str, count: int) -> dict:
+    """Plain Envoy + the host-call probe (`bench/hostcall-cost`) before the
+    router, making `count` calls of `kind` on every request's headers."""
+    boot = copy.deepcopy(plain_boot)
+    probe = trivial_filter(wasm_path, "bench_hostcall_probe")
+    probe["name"] = "bench.hostcall_probe"
+    probe["typed_config"]["config"]["vm_config"]["vm_id"] = "bench_hostcall_probe"
+    probe["typed_config"]["config"]["configuration"] = {
+        "@type": "type.googleapis.com/google.protobuf.StringValue", "value": f"{kind}:{count}"}
+    _hcm(boot)["http_filters"] = [probe] + _hcm(boot)["http_filters"]
+    return boot
+
+
 def spillway_request_role_only(rendered: dict) -> dict:
     """Ablation, not a working gateway: the rendered Spillway bootstrap without
     the attempt role (the clusters' upstream wasm filter), to split Spillway's

@@ -18,18 +18,22 @@
 //! No framework: calibrated timed loops with `black_box`; each case reports
 //! the median, min and max ns per decision over `SAMPLES` samples.
 //!
-//! usage: spillway-bench-selection [--json PATH] [--samples N] [--sample-ms MS]
+//! usage: spillway-bench-selection [--json PATH] [--samples N] [--sample-ms MS] [--case NAME]
 
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use spillway::body_fields::BodyFields;
 use spillway::config::{Config, Keys};
-use spillway::gateway::{AttemptRequest, Gateway, Stored};
+use spillway::exchange::{Exchange, RequestHead, Step};
+use spillway::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, Stored};
 use spillway::health::HealthTable;
+use spillway::metrics::Metrics;
 use spillway::paths;
 use spillway::selection::{Group, Pick, Pool};
+use spillway::store::Clock;
 use spillway::testing::{ManualClock, MemoryStore, Recorder};
 
 const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions";
@@ -68,6 +72,84 @@ fn throttled_set(cfg: &Config) -> Vec<usize> {
     let mut members: Vec<usize> = (0..cfg.backends.len()).filter(|&i| cfg.backends[i].priority == first).collect();
     members.pop();
     members
+}
+
+/// Metrics as the filter keeps them: an id per name, defined once (the
+/// host's counters stand behind the ids).
+#[derive(Default)]
+struct IdMetrics {
+    ids: std::cell::RefCell<HashMap<String, usize>>,
+    values: std::cell::RefCell<Vec<u64>>,
+}
+
+impl IdMetrics {
+    fn bump(&self, name: &str, value: u64) {
+        let id = *self.ids.borrow_mut().entry(name.to_string()).or_insert_with(|| {
+            self.values.borrow_mut().push(0);
+            self.values.borrow().len() - 1
+        });
+        if let Some(v) = self.values.borrow_mut().get_mut(id) {
+            *v = v.wrapping_add(value);
+        }
+    }
+}
+
+impl Metrics for IdMetrics {
+    fn add(&self, name: &str, value: u64) {
+        self.bump(name, value)
+    }
+    fn set(&self, name: &str, value: u64) {
+        self.bump(name, value)
+    }
+    fn record(&self, name: &str, value: u64) {
+        self.bump(name, value)
+    }
+}
+
+/// A chat completion answer as Azure sends it (usage included).
+const ANSWER: &[u8] = br#"{"id":"chatcmpl-AbC123","object":"chat.completion","created":1700000000,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, nice to meet you."},"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":8,"total_tokens":22}}"#;
+
+/// Everything the filter's logic does for one client request answered on
+/// the first attempt, both roles, without the host calls: request headers
+/// (path checks, admission, pick), the attempt (plan, answer verdict,
+/// completion), the answer's headers and body, and the end (usage, metrics,
+/// log line).
+fn whole_request(gw: &Gateway, store: &MemoryStore, clock: &ManualClock, metrics: &IdMetrics) -> usize {
+    let fields = BodyFields { max_tokens: Some(16), ..BodyFields::default() };
+    let head = RequestHead {
+        method: "POST",
+        path: "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        content_length: Some(87),
+        has_body: true,
+        fields: Some(fields),
+        ..RequestHead::default()
+    };
+    let mut exchange = Exchange::new(clock.now_ms());
+    let Step::Forward { cluster, path, model, .. } = exchange.on_request_headers(gw, store, clock, metrics, &head)
+    else {
+        return 0;
+    };
+    let request = AttemptRequest {
+        cluster: &cluster,
+        original_path: &path,
+        tried: None,
+        stored: Stored::No,
+        model: model.as_deref(),
+    };
+    let Some(plan) = gw.plan_attempt(store, clock, metrics, &request) else { return 0 };
+    let attempt =
+        AttemptRef { backend: plan.backend, has_fallback: plan.fallback_cluster.is_some(), stored: Stored::No };
+    let answer = AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None };
+    let decision = gw.on_attempt_response(store, clock, metrics, &attempt, &answer);
+    let backend_name = gw.config.backends.get(plan.backend).map(|b| b.name.clone()).unwrap_or_default();
+    let attempts = plan.attempts.to_string();
+    let extra = exchange.on_response_headers(gw, 200, Some("application/json"), Some(&backend_name), Some(&attempts));
+    let _ = exchange.on_response_body(ANSWER, true);
+    if decision.healthy {
+        gw.on_answer_complete(store, plan.backend);
+    }
+    let line = exchange.finish(gw, store, clock, metrics);
+    line.len() + extra.len()
 }
 
 struct Stats {
@@ -116,14 +198,17 @@ fn main() {
     let mut json_path: Option<String> = None;
     let mut samples = 21usize;
     let mut sample_ms = 20u64;
+    // One case only (e.g. to profile it): pick, route_request, plan_attempt, whole_request.
+    let mut only_case: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--json" => json_path = args.next(),
             "--samples" => samples = args.next().and_then(|v| v.parse().ok()).unwrap_or(samples).max(3),
+            "--case" => only_case = args.next(),
             "--sample-ms" => sample_ms = args.next().and_then(|v| v.parse().ok()).unwrap_or(sample_ms).max(1),
             "-h" | "--help" => {
-                println!("usage: spillway-bench-selection [--json PATH] [--samples N] [--sample-ms MS]");
+                println!("usage: spillway-bench-selection [--json PATH] [--samples N] [--sample-ms MS] [--case NAME]");
                 return;
             }
             other => {
@@ -147,6 +232,7 @@ fn main() {
         let cb = cfg.circuit_breaker;
         let throttled = throttled_set(&cfg);
         for state in ["healthy", "throttled"] {
+            let wants = |case: &str| only_case.as_deref().is_none_or(|c| c == case);
             let mut record = |case: &str, s: Stats| {
                 println!("{case:<16} {n:>8} {state:<10} {:>10.1} {:>10.1} {:>10.1}", s.median_ns, s.min_ns, s.max_ns);
                 rows.push(json!({
@@ -169,17 +255,19 @@ fn main() {
             // One plain counter per priority group (the filter keeps these in
             // shared data; `route_request` below measures that part).
             let mut counters: HashMap<u32, u64> = HashMap::new();
-            let s = measure(samples, sample, || {
-                let mut rotate = |g: &Group| {
-                    let c = counters.entry(g.priority).or_insert(0);
-                    *c += 1;
-                    *c - 1
-                };
-                let pick = pool.pick(black_box(&health), &cb, black_box(NOW_MS), &[], &mut rotate, None);
-                assert!(matches!(pick, Pick::Backend(_)));
-                black_box(pick);
-            });
-            record("pick", s);
+            if wants("pick") {
+                let s = measure(samples, sample, || {
+                    let mut rotate = |g: &Group| {
+                        let c = counters.entry(g.priority).or_insert(0);
+                        *c += 1;
+                        *c - 1
+                    };
+                    let pick = pool.pick(black_box(&health), &cb, black_box(NOW_MS), &[], &mut rotate, None);
+                    assert!(matches!(pick, Pick::Backend(_)));
+                    black_box(pick);
+                });
+                record("pick", s);
+            }
 
             // 2. The request role's routing step on the in-memory shared store.
             let gw = Gateway::new(cfg.clone());
@@ -196,13 +284,15 @@ fn main() {
                     true
                 });
             }
-            let s = measure(samples, sample, || {
-                let backend = gw.pick_first(&store, &clock, None).map(|b| b.cluster.len());
-                assert!(backend.is_ok());
-                let _ = black_box(backend);
-                black_box(paths::with_api_version(black_box(CHAT), gw.config.api_version.as_deref()));
-            });
-            record("route_request", s);
+            if wants("route_request") {
+                let s = measure(samples, sample, || {
+                    let backend = gw.pick_first(&store, &clock, None).map(|b| b.cluster.len());
+                    assert!(backend.is_ok());
+                    let _ = black_box(backend);
+                    black_box(paths::with_api_version(black_box(CHAT), gw.config.api_version.as_deref()));
+                });
+                record("route_request", s);
+            }
 
             // 3. Gateway::plan_attempt (attempt role, first attempt).
             let cluster = match gw.pick_first(&store, &clock, None) {
@@ -212,23 +302,36 @@ fn main() {
                     std::process::exit(1);
                 }
             };
-            let s = measure(samples, sample, || {
-                let plan = gw.plan_attempt(
-                    &store,
-                    &clock,
-                    &metrics,
-                    &AttemptRequest {
-                        cluster: black_box(&cluster),
-                        original_path: black_box(CHAT),
-                        tried: None,
-                        stored: Stored::No,
-                        model: None,
-                    },
-                );
-                assert!(plan.is_some());
-                black_box(plan);
-            });
-            record("plan_attempt", s);
+            if wants("plan_attempt") {
+                let s = measure(samples, sample, || {
+                    let plan = gw.plan_attempt(
+                        &store,
+                        &clock,
+                        &metrics,
+                        &AttemptRequest {
+                            cluster: black_box(&cluster),
+                            original_path: black_box(CHAT),
+                            tried: None,
+                            stored: Stored::No,
+                            model: None,
+                        },
+                    );
+                    assert!(plan.is_some());
+                    black_box(plan);
+                });
+                record("plan_attempt", s);
+            }
+
+            // 4. One whole request's logic, both roles (no host calls).
+            let id_metrics = IdMetrics::default();
+            if wants("whole_request") {
+                let s = measure(samples, sample, || {
+                    let n = whole_request(&gw, &store, &clock, &id_metrics);
+                    assert!(n > 0);
+                    black_box(n);
+                });
+                record("whole_request", s);
+            }
         }
     }
     let doc = json!({
