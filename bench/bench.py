@@ -38,6 +38,11 @@ TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 RESULTS = BENCH / "results"
 WASM = TARGET / "wasm32-wasip1" / "release" / "spillway.wasm"
 TRIVIAL_WASM = TARGET / "wasm32-wasip1" / "release" / "spillway_bench_trivial_filter.wasm"
+PROBE_WASM = TARGET / "wasm32-wasip1" / "release" / "spillway_bench_hostcall_cost.wasm"
+# The filter as it was before the performance work (built by bench/run.sh
+# from BENCH_BASELINE_REF), measured in the same run for before/after.
+BASELINE_WASM = Path(os.environ.get("BENCH_BASELINE_WASM", TARGET / "baseline" / "spillway.wasm"))
+PROBE_CALLS = 100
 RENDER = TARGET / "release" / "spillway-render"
 MOCK = TARGET / "release" / "spillway-mock"
 SELECTION = TARGET / "release" / "spillway-bench-selection"
@@ -333,12 +338,21 @@ def overhead(args, workdir: Path) -> dict:
     try:
         rendered = render_spillway(configs.spillway_filter(ports), workdir, "overhead")
         plain = configs.plain(rendered, ports)
+        gateway_cfg = configs.spillway_filter(ports) | {
+            "clients": [{"name": "bench", "key": configs.MASTER_KEY, "tokens_per_minute": 1_000_000_000}],
+            "stream_usage": True,
+        }
+        gateway = render_spillway(gateway_cfg, workdir, "overhead-gateway")
         boots = {
             "envoy-plain": plain,
+            "envoy-native-filters": configs.plain_with_native_filters(rendered, plain),
             "envoy-trivial-wasm": configs.with_trivial(plain, str(TRIVIAL_WASM)),
             "envoy-trivial-wasm-x2": configs.with_trivial(plain, str(TRIVIAL_WASM), upstream_too=True),
             "envoy-spillway": rendered,
+            "envoy-spillway-gateway": gateway,
         }
+        if BASELINE_WASM.exists():
+            boots["envoy-spillway-baseline"] = configs.with_wasm(rendered, str(WASM), str(BASELINE_WASM))
         setups: list[dict[str, Any]] = [
             {"name": "direct", "url": mocks[0].url + CHAT_PATH, "proc": None, "rate": args.rate,
              "kind": "mock"},
@@ -354,12 +368,6 @@ def overhead(args, workdir: Path) -> dict:
         procs.append(e)
         setups.append({"name": "envoy-spillway-nolog", "url": e.url + CHAT_PATH, "proc": e, "rate": args.rate,
                        "kind": "envoy"})
-        # Ablation: without the json_to_metadata filter (requests not held
-        # until their body has arrived): the cost of body-aware routing.
-        e = Envoy("envoy-spillway-no-body-fields", configs.spillway_without_body_fields(rendered), workdir)
-        procs.append(e)
-        setups.append({"name": "envoy-spillway-no-body-fields", "url": e.url + CHAT_PATH, "proc": e,
-                       "rate": args.rate, "kind": "envoy"})
         # Ablation: the request role alone (no attempt role on the clusters).
         e = Envoy("envoy-spillway-request-role", configs.spillway_request_role_only(rendered), workdir)
         procs.append(e)
@@ -414,6 +422,11 @@ def overhead(args, workdir: Path) -> dict:
                     log(f"overhead rep {rep} {name:24s} {mode:10s} rps={row['rps']:8.1f} "
                         f"p50={row['p50_us']:9.0f}us p99={row['p99_us']:9.0f}us "
                         f"cpu/req={row['cpu_us_per_req']}us non200={row['non_200']} load={load0[0]}->{load1[0]}")
+        prices = hostcall_prices(args, workdir, plain, headers, body) if "hostcalls" in args.only else None
+        calls = {}
+        for s in setups:
+            if s["name"].startswith("envoy-spillway") and s["name"] != "envoy-spillway-request-role":
+                calls[s["name"]] = host_calls_per_request(s["proc"], s["url"], headers, body, workdir)
         for s in setups:
             if s["proc"] is not None:
                 mem[s["name"]]["after_runs"] = s["proc"].mem()
@@ -462,6 +475,8 @@ def overhead(args, workdir: Path) -> dict:
             - med("envoy-plain", "saturation", "cpu_us_per_req"),
             "rss_added_kb": summary[name]["memory"]["after_runs"]["rss_kb"]
             - summary["envoy-plain"]["memory"]["after_runs"]["rss_kb"],
+            "rss_added_vs_trivial_kb": summary[name]["memory"]["after_runs"]["rss_kb"]
+            - summary["envoy-trivial-wasm"]["memory"]["after_runs"]["rss_kb"],
         }
     doc = {
         "params": {
@@ -472,12 +487,68 @@ def overhead(args, workdir: Path) -> dict:
             "path": CHAT_PATH,
         },
         "wasm_bytes": {"spillway.wasm": WASM.stat().st_size,
-                       "spillway_bench_trivial_filter.wasm": TRIVIAL_WASM.stat().st_size},
+                       "spillway_bench_trivial_filter.wasm": TRIVIAL_WASM.stat().st_size,
+                       **({"baseline spillway.wasm": BASELINE_WASM.stat().st_size} if BASELINE_WASM.exists() else {})},
+        "host_calls_per_request": calls,
+        "host_call_prices": prices,
+        "baseline_ref": os.environ.get("BENCH_BASELINE_REF", ""),
         "setups": summary,
         "ratios_vs_plain": ratios,
     }
     (RESULTS / "overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
     return doc
+
+
+def host_calls_per_request(envoy: "Envoy", url: str, headers: dict, body: Path, workdir: Path,
+                           n: int = 500) -> dict[str, float]:
+    """The filter's own count of host calls (`spillway_host_calls_total`, by
+    kind, both roles), per request, over `n` requests; reported on the
+    filter's once-a-second tick."""
+    def read() -> dict[str, int]:
+        text = httpx.get(f"http://127.0.0.1:{envoy.admin_port}/stats", timeout=10).text
+        out = {}
+        for line in text.splitlines():
+            prefix = "wasmcustom.spillway_host_calls_total.call."
+            if line.startswith(prefix):
+                kind, _, value = line[len(prefix):].partition(": ")
+                out[kind] = int(value)
+        return out
+    time.sleep(1.3)
+    before = read()
+    oha(url, headers, body, workdir / "calls.json", requests=n, connections=4)
+    time.sleep(1.3)
+    after = read()
+    return {k: round((after[k] - before.get(k, 0)) / n, 2) for k in sorted(after) if k != "tick"}
+
+
+def hostcall_prices(args, workdir: Path, plain: dict, headers: dict, body: Path) -> dict:
+    """What one host call of each kind costs Envoy: the probe filter making
+    PROBE_CALLS calls per request vs none, closed loop, repeats interleaved."""
+    kinds = ["none", "header_get", "header_get_missing", "header_set", "header_remove_missing", "property",
+             "shared_data_get", "shared_data_set", "metric_increment", "metric_define", "clock_wasi",
+             "clock_proxy", "log_written", "log_filtered", "clear_route_cache", "alloc_4k"]
+    envs: dict[str, Envoy] = {}
+    runs: dict[str, list[float]] = {k: [] for k in kinds}
+    n = 2000 if args.quick else 6000
+    try:
+        for k in kinds:
+            boot = configs.with_hostcall_probe(plain, str(PROBE_WASM), k, 0 if k == "none" else PROBE_CALLS)
+            envs[k] = Envoy(f"probe-{k}", boot, workdir)
+        for rep in range(args.repeats):
+            for k, e in envs.items():
+                url = e.url + CHAT_PATH
+                oha(url, headers, body, workdir / "warmup.json", duration_s=1)
+                c0 = e.cpu()
+                r = oha(url, headers, body, workdir / "probe.json", requests=n)
+                runs[k].append((e.cpu() - c0) / r["responses"] * 1e6)
+                log(f"hostcalls rep {rep} {k:22s} cpu/req={runs[k][-1]:7.1f}us")
+    finally:
+        for e in envs.values():
+            e.stop()
+    base = statistics.median(runs["none"])
+    prices = {k: {"cpu_us_per_req": summarize(v), "us_per_call": (statistics.median(v) - base) / PROBE_CALLS}
+              for k, v in runs.items()}
+    return {"calls_per_request": PROBE_CALLS, "requests_per_run": n, "repeats": args.repeats, "kinds": prices}
 
 
 def selection(args) -> dict:
@@ -693,7 +764,7 @@ def goodput(args, workdir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description="Spillway benchmarks")
     ap.add_argument("--quick", action="store_true", help="1 repeat, short runs (smoke test)")
-    ap.add_argument("--only", default="overhead,selection,goodput")
+    ap.add_argument("--only", default="overhead,hostcalls,selection,goodput")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate", type=float, default=1000, help="fixed rate for direct/Envoy setups (rps)")
     ap.add_argument("--rate-s", type=float, default=10)
@@ -708,7 +779,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.rate_s, args.sat_s, args.litellm_rate_s, args.goodput_s = 1, 3, 3, 5, 8
-    for p in (WASM, TRIVIAL_WASM, RENDER, MOCK, SELECTION, ENVOY, OHA):
+    for p in (WASM, TRIVIAL_WASM, PROBE_WASM, RENDER, MOCK, SELECTION, ENVOY, OHA):
         if not p.exists():
             sys.exit(f"missing {p}: run bench/run.sh, which installs and builds everything")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,21 @@ def with_trivial(plain_boot: dict, wasm_path: str, upstream_too: bool = False) -
     return boot
 
 
+def plain_with_native_filters(rendered: dict, plain_boot: dict) -> dict:
+    """Plain Envoy + the two native filters Spillway's bootstrap puts before
+    its wasm (the buffer filter and json_to_metadata): what those cost
+    without any wasm."""
+    boot = copy.deepcopy(plain_boot)
+    native = [f for f in _hcm(rendered)["http_filters"] if f["name"] in ("spillway.buffer", "spillway.body_fields")]
+    _hcm(boot)["http_filters"] = copy.deepcopy(native) + _hcm(boot)["http_filters"]
+    return boot
+
+
+def with_wasm(rendered: dict, old_path: str, new_path: str) -> dict:
+    """The same bootstrap running another build of the filter."""
+    return json.loads(json.dumps(rendered).replace(old_path, new_path))
+
+
 def with_hostcall_probe(plain_boot: dict, wasm_path: str, kind: str, count: int) -> dict:
     """Plain Envoy + the host-call probe (`bench/hostcall-cost`) before the
     router, making `count` calls of `kind` on every request's headers."""

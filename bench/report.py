@@ -23,19 +23,24 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 
-# Goals from issue 5 (recorded, not asserted).
-GOAL_CPU_RATIO = 1.2  # Spillway's added CPU/request <= 1.2x the trivial filter's
-GOAL_TRIVIAL_US = 18.0  # the issue's estimate of the trivial filter's added CPU/request
-GOAL_RPS_RATIO = 0.75
-GOAL_P50_ADDED_US = 80.0
-GOAL_LITELLM_X = 100.0
+# Performance goals (recorded, not asserted).
+GOAL_CPU_ADDED_US = 25.0  # default config, closed loop, over plain Envoy
+GOAL_CPU_VS_TRIVIAL_X2 = 1.5  # ... and at most this times the trivial filter run twice
+GOAL_GATEWAY_CPU_ADDED_US = 35.0  # keys, a token limit and stream_usage on
+GOAL_RPS_RATIO = 0.85
+GOAL_P50_ADDED_US = 40.0
+GOAL_LITELLM_X = 100.0  # CPU per request, LiteLLM's over Spillway's
+GOAL_RSS_VS_TRIVIAL_MIB = 8.0
 
 LABELS = {
     "direct": "direct to mock",
     "envoy-plain": "plain Envoy",
     "envoy-trivial-wasm": "Envoy + trivial wasm",
     "envoy-trivial-wasm-x2": "Envoy + trivial wasm x2",
+    "envoy-native-filters": "Envoy + Spillway's native filters",
     "envoy-spillway": "Envoy + Spillway",
+    "envoy-spillway-gateway": "Envoy + Spillway, gateway mode",
+    "envoy-spillway-baseline": "Envoy + Spillway before (baseline)",
     "envoy-spillway-nolog": "Spillway, no log line (ablation)",
     "envoy-spillway-request-role": "Spillway request role only (ablation)",
     "envoy-spillway-no-body-fields": "Spillway without reading body fields first (ablation)",
@@ -254,7 +259,14 @@ def overhead_section(ov: dict) -> tuple[list[str], dict]:
         "header) before the router |",
         "| Envoy + trivial wasm x2 | the same trivial filter twice: downstream and as an upstream (cluster) "
         "filter, the two places Spillway runs |",
+        "| Envoy + Spillway's native filters | plain Envoy + the two native filters Spillway's bootstrap puts "
+        "in front of its wasm: the buffer filter (holds every body before a backend is picked) and "
+        "`json_to_metadata` (reads the body's fields for routing) |",
         "| Envoy + Spillway | `spillway-render` output for the three mocks (`--no-access-log`), unchanged |",
+        "| Envoy + Spillway, gateway mode | the same with one client key, a token limit and `stream_usage` on "
+        "(the requests carry the client's key) |",
+        f"| Envoy + Spillway before (baseline) | the same bootstrap running the filter built from "
+        f"`{ov.get('baseline_ref') or '?'}`, the code before the performance work |",
         "| Spillway, no log line | ablation: same, with `--component-log-level wasm:warning` so Spillway's "
         "per-request JSON log line is not written |",
         "| Spillway request role only | ablation: the attempt role (upstream filter) removed; not a working "
@@ -484,35 +496,49 @@ def goodput_section(gp: dict, litellm_version: str) -> list[str]:
 
 
 def targets_section(ov: dict | None, sel: dict | None) -> tuple[list[str], list[str]]:
-    lines = ["## Targets (goals from issue 5, recorded — not asserted)", ""]
+    lines = ["## Performance goals (recorded, not asserted)", ""]
     misses: list[str] = []
     if not ov:
         return lines + ["(no overhead results)", ""], misses
     S, R = ov["setups"], ov["ratios_vs_plain"]
-    sp, tr = R["envoy-spillway"], R["envoy-trivial-wasm"]
+    sp, tr2 = R["envoy-spillway"], R["envoy-trivial-wasm-x2"]
+    gw = R.get("envoy-spillway-gateway")
+    base = R.get("envoy-spillway-baseline")
     lite = S.get("litellm")
-    sp_rps = S["envoy-spillway"]["saturation"]["rps"]["median"]
-    lite_x = sp_rps / lite["saturation"]["rps"]["median"] if lite else None
-    budget = GOAL_CPU_RATIO * max(tr["cpu_added_us_at_saturation"], GOAL_TRIVIAL_US)
+    sp_cpu = S["envoy-spillway"]["saturation"]["cpu_us_per_req"]["median"]
+    added, trivial2 = sp["cpu_added_us_at_saturation"], tr2["cpu_added_us_at_saturation"]
+    was = (lambda r, k, unit="", d=0: f"; before: {r[k]:+.{d}f}{unit}" if r else "")
     rows = [
-        ("Spillway's CPU per request over plain Envoy ≤ 1.2× the trivial filter's (~18 µs): budget "
-         f"1.2 × max(trivial measured, 18 µs) = {budget:.1f} µs",
-         f"Spillway **+{sp['cpu_added_us_at_saturation']:.0f} µs** closed loop "
-         f"(**{sp['cpu_added_us_at_saturation'] / budget:.1f}× the budget**; trivial filter measured "
-         f"+{tr['cpu_added_us_at_saturation']:.0f} µs); at {ov['params']['fixed_rate_rps']:g} rps "
-         f"+{sp['cpu_added_us_at_rate']:.0f} µs vs trivial +{tr['cpu_added_us_at_rate']:.0f} µs",
-         sp["cpu_added_us_at_saturation"] <= budget),
-        ("Spillway throughput ≥ 0.75× plain Envoy",
-         f"**{sp['rps_vs_plain']:.2f}×** ({fmt(sp_rps)} vs {fmt(S['envoy-plain']['saturation']['rps']['median'])} rps, "
-         f"closed loop, 32 connections)", sp["rps_vs_plain"] >= GOAL_RPS_RATIO),
-        (f"p50 added over plain Envoy at {ov['params']['fixed_rate_rps']:g} rps ≤ 80 µs",
-         f"**{sp['p50_added_us_at_rate']:+.0f} µs** ({fmt(S['envoy-spillway']['fixed-rate']['p50_us']['median'])} vs "
-         f"{fmt(S['envoy-plain']['fixed-rate']['p50_us']['median'])} µs)", sp["p50_added_us_at_rate"] <= GOAL_P50_ADDED_US),
+        (f"Envoy CPU added per request, default config, closed loop: ≤ +{GOAL_CPU_ADDED_US:g} µs",
+         f"**{added:+.0f} µs**" + was(base, "cpu_added_us_at_saturation", " µs"), added <= GOAL_CPU_ADDED_US),
+        (f"… and ≤ {GOAL_CPU_VS_TRIVIAL_X2:g}× the trivial filter run twice (same run)",
+         f"**{added / trivial2:.1f}×** (trivial x2 {trivial2:+.0f} µs)"
+         + (f"; before: {base['cpu_added_us_at_saturation'] / trivial2:.1f}×" if base else ""),
+         added <= GOAL_CPU_VS_TRIVIAL_X2 * trivial2),
     ]
-    if lite_x is not None:
-        rows.append(("Spillway throughput ≥ 100× LiteLLM's",
-                     f"**{lite_x:.0f}×** ({fmt(sp_rps)} vs {fmt(lite['saturation']['rps']['median'], 1)} rps, "
-                     f"LiteLLM with {ov['params']['litellm_workers']} workers)", lite_x >= GOAL_LITELLM_X))
+    if gw:
+        rows.append((f"Gateway mode (keys, token limit, `stream_usage`): ≤ +{GOAL_GATEWAY_CPU_ADDED_US:g} µs",
+                     f"**{gw['cpu_added_us_at_saturation']:+.0f} µs**", gw["cpu_added_us_at_saturation"]
+                     <= GOAL_GATEWAY_CPU_ADDED_US))
+    rows += [
+        (f"Closed-loop throughput ≥ {GOAL_RPS_RATIO:g}× plain Envoy",
+         f"**{sp['rps_vs_plain']:.2f}×** ({fmt(S['envoy-spillway']['saturation']['rps']['median'])} vs "
+         f"{fmt(S['envoy-plain']['saturation']['rps']['median'])} rps)" + was(base, "rps_vs_plain", "×", 2),
+         sp["rps_vs_plain"] >= GOAL_RPS_RATIO),
+        (f"p50 added at {ov['params']['fixed_rate_rps']:g} rps ≤ {GOAL_P50_ADDED_US:g} µs",
+         f"**{sp['p50_added_us_at_rate']:+.0f} µs**" + was(base, "p50_added_us_at_rate", " µs"),
+         sp["p50_added_us_at_rate"] <= GOAL_P50_ADDED_US),
+    ]
+    if lite:
+        lite_cpu = lite["saturation"]["cpu_us_per_req"]["median"]
+        sp_added_cpu = sp_cpu
+        rows.append((f"CPU per request ≥ {GOAL_LITELLM_X:g}× lower than LiteLLM's (same run)",
+                     f"**{lite_cpu / sp_added_cpu:.0f}×** (LiteLLM {lite_cpu / 1000:,.1f} ms, Envoy + Spillway "
+                     f"{sp_added_cpu:.0f} µs, whole proxy CPU per request)", lite_cpu / sp_added_cpu >= GOAL_LITELLM_X))
+    rss = sp["rss_added_vs_trivial_kb"] / 1024
+    rows.append((f"Envoy RSS added over the trivial-wasm setup ≤ {GOAL_RSS_VS_TRIVIAL_MIB:g} MiB",
+                 f"**{rss:+.1f} MiB**; `spillway.wasm` {ov['wasm_bytes']['spillway.wasm'] / 1024:.0f} KiB",
+                 rss <= GOAL_RSS_VS_TRIVIAL_MIB))
     lines += ["| goal | measured (medians) | |", "|---|---|---|"]
     for goal, measured, ok in rows:
         lines.append(f"| {goal} | {measured} | {met(ok)} |")
@@ -520,6 +546,101 @@ def targets_section(ov: dict | None, sel: dict | None) -> tuple[list[str], list[
             misses.append(goal)
     lines.append("")
     return lines, misses
+
+
+def attribution_section(ov: dict | None) -> list[str]:
+    """Where Spillway's added CPU goes: measured setups and ablations, and
+    the host calls it makes priced by the probe."""
+    if not ov or not ov.get("host_call_prices"):
+        return []
+    R = ov["ratios_vs_plain"]
+    prices = {k: v["us_per_call"] for k, v in ov["host_call_prices"]["kinds"].items()}
+    calls = ov.get("host_calls_per_request", {})
+    # The filter's call kinds, and the probe kind that prices each.
+    price_of = {"header_get": "header_get", "header_get_missing": "header_get_missing",
+                "header_set": "header_set", "property": "property", "property_missing": "header_get_missing",
+                "shared_data_get": "shared_data_get", "shared_data_set": "shared_data_set",
+                "body_get": "property", "metric": "metric_increment", "clock": "clock_wasi",
+                "log": "log_written", "foreign_function": "clear_route_cache", "local_reply": "header_set"}
+    lines = [
+        "## Where the added CPU goes",
+        "",
+        f"**Price of one host call** (`bench/hostcall-cost`: plain Envoy + a probe filter making "
+        f"{ov['host_call_prices']['calls_per_request']} calls of one kind per request; (CPU per request − "
+        "CPU with no calls) / calls; closed loop, medians):",
+        "",
+        "| call | µs per call |",
+        "|---|---|",
+    ]
+    for k, v in sorted(prices.items(), key=lambda kv: -kv[1]):
+        if k != "none":
+            lines.append(f"| `{k}` | {v:.2f} |")
+    lines += [
+        "",
+        "A call that returns a value (a header that exists, a property, shared data, a body) costs about "
+        "ten times one that returns nothing: the host calls back into the VM to allocate the copy "
+        "(`proxy_on_memory_allocate`), and each entry into V8 is the expensive part. Writing one log line "
+        "is the most expensive call.",
+        "",
+    ]
+    setups = [k for k in ("envoy-spillway-baseline", "envoy-spillway", "envoy-spillway-gateway") if k in calls]
+    if setups:
+        kinds = sorted({k for s in setups for k in calls[s]})
+        lines += ["**Host calls per client request** (the filter's own `spillway_host_calls_total`, both roles; "
+                  "the baseline counted found and missing values together):", "",
+                  "| call | " + " | ".join(LABELS.get(s, s) for s in setups) + " |",
+                  "|---|" + "---|" * len(setups)]
+        for k in kinds:
+            lines.append(f"| `{k}` | " + " | ".join(f"{calls[s].get(k, 0):g}" for s in setups) + " |")
+        lines.append("| **total** | " + " | ".join(f"**{sum(calls[s].values()):g}**" for s in setups) + " |")
+        lines.append("")
+
+    def priced(setup: str) -> float:
+        return sum(n * prices.get(price_of.get(k, ""), 0.0) for k, n in calls.get(setup, {}).items())
+
+    rows = []
+    native = R.get("envoy-native-filters", {}).get("cpu_added_us_at_saturation")
+    trivial2 = R["envoy-trivial-wasm-x2"]["cpu_added_us_at_saturation"]
+    for setup in ("envoy-spillway-baseline", "envoy-spillway"):
+        if setup not in R:
+            continue
+        total = R[setup]["cpu_added_us_at_saturation"]
+        host = priced(setup) if setup in calls else None
+        rows.append((setup, total, host))
+    if rows:
+        lines += [
+            "**Attribution of the added CPU per request** (closed loop, µs over plain Envoy). Measured: the "
+            "total, the native filters alone, the trivial filter run twice (what any filter in Spillway's two "
+            "places pays per request: VM context, callbacks). Priced: the host calls counted above × the "
+            "price of each kind (the baseline's header and property reads priced as found values, its "
+            "counters did not tell them apart). The rest is the filter's own computation in V8, the second "
+            "route match after `clear_route_cache`, and per-cluster connection pools.",
+            "",
+            "| | " + " | ".join(LABELS.get(r[0], r[0]) for r in rows) + " |",
+            "|---|" + "---|" * len(rows),
+            "| total added | " + " | ".join(f"{r[1]:+.0f}" for r in rows) + " |",
+        ]
+        if native is not None:
+            lines.append("| native filters (buffer + json_to_metadata) | "
+                         + " | ".join(f"{native:+.0f}" for _ in rows) + " |")
+        lines.append("| two wasm filter passes (trivial x2) | " + " | ".join(f"{trivial2:+.0f}" for _ in rows) + " |")
+        lines.append("| host calls, priced | " + " | ".join("–" if r[2] is None else f"{r[2]:.0f}" for r in rows)
+                     + " |")
+        rest = [r[1] - (native or 0) - trivial2 - (r[2] or 0) for r in rows]
+        lines.append("| rest: computation in the VM, second route match, cluster pools | "
+                     + " | ".join(f"{x:+.0f}" for x in rest) + " |")
+        nolog = R.get("envoy-spillway-nolog")
+        reqrole = R.get("envoy-spillway-request-role")
+        if nolog:
+            lines.append(f"| ablation: log line not written | – | {nolog['cpu_added_us_at_saturation']:+.0f} |"
+                         if len(rows) == 2 else f"| ablation: log line not written | "
+                         f"{nolog['cpu_added_us_at_saturation']:+.0f} |")
+        if reqrole:
+            lines.append(f"| ablation: request role only | – | {reqrole['cpu_added_us_at_saturation']:+.0f} |"
+                         if len(rows) == 2 else f"| ablation: request role only | "
+                         f"{reqrole['cpu_added_us_at_saturation']:+.0f} |")
+        lines.append("")
+    return lines
 
 
 def overlap(a: dict, b: dict) -> bool:
@@ -530,80 +651,55 @@ def why_section(ov: dict | None, sel: dict | None, misses: list[str]) -> list[st
     if not ov:
         return []
     R, S = ov["ratios_vs_plain"], ov["setups"]
-    sp, tr, tr2 = R["envoy-spillway"], R["envoy-trivial-wasm"], R["envoy-trivial-wasm-x2"]
-    nolog = R.get("envoy-spillway-nolog")
-    reqrole = R.get("envoy-spillway-request-role")
-    nobody = R.get("envoy-spillway-no-body-fields")
+    sp, tr2 = R["envoy-spillway"], R["envoy-trivial-wasm-x2"]
+    native = R.get("envoy-native-filters")
     lite = S.get("litellm")
     plain_cpu = S["envoy-plain"]["saturation"]["cpu_us_per_req"]["median"]
     sp_cpu = S["envoy-spillway"]["saturation"]["cpu_us_per_req"]["median"]
     lines = ["## Where we miss, and why", ""]
-    if nobody:
-        lines += [
-            f"- **Reading the body's fields before routing** (Envoy's `json_to_metadata` holds each JSON request "
-            f"until its body has arrived, then the request role decides with `model`, `stream` and the "
-            f"budgets in hand): at {ov.get('rate', 1000):.0f} rps the full gateway's p50 is "
-            f"{sp['p50_added_us_at_rate']:+.0f} µs over plain Envoy, without the filter "
-            f"{nobody['p50_added_us_at_rate']:+.0f} µs; CPU per request at saturation "
-            f"{sp['cpu_added_us_at_saturation']:+.0f} µs vs {nobody['cpu_added_us_at_saturation']:+.0f} µs.",
-            "",
-        ]
     if not misses:
-        lines += ["Every goal was met in this run.", ""]
+        return lines + ["Every goal was met in this run.", ""]
+    floor = tr2["cpu_added_us_at_saturation"] + (native["cpu_added_us_at_saturation"] if native else 0)
     lines += [
-        f"- **CPU per request.** The trivial filter costs +{tr['cpu_added_us_at_saturation']:.0f} µs per "
-        f"request (closed loop; the issue estimated ~18 µs); running it twice, downstream and upstream, costs "
-        f"+{tr2['cpu_added_us_at_saturation']:.0f} µs — so merely having two wasm filter passes per request is "
-        f"cheap. Spillway adds +{sp['cpu_added_us_at_saturation']:.0f} µs"
-        + (f", of which the request role alone is +{reqrole['cpu_added_us_at_saturation']:.0f} µs "
-           f"and the attempt role the remaining ~{sp['cpu_added_us_at_saturation'] - reqrole['cpu_added_us_at_saturation']:.0f} µs"
-           if reqrole else "")
-        + (". Not writing the per-request JSON log line gives "
-           f"{nolog['cpu_added_us_at_saturation']:+.0f} µs instead of {sp['cpu_added_us_at_saturation']:+.0f} µs"
-           + (", within the run-to-run noise (the min–max ranges overlap)" if overlap(
-               S["envoy-spillway"]["saturation"]["cpu_us_per_req"],
-               S["envoy-spillway-nolog"]["saturation"]["cpu_us_per_req"]) else "")
-           if nolog else "")
-        + ". The selection decision itself is below 1 µs natively (part 2). The cost is the plumbing "
-        "around the decision, per request: dozens of host calls (every header read or write crosses the "
-        "VM boundary and copies), reading the shared health table in both roles (a host call that copies "
-        "the value, then a text decode) plus the rotation counter's read and CAS write, the "
-        "`clear_route_cache` foreign call (Envoy matches the route a second time), copying the JSON answer "
-        "body into the VM and parsing it for `usage`, metric names built and looked up per call, and the "
-        "JSON log line. Candidates in the filter: fewer header reads; cache the health table per worker "
-        "and re-read it only when its CAS token changes; skip body buffering and parsing when nothing needs "
-        "`usage`; metric ids resolved once at configure time; build the log line only when it will be "
-        "written. (Optimising the filter is outside this benchmark work; `bench/run.sh` measures whatever "
-        "`src/` holds.)",
-        f"- **Throughput.** On this 2-core box the load generator, the mocks and Envoy share the CPUs, so "
-        f"Envoy's extra CPU per request turns directly into lower closed-loop throughput "
-        f"({sp['rps_vs_plain']:.2f}× plain). Per Envoy CPU-second the capacity is "
-        f"{1e6 / plain_cpu:,.0f} requests for plain Envoy vs {1e6 / sp_cpu:,.0f} with Spillway "
-        f"({plain_cpu / sp_cpu:.2f}×): the same story as the CPU goal. On a box where Envoy has cores of its "
-        "own and is the bottleneck, the throughput ratio tends to this CPU ratio, so the CPU work above is what "
-        "would lift it.",
-        f"- **Latency.** At {ov['params']['fixed_rate_rps']:g} rps Envoy is far from busy, and the added p50 "
+        f"- **What any Spillway-shaped filter pays.** Two wasm filter passes per request (the trivial filter "
+        f"twice) cost {tr2['cpu_added_us_at_saturation']:+.0f} µs here"
+        + (f", and the two native filters in front of the wasm {native['cpu_added_us_at_saturation']:+.0f} µs"
+           if native else "")
+        + f": {floor:+.0f} µs before Spillway does anything. Both are part of the design: the request role "
+        "must run once per client request and the attempt role once per upstream attempt (that is what makes "
+        "same-request failover with a different key and path possible), and holding the body until it is "
+        "whole (slow uploads never hold a backend) and reading its fields before routing need the buffer "
+        "and `json_to_metadata` filters. On this machine the absolute goal is below that floor; the relative "
+        "goal (a multiple of the trivial filter run twice) is the one that travels between machines.",
+        "- **Host calls.** Every call into Envoy crosses the V8 boundary; a call that returns a value also "
+        "calls back into the VM to allocate the copy, about ten times the price of one that returns nothing "
+        "(table above). The filter now asks for the metadata namespace once instead of field by field, "
+        "reads how a stream ended only when it did not end with a whole answer, removes internal headers "
+        "only when they are present, and skips the health re-read after a success on a backend that was "
+        "clean: the remaining calls are the request's own inputs and outputs (method, path, status, "
+        "content type, backend and attempt headers, the health table and rotation counter, the "
+        "cluster, the key and path rewrites, the answer body for usage) and one log line.",
+        "- **The log line.** Writing Spillway's per-request JSON line is the single most expensive call "
+        "(see the price table); `--component-log-level wasm:warning` (ablation row) turns it off for "
+        "operators who rely on the access log instead.",
+        f"- **Throughput.** With the load generator, the mocks and Envoy on the same two cores, Envoy's extra "
+        f"CPU per request turns into lower closed-loop throughput ({sp['rps_vs_plain']:.2f}× plain). Per Envoy "
+        f"CPU-second: {1e6 / plain_cpu:,.0f} requests plain, {1e6 / sp_cpu:,.0f} with Spillway.",
+        f"- **Latency.** At {ov['params']['fixed_rate_rps']:g} rps the added p50 "
         f"({sp['p50_added_us_at_rate']:+.0f} µs; per-repeat p50s {mmm(S['envoy-spillway']['fixed-rate']['p50_us'])} "
-        f"µs vs plain {mmm(S['envoy-plain']['fixed-rate']['p50_us'])} µs) is the CPU work that runs *on* the "
-        "request path: request role "
-        "at the request headers (including the second route match), attempt role at the upstream request "
-        "and response headers, request role at the response headers. Body parsing and the log line happen "
-        "after the answer is sent (`on_log`) and cost CPU, not latency.",
+        f"µs vs plain {mmm(S['envoy-plain']['fixed-rate']['p50_us'])} µs) is the work on the request path: "
+        "both native filters holding the body, the request role at the headers (and the second route match), "
+        "the attempt role at the upstream request and response headers. The log line and usage accounting "
+        "run after the answer is sent.",
     ]
     if lite:
-        lite_rps = lite["saturation"]["rps"]["median"]
+        lite_cpu = lite["saturation"]["cpu_us_per_req"]["median"]
         lines.append(
-            f"- **vs LiteLLM.** LiteLLM serves {lite_rps:,.0f} rps here with "
-            f"{ov['params']['litellm_workers']} workers and spends "
-            f"{lite['saturation']['cpu_us_per_req']['median'] / 1000:,.1f} ms of CPU per request "
-            f"(vs {sp_cpu / 1000:.2f} ms for Envoy + Spillway); Spillway's throughput is "
-            f"{S['envoy-spillway']['saturation']['rps']['median'] / lite_rps:,.0f}× LiteLLM's. LiteLLM is limited "
-            "by its own CPU (Python), while Envoy's closed-loop number is also held down by the load generator "
-            "and the mocks on the same two cores, so the ratio of CPU per request "
-            f"({lite['saturation']['cpu_us_per_req']['median'] / sp_cpu:,.0f}×) is the fairer comparison — also "
-            "short of 100×. 100× would need Spillway at "
-            f"≤ {lite['saturation']['cpu_us_per_req']['median'] / 100:,.0f} µs of Envoy CPU per request, i.e. "
-            "close to plain Envoy plus the trivial filter: the same work as the CPU goal.")
+            f"- **vs LiteLLM.** LiteLLM spends {lite_cpu / 1000:,.1f} ms of CPU per request here "
+            f"(vs {sp_cpu / 1000:.2f} ms for all of Envoy + Spillway): {lite_cpu / sp_cpu:,.0f}× as much. "
+            f"100× would need Envoy + Spillway at ≤ {lite_cpu / 100:,.0f} µs per request, below plain Envoy's "
+            f"own {plain_cpu:.0f} µs on this machine: plain Envoy itself is not 100× cheaper than LiteLLM here "
+            f"({lite_cpu / plain_cpu:,.0f}×).")
     lines.append("")
     return lines
 
@@ -717,6 +813,7 @@ def main() -> None:
     lines += machine_section(m) if m else []
     if ov:
         lines += overhead_section(ov)[0]
+        lines += attribution_section(ov)
     if sel:
         lines += selection_section(sel)
     if gp:

@@ -41,9 +41,25 @@ fi
 
 say "building (release)"
 cargo build --locked --quiet --target wasm32-wasip1 --release --lib
-cargo build --locked --quiet --target wasm32-wasip1 --release -p spillway-bench-trivial-filter
+cargo build --locked --quiet --target wasm32-wasip1 --release -p spillway-bench-trivial-filter \
+  -p spillway-bench-hostcall-cost
 cargo build --locked --quiet --release -p spillway-render
 cargo build --locked --quiet --release -p spillway-mock -p spillway-bench-selection
+
+# The filter before the performance work, measured in the same run for the
+# before/after table (any commit: BENCH_BASELINE_REF=<rev>; empty to skip).
+export BENCH_BASELINE_REF="${BENCH_BASELINE_REF-ad96f9b}"
+if [ -n "$BENCH_BASELINE_REF" ] && git rev-parse --verify -q "$BENCH_BASELINE_REF^{commit}" >/dev/null; then
+  say "building the baseline filter ($BENCH_BASELINE_REF)"
+  rm -rf target/baseline/src && mkdir -p target/baseline/src
+  git archive "$BENCH_BASELINE_REF" | tar -x -C target/baseline/src
+  CARGO_TARGET_DIR="$ROOT/target/baseline/build" cargo build --locked --quiet --release --target wasm32-wasip1 \
+    --lib --manifest-path target/baseline/src/Cargo.toml
+  cp target/baseline/build/wasm32-wasip1/release/spillway.wasm target/baseline/spillway.wasm
+elif [ -n "$BENCH_BASELINE_REF" ]; then
+  say "baseline $BENCH_BASELINE_REF is not in this clone: no before/after columns"
+  rm -f target/baseline/spillway.wasm
+fi
 
 BENCH_INSTALL_BUILD_SECONDS=$(( $(date +%s) - START ))
 export BENCH_INSTALL_BUILD_SECONDS

@@ -51,7 +51,8 @@ pub enum Step {
         drop_content_length: bool,
         /// Whether the request names stored state, and where it lives.
         stored: Stored,
-        /// The model the request names, for the attempts.
+        /// The model the body names, for the attempts; `None` when the path
+        /// names it (the attempts read the path).
         model: Option<String>,
     },
     Reply(LocalReply),
@@ -124,6 +125,8 @@ pub struct Exchange {
     client_gone: bool,
     /// An attempt timed out or was reset after reaching its backend.
     upstream_may_have_worked: bool,
+    /// The answer's last byte passed on to the client.
+    answer_complete: bool,
 }
 
 /// What a finished request is charged.
@@ -212,7 +215,10 @@ impl Exchange {
                     inspect_body: head.has_body && (estimate_pending || may_add_usage || gw.config.log_bodies),
                     drop_content_length: head.has_body && may_add_usage,
                     stored,
-                    model: self.model(head.fields.as_ref()).map(str::to_string),
+                    model: match paths::model_in_path(&self.path) {
+                        Some(_) => None,
+                        None => self.model(head.fields.as_ref()).map(str::to_string),
+                    },
                 }
             }
             Err((reason, mut reply)) => {
@@ -238,9 +244,7 @@ impl Exchange {
     /// The model the request names: the classic path's deployment, else
     /// the body's `model`.
     pub fn model<'a>(&'a self, fields: Option<&'a BodyFields>) -> Option<&'a str> {
-        paths::deployment(&self.path)
-            .or_else(|| paths::realtime_deployment(&self.path))
-            .or_else(|| fields.and_then(|f| f.model.as_deref()))
+        paths::model_in_path(&self.path).or_else(|| fields.and_then(|f| f.model.as_deref()))
     }
 
     /// The first backend: the owner of the stored state the request names
@@ -386,6 +390,18 @@ impl Exchange {
         self.upstream_may_have_worked = true;
     }
 
+    /// The answer's headers ended it (no body follows).
+    pub fn on_response_complete(&mut self) {
+        self.answer_complete = true;
+    }
+
+    /// A backend's answer with a success status passed on whole: nothing
+    /// about how the stream ended can change what the request costs or how
+    /// it is counted, so the host need not be asked.
+    pub fn ended_as_answered(&self) -> bool {
+        self.answer_complete && matches!(self.answer, Answer::Upstream { status: 100..=299, .. })
+    }
+
     pub fn is_local_reply(&self) -> bool {
         matches!(self.answer, Answer::Local { .. })
     }
@@ -426,6 +442,7 @@ impl Exchange {
     /// A response body chunk passes. Returns a replacement when the chunk
     /// must change (the usage-only SSE chunk removed).
     pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<Vec<u8>> {
+        self.answer_complete |= end_of_stream;
         let Answer::Upstream { capture, .. } = &mut self.answer else { return None };
         match capture {
             Capture::Sse(sse) => {
@@ -464,8 +481,7 @@ impl Exchange {
             affinity::remember(store, id, backend, now);
         }
         let client = self.client_name(gw).to_string();
-        let deployment = paths::deployment(&self.path)
-            .or_else(|| paths::realtime_deployment(&self.path))
+        let deployment = paths::model_in_path(&self.path)
             .map(str::to_string)
             .or_else(|| self.body.facts.model.clone())
             .or(read.facts.model.clone())
@@ -911,7 +927,9 @@ mod tests {
         let step = ex.on_request_headers(&w.gw, &w.store, &w.clock, &w.metrics, &h);
         let Step::Forward { path, model, .. } = step else { panic!("{step:?}") };
         assert_eq!(path, "/openai/v1/realtime?model=gpt-realtime");
-        assert_eq!(model.as_deref(), Some("gpt-realtime"));
+        // The attempts read the model from the path.
+        assert_eq!(model, None);
+        assert_eq!(paths::model_in_path(&path), Some("gpt-realtime"));
         let wrong = RequestHead { path: "/openai/v1/realtime?model=x&api-key=nope-nope-nope", ..h };
         let step = Exchange::new(0).on_request_headers(&w.gw, &w.store, &w.clock, &w.metrics, &wrong);
         assert!(matches!(step, Step::Reply(LocalReply { status: 401, .. })));

@@ -47,6 +47,9 @@ pub struct AttemptPlan<'a> {
     /// can be asked, and others that may hold it are out for this long: a
     /// "not found" here is answered with 429 and that wait instead.
     pub lookup_blocked_ms: Option<u64>,
+    /// The backend had no failure run or open circuit when the attempt
+    /// started (see `on_answer_complete`).
+    pub clean_at_start: bool,
 }
 
 /// Whether a request names stored state (a Responses API `resp_...` id)
@@ -73,7 +76,8 @@ pub struct AttemptRequest<'h> {
     /// Backends already tried, comma separated.
     pub tried: Option<&'h str>,
     pub stored: Stored,
-    /// The model the request names (classic: path deployment; v1: body).
+    /// The model the body names (v1); one the path names is read from
+    /// `original_path`.
     pub model: Option<&'h str>,
 }
 
@@ -339,6 +343,8 @@ impl Gateway {
         request: &AttemptRequest<'_>,
     ) -> Option<AttemptPlan<'a>> {
         let AttemptRequest { cluster, original_path, tried, stored, model } = *request;
+        // The request role passes on only a model the body names.
+        let model = model.or_else(|| paths::model_in_path(original_path));
         let backend_index = self.config.backend_by_cluster(cluster)?;
         let backend = self.config.backends.get(backend_index)?;
         let mut tried_indices: Vec<usize> =
@@ -392,6 +398,7 @@ impl Gateway {
                 .and_then(|m| backend.deployments.get(m))
                 .map(String::as_str),
             lookup_blocked_ms,
+            clean_at_start: health.get(backend_index).is_clean(),
         })
     }
 
@@ -474,8 +481,12 @@ impl Gateway {
     /// common case: shared data is written only when a failure run or an
     /// open circuit needs clearing. (Success counts at the end, not at the
     /// headers: a backend that breaks off its answers is not healthy.)
-    pub fn on_answer_complete(&self, store: &dyn SharedStore, backend: usize) {
-        if !self.read_health(store).get(backend).is_clean() {
+    ///
+    /// An attempt that started on a clean backend skips even the read: a
+    /// failure another request recorded meanwhile is then cleared by the
+    /// next success instead of this one.
+    pub fn on_answer_complete(&self, store: &dyn SharedStore, backend: usize, clean_at_start: bool) {
+        if !clean_at_start && !self.read_health(store).get(backend).is_clean() {
             self.update_health(store, |t| match t.get_mut(backend) {
                 Some(h) if !h.is_clean() => {
                     h.record_success();
@@ -804,9 +815,28 @@ mod tests {
             &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None },
         );
         assert!(d.healthy);
-        g.on_answer_complete(&s, 0);
+        // The probe started on a backend that was not clean.
+        g.on_answer_complete(&s, 0, false);
         let clusters: Vec<String> = (0..4).map(|_| forward(&g, &s, &c)).collect();
         assert_eq!(clusters.iter().filter(|c| *c == "spillway_east").count(), 2, "{clusters:?}");
+    }
+
+    #[test]
+    fn an_attempt_knows_whether_its_backend_was_clean_when_it_started() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
+        assert!(g.plan_attempt(&s, &c, &m, &req("spillway_east", None)).unwrap().clean_at_start);
+        g.on_attempt_response(
+            &s,
+            &c,
+            &m,
+            &at(0, true),
+            &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None },
+        );
+        let plan = g.plan_attempt(&s, &c, &m, &req("spillway_east", None)).unwrap();
+        assert!(!plan.clean_at_start, "a failure run is not clean");
+        // Its success clears the run, so the next attempt starts clean.
+        g.on_answer_complete(&s, plan.backend, plan.clean_at_start);
+        assert!(g.plan_attempt(&s, &c, &m, &req("spillway_east", None)).unwrap().clean_at_start);
     }
 
     #[test]

@@ -36,6 +36,36 @@ pub fn encode_header_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// Decodes the ABI's map encoding (see `encode_header_pairs`): Envoy answers
+/// a property that is a map (such as a metadata namespace) this way, each
+/// value in its own property encoding. `None` when the bytes do not hold
+/// exactly that layout.
+pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let word = |at: usize| -> Option<usize> {
+        let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(raw)).ok()
+    };
+    let count = word(0)?;
+    // Every pair takes at least 10 bytes: no count can promise more pairs than that.
+    if count > bytes.len() / 10 {
+        return None;
+    }
+    let mut data = 4usize.checked_add(count.checked_mul(8)?)?;
+    let mut pairs = Vec::with_capacity(count);
+    for i in 0..count {
+        let (name_len, value_len) = (word(4 + i * 8)?, word(8 + i * 8)?);
+        let name = bytes.get(data..data.checked_add(name_len)?)?;
+        data = data.checked_add(name_len)?;
+        (bytes.get(data) == Some(&0)).then_some(())?;
+        let value = bytes.get(data + 1..(data + 1).checked_add(value_len)?)?;
+        data = data.checked_add(1 + value_len)?;
+        (bytes.get(data) == Some(&0)).then_some(())?;
+        data += 1;
+        pairs.push((name, value));
+    }
+    (data == bytes.len()).then_some(pairs)
+}
+
 /// A property path in the ABI's encoding: the segments joined by NUL.
 pub fn encode_property_path(path: &[&str]) -> Vec<u8> {
     path.join("\0").into_bytes()
@@ -49,8 +79,11 @@ fn len_u32(n: usize) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
     HeaderGet,
+    /// A header asked for and absent: no value crosses (far cheaper).
+    HeaderMissing,
     HeaderSet,
     Property,
+    PropertyMissing,
     SharedGet,
     SharedSet,
     BodyGet,
@@ -63,13 +96,15 @@ pub enum Call {
     Log,
 }
 
-pub const CALL_KINDS: usize = 13;
+pub const CALL_KINDS: usize = 15;
 
 impl Call {
     pub const ALL: [Call; CALL_KINDS] = [
         Call::HeaderGet,
+        Call::HeaderMissing,
         Call::HeaderSet,
         Call::Property,
+        Call::PropertyMissing,
         Call::SharedGet,
         Call::SharedSet,
         Call::BodyGet,
@@ -86,8 +121,10 @@ impl Call {
     pub fn name(self) -> &'static str {
         match self {
             Call::HeaderGet => "header_get",
+            Call::HeaderMissing => "header_get_missing",
             Call::HeaderSet => "header_set",
             Call::Property => "property",
+            Call::PropertyMissing => "property_missing",
             Call::SharedGet => "shared_data_get",
             Call::SharedSet => "shared_data_set",
             Call::BodyGet => "body_get",
@@ -238,10 +275,10 @@ mod calls {
 
     /// A header's value as bytes; `Ok(None)` when absent.
     pub fn header(map: Headers, name: &str) -> Result<Option<Vec<u8>>, HostError> {
-        count_call(Call::HeaderGet);
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: pointers to locals; the host fills them with memory from our allocator.
         let status = unsafe { proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size) };
+        count_call(if status == STATUS_OK { Call::HeaderGet } else { Call::HeaderMissing });
         match status {
             STATUS_OK => Ok(Some(unsafe { take(data, size) })),
             STATUS_NOT_FOUND => Ok(None),
@@ -263,11 +300,11 @@ mod calls {
 
     /// A property (e.g. `["xds", "cluster_name"]`); `Ok(None)` when absent.
     pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
-        count_call(Call::Property);
         let encoded = encode_property_path(path);
         let (mut data, mut size) = (null_mut(), 0);
         // SAFETY: as in `header`.
         let status = unsafe { proxy_get_property(encoded.as_ptr(), encoded.len(), &mut data, &mut size) };
+        count_call(if status == STATUS_OK { Call::Property } else { Call::PropertyMissing });
         match status {
             STATUS_OK => Ok(Some(unsafe { take(data, size) })),
             STATUS_NOT_FOUND => Ok(None),
@@ -498,6 +535,37 @@ mod tests {
         want.extend_from_slice(b"a\0bc\0de\0\0");
         assert_eq!(bytes, want);
         assert_eq!(encode_header_pairs(&[]), vec![0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn pairs_decode_what_they_encode_and_nothing_else() {
+        let bytes = encode_header_pairs(&[("model", "gpt-x"), ("n", "\0\0\0\0\0\0\0@"), ("e", "")]);
+        let pairs = decode_pairs(&bytes).unwrap();
+        assert_eq!(pairs, vec![(&b"model"[..], &b"gpt-x"[..]), (b"n", b"\0\0\0\0\0\0\0@"), (b"e", b"")]);
+        assert_eq!(decode_pairs(&encode_header_pairs(&[])).unwrap(), vec![]);
+        // Truncated, with a byte too many, a missing NUL, or a count that lies.
+        assert_eq!(decode_pairs(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(decode_pairs(&[bytes.as_slice(), b"x"].concat()), None);
+        let mut no_nul = bytes.clone();
+        // The NUL after the first name ("model"): count, three length pairs, five bytes.
+        no_nul[4 + 3 * 8 + 5] = b'!';
+        assert_eq!(decode_pairs(&no_nul), None);
+        assert_eq!(decode_pairs(&[255, 255, 255, 255]), None);
+        assert_eq!(decode_pairs(&[]), None);
+    }
+
+    /// What Envoy 1.40 answered for `metadata.filter_metadata.spillway`
+    /// after json_to_metadata read `{"model":"gpt-x","max_tokens":16,"stream":false,"n":2}`.
+    #[test]
+    fn a_metadata_namespace_from_envoy_decodes() {
+        let hex = "0500000006000000010000000600000001000000010000000800000005000000050000000a0000000800000073747265616d0000007061727365640031006e000000000000000040006d6f64656c006770742d78006d61785f746f6b656e7300000000000000304000";
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let pairs = decode_pairs(&bytes).unwrap();
+        let names: Vec<&[u8]> = pairs.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, vec![&b"stream"[..], b"parsed", b"n", b"model", b"max_tokens"]);
+        assert_eq!(pairs[3].1, b"gpt-x");
+        assert_eq!(pairs[4].1, 16f64.to_le_bytes());
     }
 
     #[test]

@@ -49,6 +49,28 @@ impl ClientLabels {
     }
 }
 
+/// FNV-1a, for maps keyed by metric names: the names are ours (label values
+/// capped and bounded), so the hash need not resist flooding, and it is
+/// several times cheaper than the standard SipHash on every event.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+pub type NameHash = std::hash::BuildHasherDefault<NameHasher>;
+
 pub trait Metrics {
     fn add(&self, name: &str, value: u64);
     fn set(&self, name: &str, value: u64);
@@ -107,5 +129,17 @@ mod tests {
         assert_eq!(name(REQUESTS, &[("client", "")]), "spillway_requests_total.client.none");
         assert_eq!(status_class(429), "4xx");
         assert_eq!(status_class(0), "none");
+    }
+
+    #[test]
+    fn name_hash_is_fnv_1a() {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = NameHasher::default();
+        h.write(b"a");
+        // The published FNV-1a 64 value of "a".
+        assert_eq!(h.finish(), 0xaf63_dc4c_8601_ec8c);
+        let (one, two) = (NameHash::default().hash_one("x.y"), NameHash::default().hash_one("x.y"));
+        assert_eq!(one, two);
+        assert_ne!(NameHash::default().hash_one("x.y"), NameHash::default().hash_one("x.z"));
     }
 }

@@ -80,6 +80,12 @@ pub fn with_api_version(path: &str, version: Option<&str>) -> String {
     format!("{path}{sep}api-version={version}")
 }
 
+/// The model a path names: a classic path's deployment, or a realtime
+/// path's `deployment`/`model` query parameter.
+pub fn model_in_path(path: &str) -> Option<&str> {
+    deployment(path).or_else(|| realtime_deployment(path))
+}
+
 /// The deployment named in an Azure classic path, if any.
 pub fn deployment(path: &str) -> Option<&str> {
     let rest = path.strip_prefix(AZURE_DEPLOYMENTS)?;

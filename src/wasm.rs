@@ -12,7 +12,7 @@ use crate::exchange::{Exchange, RequestHead, Step};
 use crate::footprint;
 use crate::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, ResponseDecision, Stored};
 use crate::host::{self, Body, Headers, MetricKind, SetError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, NameHash};
 use crate::replies::LocalReply;
 use crate::store::{Clock, SharedStore, StoreError};
 use crate::stream_end::{self, LostAttempt};
@@ -62,7 +62,7 @@ impl SharedStore for HostStore {
 struct HostMetrics;
 
 thread_local! {
-    static METRIC_IDS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    static METRIC_IDS: RefCell<HashMap<String, u32, NameHash>> = RefCell::new(HashMap::default());
 }
 
 impl HostMetrics {
@@ -253,6 +253,14 @@ fn set_header(map: Headers, name: &str, value: Option<&[u8]>) {
     }
 }
 
+/// Removes a header only when it is there: asking costs the host less than
+/// removing, and the headers cleared here are almost always absent.
+fn clear_header(map: Headers, name: &str) {
+    if matches!(host::header(map, name), Ok(Some(_))) {
+        set_header(map, name, None);
+    }
+}
+
 fn request_header(name: &str) -> Option<String> {
     header_text(Headers::Request, name)
 }
@@ -312,6 +320,21 @@ fn header_bytes(name: &str) -> Option<Vec<u8>> {
         log::warn!("cannot read header {name}: {e:?}");
         None
     })
+}
+
+/// The body's fields json_to_metadata put in our metadata namespace: the
+/// whole namespace in one host call (a map of the fields present), or, should
+/// the host answer in another form, one call per field.
+fn body_fields() -> Option<BodyFields> {
+    let namespace = host::property(&["metadata", "filter_metadata", body_metadata::NAMESPACE]).ok().flatten()?;
+    if let Some(pairs) = host::decode_pairs(&namespace) {
+        let lookup =
+            |key: &str| pairs.iter().find(|(name, _)| *name == key.as_bytes()).map(|(_, value)| value.to_vec());
+        return BodyFields::read(&lookup);
+    }
+    let lookup =
+        |key: &str| host::property(&["metadata", "filter_metadata", body_metadata::NAMESPACE, key]).ok().flatten();
+    BodyFields::read(&lookup)
 }
 
 impl RequestFilter {
@@ -386,7 +409,7 @@ impl HttpContext for RequestFilter {
         // headers the filter reads, CLUSTER and PATH are always overwritten
         // before the request goes on; TRIED and CREDENTIAL must go.
         for internal in [header::TRIED, header::CREDENTIAL, header::MODEL, header::PINNED, header::LOOKUP] {
-            set_request_header(internal, None);
+            clear_header(Headers::Request, internal);
         }
         let (method, path) =
             (request_header(":method").unwrap_or_default(), request_header(":path").unwrap_or_default());
@@ -398,14 +421,7 @@ impl HttpContext for RequestFilter {
         };
         // Envoy's json_to_metadata (in front of this filter) read the body's
         // fields before releasing the headers.
-        let fields = if end_of_stream {
-            None
-        } else {
-            let metadata = |key: &str| {
-                host::property(&["metadata", "filter_metadata", body_metadata::NAMESPACE, key]).ok().flatten()
-            };
-            BodyFields::read(&metadata)
-        };
+        let fields = if end_of_stream { None } else { body_fields() };
         let content_length = if config.clients.iter().any(|c| c.tokens_per_minute.is_some()) {
             request_header("content-length").and_then(|v| v.parse().ok()).or_else(|| {
                 // Chunked or HTTP/2 without a length: json_to_metadata held
@@ -433,7 +449,7 @@ impl HttpContext for RequestFilter {
         if !self.gateway.config.clients.is_empty() {
             // A gateway key is for the gateway only.
             for name in CLIENT_CREDENTIAL_HEADERS {
-                set_request_header(name, None);
+                clear_header(Headers::Request, name);
             }
         }
         self.apply(step)
@@ -460,11 +476,14 @@ impl HttpContext for RequestFilter {
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         if self.exchange.is_local_reply() {
             return Action::Continue;
         }
-        set_response_header(header::RETRY, None);
+        if end_of_stream {
+            self.exchange.on_response_complete();
+        }
+        clear_header(Headers::Response, header::RETRY);
         let status: u32 = response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         let (content_type, backend, attempts) =
             (response_header("content-type"), response_header(header::BACKEND), response_header(header::ATTEMPTS));
@@ -497,24 +516,32 @@ impl HttpContext for RequestFilter {
         Action::Continue
     }
 
+    fn on_http_response_trailers(&mut self, _n: usize) -> Action {
+        self.exchange.on_response_complete();
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
-        let details = host::property(&["response", "code_details"]).ok().flatten().unwrap_or_default();
-        if details == b"no_healthy_upstream" {
-            // Envoy found no host for the chosen cluster: no attempt ran.
-            if let Ok(Some(cluster)) = host::property(&["xds", "cluster_name"]) {
-                let cluster = String::from_utf8_lossy(&cluster);
-                self.gateway.on_no_healthy_upstream(&HostStore, &HostClock, &HostMetrics, &cluster);
-            }
-        }
         if let Some(stash) = &self.credential_stash {
             credentials::clear(&HostStore, stash);
         }
-        let (flags, details) = stream_flags();
-        if stream_end::classify(flags, &details) == LostAttempt::ClientSide {
-            self.exchange.on_client_gone();
-        }
-        if stream_end::upstream_may_have_worked(flags) {
-            self.exchange.on_upstream_may_have_worked();
+        // How the stream ended matters only when it did not end with a
+        // backend's whole answer (the common case asks the host nothing).
+        if !self.exchange.ended_as_answered() {
+            let (flags, details) = stream_flags();
+            if details == "no_healthy_upstream" {
+                // Envoy found no host for the chosen cluster: no attempt ran.
+                if let Ok(Some(cluster)) = host::property(&["xds", "cluster_name"]) {
+                    let cluster = String::from_utf8_lossy(&cluster);
+                    self.gateway.on_no_healthy_upstream(&HostStore, &HostClock, &HostMetrics, &cluster);
+                }
+            }
+            if stream_end::classify(flags, &details) == LostAttempt::ClientSide {
+                self.exchange.on_client_gone();
+            }
+            if stream_end::upstream_may_have_worked(flags) {
+                self.exchange.on_upstream_may_have_worked();
+            }
         }
         let line = self.exchange.finish(&self.gateway, &HostStore, &HostClock, &HostMetrics);
         log::info!("{line}");
@@ -530,6 +557,8 @@ struct Attempt {
     healthy: bool,
     /// See `AttemptPlan::lookup_blocked_ms`.
     lookup_blocked_ms: Option<u64>,
+    /// See `AttemptPlan::clean_at_start`.
+    clean_at_start: bool,
 }
 
 struct AttemptFilter {
@@ -582,7 +611,7 @@ impl Context for AttemptFilter {
             // The answer started and broke off (the client sees it end broken).
             self.gateway.on_answer_cut(&HostStore, &HostClock, &HostMetrics, a.backend, stream_end());
         } else if a.healthy {
-            self.gateway.on_answer_complete(&HostStore, a.backend);
+            self.gateway.on_answer_complete(&HostStore, a.backend, a.clean_at_start);
         }
         self.attempt = None;
         true
@@ -628,7 +657,7 @@ impl HttpContext for AttemptFilter {
         match plan.api_key {
             Some(key) => {
                 set_request_header("api-key", Some(key.expose()));
-                set_request_header("authorization", None);
+                clear_header(Headers::Request, "authorization");
             }
             None => {
                 let stash = request_header(header::CREDENTIAL);
@@ -656,6 +685,7 @@ impl HttpContext for AttemptFilter {
             attempts: plan.attempts,
             healthy: false,
             lookup_blocked_ms: plan.lookup_blocked_ms,
+            clean_at_start: plan.clean_at_start,
         });
         Action::Continue
     }
@@ -705,7 +735,12 @@ impl HttpContext for AttemptFilter {
             &AttemptRef { backend: attempt.backend, has_fallback: attempt.has_fallback, stored: attempt.stored },
             &AttemptAnswer { status, retry_after_ms: retry_after_ms.as_deref(), retry_after: retry_after.as_deref() },
         );
-        set_response_header(header::RETRY, retry.then_some("1"));
+        // A backend's own retry header must not steer Envoy.
+        if retry {
+            set_response_header(header::RETRY, Some("1"));
+        } else {
+            clear_header(Headers::Response, header::RETRY);
+        }
         // Envoy drops a retried answer unread: that is not a broken answer.
         // Nor is the end of an upgraded (websocket) connection: it has no
         // complete form to break.

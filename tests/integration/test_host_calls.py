@@ -17,13 +17,17 @@ from conftest import backend_entry
 CHAT = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 KEY = "key-of-the-team-1"
 
-# (scenario, budget in host calls per client request, both roles)
+# (scenario, request) -> budget per client request, both roles: all host
+# calls, and those that copy a value into the VM (a header that exists, a
+# property, shared data, a body chunk), which cost about ten times the others
+# (see BENCHMARKS.md, "Where the added CPU goes").
 BUDGETS = {
-    ("default", "chat"): 70,
-    ("default", "stream"): 67,
-    ("gateway", "chat"): 83,
-    ("gateway", "stream"): 89,
+    ("default", "chat"): (53, 17),
+    ("default", "stream"): (49, 17),
+    ("gateway", "chat"): (66, 22),
+    ("gateway", "stream"): (71, 22),
 }
+VALUE_CALLS = ("header_get", "property", "shared_data_get", "body_get")
 
 
 def host_calls(envoy) -> dict[str, int]:
@@ -52,7 +56,8 @@ def test_host_calls_per_request_stay_within_budget(start_mock, start_envoy, mode
         time.sleep(1.2)
         after = host_calls(envoy)
         by_call[kind] = {c: (after[c] - before.get(c, 0)) / n for c in after}
-        measured[kind] = sum(by_call[kind].values())
-    over = {k: v for k, v in measured.items() if v > BUDGETS[(mode, k)]}
+        measured[kind] = (sum(by_call[kind].values()), sum(by_call[kind].get(c, 0) for c in VALUE_CALLS))
+    print(mode, measured, by_call)
+    over = {k: v for k, v in measured.items() if v[0] > BUDGETS[(mode, k)][0] or v[1] > BUDGETS[(mode, k)][1]}
     assert not over, (measured, "over budget", by_call)
-    assert all(v > 10 for v in measured.values()), measured  # the counter counts
+    assert all(v[0] > 10 and v[1] > 5 for v in measured.values()), measured  # the counter counts

@@ -146,7 +146,7 @@ fn whole_request(gw: &Gateway, store: &MemoryStore, clock: &ManualClock, metrics
     let extra = exchange.on_response_headers(gw, 200, Some("application/json"), Some(&backend_name), Some(&attempts));
     let _ = exchange.on_response_body(ANSWER, true);
     if decision.healthy {
-        gw.on_answer_complete(store, plan.backend);
+        gw.on_answer_complete(store, plan.backend, plan.clean_at_start);
     }
     let line = exchange.finish(gw, store, clock, metrics);
     line.len() + extra.len()
