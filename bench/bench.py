@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import json
 import os
 import platform
@@ -47,6 +48,10 @@ RENDER = TARGET / "release" / "spillway-render"
 MOCK = TARGET / "release" / "spillway-mock"
 SELECTION = TARGET / "release" / "spillway-bench-selection"
 ENVOY = Path(os.environ.get("SPILLWAY_ENVOY", ROOT / ".venv" / "bin" / "envoy"))
+# The binary itself (the `envoy` on the venv's PATH is a Python launcher),
+# for running it under valgrind.
+ENVOY_BIN = Path(os.environ.get("SPILLWAY_ENVOY_BIN") or next(
+    iter(sorted((ROOT / ".venv" / "lib").glob("python3*/site-packages/envoy/_bin/envoy"))), ROOT / "missing-envoy"))
 OHA = Path(os.environ.get("BENCH_OHA", BENCH / ".tools" / "bin" / "oha"))
 LITELLM = BENCH / ".venv" / "bin" / "litellm"
 
@@ -423,6 +428,12 @@ def overhead(args, workdir: Path) -> dict:
                         f"p50={row['p50_us']:9.0f}us p99={row['p99_us']:9.0f}us "
                         f"cpu/req={row['cpu_us_per_req']}us non200={row['non_200']} load={load0[0]}->{load1[0]}")
         prices = hostcall_prices(args, workdir, plain, headers, body) if "hostcalls" in args.only else None
+        counted = None
+        if "instructions" in args.only and shutil.which("valgrind") and ENVOY_BIN.exists():
+            counted = instructions_per_request(args, workdir, {
+                k: boots[k] for k in ("envoy-plain", "envoy-trivial-wasm-x2", "envoy-native-filters",
+                                      "envoy-spillway-baseline", "envoy-spillway", "envoy-spillway-gateway")
+                if k in boots and (not args.quick or k in ("envoy-plain", "envoy-spillway"))}, headers, body)
         calls = {}
         for s in setups:
             if s["name"].startswith("envoy-spillway") and s["name"] != "envoy-spillway-request-role":
@@ -491,6 +502,7 @@ def overhead(args, workdir: Path) -> dict:
                        **({"baseline spillway.wasm": BASELINE_WASM.stat().st_size} if BASELINE_WASM.exists() else {})},
         "host_calls_per_request": calls,
         "host_call_prices": prices,
+        "instructions": counted,
         "baseline_ref": os.environ.get("BENCH_BASELINE_REF", ""),
         "setups": summary,
         "ratios_vs_plain": ratios,
@@ -549,6 +561,45 @@ def hostcall_prices(args, workdir: Path, plain: dict, headers: dict, body: Path)
     prices = {k: {"cpu_us_per_req": summarize(v), "us_per_call": (statistics.median(v) - base) / PROBE_CALLS}
               for k, v in runs.items()}
     return {"calls_per_request": PROBE_CALLS, "requests_per_run": n, "repeats": args.repeats, "kinds": prices}
+
+
+def instructions_per_request(args, workdir: Path, boots: dict[str, dict], headers: dict, body: Path) -> dict:
+    """Instructions Envoy executes per request, counted by callgrind: the
+    same count on every run, whatever else the machine does, so small
+    differences between setups show. Envoy runs under valgrind with one
+    worker; after 200 requests of warm-up the counters are zeroed, then
+    `n` requests are counted."""
+    n = 100 if args.quick else 300
+    out: dict[str, dict] = {}
+    for name, boot in boots.items():
+        port, admin = free_port(), free_port()
+        cfg = configs.write(configs.with_ports(boot, port, admin), workdir / f"cg-{name}.yaml")
+        prefix = workdir / f"callgrind-{name}.out"
+        log(f"instructions: {name} under callgrind")
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}", "--smc-check=all-non-file",
+             str(ENVOY_BIN), "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart",
+             "--base-id", str(random.randint(1000, 10_000_000)), "-l", "info"],
+            stdout=open(workdir / f"cg-{name}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(lambda: httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=2).status_code == 200,
+                       600, f"{name} under callgrind", proc)
+            url = f"http://127.0.0.1:{port}{CHAT_PATH}"
+            oha(url, headers, body, workdir / "cg-warmup.json", requests=200, connections=4)
+            subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True, timeout=120)
+            r = oha(url, headers, body, workdir / "cg-run.json", requests=n, connections=4)
+            subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True, timeout=120)
+            dumps = sorted(workdir.glob(f"callgrind-{name}.out*"), key=lambda f: f.stat().st_mtime)
+            totals = [int(line.split()[1]) for line in dumps[-1].read_text(errors="replace").splitlines()
+                      if line.startswith(("summary:", "totals:"))]
+            out[name] = {"instructions_per_request": max(totals) / n, "requests": n, "ok": r["ok"]}
+            log(f"instructions: {name}: {out[name]['instructions_per_request'] / 1000:.1f} k per request")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            for f in workdir.glob(f"callgrind-{name}.out*"):
+                f.unlink()
+    return out
 
 
 def selection(args) -> dict:
@@ -764,7 +815,7 @@ def goodput(args, workdir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description="Spillway benchmarks")
     ap.add_argument("--quick", action="store_true", help="1 repeat, short runs (smoke test)")
-    ap.add_argument("--only", default="overhead,hostcalls,selection,goodput")
+    ap.add_argument("--only", default="overhead,hostcalls,instructions,selection,goodput")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate", type=float, default=1000, help="fixed rate for direct/Envoy setups (rps)")
     ap.add_argument("--rate-s", type=float, default=10)

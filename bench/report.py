@@ -553,6 +553,30 @@ def attribution_section(ov: dict | None) -> list[str]:
     the host calls it makes priced by the probe."""
     if not ov or not ov.get("host_call_prices"):
         return []
+    lines = ["## Where the added CPU goes", ""]
+    ins = ov.get("instructions") or {}
+    if "envoy-plain" in ins:
+        base = ins["envoy-plain"]["instructions_per_request"]
+        lines += [
+            "**Instructions per request** (callgrind: Envoy under valgrind, one worker, the same request; "
+            f"{next(iter(ins.values()))['requests']} requests counted after 200 of warm-up). Unlike CPU time on a "
+            "shared 2-core machine, these counts are the same on every run, so they show differences of a few "
+            "percent. They count user-space instructions only (not the kernel's socket work), which is why "
+            "the ratios differ from the CPU columns.",
+            "",
+            "| setup | k instructions per request | added over plain Envoy |",
+            "|---|---|---|",
+        ]
+        for name, v in ins.items():
+            k = v["instructions_per_request"]
+            lines.append(f"| {LABELS.get(name, name)} | {k / 1000:,.1f} | "
+                         + ("–" if name == "envoy-plain" else f"{(k - base) / 1000:+,.1f} k") + " |")
+        if "envoy-spillway-baseline" in ins and "envoy-spillway" in ins:
+            before = ins["envoy-spillway-baseline"]["instructions_per_request"] - base
+            after = ins["envoy-spillway"]["instructions_per_request"] - base
+            lines += ["", f"Spillway's added instructions per request: {before / 1000:,.0f} k before, "
+                          f"{after / 1000:,.0f} k now ({(after - before) / before:+.0%})."]
+        lines.append("")
     R = ov["ratios_vs_plain"]
     prices = {k: v["us_per_call"] for k, v in ov["host_call_prices"]["kinds"].items()}
     calls = ov.get("host_calls_per_request", {})
@@ -562,9 +586,7 @@ def attribution_section(ov: dict | None) -> list[str]:
                 "shared_data_get": "shared_data_get", "shared_data_set": "shared_data_set",
                 "body_get": "property", "metric": "metric_increment", "clock": "clock_wasi",
                 "log": "log_written", "foreign_function": "clear_route_cache", "local_reply": "header_set"}
-    lines = [
-        "## Where the added CPU goes",
-        "",
+    lines += [
         f"**Price of one host call** (`bench/hostcall-cost`: plain Envoy + a probe filter making "
         f"{ov['host_call_prices']['calls_per_request']} calls of one kind per request; (CPU per request − "
         "CPU with no calls) / calls; closed loop, medians):",

@@ -22,6 +22,12 @@ if command -v apt-get >/dev/null 2>&1 && ! { command -v pkg-config >/dev/null &&
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pkg-config libssl-dev >/dev/null
 fi
 
+# valgrind counts the instructions per request (deterministic attribution).
+if ! command -v valgrind >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  say "installing valgrind (apt)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+fi
+
 say "project setup (wasm target, .venv with Envoy)"
 bash scripts/setup.sh
 

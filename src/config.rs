@@ -278,6 +278,16 @@ impl Config {
         })
     }
 
+    /// Whether a request on a classic deployment path
+    /// (`/openai/deployments/{name}/...`) needs its body's fields before it is
+    /// routed: the path names the model, and such APIs keep no stored state,
+    /// so only a token limit (the completion budget) or `stream_usage` (is it
+    /// a stream, did it ask for usage) reads them. Where nothing does, the
+    /// renderer spares those requests the JSON parse.
+    pub fn reads_body_fields_on_deployment_paths(&self) -> bool {
+        self.stream_usage || self.clients.iter().any(|c| c.tokens_per_minute.is_some())
+    }
+
     pub fn backend_by_cluster(&self, cluster: &str) -> Option<usize> {
         self.backends.iter().position(|b| b.cluster == cluster)
     }
@@ -574,6 +584,20 @@ mod tests {
         assert!(a.api_key.is_none());
         assert_eq!(c.retry_on, vec![429, 500, 502, 503, 504]);
         assert_eq!(c.max_retry_after_ms, 300_000);
+    }
+
+    #[test]
+    fn only_token_limits_and_stream_usage_read_body_fields_on_deployment_paths() {
+        let with = |extra: &str| {
+            parse(&format!(r#"{{"backends":[{{"name":"a","url":"http://127.0.0.1:8001"}}]{extra}}}"#))
+                .unwrap()
+                .reads_body_fields_on_deployment_paths()
+        };
+        assert!(!with(""));
+        assert!(!with(r#","clients":[{"name":"t","key":"key-of-team-t","requests_per_minute":5}]"#));
+        assert!(!with(r#","log_bodies":true"#));
+        assert!(with(r#","stream_usage":true"#));
+        assert!(with(r#","clients":[{"name":"t","key":"key-of-team-t","tokens_per_minute":5000}]"#));
     }
 
     fn rejects(json: &str, field: &str) {

@@ -17,6 +17,8 @@ pub const STATUS_OK: u32 = 0;
 pub const STATUS_NOT_FOUND: u32 = 1;
 pub const STATUS_CAS_MISMATCH: u32 = 8;
 
+use std::ops::Range;
+
 /// Header pairs in the ABI's map encoding: the count, each name and value
 /// length (u32, little endian), then each name and value followed by a NUL.
 pub fn encode_header_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -41,6 +43,12 @@ pub fn encode_header_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
 /// value in its own property encoding. `None` when the bytes do not hold
 /// exactly that layout.
 pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let spans = pair_spans(bytes)?;
+    spans.into_iter().map(|(n, v)| Some((bytes.get(n)?, bytes.get(v)?))).collect()
+}
+
+/// Where each name and value of `decode_pairs` lies in `bytes`.
+pub fn pair_spans(bytes: &[u8]) -> Option<Vec<(Range<usize>, Range<usize>)>> {
     let word = |at: usize| -> Option<usize> {
         let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
         usize::try_from(u32::from_le_bytes(raw)).ok()
@@ -51,19 +59,45 @@ pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
         return None;
     }
     let mut data = 4usize.checked_add(count.checked_mul(8)?)?;
-    let mut pairs = Vec::with_capacity(count);
+    let mut spans = Vec::with_capacity(count);
     for i in 0..count {
         let (name_len, value_len) = (word(4 + i * 8)?, word(8 + i * 8)?);
-        let name = bytes.get(data..data.checked_add(name_len)?)?;
-        data = data.checked_add(name_len)?;
+        let name = data..data.checked_add(name_len)?;
+        data = name.end;
         (bytes.get(data) == Some(&0)).then_some(())?;
-        let value = bytes.get(data + 1..(data + 1).checked_add(value_len)?)?;
-        data = data.checked_add(1 + value_len)?;
+        let value = data + 1..(data + 1).checked_add(value_len)?;
+        data = value.end;
         (bytes.get(data) == Some(&0)).then_some(())?;
         data += 1;
-        pairs.push((name, value));
+        spans.push((name, value));
     }
-    (data == bytes.len()).then_some(pairs)
+    (data == bytes.len()).then_some(spans)
+}
+
+/// A header map as the host encodes all of it (`decode_pairs`), kept with
+/// its bytes: the first value of a name, as a single read would give it.
+/// Names are lower case.
+pub struct HeaderPairs {
+    bytes: Vec<u8>,
+    spans: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl HeaderPairs {
+    pub fn decode(bytes: Vec<u8>) -> Option<HeaderPairs> {
+        let spans = pair_spans(&bytes)?;
+        Some(HeaderPairs { bytes, spans })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        let (_, value) = self.spans.iter().find(|(n, _)| self.bytes.get(n.clone()) == Some(name.as_bytes()))?;
+        self.bytes.get(value.clone())
+    }
+
+    /// A value as text; bytes that are not UTF-8 are decoded lossily (they
+    /// can then match nothing, which is the right answer).
+    pub fn text(&self, name: &str) -> Option<String> {
+        self.get(name).map(|v| String::from_utf8_lossy(v).into_owned())
+    }
 }
 
 /// A property path in the ABI's encoding: the segments joined by NUL.
@@ -79,6 +113,8 @@ fn len_u32(n: usize) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
     HeaderGet,
+    /// A whole header map in one call.
+    HeaderPairs,
     /// A header asked for and absent: no value crosses (far cheaper).
     HeaderMissing,
     HeaderSet,
@@ -96,11 +132,12 @@ pub enum Call {
     Log,
 }
 
-pub const CALL_KINDS: usize = 15;
+pub const CALL_KINDS: usize = 16;
 
 impl Call {
     pub const ALL: [Call; CALL_KINDS] = [
         Call::HeaderGet,
+        Call::HeaderPairs,
         Call::HeaderMissing,
         Call::HeaderSet,
         Call::Property,
@@ -121,6 +158,7 @@ impl Call {
     pub fn name(self) -> &'static str {
         match self {
             Call::HeaderGet => "header_get",
+            Call::HeaderPairs => "header_pairs",
             Call::HeaderMissing => "header_get_missing",
             Call::HeaderSet => "header_set",
             Call::Property => "property",
@@ -183,6 +221,8 @@ mod calls {
             return_value_data: *mut *mut u8,
             return_value_size: *mut usize,
         ) -> u32;
+        fn proxy_get_header_map_pairs(map_type: u32, return_map_data: *mut *mut u8, return_map_size: *mut usize)
+            -> u32;
         fn proxy_replace_header_map_value(
             map_type: u32,
             key_data: *const u8,
@@ -284,6 +324,16 @@ mod calls {
             STATUS_NOT_FOUND => Ok(None),
             other => Err(HostError(other)),
         }
+    }
+
+    /// A whole header map, encoded (see `HeaderPairs`): one copy into the
+    /// VM instead of one per header read.
+    pub fn header_pairs(map: Headers) -> Result<Vec<u8>, HostError> {
+        count_call(Call::HeaderPairs);
+        let (mut data, mut size) = (null_mut(), 0);
+        // SAFETY: as in `header`.
+        let status = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+        check(status).map(|()| unsafe { take(data, size) })
     }
 
     /// Sets (`Some`) or removes (`None`) a header.
@@ -566,6 +616,19 @@ mod tests {
         assert_eq!(names, vec![&b"stream"[..], b"parsed", b"n", b"model", b"max_tokens"]);
         assert_eq!(pairs[3].1, b"gpt-x");
         assert_eq!(pairs[4].1, 16f64.to_le_bytes());
+    }
+
+    #[test]
+    fn header_pairs_give_the_first_value_of_a_name() {
+        let bytes = encode_header_pairs(&[(":path", "/a"), ("api-key", "one"), ("api-key", "two"), ("x", "\u{e9}")]);
+        let h = HeaderPairs::decode(bytes).unwrap();
+        assert_eq!(h.get("api-key"), Some(&b"one"[..]));
+        assert_eq!(h.text(":path").as_deref(), Some("/a"));
+        assert_eq!(h.get("authorization"), None);
+        assert_eq!(h.text("x").as_deref(), Some("\u{e9}"));
+        let mut bad = encode_header_pairs(&[("k", "v")]);
+        bad.pop();
+        assert!(HeaderPairs::decode(bad).is_none());
     }
 
     #[test]

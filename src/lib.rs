@@ -17,9 +17,10 @@ pub mod footprint;
 pub mod gateway;
 pub mod gen_ai;
 pub mod health;
-// Host calls without SDK panics; only the encoders exist natively (tested).
+// Host calls without SDK panics; natively only the encoders and decoders
+// exist (tested, fuzzed).
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
-mod host;
+pub mod host;
 pub mod limits;
 pub mod metrics;
 pub mod paths;

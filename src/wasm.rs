@@ -253,6 +253,44 @@ fn set_header(map: Headers, name: &str, value: Option<&[u8]>) {
     }
 }
 
+/// A header map read once: all of it in one host call (one copy into the VM
+/// instead of one per header), or, should the host refuse that, header by
+/// header.
+enum HeaderMap {
+    Whole(host::HeaderPairs),
+    OneByOne(Headers),
+}
+
+impl HeaderMap {
+    fn read(map: Headers) -> HeaderMap {
+        match host::header_pairs(map).map(host::HeaderPairs::decode) {
+            Ok(Some(pairs)) => HeaderMap::Whole(pairs),
+            Ok(None) => {
+                log::warn!("the {map:?} headers came in a form not understood: reading them one by one");
+                HeaderMap::OneByOne(map)
+            }
+            Err(e) => {
+                log::warn!("cannot read the {map:?} headers at once ({e:?}): reading them one by one");
+                HeaderMap::OneByOne(map)
+            }
+        }
+    }
+
+    fn text(&self, name: &str) -> Option<String> {
+        match self {
+            HeaderMap::Whole(pairs) => pairs.text(name),
+            HeaderMap::OneByOne(map) => header_text(*map, name),
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        match self {
+            HeaderMap::Whole(pairs) => pairs.get(name).is_some(),
+            HeaderMap::OneByOne(map) => matches!(host::header(*map, name), Ok(Some(_))),
+        }
+    }
+}
+
 /// Removes a header only when it is there: asking costs the host less than
 /// removing, and the headers cleared here are almost always absent.
 fn clear_header(map: Headers, name: &str) {
@@ -408,22 +446,24 @@ impl HttpContext for RequestFilter {
         // Clients must not steer routing or fake bookkeeping: of the internal
         // headers the filter reads, CLUSTER and PATH are always overwritten
         // before the request goes on; TRIED and CREDENTIAL must go.
+        let headers = HeaderMap::read(Headers::Request);
         for internal in [header::TRIED, header::CREDENTIAL, header::MODEL, header::PINNED, header::LOOKUP] {
-            clear_header(Headers::Request, internal);
+            if headers.has(internal) {
+                set_request_header(internal, None);
+            }
         }
-        let (method, path) =
-            (request_header(":method").unwrap_or_default(), request_header(":path").unwrap_or_default());
+        let (method, path) = (headers.text(":method").unwrap_or_default(), headers.text(":path").unwrap_or_default());
         let config = &self.gateway.config;
         let (api_key, apim_key, authorization) = if config.clients.is_empty() {
             (None, None, None)
         } else {
-            (request_header("api-key"), request_header("ocp-apim-subscription-key"), request_header("authorization"))
+            (headers.text("api-key"), headers.text("ocp-apim-subscription-key"), headers.text("authorization"))
         };
         // Envoy's json_to_metadata (in front of this filter) read the body's
         // fields before releasing the headers.
         let fields = if end_of_stream { None } else { body_fields() };
         let content_length = if config.clients.iter().any(|c| c.tokens_per_minute.is_some()) {
-            request_header("content-length").and_then(|v| v.parse().ok()).or_else(|| {
+            headers.text("content-length").and_then(|v| v.parse().ok()).or_else(|| {
                 // Chunked or HTTP/2 without a length: json_to_metadata held
                 // the headers until the whole body was in, so the bytes
                 // received are its size.
@@ -449,7 +489,9 @@ impl HttpContext for RequestFilter {
         if !self.gateway.config.clients.is_empty() {
             // A gateway key is for the gateway only.
             for name in CLIENT_CREDENTIAL_HEADERS {
-                clear_header(Headers::Request, name);
+                if headers.has(name) {
+                    set_request_header(name, None);
+                }
             }
         }
         self.apply(step)
@@ -483,10 +525,13 @@ impl HttpContext for RequestFilter {
         if end_of_stream {
             self.exchange.on_response_complete();
         }
-        clear_header(Headers::Response, header::RETRY);
-        let status: u32 = response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let headers = HeaderMap::read(Headers::Response);
+        if headers.has(header::RETRY) {
+            set_response_header(header::RETRY, None);
+        }
+        let status: u32 = headers.text(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         let (content_type, backend, attempts) =
-            (response_header("content-type"), response_header(header::BACKEND), response_header(header::ATTEMPTS));
+            (headers.text("content-type"), headers.text(header::BACKEND), headers.text(header::ATTEMPTS));
         let extra = self.exchange.on_response_headers(
             &self.gateway,
             status,

@@ -110,11 +110,8 @@ pub fn render(config: &Config, filter_json: &str, opts: &BootstrapOptions) -> Re
     let plugin = |role| envoy::plugin(role, filter_json, &env_keys, envoy::local_code(&opts.wasm_path));
     let attempt_plugin = plugin(Role::Attempt);
     let clusters: Vec<Value> = config.backends.iter().map(|b| envoy::backend_cluster(b, &attempt_plugin)).collect();
-    let mut route = envoy::route_action(config, &opts.route);
-    if let Some(obj) = route.as_object_mut() {
-        obj.insert("match".into(), json!({ "prefix": "/" }));
-    }
-    let hcm = envoy::http_connection_manager(route, &plugin(Role::Request), opts.access_log, &opts.route, &opts.edge);
+    let routes = envoy::routes(config, &opts.route);
+    let hcm = envoy::http_connection_manager(routes, &plugin(Role::Request), opts.access_log, &opts.route, &opts.edge);
     let listener = envoy::listener(hcm, &opts.listen_address, opts.listen_port);
     let mut bootstrap = json!({
         "node": { "id": "spillway", "cluster": "spillway" },
@@ -166,6 +163,17 @@ mod tests {
     }
 
     #[test]
+    fn with_a_token_limit_every_path_reads_its_body_fields() {
+        let json = JSON.replacen('{', r#"{"stream_usage":true,"#, 1);
+        let cfg = Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap();
+        let b = render(&cfg, &json, &BootstrapOptions::default()).bootstrap;
+        let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        let routes = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array().unwrap();
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0]["match"]["prefix"], "/");
+    }
+
+    #[test]
     fn lds_mode_moves_the_listener_to_its_own_file() {
         let opts = BootstrapOptions { lds_path: Some("/run/spillway/lds.yaml".into()), ..Default::default() };
         let r = rendered(&opts);
@@ -184,8 +192,15 @@ mod tests {
         let names: Vec<&str> = clusters.iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["spillway_eastus", "spillway_local", "spillway_eastus2"]);
         let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
-        let route = &hcm["route_config"]["virtual_hosts"][0]["routes"][0];
-        assert_eq!(route["match"]["prefix"], "/");
+        // Nothing in this config reads a classic path's body fields: those
+        // paths skip the JSON parse; every other path gets it.
+        let routes = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array().unwrap();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0]["match"]["prefix"], "/openai/deployments/");
+        assert_eq!(routes[0]["typed_per_filter_config"]["spillway.body_fields"]["disabled"], true);
+        assert_eq!(routes[1]["match"]["prefix"], "/");
+        assert!(routes[1].get("typed_per_filter_config").is_none());
+        assert_eq!(routes[0]["route"], routes[1]["route"]);
         // Envoy holds the body until complete, reads its fields, then the
         // request role, then the router.
         let filters: Vec<&str> =

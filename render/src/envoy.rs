@@ -410,6 +410,36 @@ pub fn body_fields_filter() -> Value {
     })
 }
 
+/// The routes: every path to the cluster the request role chose. When the
+/// config never reads a classic deployment path's body fields, those paths
+/// get a route of their own with the body-fields filter turned off (Envoy
+/// then does not parse their JSON bodies).
+pub fn routes(config: &Config, opts: &RouteOptions) -> Vec<Value> {
+    let with_match = |prefix: &str, extra: Option<(&str, Value)>| {
+        let mut route = route_action(config, opts);
+        if let Some(obj) = route.as_object_mut() {
+            obj.insert("match".into(), json!({ "prefix": prefix }));
+            if let Some((key, value)) = extra {
+                obj.insert(key.into(), value);
+            }
+        }
+        route
+    };
+    let mut routes = Vec::new();
+    if !config.reads_body_fields_on_deployment_paths() {
+        let off = json!({ BODY_FIELDS_FILTER_NAME: {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+            "disabled": true,
+        } });
+        routes.push(with_match(DEPLOYMENT_PATHS, Some(("typed_per_filter_config", off))));
+    }
+    routes.push(with_match("/", None));
+    routes
+}
+
+/// Classic API paths: the deployment (the model) is in the path.
+pub const DEPLOYMENT_PATHS: &str = "/openai/deployments/";
+
 /// Name of the `json_to_metadata` filter in the listener.
 pub const BODY_FIELDS_FILTER_NAME: &str = "spillway.body_fields";
 
@@ -456,7 +486,7 @@ fn seconds(s: u64) -> Value {
 /// The HTTP connection manager: the route, Spillway's filters, the router,
 /// and the edge settings.
 pub fn http_connection_manager(
-    route: Value,
+    routes: Vec<Value>,
     request_plugin: &Value,
     access_log: bool,
     route_opts: &RouteOptions,
@@ -505,7 +535,7 @@ pub fn http_connection_manager(
         },
         "route_config": {
             "name": "spillway",
-            "virtual_hosts": [{ "name": "spillway", "domains": ["*"], "routes": [route] }],
+            "virtual_hosts": [{ "name": "spillway", "domains": ["*"], "routes": routes }],
         },
         "local_reply_config": local_reply_config(),
         "http_filters": http_filters,
@@ -642,7 +672,7 @@ pub(crate) mod tests {
 
     fn hcm(route: &RouteOptions, edge: &EdgeOptions) -> Value {
         let p = plugin(Role::Request, "{}", &[], local_code("/x.wasm"));
-        http_connection_manager(json!({}), &p, true, route, edge)
+        http_connection_manager(vec![json!({})], &p, true, route, edge)
     }
 
     fn filter_names(filters: &Value) -> Vec<&str> {
