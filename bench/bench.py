@@ -357,7 +357,9 @@ def overhead(args, workdir: Path) -> dict:
             "envoy-spillway-gateway": gateway,
         }
         if BASELINE_WASM.exists():
-            boots["envoy-spillway-baseline"] = configs.with_wasm(rendered, str(WASM), str(BASELINE_WASM))
+            # With the bootstrap of its day: body fields read on every path.
+            boots["envoy-spillway-baseline"] = configs.with_one_route(
+                configs.with_wasm(rendered, str(WASM), str(BASELINE_WASM)))
         setups: list[dict[str, Any]] = [
             {"name": "direct", "url": mocks[0].url + CHAT_PATH, "proc": None, "rate": args.rate,
              "kind": "mock"},

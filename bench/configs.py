@@ -138,6 +138,15 @@ def with_wasm(rendered: dict, old_path: str, new_path: str) -> dict:
     return json.loads(json.dumps(rendered).replace(old_path, new_path))
 
 
+def with_one_route(rendered: dict) -> dict:
+    """The bootstrap as the renderer wrote it before classic deployment paths
+    got a route of their own: one route, body fields read on every path."""
+    boot = copy.deepcopy(rendered)
+    vhost = _hcm(boot)["route_config"]["virtual_hosts"][0]
+    vhost["routes"] = vhost["routes"][-1:]
+    return boot
+
+
 def with_hostcall_probe(plain_boot: dict, wasm_path: str, kind: str, count: int) -> dict:
     """Plain Envoy + the host-call probe (`bench/hostcall-cost`) before the
     router, making `count` calls of `kind` on every request's headers."""
