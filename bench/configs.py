@@ -88,6 +88,10 @@ def plain(rendered: dict, mock_ports: list[int]) -> dict:
     # Only the router: no wasm, and not Spillway's body-fields filter either.
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
     hcm.pop("upgrade_configs", None)
+    # One route: the first, the one the benchmark's classic-path request
+    # takes (with its per-route filter settings, which name no filter here).
+    vhost = _hcm(boot)["route_config"]["virtual_hosts"][0]
+    vhost["routes"] = vhost["routes"][:1]
     route = _route(boot)
     route.pop("inline_cluster_specifier_plugin")
     route["cluster"] = POOL_CLUSTER
@@ -125,8 +129,9 @@ def with_trivial(plain_boot: dict, wasm_path: str, upstream_too: bool = False) -
 
 def plain_with_native_filters(rendered: dict, plain_boot: dict) -> dict:
     """Plain Envoy + the two native filters Spillway's bootstrap puts before
-    its wasm (the buffer filter and json_to_metadata): what those cost
-    without any wasm."""
+    its wasm (the buffer filter and json_to_metadata), as that bootstrap
+    runs them for the benchmark's request: on a classic deployment path
+    json_to_metadata is off unless the config reads body fields there."""
     boot = copy.deepcopy(plain_boot)
     native = [f for f in _hcm(rendered)["http_filters"] if f["name"] in ("spillway.buffer", "spillway.body_fields")]
     _hcm(boot)["http_filters"] = copy.deepcopy(native) + _hcm(boot)["http_filters"]

@@ -260,8 +260,9 @@ def overhead_section(ov: dict) -> tuple[list[str], dict]:
         "| Envoy + trivial wasm x2 | the same trivial filter twice: downstream and as an upstream (cluster) "
         "filter, the two places Spillway runs |",
         "| Envoy + Spillway's native filters | plain Envoy + the two native filters Spillway's bootstrap puts "
-        "in front of its wasm: the buffer filter (holds every body before a backend is picked) and "
-        "`json_to_metadata` (reads the body's fields for routing) |",
+        "in front of its wasm, as it runs them for this request: the buffer filter (holds every body before "
+        "a backend is picked) and `json_to_metadata` (reads the body's fields for routing), which the "
+        "default config turns off on classic deployment paths (gateway mode and the baseline parse the body) |",
         "| Envoy + Spillway | `spillway-render` output for the three mocks (`--no-access-log`), unchanged |",
         "| Envoy + Spillway, gateway mode | the same with one client key, a token limit and `stream_usage` on "
         "(the requests carry the client's key) |",
@@ -644,7 +645,7 @@ def attribution_section(ov: dict | None) -> list[str]:
             "| total added | " + " | ".join(f"{r[1]:+.0f}" for r in rows) + " |",
         ]
         if native is not None:
-            lines.append("| native filters (buffer + json_to_metadata) | "
+            lines.append("| native filters as run on this path (see part 1) | "
                          + " | ".join(f"{native:+.0f}" for _ in rows) + " |")
         lines.append("| two wasm filter passes (trivial x2) | " + " | ".join(f"{trivial2:+.0f}" for _ in rows) + " |")
         lines.append("| host calls, priced | " + " | ".join("–" if r[2] is None else f"{r[2]:.0f}" for r in rows)
@@ -665,6 +666,11 @@ def attribution_section(ov: dict | None) -> list[str]:
                          if len(rows) == 2 else f"| total with the request role only (ablation) | "
                          f"{reqrole['cpu_added_us_at_saturation']:+.0f} |")
         lines.append("")
+        if "envoy-spillway-baseline" in R:
+            lines += ["In the baseline column `json_to_metadata` also parsed the body (its bootstrap read body "
+                      "fields on every path); that cost sits in its *rest* row.", ""]
+        return lines
+    lines.append("")
     return lines
 
 
@@ -684,29 +690,33 @@ def why_section(ov: dict | None, sel: dict | None, misses: list[str]) -> list[st
     lines = ["## Where we miss, and why", ""]
     if not misses:
         return lines + ["Every goal was met in this run.", ""]
-    floor = tr2["cpu_added_us_at_saturation"] + (native["cpu_added_us_at_saturation"] if native else 0)
+    ins = ov.get("instructions") or {}
+    ins_added = {k: v["instructions_per_request"] - ins["envoy-plain"]["instructions_per_request"]
+                 for k, v in ins.items()} if "envoy-plain" in ins else {}
     lines += [
-        f"- **What any Spillway-shaped filter pays.** Two wasm filter passes per request (the trivial filter "
-        f"twice) cost {tr2['cpu_added_us_at_saturation']:+.0f} µs here"
-        + (f", and the two native filters in front of the wasm {native['cpu_added_us_at_saturation']:+.0f} µs"
-           if native else "")
-        + f": {floor:+.0f} µs before Spillway does anything. Both are part of the design: the request role "
-        "must run once per client request and the attempt role once per upstream attempt (that is what makes "
-        "same-request failover with a different key and path possible), and holding the body until it is "
-        "whole (slow uploads never hold a backend) and reading its fields before routing need the buffer "
-        "and `json_to_metadata` filters. On this machine the absolute goal is below that floor; the relative "
-        "goal (a multiple of the trivial filter run twice) is the one that travels between machines.",
-        "- **Host calls.** Every call into Envoy crosses the V8 boundary; a call that returns a value also "
-        "calls back into the VM to allocate the copy, about ten times the price of one that returns nothing "
-        "(table above). The filter now asks for the metadata namespace once instead of field by field, "
-        "reads how a stream ended only when it did not end with a whole answer, removes internal headers "
-        "only when they are present, and skips the health re-read after a success on a backend that was "
-        "clean: the remaining calls are the request's own inputs and outputs (method, path, status, "
-        "content type, backend and attempt headers, the health table and rotation counter, the "
-        "cluster, the key and path rewrites, the answer body for usage) and one log line.",
-        "- **The log line.** Writing Spillway's per-request JSON line is the single most expensive call "
-        "(see the price table); `--component-log-level wasm:warning` (ablation row) turns it off for "
-        "operators who rely on the access log instead.",
+        f"- **What any filter in Spillway's two places pays.** The trivial filter run twice costs "
+        f"{tr2['cpu_added_us_at_saturation']:+.0f} µs"
+        + (f" ({ins_added['envoy-trivial-wasm-x2'] / 1000:+,.0f} k instructions)" if "envoy-trivial-wasm-x2"
+           in ins_added else "")
+        + f"; the goal of +{GOAL_CPU_ADDED_US:g} µs leaves almost nothing on top of that on this machine. Both "
+        "passes are the design: the request role runs once per client request and the attempt role once per "
+        "upstream attempt, which is what lets one request fail over with another key and path. Every entry "
+        "into V8 (a callback, or the allocation behind a host call that returns a value) costs thousands of "
+        "instructions; the probe's prices above show it.",
+        "- **What the filter still does per request.** The host calls left are the request's own inputs and "
+        "outputs: two header maps, the metadata namespace when body fields are read, the health table and the "
+        "rotation counter (read, and the counter written, in the request role; read again by the attempt role "
+        "to pick where a failover would go), the attempt's cluster and path, the key, path and host rewrites, "
+        "the answer body for usage, six metric updates and one log line. The rest is the second route match "
+        "after `clear_route_cache` (the cluster is chosen by a header the route reads), three clusters with "
+        "their own pools, and the filter's computation (about 6 µs natively for the whole request, part 2).",
+        f"- **The log line.** Writing Spillway's per-request JSON line is the most expensive single host call; "
+        + (f"with it off (`--component-log-level wasm:warning`) Spillway adds "
+           f"{R['envoy-spillway-nolog']['cpu_added_us_at_saturation']:+.0f} µs instead of "
+           f"{sp['cpu_added_us_at_saturation']:+.0f} µs, for operators who rely on the access log. "
+           if "envoy-spillway-nolog" in R else "")
+        + "CPU numbers on this shared 2-core machine move by ±30 µs between repeats; the instruction counts "
+        "do not.",
         f"- **Throughput.** With the load generator, the mocks and Envoy on the same two cores, Envoy's extra "
         f"CPU per request turns into lower closed-loop throughput ({sp['rps_vs_plain']:.2f}× plain). Per Envoy "
         f"CPU-second: {1e6 / plain_cpu:,.0f} requests plain, {1e6 / sp_cpu:,.0f} with Spillway.",
@@ -722,9 +732,9 @@ def why_section(ov: dict | None, sel: dict | None, misses: list[str]) -> list[st
         lines.append(
             f"- **vs LiteLLM.** LiteLLM spends {lite_cpu / 1000:,.1f} ms of CPU per request here "
             f"(vs {sp_cpu / 1000:.2f} ms for all of Envoy + Spillway): {lite_cpu / sp_cpu:,.0f}× as much. "
-            f"100× would need Envoy + Spillway at ≤ {lite_cpu / 100:,.0f} µs per request, below plain Envoy's "
-            f"own {plain_cpu:.0f} µs on this machine: plain Envoy itself is not 100× cheaper than LiteLLM here "
-            f"({lite_cpu / plain_cpu:,.0f}×).")
+            f"100× would need Envoy + Spillway at ≤ {lite_cpu / 100:,.0f} µs per request, "
+            f"{lite_cpu / 100 - plain_cpu:+,.0f} µs from plain Envoy's own {plain_cpu:.0f} µs on this machine "
+            f"(plain Envoy is {lite_cpu / plain_cpu:,.0f}× cheaper than LiteLLM here).")
     lines.append("")
     return lines
 
@@ -742,7 +752,11 @@ def commands_section(ov: dict | None, gp: dict | None) -> list[str]:
         "python3 -m venv bench/.venv && bench/.venv/bin/pip install -r bench/requirements.txt",
         "cargo install oha --version 1.16.0 --locked --no-default-features --features native-tls --root bench/.tools",
         "cargo build --locked --target wasm32-wasip1 --release --lib",
-        "cargo build --locked --target wasm32-wasip1 --release -p spillway-bench-trivial-filter",
+        "apt-get install -y valgrind                       # only if missing (instructions per request)",
+        "cargo build --locked --target wasm32-wasip1 --release -p spillway-bench-trivial-filter \\",
+        "  -p spillway-bench-hostcall-cost",
+        "git archive $BENCH_BASELINE_REF | tar -x -C target/baseline/src   # the filter before the performance work,",
+        "cargo build --locked --release --target wasm32-wasip1 --lib --manifest-path target/baseline/src/Cargo.toml",
         "cargo build --locked --release -p spillway-render",
         "cargo build --locked --release -p spillway-mock -p spillway-bench-selection",
         "bench/.venv/bin/python bench/bench.py             # all parts → bench/results/*.json|csv",
@@ -762,6 +776,9 @@ def commands_section(ov: dict | None, gp: dict | None) -> list[str]:
         f"oha … -q {p.get('fixed_rate_rps', 1000):g} --latency-correction "
         f"-n {int(p.get('fixed_rate_rps', 1000) * p.get('fixed_rate_s', 10))} URL",
         "envoy -c SETUP.yaml --concurrency 2 --disable-hot-restart --base-id N -l info",
+        "# instructions per request: one worker under callgrind, 200 requests, zero, N requests, dump",
+        "valgrind --tool=callgrind --smc-check=all-non-file envoy -c SETUP.yaml --concurrency 1 -l info",
+        "callgrind_control -z PID; oha -c 4 -n 300 URL; callgrind_control -d PID",
         "spillway-mock --name mN --listen 127.0.0.1:0                                     # overhead",
         "spillway-mock --name qN --listen 127.0.0.1:0 --requests-per-window 10 --window-ms 2000   # goodput",
         "spillway-render filter.json --wasm target/wasm32-wasip1/release/spillway.wasm --listen … --admin … "
