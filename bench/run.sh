@@ -3,7 +3,7 @@
 # installs what is missing, builds, runs every benchmark, writes
 # bench/results/*.json|csv|png and regenerates BENCHMARKS.md.
 #
-#   bench/run.sh            full run (~20-25 min on 2 cores, installs included)
+#   bench/run.sh            full run (~30 min on 2 cores, installs included)
 #   bench/run.sh --quick    smoke test: 1 repeat, short runs
 #   bench/run.sh --only overhead,selection,goodput   (any subset; other bench.py options pass through)
 #
