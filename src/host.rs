@@ -74,18 +74,18 @@ pub fn pair_spans(bytes: &[u8]) -> Option<Vec<(Range<usize>, Range<usize>)>> {
     (data == bytes.len()).then_some(spans)
 }
 
-/// A header map as the host encodes all of it (`decode_pairs`), kept with
-/// its bytes: the first value of a name, as a single read would give it.
-/// Names are lower case.
-pub struct HeaderPairs {
+/// A map as the host encodes all of it (`decode_pairs`): a whole header map
+/// (names lower case) or a metadata namespace, kept with its bytes. `get`
+/// gives the first value of a name, as a single header read would.
+pub struct PairMap {
     bytes: Vec<u8>,
     spans: Vec<(Range<usize>, Range<usize>)>,
 }
 
-impl HeaderPairs {
-    pub fn decode(bytes: Vec<u8>) -> Option<HeaderPairs> {
+impl PairMap {
+    pub fn decode(bytes: Vec<u8>) -> Option<PairMap> {
         let spans = pair_spans(&bytes)?;
-        Some(HeaderPairs { bytes, spans })
+        Some(PairMap { bytes, spans })
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {
@@ -326,7 +326,7 @@ mod calls {
         }
     }
 
-    /// A whole header map, encoded (see `HeaderPairs`): one copy into the
+    /// A whole header map, encoded (see `PairMap`): one copy into the
     /// VM instead of one per header read.
     pub fn header_pairs(map: Headers) -> Result<Vec<u8>, HostError> {
         count_call(Call::HeaderPairs);
@@ -621,14 +621,14 @@ mod tests {
     #[test]
     fn header_pairs_give_the_first_value_of_a_name() {
         let bytes = encode_header_pairs(&[(":path", "/a"), ("api-key", "one"), ("api-key", "two"), ("x", "\u{e9}")]);
-        let h = HeaderPairs::decode(bytes).unwrap();
+        let h = PairMap::decode(bytes).unwrap();
         assert_eq!(h.get("api-key"), Some(&b"one"[..]));
         assert_eq!(h.text(":path").as_deref(), Some("/a"));
         assert_eq!(h.get("authorization"), None);
         assert_eq!(h.text("x").as_deref(), Some("\u{e9}"));
         let mut bad = encode_header_pairs(&[("k", "v")]);
         bad.pop();
-        assert!(HeaderPairs::decode(bad).is_none());
+        assert!(PairMap::decode(bad).is_none());
     }
 
     #[test]

@@ -257,13 +257,13 @@ fn set_header(map: Headers, name: &str, value: Option<&[u8]>) {
 /// instead of one per header), or, should the host refuse that, header by
 /// header.
 enum HeaderMap {
-    Whole(host::HeaderPairs),
+    Whole(host::PairMap),
     OneByOne(Headers),
 }
 
 impl HeaderMap {
     fn read(map: Headers) -> HeaderMap {
-        match host::header_pairs(map).map(host::HeaderPairs::decode) {
+        match host::header_pairs(map).map(host::PairMap::decode) {
             Ok(Some(pairs)) => HeaderMap::Whole(pairs),
             Ok(None) => {
                 log::warn!("the {map:?} headers came in a form not understood: reading them one by one");
@@ -365,10 +365,8 @@ fn header_bytes(name: &str) -> Option<Vec<u8>> {
 /// the host answer in another form, one call per field.
 fn body_fields() -> Option<BodyFields> {
     let namespace = host::property(&["metadata", "filter_metadata", body_metadata::NAMESPACE]).ok().flatten()?;
-    if let Some(pairs) = host::decode_pairs(&namespace) {
-        let lookup =
-            |key: &str| pairs.iter().find(|(name, _)| *name == key.as_bytes()).map(|(_, value)| value.to_vec());
-        return BodyFields::read(&lookup);
+    if let Some(fields) = host::PairMap::decode(namespace) {
+        return BodyFields::read(&|key: &str| fields.get(key).map(<[u8]>::to_vec));
     }
     let lookup =
         |key: &str| host::property(&["metadata", "filter_metadata", body_metadata::NAMESPACE, key]).ok().flatten();

@@ -5,11 +5,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use spillway::host::{decode_pairs, encode_header_pairs, HeaderPairs};
+use spillway::host::{decode_pairs, encode_header_pairs, PairMap};
 
 fuzz_target!(|data: &[u8]| {
     let Some(pairs) = decode_pairs(data) else {
-        assert!(HeaderPairs::decode(data.to_vec()).is_none());
+        assert!(PairMap::decode(data.to_vec()).is_none());
         return;
     };
     let text: Option<Vec<(&str, &str)>> =
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(text) = text {
         assert_eq!(encode_header_pairs(&text), data);
     }
-    let headers = HeaderPairs::decode(data.to_vec()).expect("the same bytes decode as headers");
+    let headers = PairMap::decode(data.to_vec()).expect("the same bytes decode as headers");
     for (name, value) in &pairs {
         if let Ok(name) = std::str::from_utf8(name) {
             let first = pairs.iter().find(|(n, _)| *n == name.as_bytes()).map(|(_, v)| *v);
