@@ -34,6 +34,10 @@ struct RawConfig {
     log_bodies: bool,
     #[serde(default = "default_log_body_max_bytes")]
     log_body_max_bytes: usize,
+    #[serde(default)]
+    routing: Option<String>,
+    #[serde(default = "default_headroom_window_s")]
+    headroom_window_s: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,6 +82,9 @@ struct RawCircuitBreaker {
     open_s: u64,
 }
 
+fn default_headroom_window_s() -> u64 {
+    60
+}
 fn default_log_body_max_bytes() -> usize {
     2048
 }
@@ -195,6 +202,12 @@ pub struct Config {
     /// Where creations and lists of stored objects (files, batches, ...) go;
     /// `None`: the first backend by priority and order.
     pub home_backend: Option<String>,
+    /// Route on the quota each backend reports (`routing: "quota_aware"`,
+    /// the default) or only react to its 429s (`"reactive"`).
+    pub quota_aware: bool,
+    /// How long a backend's reported headroom counts (its limits' window);
+    /// it refills towards the limit meanwhile and is forgotten after.
+    pub headroom_window_ms: u64,
 }
 
 /// A rejected configuration; `Display` names the offending field.
@@ -261,6 +274,16 @@ impl Config {
         if raw.log_body_max_bytes > 1 << 20 {
             return Err(err("log_body_max_bytes", "must be at most 1048576"));
         }
+        let quota_aware = match raw.routing.as_deref() {
+            None | Some("quota_aware") => true,
+            Some("reactive") => false,
+            Some(other) => {
+                return Err(err("routing", format!("\"{other}\" is not \"quota_aware\" or \"reactive\"")));
+            }
+        };
+        if !(1..=3600).contains(&raw.headroom_window_s) {
+            return Err(err("headroom_window_s", "must be between 1 and 3600"));
+        }
         Ok(Config {
             backends,
             clients,
@@ -275,17 +298,19 @@ impl Config {
             attempt_timeout_s: raw.attempt_timeout_s,
             attempt_idle_timeout_s: raw.attempt_idle_timeout_s,
             home_backend: raw.home_backend,
+            quota_aware,
+            headroom_window_ms: raw.headroom_window_s.saturating_mul(1000),
         })
     }
 
     /// Whether a request on a classic deployment path
     /// (`/openai/deployments/{name}/...`) needs its body's fields before it is
     /// routed: the path names the model, and such APIs keep no stored state,
-    /// so only a token limit (the completion budget) or `stream_usage` (is it
-    /// a stream, did it ask for usage) reads them. Where nothing does, the
-    /// renderer spares those requests the JSON parse.
+    /// so only quota-aware routing or a token limit (the completion budget)
+    /// or `stream_usage` (is it a stream, did it ask for usage) reads them.
+    /// Where nothing does, the renderer spares those requests the JSON parse.
     pub fn reads_body_fields_on_deployment_paths(&self) -> bool {
-        self.stream_usage || self.clients.iter().any(|c| c.tokens_per_minute.is_some())
+        self.quota_aware || self.stream_usage || self.clients.iter().any(|c| c.tokens_per_minute.is_some())
     }
 
     pub fn backend_by_cluster(&self, cluster: &str) -> Option<usize> {
@@ -584,19 +609,24 @@ mod tests {
         assert!(a.api_key.is_none());
         assert_eq!(c.retry_on, vec![429, 500, 502, 503, 504]);
         assert_eq!(c.max_retry_after_ms, 300_000);
+        assert!(c.quota_aware);
+        assert_eq!(c.headroom_window_ms, 60_000);
     }
 
     #[test]
-    fn only_token_limits_and_stream_usage_read_body_fields_on_deployment_paths() {
+    fn only_quota_aware_routing_token_limits_and_stream_usage_read_body_fields_on_deployment_paths() {
         let with = |extra: &str| {
             parse(&format!(r#"{{"backends":[{{"name":"a","url":"http://127.0.0.1:8001"}}]{extra}}}"#))
                 .unwrap()
                 .reads_body_fields_on_deployment_paths()
         };
-        assert!(!with(""));
-        assert!(!with(r#","clients":[{"name":"t","key":"key-of-team-t","requests_per_minute":5}]"#));
-        assert!(!with(r#","log_bodies":true"#));
-        assert!(with(r#","stream_usage":true"#));
+        assert!(with(""));
+        assert!(!with(r#","routing":"reactive""#));
+        assert!(!with(
+            r#","routing":"reactive","clients":[{"name":"t","key":"key-of-team-t","requests_per_minute":5}]"#
+        ));
+        assert!(!with(r#","routing":"reactive","log_bodies":true"#));
+        assert!(with(r#","routing":"reactive","stream_usage":true"#));
         assert!(with(r#","clients":[{"name":"t","key":"key-of-team-t","tokens_per_minute":5000}]"#));
     }
 
@@ -644,6 +674,8 @@ mod tests {
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"home_backend":"b"}"#, "home_backend");
         rejects(r#"{"backends":[{"name":"a","url":"http://x","models":["a/b"]}]}"#, "backends[0].models");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_idle_timeout_s":0}"#, "attempt_idle_timeout_s");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"routing":"smart"}"#, "routing");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"headroom_window_s":0}"#, "headroom_window_s");
     }
 
     #[test]

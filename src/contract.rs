@@ -27,6 +27,9 @@ pub mod header {
     /// Request: the request names stored state no one is known to hold:
     /// try the backends in turn until one knows it (404/400 fail over).
     pub const LOOKUP: &str = "x-spillway-lookup";
+    /// Request: the request's token estimate, so a fallback is picked among
+    /// backends with room for it (quota-aware routing).
+    pub const ESTIMATE: &str = "x-spillway-estimate";
     /// Response: makes Envoy's `retriable_headers` policy retry this attempt.
     pub const RETRY: &str = "x-spillway-retry";
     /// Response: the backend that answered.
@@ -169,7 +172,7 @@ mod tests {
     #[test]
     fn every_header_has_the_prefix() {
         use header::*;
-        for h in [CLUSTER, PATH, TRIED, CREDENTIAL, MODEL, PINNED, LOOKUP, RETRY, BACKEND, ATTEMPTS] {
+        for h in [CLUSTER, PATH, TRIED, CREDENTIAL, MODEL, PINNED, LOOKUP, ESTIMATE, RETRY, BACKEND, ATTEMPTS] {
             assert!(h.starts_with(PREFIX), "{h}");
         }
     }

@@ -7,7 +7,7 @@ use crate::answer_capture::JsonCapture;
 use crate::body_fields::BodyFields;
 use crate::clients::{self, Auth};
 use crate::config::Backend;
-use crate::gateway::{Gateway, Stored};
+use crate::gateway::{Gateway, Left, PoolLeft, Stored};
 use crate::gen_ai;
 use crate::limits::{self, Admission, Remaining, Settlement};
 use crate::metrics::{self, Metrics};
@@ -54,6 +54,9 @@ pub enum Step {
         /// The model the body names, for the attempts; `None` when the path
         /// names it (the attempts read the path).
         model: Option<String>,
+        /// The request's token estimate, for the attempts' fallback picks
+        /// (quota-aware routing with the body's fields known).
+        estimate: Option<u64>,
     },
     Reply(LocalReply),
 }
@@ -127,6 +130,8 @@ pub struct Exchange {
     upstream_may_have_worked: bool,
     /// The answer's last byte passed on to the client.
     answer_complete: bool,
+    /// What the backends had left when the request was routed.
+    pool_left: PoolLeft,
 }
 
 /// What a finished request is charged.
@@ -199,7 +204,13 @@ impl Exchange {
         if let Err(LimitedReply { reason, reply }) = self.admit(gw, store, now, head.content_length) {
             return self.reply(gw, metrics, reason, reply);
         }
-        match self.choose_backend(gw, store, clock, head.fields.as_ref()) {
+        // What the backends' quotas are charged for this request: the body's
+        // estimate, else (no fields) its size.
+        let tokens = match &head.fields {
+            Some(_) => self.body.facts.estimated_tokens,
+            None => head.content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN),
+        };
+        match self.choose_backend(gw, store, clock, head.fields.as_ref(), tokens) {
             Ok((backend, stored)) => {
                 let tokens_limited = self.tokens_limited(gw);
                 let facts = &self.body.facts;
@@ -219,6 +230,9 @@ impl Exchange {
                         Some(_) => None,
                         None => self.model(head.fields.as_ref()).map(str::to_string),
                     },
+                    estimate: (gw.config.quota_aware && head.fields.is_some())
+                        .then_some(self.body.facts.estimated_tokens)
+                        .filter(|&t| t > 1),
                 }
             }
             Err((reason, mut reply)) => {
@@ -250,11 +264,12 @@ impl Exchange {
     /// The first backend: the owner of the stored state the request names
     /// (its path, or the body's `previous_response_id`), else balanced.
     fn choose_backend<'g>(
-        &self,
+        &mut self,
         gw: &'g Gateway,
         store: &dyn SharedStore,
         clock: &dyn Clock,
         fields: Option<&BodyFields>,
+        tokens: u64,
     ) -> Result<(&'g Backend, Stored), (&'static str, LocalReply)> {
         let stored_id = match stateful::classify(&self.path) {
             Target::Object(id) => Some(id),
@@ -272,7 +287,9 @@ impl Exchange {
             Some(Ok(None)) => Stored::Lookup,
             Some(Err(reply)) => return Err(("owner_throttled", reply)),
         };
-        match gw.pick_first(store, clock, self.model(fields)) {
+        let (picked, pool_left) = gw.pick_first(store, clock, self.model(fields), tokens);
+        self.pool_left = pool_left;
+        match picked {
             Ok(backend) => Ok((backend, stored)),
             Err(reply) if reply.status == 404 => Err(("model_not_found", reply)),
             Err(reply) => Err(("all_throttled", reply)),
@@ -406,8 +423,10 @@ impl Exchange {
         matches!(self.answer, Answer::Local { .. })
     }
 
-    /// Response headers arrived. Returns the headers to set on the response
-    /// (the backend's own rate-limit headers are replaced by the client's).
+    /// Response headers arrived. Returns the headers to set on the response:
+    /// the backend's own rate-limit headers are replaced by what the pool
+    /// has left (`quota`: what the answering backend reported), lowered to
+    /// the client's own limits where those are lower.
     pub fn on_response_headers(
         &mut self,
         gw: &Gateway,
@@ -415,6 +434,7 @@ impl Exchange {
         content_type: Option<&str>,
         backend: Option<&str>,
         attempts: Option<&str>,
+        quota: Left,
     ) -> Vec<(&'static str, String)> {
         if self.is_local_reply() {
             return Vec::new();
@@ -433,10 +453,24 @@ impl Exchange {
             attempts: attempts.and_then(|a| a.parse().ok()),
             capture,
         };
-        match self.charge.client.and_then(|c| gw.client_limits(c)) {
-            Some(_) => self.remaining_headers(),
-            None => Vec::new(),
+        let answered = backend.and_then(|b| gw.config.backend_by_name(b));
+        let pool = self.pool_left.after(answered, quota);
+        let client = match self.charge.client.and_then(|c| gw.client_limits(c)) {
+            Some(_) => Left { requests: self.charge.remaining.requests, tokens: self.charge.remaining.tokens },
+            None => Left::default(),
+        };
+        let lower = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut out = Vec::new();
+        if let Some(r) = lower(pool.requests, client.requests) {
+            out.push(("x-ratelimit-remaining-requests", r.to_string()));
         }
+        if let Some(t) = lower(pool.tokens, client.tokens) {
+            out.push(("x-ratelimit-remaining-tokens", t.to_string()));
+        }
+        out
     }
 
     /// A response body chunk passes. Returns a replacement when the chunk
@@ -799,7 +833,7 @@ mod tests {
         assert_eq!(r.status, 429);
         assert!(r.headers.iter().any(|(k, _)| *k == "x-ratelimit-remaining-tokens"));
         // The first answer used 52 tokens: the rest of its estimate comes back.
-        first.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"));
+        first.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"), Left::default());
         first.on_response_body(
             br#"{"model":"gpt-4o","usage":{"prompt_tokens":2,"completion_tokens":50,"total_tokens":52}}"#,
             true,
@@ -842,7 +876,7 @@ mod tests {
         let w = World::new("");
         let body = br#"{"messages":[{"role":"user","content":"1234"}],"max_tokens":900}"#;
         let (mut ex, _, _) = w.start(Some("key-of-team-c"), body);
-        ex.on_response_headers(&w.gw, 503, Some("application/json"), Some("east"), Some("1"));
+        ex.on_response_headers(&w.gw, 503, Some("application/json"), Some("east"), Some("1"), Left::default());
         ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
         let (next, step, _) = w.start(Some("key-of-team-c"), body);
         assert!(matches!(step, Step::Forward { .. }));
@@ -942,7 +976,7 @@ mod tests {
         assert!(matches!(step, Step::Forward { inspect_body: true, drop_content_length: true, .. }), "{step:?}");
         let body = body.unwrap();
         assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["stream_options"]["include_usage"], true);
-        ex.on_response_headers(&w.gw, 200, Some("text/event-stream"), Some("east"), Some("1"));
+        ex.on_response_headers(&w.gw, 200, Some("text/event-stream"), Some("east"), Some("1"), Left::default());
         let out = ex.on_response_body(
             b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}\n\ndata: [DONE]\n\n",
             true,
@@ -961,7 +995,7 @@ mod tests {
             w.start(Some("key-of-team-b"), br#"{"stream":true,"stream_options":{"include_usage":true}}"#);
         assert!(matches!(step, Step::Forward { .. }));
         assert_eq!(body, None);
-        ex.on_response_headers(&w.gw, 200, Some("text/event-stream"), None, None);
+        ex.on_response_headers(&w.gw, 200, Some("text/event-stream"), None, None, Left::default());
         assert_eq!(ex.on_response_body(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":2}}\n\n", true), None);
     }
 
@@ -970,7 +1004,7 @@ mod tests {
         let w = World::new(r#","log_bodies":true,"log_body_max_bytes":10"#);
         let (mut ex, _, _) =
             w.start(Some("key-of-team-b"), br#"{"messages":[{"role":"user","content":"a very long prompt indeed"}]}"#);
-        ex.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"));
+        ex.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"), Left::default());
         ex.on_response_body(br#"{"choices":[{"message":{"content":"a long long answer"}}]}"#, true);
         let text = ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
         let line: Value = serde_json::from_str(&text).unwrap();

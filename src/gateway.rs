@@ -15,6 +15,7 @@ use crate::config::ConfigError;
 use crate::config::{Backend, Config, Secret};
 use crate::contract::shared_data::{BACKEND_SET, HEALTH};
 use crate::credentials::{self, PassThrough};
+use crate::headroom::{Fit, Observation};
 use crate::health::{Availability, HealthTable};
 use crate::limits::{self, Limits};
 use crate::metrics::{self, Metrics};
@@ -79,6 +80,8 @@ pub struct AttemptRequest<'h> {
     /// The model the body names (v1); one the path names is read from
     /// `original_path`.
     pub model: Option<&'h str>,
+    /// The request's token estimate, when the request role knew it.
+    pub estimate: Option<u64>,
 }
 
 /// One attempt, as the attempt role's response decision needs it.
@@ -96,6 +99,50 @@ pub struct AttemptAnswer<'a> {
     pub status: u32,
     pub retry_after_ms: Option<&'a str>,
     pub retry_after: Option<&'a str>,
+    /// The answer's rate-limit headers.
+    pub quota: Observation,
+}
+
+/// Requests and tokens a backend has left (`None`: not known).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Left {
+    pub requests: Option<u64>,
+    pub tokens: Option<u64>,
+}
+
+/// What the backends that could serve a request were known to have left
+/// when it was routed, by backend index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolLeft {
+    pub backends: Vec<(usize, Left)>,
+}
+
+impl PoolLeft {
+    /// The pool's remaining requests and tokens once `answered` (a backend
+    /// index) reported `fresh` in its answer: its own fresh numbers plus
+    /// what the others were known to have. `None` where nothing is known.
+    pub fn after(&self, answered: Option<usize>, fresh: Left) -> Left {
+        let mut total = Left::default();
+        let add = |sum: &mut Option<u64>, part: Option<u64>| {
+            if let Some(n) = part {
+                *sum = Some(sum.unwrap_or(0).saturating_add(n));
+            }
+        };
+        for &(i, left) in &self.backends {
+            let left = if Some(i) == answered {
+                Left { requests: fresh.requests.or(left.requests), tokens: fresh.tokens.or(left.tokens) }
+            } else {
+                left
+            };
+            add(&mut total.requests, left.requests);
+            add(&mut total.tokens, left.tokens);
+        }
+        if answered.is_some_and(|a| !self.backends.iter().any(|&(i, _)| i == a)) {
+            add(&mut total.requests, fresh.requests);
+            add(&mut total.tokens, fresh.tokens);
+        }
+        total
+    }
 }
 
 /// What the attempt role does with one attempt's response headers.
@@ -249,25 +296,58 @@ impl Gateway {
     /// 429 to answer when every backend is throttled or open.
     /// With `model`, only backends serving it are candidates; none at all is
     /// a 404 `DeploymentNotFound` naming it, without an upstream call.
+    /// `tokens` is the request's estimate: with quota-aware routing a
+    /// backend whose reported headroom is short of it is not asked. The
+    /// `PoolLeft` is what the backends that could serve the request were
+    /// known to have left, for the answer's rate-limit headers.
     pub fn pick_first(
         &self,
         store: &dyn SharedStore,
         clock: &dyn Clock,
         model: Option<&str>,
-    ) -> Result<&Backend, LocalReply> {
+        tokens: u64,
+    ) -> (Result<&Backend, LocalReply>, PoolLeft) {
         let excluded = self.not_serving(model);
         if excluded.len() == self.config.backends.len() {
-            return Err(LocalReply::model_not_found(model.unwrap_or_default()));
+            return (Err(LocalReply::model_not_found(model.unwrap_or_default())), PoolLeft::default());
         }
         let now = clock.now_ms();
         let health = self.read_health(store);
         let cb = self.config.circuit_breaker;
+        let pool_left = self.pool_left(&health, now, &excluded);
+        let fit = self.fit(&health, tokens, now);
         let mut rotate = |g: &Group| store::fetch_increment(store, &g.counter_key);
         let mut lease_probe = |i: usize| self.lease_probe(store, now, i);
-        match self.pool.pick(&health, &cb, now, &excluded, &mut rotate, Some(&mut lease_probe)) {
+        let picked = match self.pool.pick(&health, &cb, now, &excluded, &fit, &mut rotate, Some(&mut lease_probe)) {
             Pick::Backend(i) => self.config.backends.get(i).ok_or_else(|| LocalReply::all_busy(1_000)),
             Pick::NoneUntil(until) => Err(LocalReply::all_busy(until.saturating_sub(now))),
+        };
+        (picked, pool_left)
+    }
+
+    /// How a request estimated at `tokens` fits each backend's reported
+    /// headroom (always `Unknown` with reactive routing).
+    fn fit<'t>(&self, health: &'t HealthTable, tokens: u64, now: u64) -> impl Fn(usize) -> Fit + 't {
+        let (on, window) = (self.config.quota_aware, self.config.headroom_window_ms);
+        move |i| if on { health.get(i).headroom.fit(tokens, now, window) } else { Fit::Unknown }
+    }
+
+    /// What the backends not `excluded` and not out are known to have left.
+    fn pool_left(&self, health: &HealthTable, now: u64, excluded: &[usize]) -> PoolLeft {
+        if !self.config.quota_aware {
+            return PoolLeft::default();
         }
+        let cb = self.config.circuit_breaker;
+        let backends = (0..self.names.len())
+            .filter(|i| !excluded.contains(i))
+            .filter(|&i| !matches!(health.get(i).availability(now, &cb), Availability::Unavailable { .. }))
+            .map(|i| {
+                let h = health.get(i).headroom;
+                let (requests, tokens) = h.now(now, self.config.headroom_window_ms);
+                (i, Left { requests, tokens })
+            })
+            .collect();
+        PoolLeft { backends }
     }
 
     /// Request role: the home backend, where creations and lists of stored
@@ -342,7 +422,7 @@ impl Gateway {
         metrics: &dyn Metrics,
         request: &AttemptRequest<'_>,
     ) -> Option<AttemptPlan<'a>> {
-        let AttemptRequest { cluster, original_path, tried, stored, model } = *request;
+        let AttemptRequest { cluster, original_path, tried, stored, model, estimate } = *request;
         // The request role passes on only a model the body names.
         let model = model.or_else(|| paths::model_in_path(original_path));
         let backend_index = self.config.backend_by_cluster(cluster)?;
@@ -367,7 +447,8 @@ impl Gateway {
         // Failover stays among the backends serving the request's model.
         let mut excluded = self.not_serving(model);
         excluded.extend_from_slice(&tried_indices);
-        let pick = self.pool.pick(&health, &cb, now, &excluded, &mut peek, None);
+        let fit = self.fit(&health, estimate.unwrap_or(1), now);
+        let pick = self.pool.pick(&health, &cb, now, &excluded, &fit, &mut peek, None);
         let fallback_cluster = match pick {
             // Stored state lives on one backend: nowhere else to go.
             _ if stored == Stored::Pinned => None,
@@ -420,7 +501,7 @@ impl Gateway {
         attempt: &AttemptRef,
         answer: &AttemptAnswer<'_>,
     ) -> ResponseDecision {
-        let AttemptAnswer { status, retry_after_ms, retry_after } = *answer;
+        let AttemptAnswer { status, retry_after_ms, retry_after, quota } = *answer;
         let AttemptRef { backend, has_fallback, stored } = *attempt;
         let now = clock.now_ms();
         let cb = self.config.circuit_breaker;
@@ -444,18 +525,38 @@ impl Gateway {
             || (stored == Stored::Lookup && status == 400);
         let class = metrics::status_class(status);
         metrics.add(&metrics::name(metrics::UPSTREAM_REQUESTS, &[("backend", name), ("class", &class)]), 1);
+        let learn = self.config.quota_aware && !quota.is_empty();
+        let window = self.config.headroom_window_ms;
+        // With requests and tokens left, a 429 refused this request's size:
+        // the headroom it reports keeps requests of that size away, and the
+        // backend stays in rotation for smaller ones.
+        let sized_out = status == 429 && self.config.quota_aware && quota.refused_for_size();
         let table = if status == 429 {
-            metrics.add(&metrics::name(metrics::THROTTLE_EVENTS, &[("backend", name)]), 1);
+            let kind = if sized_out { metrics::SIZED_OUT_EVENTS } else { metrics::THROTTLE_EVENTS };
+            metrics.add(&metrics::name(kind, &[("backend", name)]), 1);
             let wait = self.retry_after.wait_ms(retry_after_ms, retry_after, clock.wall_ms());
             self.update_health(store, |t| match t.get_mut(backend) {
                 Some(h) => {
-                    h.record_throttle(now, wait);
+                    if learn {
+                        h.headroom.learn(&quota, now, window);
+                    }
+                    if !sized_out {
+                        h.record_throttle(now, wait);
+                    }
                     true
                 }
                 None => false,
             })
         } else if status >= 500 || key_refused {
             self.record_failure(store, metrics, now, backend)
+        } else if learn {
+            self.update_health(store, |t| match t.get_mut(backend) {
+                Some(h) => {
+                    h.headroom.learn(&quota, now, window);
+                    true
+                }
+                None => false,
+            })
         } else {
             None
         };
@@ -652,7 +753,7 @@ mod tests {
     }
 
     fn req<'h>(cluster: &'h str, tried: Option<&'h str>) -> AttemptRequest<'h> {
-        AttemptRequest { cluster, original_path: CHAT, tried, stored: Stored::No, model: None }
+        AttemptRequest { cluster, original_path: CHAT, tried, stored: Stored::No, model: None, estimate: None }
     }
 
     fn at(backend: usize, has_fallback: bool) -> AttemptRef {
@@ -661,7 +762,7 @@ mod tests {
 
     /// The first pick's cluster.
     fn forward(g: &Gateway, s: &MemoryStore, c: &ManualClock) -> String {
-        match g.pick_first(s, c, None) {
+        match g.pick_first(s, c, None, 1).0 {
             Ok(backend) => backend.cluster.clone(),
             Err(reply) => panic!("expected a backend, got {reply:?}"),
         }
@@ -704,7 +805,7 @@ mod tests {
             &c,
             &Recorder::default(),
             &at(0, true),
-            &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") },
+            &AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20"), ..AttemptAnswer::default() },
         );
         // West is free now: should Envoy decline the retry, the client may come back at once.
         assert_eq!(d, ResponseDecision { retry: true, retry_after_ms: Some(1), healthy: false });
@@ -721,7 +822,7 @@ mod tests {
     fn last_429_reaches_the_client_with_the_soonest_wait() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
         let throttle = |attempt: AttemptRef, retry_after_ms, retry_after| {
-            let answer = AttemptAnswer { status: 429, retry_after_ms, retry_after };
+            let answer = AttemptAnswer { status: 429, retry_after_ms, retry_after, ..AttemptAnswer::default() };
             g.on_attempt_response(&s, &c, &Recorder::default(), &attempt, &answer)
         };
         throttle(at(0, true), Some("30000"), None);
@@ -730,7 +831,7 @@ mod tests {
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000), healthy: false });
         // A new request is answered locally with the same soonest wait.
         c.advance(500);
-        let r = g.pick_first(&s, &c, None).unwrap_err();
+        let r = g.pick_first(&s, &c, None, 1).0.unwrap_err();
         assert_eq!(r.status, 429);
         assert!(r.headers.contains(&("retry-after", "8".to_string())), "{:?}", r.headers);
         assert!(r.headers.contains(&("retry-after-ms", "7500".to_string())));
@@ -741,7 +842,8 @@ mod tests {
     #[test]
     fn a_backend_refusing_its_key_fails_over_and_counts_as_broken() {
         let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
-        let answer = |status| AttemptAnswer { status, retry_after_ms: None, retry_after: None };
+        let answer =
+            |status| AttemptAnswer { status, retry_after_ms: None, retry_after: None, ..AttemptAnswer::default() };
         assert!(g.on_attempt_response(&s, &c, &m, &at(0, true), &answer(401)).retry);
         assert!(g.on_attempt_response(&s, &c, &m, &at(0, true), &answer(403)).retry);
         // consecutive_failures = 2: east is out.
@@ -755,7 +857,7 @@ mod tests {
     #[test]
     fn a_404_fails_over_without_hurting_the_backend() {
         let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
-        let answer = AttemptAnswer { status: 404, retry_after_ms: None, retry_after: None };
+        let answer = AttemptAnswer { status: 404, retry_after_ms: None, retry_after: None, ..AttemptAnswer::default() };
         for _ in 0..3 {
             assert!(g.on_attempt_response(&s, &c, &m, &at(0, true), &answer).retry);
         }
@@ -772,7 +874,7 @@ mod tests {
             &c,
             &Recorder::default(),
             &at(0, true),
-            &AttemptAnswer { status: 500, retry_after_ms: None, retry_after: None },
+            &AttemptAnswer { status: 500, retry_after_ms: None, retry_after: None, ..AttemptAnswer::default() },
         );
         assert!(!d.retry);
         let d = g.on_attempt_response(
@@ -780,7 +882,7 @@ mod tests {
             &c,
             &Recorder::default(),
             &at(0, true),
-            &AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None },
+            &AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None, ..AttemptAnswer::default() },
         );
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: None, healthy: true });
     }
@@ -794,7 +896,7 @@ mod tests {
                 &c,
                 &Recorder::default(),
                 &at(0, true),
-                &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None }
+                &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None, ..AttemptAnswer::default() }
             )
             .retry
         );
@@ -812,7 +914,7 @@ mod tests {
             &c,
             &Recorder::default(),
             &at(0, false),
-            &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None },
+            &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None, ..AttemptAnswer::default() },
         );
         assert!(d.healthy);
         // The probe started on a backend that was not clean.
@@ -830,7 +932,7 @@ mod tests {
             &c,
             &m,
             &at(0, true),
-            &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None },
+            &AttemptAnswer { status: 503, retry_after_ms: None, retry_after: None, ..AttemptAnswer::default() },
         );
         let plan = g.plan_attempt(&s, &c, &m, &req("spillway_east", None)).unwrap();
         assert!(!plan.clean_at_start, "a failure run is not clean");
@@ -842,7 +944,8 @@ mod tests {
     #[test]
     fn attempt_metrics() {
         let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(0), Recorder::default());
-        let answer = |status| AttemptAnswer { status, retry_after_ms: None, retry_after: Some("5") };
+        let answer =
+            |status| AttemptAnswer { status, retry_after_ms: None, retry_after: Some("5"), ..AttemptAnswer::default() };
         // One request: east 429, west 503, paygo 200; failovers count when
         // the next attempt starts.
         let first = g.plan_attempt(&s, &c, &m, &req("spillway_east", None)).unwrap();
@@ -982,9 +1085,11 @@ mod tests {
             tried: None,
             stored: Stored::Pinned,
             model: None,
+            estimate: None,
         };
         assert_eq!(g.plan_attempt(&s, &c, &m, &pinned).unwrap().fallback_cluster, None);
-        let answer = AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20") };
+        let answer =
+            AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("20"), ..AttemptAnswer::default() };
         let d = g.on_attempt_response(
             &s,
             &c,
@@ -998,7 +1103,7 @@ mod tests {
         assert_eq!(busy.status, 429);
         assert!(busy.headers.contains(&("retry-after", "20".to_string())));
         // Looking up: a 400 (unknown previous_response_id) fails over; otherwise it does not.
-        let bad = AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None };
+        let bad = AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None, ..AttemptAnswer::default() };
         let lookup = AttemptRef { backend: 0, has_fallback: true, stored: Stored::Lookup };
         assert!(g.on_attempt_response(&s, &c, &m, &lookup, &bad).retry);
         assert!(!g.on_attempt_response(&s, &c, &m, &at(0, true), &bad).retry);
@@ -1013,7 +1118,8 @@ mod tests {
                 {"name":"west","url":"http://127.0.0.1:2","models":["gpt-4o-mini"]},
                 {"name":"any","url":"http://127.0.0.1:3","priority":2}]}"#,
         );
-        let first = |model| (0..4).map(|_| g.pick_first(&s, &c, Some(model)).unwrap().name.clone()).collect::<Vec<_>>();
+        let first =
+            |model| (0..4).map(|_| g.pick_first(&s, &c, Some(model), 1).0.unwrap().name.clone()).collect::<Vec<_>>();
         assert_eq!(first("gpt-4o"), ["east"; 4]);
         assert!(first("gpt-4o-mini").contains(&"west".to_string()));
         assert_eq!(first("dall-e-3"), ["any"; 4], "a backend without a list serves everything");
@@ -1024,14 +1130,15 @@ mod tests {
             tried: None,
             stored: Stored::No,
             model: Some("gpt-4o"),
+            estimate: None,
         };
         assert_eq!(g.plan_attempt(&s, &c, &m, &req).unwrap().fallback_cluster, Some("spillway_any"));
         let only_listed =
             gateway_with(r#"{"backends":[{"name":"east","url":"http://127.0.0.1:1","models":["gpt-4o"]}]}"#);
-        let none = only_listed.pick_first(&s, &c, Some("gpt-5")).unwrap_err();
+        let none = only_listed.pick_first(&s, &c, Some("gpt-5"), 1).0.unwrap_err();
         assert_eq!(none.status, 404);
         assert!(none.body.contains("DeploymentNotFound") && none.body.contains("gpt-5"), "{}", none.body);
-        assert!(only_listed.pick_first(&s, &c, None).is_ok(), "no model named: any backend");
+        assert!(only_listed.pick_first(&s, &c, None, 1).0.is_ok(), "no model named: any backend");
     }
 
     #[test]
@@ -1043,6 +1150,7 @@ mod tests {
             tried: None,
             stored: Stored::No,
             model,
+            estimate: None,
         };
         assert_eq!(
             g.plan_attempt(&s, &c, &m, &v1("spillway_east", Some("gpt-4o"))).unwrap().body_model,
@@ -1070,7 +1178,8 @@ mod tests {
         let g = gateway_with(json);
         assert_eq!(g.home(&s, &c).unwrap().name, "b");
         // A throttled home: a 429 with its wait, never another backend.
-        let answer = AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("9") };
+        let answer =
+            AttemptAnswer { status: 429, retry_after_ms: None, retry_after: Some("9"), ..AttemptAnswer::default() };
         g.on_attempt_response(&s, &c, &Recorder::default(), &at(1, false), &answer);
         let busy = g.home(&s, &c).unwrap_err();
         assert!(busy.headers.contains(&("retry-after", "9".to_string())), "{:?}", busy.headers);
@@ -1084,7 +1193,7 @@ mod tests {
             &c,
             &Recorder::default(),
             &at(0, true),
-            &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None },
+            &AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None, ..AttemptAnswer::default() },
         );
         assert_eq!(s.get(HEALTH), (None, None));
     }
@@ -1094,5 +1203,105 @@ mod tests {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(0));
         let plan = g.plan_attempt(&s, &c, &Recorder::default(), &req("spillway_east", Some("bogus,,west"))).unwrap();
         assert_eq!(plan.tried, "west,east");
+    }
+
+    fn quota(requests: u64, tokens: u64, limit_tokens: Option<u64>) -> Observation {
+        Observation { requests: Some(requests), tokens: Some(tokens), limit_tokens, ..Observation::default() }
+    }
+
+    fn answer(g: &Gateway, s: &MemoryStore, c: &ManualClock, backend: usize, status: u32, seen: Observation) -> bool {
+        let a = AttemptAnswer { status, quota: seen, ..AttemptAnswer::default() };
+        g.on_attempt_response(s, c, &Recorder::default(), &at(backend, true), &a).retry
+    }
+
+    #[test]
+    fn requests_go_where_the_reported_headroom_covers_them() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(1_000));
+        // east has 50 tokens left of 100,000 a minute; west said nothing.
+        answer(&g, &s, &c, 0, 200, quota(100, 50, Some(100_000)));
+        let first = |tokens| g.pick_first(&s, &c, None, tokens).0.unwrap().name.clone();
+        assert_eq!((0..6).map(|_| first(400)).collect::<Vec<_>>(), ["west"; 6]);
+        // Small requests still fit east (it has some of its turns: 50 of
+        // 100,000 left counts as a sliver next to west's unknown).
+        assert!((0..6).all(|_| ["east", "west"].contains(&first(40).as_str())));
+        // The fallback after west is paygo for the large request, east for a small one.
+        let plan = |estimate| {
+            let r = AttemptRequest { estimate: Some(estimate), ..req("spillway_west", None) };
+            g.plan_attempt(&s, &c, &Recorder::default(), &r).unwrap().fallback_cluster
+        };
+        assert_eq!(plan(400), Some("spillway_paygo"));
+        assert_eq!(plan(40), Some("spillway_east"));
+        // 100,000 a minute refill 400 tokens in a quarter of a second.
+        c.advance(250);
+        assert_eq!(plan(400), Some("spillway_east"));
+        // Reactive routing ignores all of it.
+        let reactive = gateway(r#","routing":"reactive""#);
+        answer(&reactive, &s, &c, 0, 200, quota(100, 50, Some(100_000)));
+        let r = AttemptRequest { estimate: Some(400), ..req("spillway_west", None) };
+        assert_eq!(
+            reactive.plan_attempt(&s, &c, &Recorder::default(), &r).unwrap().fallback_cluster,
+            Some("spillway_east")
+        );
+    }
+
+    #[test]
+    fn a_429_about_one_requests_size_throttles_no_one() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(1_000));
+        let m = Recorder::default();
+        // east refuses a huge request but still has 300 tokens and requests.
+        let a =
+            AttemptAnswer { status: 429, retry_after: Some("30"), quota: quota(5, 300, None), ..Default::default() };
+        let d = g.on_attempt_response(&s, &c, &m, &at(0, true), &a);
+        assert!(d.retry, "failed over like any 429");
+        assert_eq!(g.read_health(&s).get(0).availability(1_000, &g.config.circuit_breaker), Availability::Available);
+        assert_eq!(m.get("spillway_sized_out_total.backend.east"), 1);
+        assert_eq!(m.get("spillway_throttle_events_total.backend.east"), 0);
+        // Small requests keep going to east; large ones do not.
+        let first = |tokens| g.pick_first(&s, &c, None, tokens).0.unwrap().name.clone();
+        assert!((0..4).map(|_| first(100)).any(|n| n == "east"));
+        assert!((0..4).all(|_| first(1_000) != "east"));
+        // A 429 with nothing left is a throttle for everyone, as before.
+        let a =
+            AttemptAnswer { status: 429, retry_after: Some("30"), quota: quota(0, 300, None), ..Default::default() };
+        g.on_attempt_response(&s, &c, &m, &at(1, true), &a);
+        assert!(matches!(
+            g.read_health(&s).get(1).availability(1_000, &g.config.circuit_breaker),
+            Availability::Unavailable { until_ms: 31_000 }
+        ));
+        // Reactive routing throttles on every 429.
+        let reactive = gateway(r#","routing":"reactive""#);
+        let s2 = MemoryStore::default();
+        let a =
+            AttemptAnswer { status: 429, retry_after: Some("30"), quota: quota(5, 300, None), ..Default::default() };
+        reactive.on_attempt_response(&s2, &c, &m, &at(0, true), &a);
+        assert_eq!(reactive.read_health(&s2).get(0).throttled_until_ms, 31_000);
+    }
+
+    #[test]
+    fn when_every_backend_is_short_the_client_waits_for_the_first_refill() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(1_000));
+        for b in 0..3 {
+            answer(&g, &s, &c, b, 200, quota(10, 0, Some(60_000)));
+        }
+        // 60,000 a minute: 500 tokens are back after 500 ms.
+        let reply = g.pick_first(&s, &c, None, 500).0.unwrap_err();
+        assert_eq!(reply.status, 429);
+        assert!(reply.headers.contains(&("retry-after-ms", "500".to_string())), "{:?}", reply.headers);
+    }
+
+    #[test]
+    fn the_pool_reports_what_every_available_backend_has_left() {
+        let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(1_000));
+        answer(&g, &s, &c, 0, 200, quota(10, 1_000, None));
+        answer(&g, &s, &c, 1, 200, quota(20, 2_000, None));
+        let (_, pool) = g.pick_first(&s, &c, None, 1);
+        // west answers this one and reports its fresh numbers; paygo is unknown.
+        let left = pool.after(Some(1), Left { requests: Some(19), tokens: Some(1_900) });
+        assert_eq!(left, Left { requests: Some(29), tokens: Some(2_900) });
+        // A throttled backend has nothing to offer.
+        let a = AttemptAnswer { status: 429, retry_after: Some("30"), quota: quota(0, 0, None), ..Default::default() };
+        g.on_attempt_response(&s, &c, &Recorder::default(), &at(0, true), &a);
+        let (_, pool) = g.pick_first(&s, &c, None, 1);
+        assert_eq!(pool.after(Some(1), Left::default()), Left { requests: Some(20), tokens: Some(2_000) });
     }
 }

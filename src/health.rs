@@ -3,6 +3,7 @@
 //! one host call.
 
 use crate::config::CircuitBreaker;
+use crate::headroom::Headroom;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Health {
@@ -14,6 +15,8 @@ pub struct Health {
     pub open_until_ms: u64,
     /// Epoch ms until which a half-open probe request is in flight.
     pub probe_until_ms: u64,
+    /// What the backend last said it has left of its quota.
+    pub headroom: Headroom,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +107,8 @@ impl HealthTable {
         self.entries.get_mut(i)
     }
 
-    /// Text encoding, one line per backend: `name throttled fails open probe`.
+    /// Text encoding, one line per backend: `name throttled fails open probe`,
+    /// followed by the headroom fields when anything is known.
     /// Names (not positions) key the records so a config reload that reorders
     /// or adds backends keeps what is known about the others.
     pub fn encode(&self, names: &[&str]) -> Vec<u8> {
@@ -114,9 +118,13 @@ impl HealthTable {
                 continue;
             }
             out.push_str(&format!(
-                "{name} {} {} {} {}\n",
+                "{name} {} {} {} {}",
                 h.throttled_until_ms, h.consecutive_failures, h.open_until_ms, h.probe_until_ms
             ));
+            if h.headroom != Headroom::default() {
+                h.headroom.encode(&mut out);
+            }
+            out.push('\n');
         }
         out.into_bytes()
     }
@@ -132,16 +140,17 @@ impl HealthTable {
             let mut parts = line.split(' ');
             let Some(name) = parts.next() else { continue };
             let Some(i) = names.iter().position(|n| *n == name) else { continue };
-            let nums: Vec<u64> = parts.filter_map(|p| p.parse().ok()).collect();
-            if let [t, f, o, p] = nums[..] {
-                if let Some(h) = table.entries.get_mut(i) {
-                    *h = Health {
-                        throttled_until_ms: t,
-                        consecutive_failures: u32::try_from(f).unwrap_or(u32::MAX),
-                        open_until_ms: o,
-                        probe_until_ms: p,
-                    };
-                }
+            let mut number = || parts.next().and_then(|p| p.parse::<u64>().ok());
+            let (Some(t), Some(f), Some(o), Some(p)) = (number(), number(), number(), number()) else { continue };
+            let headroom = Headroom::decode(&mut parts).unwrap_or_default();
+            if let Some(h) = table.entries.get_mut(i) {
+                *h = Health {
+                    throttled_until_ms: t,
+                    consecutive_failures: u32::try_from(f).unwrap_or(u32::MAX),
+                    open_until_ms: o,
+                    probe_until_ms: p,
+                    headroom,
+                };
             }
         }
         table

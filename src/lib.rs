@@ -16,6 +16,7 @@ pub mod exchange;
 pub mod footprint;
 pub mod gateway;
 pub mod gen_ai;
+pub mod headroom;
 pub mod health;
 // Host calls without SDK panics; natively only the encoders and decoders
 // exist (tested, fuzzed).

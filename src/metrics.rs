@@ -7,6 +7,9 @@
 pub const UPSTREAM_REQUESTS: &str = "spillway_upstream_requests_total";
 pub const FAILOVERS: &str = "spillway_failovers_total";
 pub const THROTTLE_EVENTS: &str = "spillway_throttle_events_total";
+/// 429s about one request's size: the backend had quota left, just not
+/// enough for that request; it stays in rotation for smaller ones.
+pub const SIZED_OUT_EVENTS: &str = "spillway_sized_out_total";
 pub const CIRCUIT_OPENS: &str = "spillway_circuit_opens_total";
 pub const BACKEND_THROTTLED: &str = "spillway_backend_throttled";
 pub const BACKEND_CIRCUIT_OPEN: &str = "spillway_backend_circuit_open";

@@ -130,10 +130,20 @@ pub fn retry_after_secs(wait_ms: u64) -> u64 {
     wait_ms.div_ceil(1000).max(1)
 }
 
-/// `retry-after` and `retry-after-ms` for a wait (at least 1 ms).
+/// The longest `retry-after-ms` the openai SDKs obey; above it they ignore
+/// the header and come back after their own short backoff.
+pub const SDK_MAX_RETRY_AFTER_MS: u64 = 60_000;
+
+/// `retry-after` and `retry-after-ms` for a wait (at least 1 ms). The
+/// seconds tell the whole wait; the milliseconds stop at what the SDKs
+/// obey, so a longer wait makes them come back once a minute rather than
+/// every second or so.
 pub fn retry_after_headers(wait_ms: u64) -> [(&'static str, String); 2] {
     let wait_ms = wait_ms.max(1);
-    [("retry-after", retry_after_secs(wait_ms).to_string()), ("retry-after-ms", wait_ms.to_string())]
+    [
+        ("retry-after", retry_after_secs(wait_ms).to_string()),
+        ("retry-after-ms", wait_ms.min(SDK_MAX_RETRY_AFTER_MS).to_string()),
+    ]
 }
 
 #[cfg(test)]
@@ -156,6 +166,8 @@ mod tests {
         assert_eq!(header(&busy, "retry-after-ms"), Some("7500"));
         assert_eq!(header(&busy, header::ATTEMPTS), Some("0"));
         assert_eq!(header(&LocalReply::all_busy(0), "retry-after-ms"), Some("1"));
+        let long = LocalReply::all_busy(300_000);
+        assert_eq!((header(&long, "retry-after"), header(&long, "retry-after-ms")), (Some("300"), Some("60000")));
     }
 
     #[test]

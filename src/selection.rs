@@ -1,10 +1,12 @@
 //! Backend selection: priority groups, smooth weighted round robin inside a
-//! group, availability from the health table. Pure: the rotation counters
-//! and probe leases come in through closures.
+//! group, availability from the health table, and each backend's known
+//! quota headroom for the request at hand. Pure: the rotation counters,
+//! probe leases and headroom come in through closures.
 
 use crate::config::Backend;
 use crate::config::CircuitBreaker;
 use crate::contract::shared_data::ROTATION_PREFIX;
+use crate::headroom::Fit;
 use crate::health::{Availability, HealthTable};
 
 /// The backends of one priority, with the order smooth weighted round robin
@@ -65,73 +67,141 @@ impl Pool {
     /// order, so an unavailable member's turns spread over all the others.
     /// `probe` is asked to lease the single probe of a half-open backend;
     /// with `probe = None` half-open backends are skipped.
+    ///
+    /// `fit` says how the request fits each backend's known quota headroom.
+    /// A backend short of it is out for this request until its headroom is
+    /// back, like a throttled one; one whose headroom cannot be said to come
+    /// back in time (the request is larger than its known limit) is tried
+    /// only when no other backend can take the request. Among the members
+    /// that fit, known headroom spreads the turns (see `choose`).
+    #[allow(clippy::too_many_arguments)]
     pub fn pick(
         &self,
         health: &HealthTable,
         cb: &CircuitBreaker,
         now_ms: u64,
         exclude: &[usize],
+        fit: &dyn Fn(usize) -> Fit,
         rotation: &mut dyn FnMut(&Group) -> u64,
         mut probe: Option<&mut dyn FnMut(usize) -> bool>,
     ) -> Pick {
         let mut soonest: u64 = u64::MAX;
-        let usable = |i: usize, soonest: &mut u64| -> Option<bool> {
-            if exclude.contains(&i) {
-                return None;
+        let mut any_last_resort = false;
+        for last_resort in [false, true] {
+            if last_resort && !any_last_resort {
+                break;
             }
-            match health.get(i).availability(now_ms, cb) {
-                Availability::Available => Some(false),
-                Availability::NeedsProbe => Some(true),
-                Availability::Unavailable { until_ms } => {
-                    *soonest = (*soonest).min(until_ms);
-                    None
+            // The one predicate: Some(needs_probe) when the backend may take
+            // this request now.
+            let usable = |i: usize, soonest: &mut u64, any_last_resort: &mut bool| -> Option<bool> {
+                if exclude.contains(&i) {
+                    return None;
                 }
-            }
-        };
-        for group in &self.groups {
-            let mut any = false;
-            for &i in &group.members {
-                if let Some(needs_probe) = usable(i, &mut soonest) {
-                    any |= !needs_probe || probe.is_some();
+                let short_until = match fit(i) {
+                    Fit::Short { at_ms } if at_ms > now_ms => at_ms,
+                    Fit::Short { at_ms: 0 } if !last_resort => {
+                        *any_last_resort = true;
+                        return None;
+                    }
+                    _ => 0,
+                };
+                // Back when both its health and its headroom allow.
+                match health.get(i).availability(now_ms, cb) {
+                    Availability::Unavailable { until_ms } => {
+                        *soonest = (*soonest).min(until_ms.max(short_until));
+                        None
+                    }
+                    _ if short_until > 0 => {
+                        *soonest = (*soonest).min(short_until);
+                        None
+                    }
+                    Availability::Available => Some(false),
+                    Availability::NeedsProbe => Some(true),
                 }
-            }
-            if !any || group.schedule.is_empty() {
-                continue;
-            }
-            let start = rotation(group);
-            let len = group.schedule.len() as u64;
-            let at = |n: u64| group.schedule.get(usize::try_from(n % len).unwrap_or(0)).copied();
-            // A half-open backend gets its probe when its turn comes.
-            if let (Some(i), Some(lease)) = (at(start), probe.as_mut()) {
-                if usable(i, &mut soonest) == Some(true) && lease(i) {
-                    return Pick::Backend(i);
-                }
-            }
-            // The available members take turns among themselves: the turns
-            // of a backend that is out are shared by all the others, not all
-            // given to the one after it in the schedule.
-            let available = |i: &&usize| {
-                !exclude.contains(*i) && health.get(**i).availability(now_ms, cb) == Availability::Available
             };
-            let count = group.schedule.iter().filter(available).count() as u64;
-            if count > 0 {
-                let nth = usize::try_from(start % count).unwrap_or(0);
-                if let Some(&i) = group.schedule.iter().filter(available).nth(nth) {
+            for group in &self.groups {
+                let mut any = false;
+                for &i in &group.members {
+                    if let Some(needs_probe) = usable(i, &mut soonest, &mut any_last_resort) {
+                        any |= !needs_probe || probe.is_some();
+                    }
+                }
+                if !any || group.schedule.is_empty() {
+                    continue;
+                }
+                let start = rotation(group);
+                let len = group.schedule.len() as u64;
+                let at = |n: u64| group.schedule.get(usize::try_from(n % len).unwrap_or(0)).copied();
+                // A half-open backend gets its probe when its turn comes.
+                if let (Some(i), Some(lease)) = (at(start), probe.as_mut()) {
+                    if usable(i, &mut soonest, &mut any_last_resort) == Some(true) && lease(i) {
+                        return Pick::Backend(i);
+                    }
+                }
+                let mut ignored = (u64::MAX, false);
+                let available: Vec<usize> = group
+                    .schedule
+                    .iter()
+                    .copied()
+                    .filter(|&i| usable(i, &mut ignored.0, &mut ignored.1) == Some(false))
+                    .collect();
+                if let Some(i) = choose(&available, start, fit) {
                     return Pick::Backend(i);
                 }
-            }
-            // Only half-open members are left: the first whose probe is free.
-            for step in 0..len {
-                let Some(i) = at(start.wrapping_add(step)) else { continue };
-                if let (Some(true), Some(lease)) = (usable(i, &mut soonest), probe.as_mut()) {
-                    if lease(i) {
-                        return Pick::Backend(i);
+                // Only half-open members are left: the first whose probe is free.
+                for step in 0..len {
+                    let Some(i) = at(start.wrapping_add(step)) else { continue };
+                    if let (Some(true), Some(lease)) = (usable(i, &mut soonest, &mut any_last_resort), probe.as_mut()) {
+                        if lease(i) {
+                            return Pick::Backend(i);
+                        }
                     }
                 }
             }
         }
         Pick::NoneUntil(if soonest == u64::MAX { 0 } else { soonest })
     }
+}
+
+/// One of `available` (a group's schedule, filtered: a backend appears as
+/// often as its weight says) for rotation position `start`.
+///
+/// While nothing is known about their headroom the members take turns
+/// (round robin: the turns of a backend that is out are shared by all the
+/// others, not all given to the one after it). Once some headroom is known,
+/// each turn counts as much as the share of its backend's limit that is
+/// left (unknown counts as full), and `start`, scrambled, picks a point in
+/// that total: busy backends get fewer requests before they run out, and
+/// concurrent requests, which all read the same snapshot, still spread.
+fn choose(available: &[usize], start: u64, fit: &dyn Fn(usize) -> Fit) -> Option<usize> {
+    let share = |i: usize| match fit(i) {
+        Fit::Covers { share } => Some(u64::from(share.max(1))),
+        _ => None,
+    };
+    if available.iter().all(|&i| share(i).is_none()) {
+        let count = available.len() as u64;
+        return available.get(usize::try_from(start.checked_rem(count)?).unwrap_or(0)).copied();
+    }
+    let weight = |i: usize| share(i).unwrap_or(1000);
+    let total: u64 = available.iter().map(|&i| weight(i)).sum();
+    let mut point = scramble(start).checked_rem(total)?;
+    for &i in available {
+        let w = weight(i);
+        if point < w {
+            return Some(i);
+        }
+        point -= w;
+    }
+    available.last().copied()
+}
+
+/// splitmix64's finaliser: consecutive counter values become unrelated
+/// points, so turns do not march through the total in order.
+fn scramble(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// One cycle of nginx's smooth weighted round robin over slots `0..weights.len()`:
@@ -198,7 +268,7 @@ mod tests {
                 *c += 1;
                 *c - 1
             };
-            if let Pick::Backend(i) = pool.pick(health, &CB, 0, &[], &mut rot, None) {
+            if let Pick::Backend(i) = pool.pick(health, &CB, 0, &[], &|_| Fit::Unknown, &mut rot, None) {
                 *seen.entry(cfg.backends[i].name.clone()).or_insert(0) += 1;
             }
         }
@@ -270,7 +340,7 @@ mod tests {
         health.entries[0].record_throttle(0, 7_000);
         health.entries[1].record_throttle(0, 3_000);
         let pool = Pool::new(&cfg.backends);
-        let pick = pool.pick(&health, &CB, 0, &[], &mut |_| 0, None);
+        let pick = pool.pick(&health, &CB, 0, &[], &|_| Fit::Unknown, &mut |_| 0, None);
         assert_eq!(pick, Pick::NoneUntil(3_000));
     }
 
@@ -280,9 +350,9 @@ mod tests {
         let pool = Pool::new(&cfg.backends);
         let health = HealthTable::new(2);
         for start in 0..4 {
-            assert_eq!(pool.pick(&health, &CB, 0, &[0], &mut |_| start, None), Pick::Backend(1));
+            assert_eq!(pool.pick(&health, &CB, 0, &[0], &|_| Fit::Unknown, &mut |_| start, None), Pick::Backend(1));
         }
-        assert_eq!(pool.pick(&health, &CB, 0, &[0, 1], &mut |_| 0, None), Pick::NoneUntil(0));
+        assert_eq!(pool.pick(&health, &CB, 0, &[0, 1], &|_| Fit::Unknown, &mut |_| 0, None), Pick::NoneUntil(0));
     }
 
     #[test]
@@ -298,11 +368,17 @@ mod tests {
             leased += 1;
             leased == 1
         };
-        assert_eq!(pool.pick(&health, &CB, now, &[], &mut |_| 0, Some(&mut lease)), Pick::Backend(0));
+        assert_eq!(
+            pool.pick(&health, &CB, now, &[], &|_| Fit::Unknown, &mut |_| 0, Some(&mut lease)),
+            Pick::Backend(0)
+        );
         // Lease taken by someone else: spill to the next priority.
-        assert_eq!(pool.pick(&health, &CB, now, &[], &mut |_| 0, Some(&mut lease)), Pick::Backend(1));
+        assert_eq!(
+            pool.pick(&health, &CB, now, &[], &|_| Fit::Unknown, &mut |_| 0, Some(&mut lease)),
+            Pick::Backend(1)
+        );
         // Fallbacks never probe.
-        assert_eq!(pool.pick(&health, &CB, now, &[], &mut |_| 0, None), Pick::Backend(1));
+        assert_eq!(pool.pick(&health, &CB, now, &[], &|_| Fit::Unknown, &mut |_| 0, None), Pick::Backend(1));
     }
 
     #[test]
@@ -317,6 +393,7 @@ mod tests {
             &CB,
             0,
             &[],
+            &|_| Fit::Unknown,
             &mut |g| {
                 asked.push(g.priority);
                 0
@@ -324,5 +401,63 @@ mod tests {
             None,
         );
         assert_eq!(asked, vec![2]);
+    }
+
+    fn first_picks(cfg: &Config, fit: &dyn Fn(usize) -> Fit, n: u64) -> HashMap<String, usize> {
+        let pool = Pool::new(&cfg.backends);
+        let health = HealthTable::new(cfg.backends.len());
+        let mut seen = HashMap::new();
+        for start in 0..n {
+            if let Pick::Backend(i) = pool.pick(&health, &CB, 0, &[], fit, &mut |_| start, None) {
+                *seen.entry(cfg.backends[i].name.clone()).or_insert(0) += 1;
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn a_backend_short_of_headroom_is_out_for_that_request_until_it_refills() {
+        let cfg = config(&[("a", 1, 1), ("b", 1, 1), ("c", 2, 1)]);
+        let pool = Pool::new(&cfg.backends);
+        let health = HealthTable::new(3);
+        let short_a = |i: usize| if i == 0 { Fit::Short { at_ms: 4_000 } } else { Fit::Unknown };
+        assert_eq!(first_picks(&cfg, &short_a, 10)["b"], 10);
+        // Short everywhere: nobody is asked, the wait is the soonest refill.
+        let all_short = |i: usize| Fit::Short { at_ms: 4_000 + i as u64 };
+        assert_eq!(pool.pick(&health, &CB, 0, &[], &all_short, &mut |_| 0, None), Pick::NoneUntil(4_000));
+        // Throttled and short, a backend is back at the later of the two.
+        let mut throttled = HealthTable::new(3);
+        throttled.entries[0].record_throttle(0, 9_000);
+        assert_eq!(pool.pick(&throttled, &CB, 0, &[], &all_short, &mut |_| 0, None), Pick::NoneUntil(4_001));
+        assert_eq!(pool.pick(&health, &CB, 5_000, &[], &all_short, &mut |_| 0, None), Pick::Backend(0));
+    }
+
+    #[test]
+    fn a_request_larger_than_any_known_limit_is_tried_only_where_nothing_else_goes() {
+        let cfg = config(&[("a", 1, 1), ("b", 2, 1)]);
+        let never_a = |i: usize| if i == 0 { Fit::Short { at_ms: 0 } } else { Fit::Unknown };
+        assert_eq!(first_picks(&cfg, &never_a, 10)["b"], 10);
+        let never = |_| Fit::Short { at_ms: 0 };
+        assert_eq!(first_picks(&cfg, &never, 10)["a"], 10);
+    }
+
+    #[test]
+    fn known_headroom_spreads_the_turns() {
+        let cfg = config(&[("a", 1, 1), ("b", 1, 1), ("c", 1, 2)]);
+        // a has 90 % of its limit left, b 10 %, c is unknown (counts as full,
+        // twice for its weight).
+        let fit = |i: usize| match i {
+            0 => Fit::Covers { share: 900 },
+            1 => Fit::Covers { share: 100 },
+            _ => Fit::Unknown,
+        };
+        let seen = first_picks(&cfg, &fit, 40_000);
+        let ratio = |n: &str| seen[n] as f64 / 40_000.0;
+        assert!((ratio("a") - 0.9 / 3.0).abs() < 0.02, "{seen:?}");
+        assert!((ratio("b") - 0.1 / 3.0).abs() < 0.02, "{seen:?}");
+        assert!((ratio("c") - 2.0 / 3.0).abs() < 0.02, "{seen:?}");
+        // Consecutive requests do not march through one backend's turns.
+        let runs = (0..100u64).map(|s| choose(&[0, 1, 2, 2], s, &fit)).collect::<Vec<_>>();
+        assert!(runs.windows(2).filter(|w| w[0] != w[1]).count() > 30, "{runs:?}");
     }
 }

@@ -10,7 +10,8 @@ use crate::contract::{body_metadata, header, Role};
 use crate::credentials::{self, ClientCredential, PassThrough};
 use crate::exchange::{Exchange, RequestHead, Step};
 use crate::footprint;
-use crate::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, ResponseDecision, Stored};
+use crate::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, Left, ResponseDecision, Stored};
+use crate::headroom::{self, Observation};
 use crate::host::{self, Body, Headers, MetricKind, SetError};
 use crate::metrics::{Metrics, NameHash};
 use crate::replies::LocalReply;
@@ -406,7 +407,7 @@ impl RequestFilter {
 
     fn apply(&mut self, step: Step) -> Action {
         match step {
-            Step::Forward { cluster, path, inspect_body, drop_content_length, stored, model } => {
+            Step::Forward { cluster, path, inspect_body, drop_content_length, stored, model, estimate } => {
                 if self.gateway.stashes_client_credentials() {
                     self.stash_client_credential();
                 }
@@ -414,6 +415,9 @@ impl RequestFilter {
                 set_request_header(header::PATH, Some(&path));
                 if let Some(model) = &model {
                     set_request_header(header::MODEL, Some(model));
+                }
+                if let Some(tokens) = estimate {
+                    set_request_header(header::ESTIMATE, Some(&tokens.to_string()));
                 }
                 match stored {
                     Stored::No => {}
@@ -445,7 +449,9 @@ impl HttpContext for RequestFilter {
         // headers the filter reads, CLUSTER and PATH are always overwritten
         // before the request goes on; TRIED and CREDENTIAL must go.
         let headers = HeaderMap::read(Headers::Request);
-        for internal in [header::TRIED, header::CREDENTIAL, header::MODEL, header::PINNED, header::LOOKUP] {
+        for internal in
+            [header::TRIED, header::CREDENTIAL, header::MODEL, header::PINNED, header::LOOKUP, header::ESTIMATE]
+        {
             if headers.has(internal) {
                 set_request_header(internal, None);
             }
@@ -530,13 +536,25 @@ impl HttpContext for RequestFilter {
         let status: u32 = headers.text(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         let (content_type, backend, attempts) =
             (headers.text("content-type"), headers.text(header::BACKEND), headers.text(header::ATTEMPTS));
+        let number = |name: &str| headers.text(name).and_then(|v| v.trim().parse::<u64>().ok());
+        let reported =
+            Left { requests: number(headroom::REMAINING_REQUESTS), tokens: number(headroom::REMAINING_TOKENS) };
         let extra = self.exchange.on_response_headers(
             &self.gateway,
             status,
             content_type.as_deref(),
             backend.as_deref(),
             attempts.as_deref(),
+            reported,
         );
+        if !extra.is_empty() {
+            // One backend's limits next to the pool's remaining would mislead.
+            for name in [headroom::LIMIT_REQUESTS, headroom::LIMIT_TOKENS] {
+                if headers.has(name) {
+                    set_response_header(name, None);
+                }
+            }
+        }
         for (name, value) in extra {
             set_response_header(name, Some(&value));
         }
@@ -679,12 +697,18 @@ impl HttpContext for AttemptFilter {
         };
         let gateway = Rc::clone(&self.gateway);
         let model = request_header(header::MODEL);
+        let estimate = if gateway.config.quota_aware {
+            request_header(header::ESTIMATE).and_then(|v| v.parse().ok())
+        } else {
+            None
+        };
         let request = AttemptRequest {
             cluster: &cluster,
             original_path: &original_path,
             tried: tried.as_deref(),
             stored,
             model: model.as_deref(),
+            estimate,
         };
         let Some(plan) = gateway.plan_attempt(&HostStore, &HostClock, &HostMetrics, &request) else {
             return Action::Continue;
@@ -765,23 +789,33 @@ impl HttpContext for AttemptFilter {
         let Some(attempt) = &mut self.attempt else { return Action::Continue };
         self.answered = true;
         self.complete = end_of_stream;
-        let status: u32 = response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-        let (retry_after_ms, retry_after) = if status == 429 {
-            (response_header("retry-after-ms"), response_header("retry-after"))
-        } else {
-            (None, None)
+        // Quota-aware routing reads several headers of every answer: the
+        // whole map at once is cheaper than one call each.
+        let headers = self.gateway.config.quota_aware.then(|| HeaderMap::read(Headers::Response));
+        let read = |name: &str| match &headers {
+            Some(map) => map.text(name),
+            None => response_header(name),
         };
+        let status: u32 = read(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let (retry_after_ms, retry_after) =
+            if status == 429 { (read("retry-after-ms"), read("retry-after")) } else { (None, None) };
+        let quota = if headers.is_some() { Observation::read(&read, status) } else { Observation::default() };
         let ResponseDecision { retry, retry_after_ms: wait, healthy } = self.gateway.on_attempt_response(
             &HostStore,
             &HostClock,
             &HostMetrics,
             &AttemptRef { backend: attempt.backend, has_fallback: attempt.has_fallback, stored: attempt.stored },
-            &AttemptAnswer { status, retry_after_ms: retry_after_ms.as_deref(), retry_after: retry_after.as_deref() },
+            &AttemptAnswer {
+                status,
+                retry_after_ms: retry_after_ms.as_deref(),
+                retry_after: retry_after.as_deref(),
+                quota,
+            },
         );
         // A backend's own retry header must not steer Envoy.
         if retry {
             set_response_header(header::RETRY, Some("1"));
-        } else {
+        } else if headers.as_ref().is_none_or(|map| map.has(header::RETRY)) {
             clear_header(Headers::Response, header::RETRY);
         }
         // Envoy drops a retried answer unread: that is not a broken answer.

@@ -29,6 +29,14 @@ pub enum Fault {
     Hang,
     /// `{"hang_ms": N}`: wait N ms more before answering normally (a slow backend).
     HangMs(u64),
+    /// `{"stream_error_before_content": true}`: a stream request is served
+    /// (checks, quota) but its stream carries Azure's mid-stream error event
+    /// instead of any content; any other request gets an injected 500.
+    StreamErrorBeforeContent,
+    /// `{"first_content_delay_ms": N}`: a stream is served normally, but its
+    /// events wait N ms more after the head (a slow first token); any other
+    /// answer waits N ms before its head, as with `hang_ms`.
+    FirstContentDelayMs(u64),
 }
 
 impl Fault {
@@ -41,12 +49,33 @@ impl Fault {
             Fault::ResetAfterEvents(_) => "reset_after_events",
             Fault::Hang => "hang",
             Fault::HangMs(_) => "hang_ms",
+            Fault::StreamErrorBeforeContent => "stream_error_before_content",
+            Fault::FirstContentDelayMs(_) => "first_content_delay_ms",
+        }
+    }
+
+    /// The fault as it applies to a request answered without a stream (not
+    /// asking for one, or a realtime connection): the stream faults become
+    /// their plain counterparts, an injected 500 and a `hang_ms`.
+    pub fn for_plain_answer(&self) -> Fault {
+        match self {
+            Fault::StreamErrorBeforeContent => Fault::Status { status: 500, headers: Headers::new() },
+            Fault::FirstContentDelayMs(ms) => Fault::HangMs(*ms),
+            other => other.clone(),
         }
     }
 }
 
 /// Keys that select the fault kind; an entry has exactly one.
-const KIND_KEYS: [&str; 5] = ["status", "reset", "reset_after_events", "hang", "hang_ms"];
+const KIND_KEYS: [&str; 7] = [
+    "status",
+    "reset",
+    "reset_after_events",
+    "hang",
+    "hang_ms",
+    "stream_error_before_content",
+    "first_content_delay_ms",
+];
 /// Keys that only go with `status`.
 const STATUS_KEYS: [&str; 4] = ["retry_after", "retry_after_ms", "headers", "raw_headers"];
 
@@ -70,6 +99,8 @@ pub fn parse_fault(v: &Value) -> Result<Fault, String> {
     match kind {
         "reset" => Ok(Fault::Reset),
         "hang" => Ok(Fault::Hang),
+        "stream_error_before_content" => Ok(Fault::StreamErrorBeforeContent),
+        "first_content_delay_ms" => Ok(Fault::FirstContentDelayMs(count(obj, kind)?)),
         "reset_after_events" => {
             let n = count(obj, kind)?;
             Ok(Fault::ResetAfterEvents(usize::try_from(n).map_err(|_| "reset_after_events too large".to_string())?))
@@ -79,13 +110,16 @@ pub fn parse_fault(v: &Value) -> Result<Fault, String> {
     }
 }
 
-/// The one kind key present. `"reset": false` and `"hang": false` count as absent.
+/// The one kind key present. A flag kind set to `false` (`"reset": false`,
+/// ...) counts as absent.
 fn fault_kind(obj: &Map<String, Value>) -> Result<&'static str, String> {
     let mut kinds = Vec::new();
     for key in KIND_KEYS {
         let present = match (key, obj.get(key)) {
             (_, None) => false,
-            ("reset" | "hang", Some(v)) => v.as_bool().ok_or(format!("fail_next.{key} must be true or false"))?,
+            ("reset" | "hang" | "stream_error_before_content", Some(v)) => {
+                v.as_bool().ok_or(format!("fail_next.{key} must be true or false"))?
+            }
             _ => true,
         };
         if present {
@@ -95,7 +129,8 @@ fn fault_kind(obj: &Map<String, Value>) -> Result<&'static str, String> {
     match kinds.as_slice() {
         [one] => Ok(*one),
         [] => Err("fail_next entry needs one of \"status\" (100-599), \"reset\": true, \
-                   \"reset_after_events\": N, \"hang\": true, \"hang_ms\": N"
+                   \"reset_after_events\": N, \"hang\": true, \"hang_ms\": N, \
+                   \"stream_error_before_content\": true, \"first_content_delay_ms\": N"
             .into()),
         [a, b, ..] => Err(format!("fail_next entry mixes \"{a}\" and \"{b}\": one fault per entry")),
     }
@@ -222,6 +257,14 @@ mod tests {
         assert_eq!(parse(json!({"reset": true})), Ok(Fault::Reset));
         assert_eq!(parse(json!({"hang": true})), Ok(Fault::Hang));
         assert_eq!(parse(json!({"hang_ms": 250})), Ok(Fault::HangMs(250)));
+        assert_eq!(parse(json!({"stream_error_before_content": true})), Ok(Fault::StreamErrorBeforeContent));
+        assert_eq!(parse(json!({"first_content_delay_ms": 0})), Ok(Fault::FirstContentDelayMs(0)));
+        assert_eq!(parse(json!({"first_content_delay_ms": 900})), Ok(Fault::FirstContentDelayMs(900)));
+        assert_eq!(
+            parse(json!({"hang_ms": 5, "stream_error_before_content": false})),
+            Ok(Fault::HangMs(5)),
+            "false means not this kind"
+        );
         assert_eq!(parse(json!({"reset_after_events": 0})), Ok(Fault::ResetAfterEvents(0)));
         assert_eq!(parse(json!({"reset_after_events": 3})), Ok(Fault::ResetAfterEvents(3)));
         assert_eq!(parse(json!({"status": 500})), Ok(Fault::Status { status: 500, headers: vec![] }));
@@ -234,11 +277,25 @@ mod tests {
             json!({"reset_after_events": 1}),
             json!({"hang": true}),
             json!({"hang_ms": 1}),
+            json!({"stream_error_before_content": true}),
+            json!({"first_content_delay_ms": 1}),
         ]
         .into_iter()
         .map(|v| parse(v).unwrap().kind())
         .collect();
-        assert_eq!(names, ["status", "pass", "reset", "reset_after_events", "hang", "hang_ms"]);
+        assert_eq!(
+            names,
+            [
+                "status",
+                "pass",
+                "reset",
+                "reset_after_events",
+                "hang",
+                "hang_ms",
+                "stream_error_before_content",
+                "first_content_delay_ms"
+            ]
+        );
     }
 
     #[test]
@@ -258,6 +315,17 @@ mod tests {
             json!({"reset_after_events": -1}),
             json!({"reset_after_events": 1.5}),
             json!({"hang_ms": "5"}),
+            json!({"stream_error_before_content": false}),
+            json!({"stream_error_before_content": 1}),
+            json!({"stream_error_before_content": "true"}),
+            json!({"stream_error_before_content": true, "status": 500}),
+            json!({"stream_error_before_content": true, "retry_after": 1}),
+            json!({"stream_error_before_content": true, "first_content_delay_ms": 5}),
+            json!({"first_content_delay_ms": -1}),
+            json!({"first_content_delay_ms": "5"}),
+            json!({"first_content_delay_ms": 5, "hang_ms": 5}),
+            json!({"first_content_delay_ms": 5, "headers": {"a": "b"}}),
+            json!({"first_content_delay_ms": 5, "delay": 1}),
             json!({"reset": true, "retry_after": 1}),
             json!({"hang": true, "headers": {"a": "b"}}),
             json!({"status": 500, "retry_after": [1]}),
@@ -278,6 +346,17 @@ mod tests {
         assert_eq!(parse(json!({"status": 1, "x": 1})).unwrap_err(), "unknown fail_next key: x");
         assert!(parse_faults(&json!({"status": 500})).is_err());
         assert_eq!(parse_faults(&json!([{"status": 500}, {"hang": true}])).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn stream_faults_without_a_stream() {
+        let plain = |v: Value| parse(v).unwrap().for_plain_answer();
+        assert_eq!(plain(json!({"stream_error_before_content": true})), Fault::Status { status: 500, headers: vec![] });
+        assert_eq!(plain(json!({"first_content_delay_ms": 40})), Fault::HangMs(40));
+        // Every other kind means the same with or without a stream.
+        for v in [json!({"status": 503, "retry_after": 2}), json!({"reset_after_events": 1}), json!({"hang": true})] {
+            assert_eq!(plain(v.clone()), parse(v).unwrap());
+        }
     }
 
     #[test]

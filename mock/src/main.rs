@@ -69,7 +69,11 @@ Control API (JSON), under /_mock/:
   GET  /_mock/config    current settings
   POST /_mock/config    change any of: requests_per_window, tokens_per_window, window_ms,
                         latency_ms, stream_chunks, stream_chunk_delay_ms, api_key,
-                        deployments, retry_after_header ("keep"|"omit"), fail_next
+                        deployments, retry_after_header ("keep"|"omit"),
+                        limit_headers (true: x-ratelimit-limit-requests/-tokens next to
+                        x-ratelimit-remaining-*), provisioned (true: successes and quota
+                        429s carry azure-openai-deployment-utilization: N.N%, the window's
+                        tokens (else requests) used / limit), fail_next
 
 fail_next: [entry, ...], one entry per later data-plane request, in order:
   {"status": N}               N >= 400: Azure-style error (404 DeploymentNotFound,
@@ -82,6 +86,15 @@ fail_next: [entry, ...], one entry per later data-plane request, in order:
                               stream, after half of a JSON body
   {"hang": true}              never answer; hold the connection until the client closes
   {"hang_ms": N}              answer normally after N more ms (a slow backend)
+  {"stream_error_before_content": true}
+                              a stream is admitted, then sends (chat: Azure's
+                              prompt_filter_results chunk and) one error event
+                              {"error":{"code":"server_error",...}}, no [DONE];
+                              without a stream: as {"status": 500}
+  {"first_content_delay_ms": N}
+                              a stream sends its head (chat: and the
+                              prompt_filter_results chunk) at once, the rest N ms
+                              later; without a stream: as {"hang_ms": N}
 
 Request headers (data plane), for clients that hang up on purpose:
   x-mock-latency-ms: N                 N more ms before this request's response head

@@ -589,6 +589,33 @@ impl StreamPlan {
     }
 }
 
+/// Azure's first chat completion chunk: no choices, only the prompt's
+/// content filter results (Azure sends it before any content). Written out
+/// so the wire bytes do not depend on how `serde_json` orders keys.
+pub const AZURE_PROMPT_FILTER_CHUNK: &[u8] = b"data: {\"id\":\"\",\"object\":\"\",\"created\":0,\"model\":\"\",\"choices\":[],\"prompt_filter_results\":[{\"prompt_index\":0,\"content_filter_results\":{}}]}\n\n";
+
+/// The error event Azure sends inside a stream that fails after its 200 head.
+pub const STREAM_SERVER_ERROR: &[u8] = b"data: {\"error\":{\"code\":\"server_error\",\"message\":\"The server had an error while processing your request. Sorry about that!\",\"param\":null,\"type\":\"server_error\"}}\n\n";
+
+/// `plan` with Azure's metadata-only chunk ([`AZURE_PROMPT_FILTER_CHUNK`])
+/// first when it is a chat completion stream; the number of events put
+/// before the plan's own (0 or 1).
+pub fn with_prompt_filter_chunk(op: Operation, mut plan: StreamPlan) -> (StreamPlan, usize) {
+    if op != Operation::ChatCompletions {
+        return (plan, 0);
+    }
+    plan.head.insert(0, Bytes::from_static(AZURE_PROMPT_FILTER_CHUNK));
+    (plan, 1)
+}
+
+/// The stream of a backend that fails before any content: (chat
+/// completions) the metadata-only chunk, then [`STREAM_SERVER_ERROR`] in
+/// place of the content (so it waits the chunk delay); no `[DONE]`.
+pub fn failed_stream(op: Operation) -> StreamPlan {
+    let error = StreamPlan { content: vec![Bytes::from_static(STREAM_SERVER_ERROR)], ..StreamPlan::default() };
+    with_prompt_filter_chunk(op, error).0
+}
+
 /// Streamed chat completion.
 pub fn chat_stream(ctx: &Ctx, body: &Value, prompt_tokens: u64, chunks: usize) -> StreamPlan {
     let chunks = chunks.max(1);
@@ -912,6 +939,32 @@ mod tests {
         let last = parsed.last().unwrap();
         assert_eq!(last["choices"], json!([]));
         assert_eq!(last["usage"], json!({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}));
+    }
+
+    #[test]
+    fn failed_and_prefixed_streams() {
+        let chat = failed_stream(Operation::ChatCompletions);
+        assert_eq!((chat.head.len(), chat.content.len(), chat.tail.len()), (1, 1, 0));
+        let ev = events(&chat);
+        assert_eq!(
+            ev[0],
+            r#"{"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&ev[1]).unwrap(),
+            json!({"error": {"code": "server_error", "param": null, "type": "server_error",
+                  "message": "The server had an error while processing your request. Sorry about that!"}})
+        );
+        assert_eq!(ev.len(), 2, "no [DONE]");
+        let other = failed_stream(Operation::CreateResponse);
+        assert_eq!(other.all().collect::<Vec<_>>(), [&Bytes::from_static(STREAM_SERVER_ERROR)]);
+
+        let (plan, lead) = with_prompt_filter_chunk(Operation::ChatCompletions, chat_stream(&ctx(), &json!({}), 4, 2));
+        assert_eq!((lead, plan.head.len(), plan.content.len()), (1, 2, 2));
+        assert_eq!(plan.head[0], AZURE_PROMPT_FILTER_CHUNK);
+        let (plan, lead) =
+            with_prompt_filter_chunk(Operation::Completions, completion_stream(&ctx(), &json!({}), 4, 2));
+        assert_eq!((lead, plan.head.len()), (0, 0));
     }
 
     #[test]

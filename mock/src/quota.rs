@@ -83,6 +83,25 @@ impl Quota {
         }
     }
 
+    /// How much of the current window's quota is used, in tenths of a
+    /// percent (875 = 87.5 %), rounded down and capped at 1000: of the token
+    /// limit when one is set, else of the request limit; `None` without
+    /// limits. A limit of 0 counts as full (nothing more fits).
+    pub fn used_permille(&mut self, now_ms: u64) -> Option<u64> {
+        self.roll(now_ms);
+        let (used, limit) = match (self.tokens_per_window, self.requests_per_window) {
+            (Some(limit), _) => (self.used_tokens, limit),
+            (None, Some(limit)) => (self.used_requests, limit),
+            (None, None) => return None,
+        };
+        if limit == 0 {
+            return Some(1000);
+        }
+        // u128: `used * 1000` must not overflow for any u64 count.
+        let permille = (u128::from(used) * 1000 / u128::from(limit)).min(1000);
+        Some(u64::try_from(permille).unwrap_or(1000))
+    }
+
     /// Try to admit one request charging `tokens`. On success the quota is
     /// consumed and the remaining quota returned; on rejection nothing is consumed.
     pub fn try_admit(&mut self, now_ms: u64, tokens: u64) -> Result<Remaining, Rejection> {
@@ -151,6 +170,28 @@ mod tests {
         let mut q = Quota::new(Some(1), Some(10), 1000);
         q.try_admit(0, 1).unwrap();
         assert_eq!(q.try_admit(1, 100).unwrap_err().kind, LimitKind::Requests);
+    }
+
+    #[test]
+    fn used_share_of_tokens_else_requests() {
+        assert_eq!(Quota::new(None, None, 1000).used_permille(0), None);
+        let mut q = Quota::new(Some(3), Some(32), 1000);
+        assert_eq!(q.used_permille(0), Some(0));
+        q.try_admit(0, 28).unwrap();
+        assert_eq!(q.used_permille(1), Some(875), "tokens first: 28 of 32");
+        // A rejected request changes nothing.
+        assert!(q.try_admit(2, 5).is_err());
+        assert_eq!(q.used_permille(3), Some(875));
+        q.try_admit(4, 4).unwrap();
+        assert_eq!(q.used_permille(5), Some(1000));
+        assert_eq!(q.used_permille(1000), Some(0), "a new window");
+
+        let mut q = Quota::new(Some(3), None, 1000);
+        q.try_admit(0, 99).unwrap();
+        assert_eq!(q.used_permille(0), Some(333), "requests: 1 of 3, rounded down");
+        q.try_admit(0, 0).unwrap();
+        assert_eq!(q.used_permille(0), Some(666));
+        assert_eq!(Quota::new(None, Some(0), 1000).used_permille(0), Some(1000), "a zero limit is full");
     }
 
     #[test]

@@ -43,7 +43,8 @@
 //! order: the next `fail_next` entry (as for any data-plane request: an
 //! error status, reset or hang instead of the 101; `status` < 400 adds its
 //! headers to the 101, `hang_ms` delays it, `reset_after_events` N drops the
-//! socket without a close frame after N server events), the key (`api-key`
+//! socket without a close frame after N server events; the stream kinds act
+//! as on a request without a stream), the key (`api-key`
 //! header, `Authorization: Bearer`, or an `api-key` query parameter; else
 //! 401), `api-version` (preview route; else 404), the deployment (missing:
 //! 400; not in `deployments`: 404 `DeploymentNotFound`), the upgrade headers
@@ -70,7 +71,9 @@
 //! (integer or null = unlimited; changing a limit restarts the window),
 //! `window_ms`, `latency_ms`, `stream_chunks`, `stream_chunk_delay_ms`,
 //! `api_key` (string or null), `deployments` (array of strings or null = any),
-//! `retry_after_header` (`"keep"` or `"omit"` on quota 429s), and `fail_next`.
+//! `retry_after_header` (`"keep"` or `"omit"` on quota 429s), `limit_headers`
+//! (bool, default true), `provisioned` (bool, default false; see
+//! [Rate-limit headers](#rate-limit-headers)), and `fail_next`.
 //!
 //! A stats record has `ts_ms`, `method`, `path`, `query`, `headers` (request
 //! headers; values that are not UTF-8 are decoded lossily), `body_len`,
@@ -88,6 +91,17 @@
 //! `x-mock-latency-ms: N` adds N ms before the response head,
 //! `x-mock-stream-chunk-delay-ms: N` replaces `stream_chunk_delay_ms`.
 //!
+//! # Rate-limit headers
+//!
+//! No `x-ratelimit-reset-*` headers are sent.
+//!
+//! | header | on | value |
+//! | --- | --- | --- |
+//! | `x-ratelimit-remaining-requests`, `x-ratelimit-remaining-tokens` | every answer to a data-plane request (successes, refusals, quota 429s, injected errors, a realtime 101), each only while its limit is set | what is left of the current window, after this request's charge when admitted |
+//! | `x-ratelimit-limit-requests`, `x-ratelimit-limit-tokens` | with `limit_headers` (the default), next to each remaining header | `requests_per_window`, `tokens_per_window` |
+//! | `azure-openai-deployment-utilization` | with `provisioned`: successes (200, also on stored-object requests; a realtime 101) and quota 429s; none when no limit is set | the share of the current window used, `N.N%` (one decimal, rounded down, at most `100.0%`): tokens used / `tokens_per_window`, or without a token limit requests used / `requests_per_window` (a limit of 0: `100.0%`); after this request's charge when admitted, without it on a quota 429 |
+//! | `retry-after`, `retry-after-ms` | quota 429s, unless `retry_after_header` is `"omit"` | seconds (rounded up, at least 1) and ms until the window resets |
+//!
 //! # `fail_next`
 //!
 //! `"fail_next": [entry, ...]` appends to a queue; each data-plane request
@@ -104,6 +118,8 @@
 //! | `{"reset_after_events": N}` | `reset_after_events` | serve normally, then abort the connection mid-body: a stream stops after its first N SSE events (0: right after the head), without `[DONE]` or the closing chunk; any other body (JSON, file content, plain text) stops after half its bytes (`content-length` announces all of them). Status: the head's |
 //! | `{"hang": true}` | `hang` | read the request and never answer; the connection stays open until the client closes it; status 0 |
 //! | `{"hang_ms": N}` | `hang_ms` | wait N ms (on top of `latency_ms`), then serve normally: a slow backend |
+//! | `{"stream_error_before_content": true}` | `stream_error_before_content` | a stream request (`"stream": true` on a chat completion, a completion or a Responses API create; a response GET with `?stream=true`) is served normally (checks apply, quota is used) but its 200 `text/event-stream` body is, for a chat completion, Azure's metadata-only first chunk `data: {"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}` at once, then (after the chunk delay) the one event `data: {"error":{"code":"server_error","message":"The server had an error while processing your request. Sorry about that!","param":null,"type":"server_error"}}`, then the normal end of the body (no `[DONE]`, no usage counted); other streams get the error event only. A stream request that fails a check or quota gets that error. Any other request: as `{"status": 500}`. Status: the head's |
+//! | `{"first_content_delay_ms": N}` | `first_content_delay_ms` | a stream request is served normally, except that only the head (and for a chat completion the metadata-only first chunk above) is sent at once: every later event waits N ms more, so the first content (and a chat completion's role chunk before it) comes N ms (plus the chunk delay) after the head. Any other answer (also an error to a stream request): N ms before the head, as `hang_ms`. Status: the head's |
 //!
 //! Extra response headers, only together with `status` (for N >= 400 on the
 //! error, for N < 400 on the normal answer); later ones replace earlier ones
@@ -264,12 +280,15 @@ fn cut_response(shared: &Shared, status: u16, content_type: &'static str, all: B
     response(shared, status, content_type, paced_body(vec![(half, 0)], true, len))
 }
 
-/// An SSE stream; `reset_after_events` cuts it after that many events.
+/// An SSE stream: content events after `delay_ms` each, `pause` (event
+/// index, ms) waits more before one event; `reset_after_events` cuts it
+/// after that many events.
 fn stream_response(
     shared: &Shared,
     status: u16,
     plan: StreamPlan,
     delay_ms: u64,
+    pause: Option<(usize, u64)>,
     reset_after_events: Option<usize>,
 ) -> Response<Body> {
     let pieces = plan
@@ -278,6 +297,11 @@ fn stream_response(
         .map(|b| (b, 0))
         .chain(plan.content.into_iter().map(|b| (b, delay_ms)))
         .chain(plan.tail.into_iter().map(|b| (b, 0)))
+        .enumerate()
+        .map(|(i, (b, delay))| match pause {
+            Some((at, extra)) if at == i => (b, delay.saturating_add(extra)),
+            _ => (b, delay),
+        })
         .take(reset_after_events.unwrap_or(usize::MAX))
         .collect();
     let mut resp =
@@ -484,7 +508,9 @@ fn reply_response(shared: &Shared, reply: Reply) -> Response<Body> {
         }
         (ReplyBody::Raw { content_type, bytes }, None) => response(shared, reply.status, content_type, full(bytes)),
         (ReplyBody::Raw { content_type, bytes }, Some(_)) => cut_response(shared, reply.status, content_type, bytes),
-        (ReplyBody::Stream(plan), cut) => stream_response(shared, reply.status, plan, reply.stream_delay_ms, cut),
+        (ReplyBody::Stream(plan), cut) => {
+            stream_response(shared, reply.status, plan, reply.stream_delay_ms, reply.stream_pause, cut)
+        }
     };
     for (name, value) in reply.headers {
         resp.headers_mut().insert(name, value);
@@ -779,6 +805,65 @@ mod tests {
             all.extend_from_slice(&tmp[..n]);
         }
         String::from_utf8(all).unwrap()
+    }
+
+    #[tokio::test]
+    async fn stream_error_before_content_on_the_wire() {
+        let mut settings = Settings::new("eastus");
+        settings.provisioned = true;
+        let addr = start(settings).await;
+        control_call(addr, post("/_mock/config", r#"{"requests_per_window": 4}"#)).await;
+        fail_next(addr, json!([{"stream_error_before_content": true}])).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(post(CHAT, r#"{"messages":[],"stream":true}"#).as_bytes()).await.unwrap();
+        // The body ends with its terminating chunk: a normal end, no reset.
+        let text = read_chunked(&mut s).await;
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200") && head.contains("content-type: text/event-stream"), "{head}");
+        assert!(head.contains("x-ratelimit-remaining-requests: 3\r\n"), "{head}");
+        assert!(head.contains("x-ratelimit-limit-requests: 4\r\n"), "{head}");
+        assert!(head.contains("azure-openai-deployment-utilization: 25.0%\r\n"), "{head}");
+        let events: Vec<&str> = body.lines().filter(|l| l.starts_with("data: ")).collect();
+        assert_eq!(
+            events,
+            [
+                r#"data: {"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}"#,
+                r#"data: {"error":{"code":"server_error","message":"The server had an error while processing your request. Sorry about that!","param":null,"type":"server_error"}}"#
+            ]
+        );
+        assert!(body.contains("\"type\":\"server_error\"}}\n\n"), "a blank line ends the event: {body:?}");
+        let rec = &stats(addr).await["requests"][0];
+        assert_eq!((&rec["status"], &rec["fault"]), (&json!(200), &json!("stream_error_before_content")));
+    }
+
+    #[tokio::test]
+    async fn first_content_delay_ms_sends_the_head_then_waits() {
+        let addr = start(Settings::new("eastus")).await;
+        fail_next(addr, json!([{"first_content_delay_ms": 300}])).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        s.write_all(post(CHAT, r#"{"messages":[],"stream":true}"#).as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        let mut tmp = [0u8; 4096];
+        let (mut metadata_at, mut role_at) = (None, None);
+        while !contains(&all, b"data: [DONE]") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut tmp)).await.unwrap().unwrap();
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&all));
+            all.extend_from_slice(&tmp[..n]);
+            if metadata_at.is_none() && contains(&all, b"prompt_filter_results") {
+                metadata_at = Some(started.elapsed());
+                assert!(!contains(&all, b"chat.completion.chunk"), "only the metadata chunk comes at once");
+            }
+            if role_at.is_none() && contains(&all, b"\"role\":\"assistant\"") {
+                role_at = Some(started.elapsed());
+            }
+        }
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.starts_with("HTTP/1.1 200") && text.contains("Hello ") && text.contains("eastus "), "{text}");
+        assert!(metadata_at.unwrap() < Duration::from_millis(250), "{metadata_at:?}");
+        assert!(role_at.unwrap() >= Duration::from_millis(290), "{role_at:?}");
+        let rec = &stats(addr).await["requests"][0];
+        assert_eq!((&rec["status"], &rec["fault"]), (&json!(200), &json!("first_content_delay_ms")));
     }
 
     #[tokio::test]

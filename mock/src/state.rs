@@ -15,7 +15,14 @@
 //! `.../batches...`) check the key, `api-version` and their body, and use no
 //! quota (see [`crate::responses`], [`crate::files`], [`crate::batches`]).
 //! Faults that keep the request on the normal path (`hang_ms`,
-//! `reset_after_events`, `status` < 400) shape how that answer is delivered.
+//! `reset_after_events`, `status` < 400, and for a stream request
+//! `stream_error_before_content`, `first_content_delay_ms`) shape how that
+//! answer is delivered.
+//!
+//! Rate-limit headers: every answer to a data-plane request reports what is
+//! left of each quota limit that is set and (`limit_headers`) the limit
+//! itself; a `provisioned` mock adds its utilisation to successes and quota
+//! 429s (see [`Quota::used_permille`]).
 //!
 //! Every data-plane request is recorded for `/_mock/stats`, faulted ones too:
 //! the record's `status` is what the response head said (0 when no head was
@@ -59,6 +66,11 @@ pub struct Settings {
     pub stream_chunk_delay_ms: u64,
     /// false = omit `retry-after`/`retry-after-ms` on quota 429s.
     pub retry_after_header: bool,
+    /// Send `x-ratelimit-limit-*` next to `x-ratelimit-remaining-*`.
+    pub limit_headers: bool,
+    /// Act as a provisioned (PTU) deployment: successes and quota 429s carry
+    /// `azure-openai-deployment-utilization`.
+    pub provisioned: bool,
 }
 
 impl Settings {
@@ -71,6 +83,8 @@ impl Settings {
             stream_chunks: 5,
             stream_chunk_delay_ms: 0,
             retry_after_header: true,
+            limit_headers: true,
+            provisioned: false,
         }
     }
 }
@@ -143,6 +157,10 @@ pub struct Reply {
     /// Abort the connection mid-body (`reset_after_events`): after this many
     /// events of a stream; after half the bytes of any other body.
     pub reset_after_events: Option<usize>,
+    /// `(i, ms)`: sleep `ms` more before the stream's event `i`, once the
+    /// ones before it are sent (`first_content_delay_ms`: a slow first token
+    /// after an early head).
+    pub stream_pause: Option<(usize, u64)>,
 }
 
 #[derive(Debug)]
@@ -242,6 +260,11 @@ impl Call {
         Call { op, needs_api_version, api_version, deployment, stored, object_id, stream, form }
     }
 
+    /// Whether a 200 answer is a stream (what the stream faults act on).
+    fn streams(&self) -> bool {
+        self.stream && (self.op.can_stream() || self.op == Operation::GetResponse)
+    }
+
     /// The `api-version` named in error messages.
     fn api_version_text(&self) -> &str {
         self.api_version.as_deref().unwrap_or(openai::DEFAULT_API_VERSION)
@@ -264,6 +287,9 @@ impl Answer {
 /// A request the normal checks turned down: status and error body.
 pub type Refusal = (u16, Value);
 
+/// A provisioned deployment's share of its quota in use, e.g. `87.5%`.
+pub const UTILIZATION_HEADER: &str = "azure-openai-deployment-utilization";
+
 fn remaining_headers(r: Remaining) -> Headers {
     let mut headers = Headers::new();
     if let Some(n) = r.requests {
@@ -271,6 +297,19 @@ fn remaining_headers(r: Remaining) -> Headers {
     }
     if let Some(n) = r.tokens {
         headers.push((HeaderName::from_static("x-ratelimit-remaining-tokens"), HeaderValue::from(n)));
+    }
+    headers
+}
+
+/// `x-ratelimit-limit-*` for the limits that are set (the same ones
+/// `x-ratelimit-remaining-*` reports on).
+fn limit_headers(quota: &Quota) -> Headers {
+    let mut headers = Headers::new();
+    if let Some(n) = quota.requests_per_window {
+        headers.push((HeaderName::from_static("x-ratelimit-limit-requests"), HeaderValue::from(n)));
+    }
+    if let Some(n) = quota.tokens_per_window {
+        headers.push((HeaderName::from_static("x-ratelimit-limit-tokens"), HeaderValue::from(n)));
     }
     headers
 }
@@ -289,9 +328,10 @@ fn authorized(key: &str, headers: &BTreeMap<String, String>) -> bool {
     })
 }
 
-/// An injected error (`fail_next` `status` >= 400).
-fn injected_answer(status: u16, fault_headers: &Headers, call: &Call, before: Remaining) -> Answer {
-    let mut headers = remaining_headers(before);
+/// An injected error (`fail_next` `status` >= 400); `quota_headers`: the
+/// rate-limit headers, nothing charged.
+fn injected_answer(status: u16, fault_headers: &Headers, call: &Call, quota_headers: Headers) -> Answer {
+    let mut headers = quota_headers;
     headers.push((HeaderName::from_static("x-mock-injected"), HeaderValue::from_static("true")));
     headers.extend(fault_headers.iter().cloned());
     let retry_after = fault::last_retry_after(fault_headers);
@@ -446,6 +486,8 @@ impl Mock {
             "api_key": s.api_key,
             "deployments": s.deployments,
             "retry_after_header": if s.retry_after_header { "keep" } else { "omit" },
+            "limit_headers": s.limit_headers,
+            "provisioned": s.provisioned,
             "fail_next_pending": self.faults.len(),
         })
     }
@@ -525,12 +567,15 @@ impl Mock {
             form: None,
         };
         let fault = self.faults.pop_front();
+        let kind = fault.as_ref().map(Fault::kind);
+        // A websocket is no SSE stream: the stream faults act as on any plain answer.
+        let fault = fault.map(|f| f.for_plain_answer());
         let outcome = match &fault {
             Some(Fault::Reset) => Outcome::Reset { latency_ms: self.settings.latency_ms },
             Some(Fault::Hang) => Outcome::Hang,
             Some(Fault::Status { status, headers }) if *status >= 400 => {
-                let before = self.quota.remaining(now_ms);
-                self.deliver(injected_answer(*status, headers, &call, before))
+                let quota_headers = self.quota_headers(now_ms);
+                self.deliver(injected_answer(*status, headers, &call, quota_headers))
             }
             _ => {
                 let mut outcome = match self.admit_realtime(&req, &call, upgrade, now_ms) {
@@ -573,7 +618,7 @@ impl Mock {
                 outcome
             }
         };
-        self.record(req, None, Value::Null, Some(call), &outcome, fault.as_ref().map(Fault::kind));
+        self.record(req, None, Value::Null, Some(call), &outcome, kind);
         outcome
     }
 
@@ -587,7 +632,7 @@ impl Mock {
         now_ms: u64,
     ) -> Result<Headers, Answer> {
         if let Err((status, err)) = check_realtime(&self.settings, req, call, upgrade) {
-            return Err(Answer::json(status, remaining_headers(self.quota.remaining(now_ms)), err));
+            return Err(Answer::json(status, self.quota_headers(now_ms), err));
         }
         self.admit(call, &Value::Null, now_ms)
     }
@@ -625,12 +670,16 @@ impl Mock {
         now_ms: u64,
         unix_s: u64,
     ) -> Outcome {
+        // The stream faults only shape a stream; without one they act as
+        // their plain counterparts (a 500, a `hang_ms`).
+        let plain = fault.filter(|_| !call.streams()).map(Fault::for_plain_answer);
+        let fault = plain.as_ref().or(fault);
         match fault {
             Some(Fault::Reset) => return Outcome::Reset { latency_ms: self.settings.latency_ms },
             Some(Fault::Hang) => return Outcome::Hang,
             Some(Fault::Status { status, headers }) if *status >= 400 => {
-                let before = self.quota.remaining(now_ms);
-                return self.deliver(injected_answer(*status, headers, call, before));
+                let quota_headers = self.quota_headers(now_ms);
+                return self.deliver(injected_answer(*status, headers, call, quota_headers));
             }
             _ => {}
         }
@@ -642,8 +691,11 @@ impl Mock {
                 Some(Fault::Status { headers, .. }) => reply.headers.extend(headers.iter().cloned()),
                 Some(Fault::HangMs(ms)) => reply.latency_ms = reply.latency_ms.saturating_add(*ms),
                 Some(Fault::ResetAfterEvents(n)) => reply.reset_after_events = Some(*n),
+                Some(Fault::StreamErrorBeforeContent) => fail_stream(reply, call.op),
+                Some(Fault::FirstContentDelayMs(ms)) => delay_first_content(reply, call.op, *ms),
                 _ => {}
             }
+            // After the stream faults: a failed stream bills nothing.
             if generated {
                 let deployment = call.deployment.as_deref().unwrap_or_default();
                 self.usage.count(deployment, &reply.body, reply.reset_after_events);
@@ -661,7 +713,36 @@ impl Mock {
             latency_ms: self.settings.latency_ms,
             stream_delay_ms: self.settings.stream_chunk_delay_ms,
             reset_after_events: None,
+            stream_pause: None,
         })
+    }
+
+    /// The rate-limit headers every data-plane answer carries: what is left
+    /// of each limit that is set and, with `limit_headers`, the limit itself.
+    fn ratelimit_headers(&self, left: Remaining) -> Headers {
+        let mut headers = remaining_headers(left);
+        if self.settings.limit_headers {
+            headers.extend(limit_headers(&self.quota));
+        }
+        headers
+    }
+
+    /// [`Self::ratelimit_headers`] at `now_ms`, nothing charged.
+    fn quota_headers(&mut self, now_ms: u64) -> Headers {
+        let left = self.quota.remaining(now_ms);
+        self.ratelimit_headers(left)
+    }
+
+    /// A provisioned mock's `azure-openai-deployment-utilization`: the share
+    /// of the window's quota used so far, one decimal (`87.5%`); none
+    /// without `provisioned` or without limits.
+    fn utilization_header(&mut self, now_ms: u64) -> Option<(HeaderName, HeaderValue)> {
+        if !self.settings.provisioned {
+            return None;
+        }
+        let permille = self.quota.used_permille(now_ms)?;
+        let value = HeaderValue::from_str(&format!("{}.{}%", permille / 10, permille % 10)).ok()?;
+        Some((HeaderName::from_static(UTILIZATION_HEADER), value))
     }
 
     /// The fault-free answer: checks, quota admission, then the generated body.
@@ -676,7 +757,7 @@ impl Mock {
         let (body, model) = match checked {
             Ok(checked) => checked,
             // Every data-plane response reports the remaining quota.
-            Err((status, err)) => return Answer::json(status, remaining_headers(self.quota.remaining(now_ms)), err),
+            Err((status, err)) => return Answer::json(status, self.quota_headers(now_ms), err),
         };
         match self.admit(call, body, now_ms) {
             Ok(headers) => Answer { status: 200, headers, body: self.generate(call, body, model, unix_s) },
@@ -696,7 +777,7 @@ impl Mock {
 
     /// A request on this backend's stored objects: the key and `api-version`
     /// checks, then the store's answer; no quota is used (the headers report
-    /// what is left).
+    /// what is left and, for a success, the utilisation).
     fn serve_stored(
         &mut self,
         req: &RequestInfo,
@@ -705,11 +786,14 @@ impl Mock {
         now_ms: u64,
         unix_s: u64,
     ) -> Answer {
-        let headers = remaining_headers(self.quota.remaining(now_ms));
+        let mut headers = self.quota_headers(now_ms);
         let (status, body) = match check_access(&self.settings, req, call) {
             Ok(()) => self.act_stored(req, parsed, call, unix_s),
             Err((status, err)) => (status, ReplyBody::Json(err)),
         };
+        if status == 200 {
+            headers.extend(self.utilization_header(now_ms));
+        }
         Answer { status, headers, body }
     }
 
@@ -734,14 +818,20 @@ impl Mock {
         }
     }
 
-    /// Charge the quota; the remaining-quota headers, or Azure's 429.
+    /// Charge the quota; the rate-limit headers (and the utilisation after
+    /// this charge), or Azure's 429 (utilisation without this request).
     fn admit(&mut self, call: &Call, body: &Value, now_ms: u64) -> Result<Headers, Answer> {
         let charge = openai::quota_charge(call.op, body);
         let rej = match self.quota.try_admit(now_ms, charge) {
-            Ok(after) => return Ok(remaining_headers(after)),
+            Ok(after) => {
+                let mut headers = self.ratelimit_headers(after);
+                headers.extend(self.utilization_header(now_ms));
+                return Ok(headers);
+            }
             Err(rej) => rej,
         };
-        let mut headers = remaining_headers(rej.remaining);
+        let mut headers = self.ratelimit_headers(rej.remaining);
+        headers.extend(self.utilization_header(now_ms));
         let secs = rej.retry_after_secs();
         if self.settings.retry_after_header {
             headers.push((RETRY_AFTER, HeaderValue::from(secs)));
@@ -782,6 +872,29 @@ impl Mock {
             _ => ReplyBody::Json(openai::resource_not_found()),
         }
     }
+}
+
+/// `stream_error_before_content` on a served request: a stream gets Azure's
+/// error event instead of its content (the quota stays charged, as on
+/// Azure); any other answer (an error to a stream request) stays as it is.
+fn fail_stream(reply: &mut Reply, op: Operation) {
+    if matches!(reply.body, ReplyBody::Stream(_)) {
+        reply.body = ReplyBody::Stream(openai::failed_stream(op));
+    }
+}
+
+/// `first_content_delay_ms`: the head (and a chat stream's metadata-only
+/// chunk) go out at once, every later event waits `ms` more, so a client
+/// sees a live stream without a first token. An answer without a stream
+/// waits before its head instead, as with `hang_ms`.
+fn delay_first_content(reply: &mut Reply, op: Operation, ms: u64) {
+    let ReplyBody::Stream(plan) = &mut reply.body else {
+        reply.latency_ms = reply.latency_ms.saturating_add(ms);
+        return;
+    };
+    let (prefixed, lead) = openai::with_prompt_filter_chunk(op, std::mem::take(plan));
+    *plan = prefixed;
+    reply.stream_pause = Some((lead, ms));
 }
 
 /// Request header adding this many ms to the delay before the response head.
@@ -835,6 +948,8 @@ impl StagedConfig {
                     _ => return Err("retry_after_header must be \"keep\" or \"omit\"".into()),
                 }
             }
+            "limit_headers" => s.limit_headers = req_bool(key, v)?,
+            "provisioned" => s.provisioned = req_bool(key, v)?,
             "fail_next" => self.faults.extend(fault::parse_faults(v)?),
             other => return Err(format!("unknown config key: {other}")),
         }
@@ -843,6 +958,10 @@ impl StagedConfig {
         }
         Ok(())
     }
+}
+
+fn req_bool(key: &str, v: &Value) -> Result<bool, String> {
+    v.as_bool().ok_or_else(|| format!("{key} must be true or false"))
 }
 
 fn req_u64(key: &str, v: &Value) -> Result<u64, String> {
@@ -1061,6 +1180,149 @@ mod tests {
         assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), Some("8"));
         assert!(json_body(&r)["error"]["message"].as_str().unwrap().contains("token rate limit"));
         assert_eq!(m.stats_json()["by_status"]["429"], 2);
+    }
+
+    /// Remaining requests, remaining tokens, limit requests, limit tokens.
+    fn ratelimit(r: &Reply) -> [Option<&str>; 4] {
+        [
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-limit-tokens",
+        ]
+        .map(|name| header(r, name))
+    }
+
+    #[test]
+    fn limit_headers_on_answers_and_quota_429s() {
+        let mut m = mock();
+        let c = m.config_json();
+        assert_eq!((&c["limit_headers"], &c["provisioned"]), (&json!(true), &json!(false)));
+        m.apply_config(&json!({"requests_per_window": 1, "tokens_per_window": 100})).unwrap();
+        // charge = 2 prompt + 10 max_tokens = 12
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!((r.status, ratelimit(&r)), (200, [Some("0"), Some("88"), Some("1"), Some("100")]));
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!((r.status, ratelimit(&r)), (429, [Some("0"), Some("88"), Some("1"), Some("100")]));
+        assert_eq!((header(&r, "retry-after"), header(&r, "retry-after-ms")), (Some("60"), Some("60000")));
+        assert!(r.headers.iter().all(|(n, _)| !n.as_str().starts_with("x-ratelimit-reset")), "{:?}", r.headers);
+        // Refusals and injected errors report the quota the same way.
+        faults(&mut m, json!([{"status": 503}]));
+        assert_eq!(ratelimit(&reply(m.handle(req(CHAT, chat_body()), 0, 0)))[2..], [Some("1"), Some("100")]);
+        let r = reply(m.handle(req("/openai/deployments/d/chat/completions", chat_body()), 0, 0));
+        assert_eq!((r.status, ratelimit(&r)[2]), (404, Some("1")));
+        // Only for the limits that are set; off with limit_headers false.
+        m.apply_config(&json!({"requests_per_window": null})).unwrap();
+        assert_eq!(ratelimit(&reply(m.handle(req(CHAT, chat_body()), 0, 0))), [None, Some("88"), None, Some("100")]);
+        m.apply_config(&json!({"limit_headers": false})).unwrap();
+        assert_eq!(ratelimit(&reply(m.handle(req(CHAT, chat_body()), 0, 0))), [None, Some("76"), None, None]);
+        assert_eq!(m.config_json()["limit_headers"], false);
+        assert!(m.apply_config(&json!({"limit_headers": "yes"})).is_err());
+        assert!(m.apply_config(&json!({"limit_headers": null})).is_err());
+    }
+
+    #[test]
+    fn provisioned_mock_reports_its_utilization() {
+        let mut m = mock();
+        m.apply_config(&json!({"tokens_per_window": 32})).unwrap();
+        let util = |m: &mut Mock, body: Value| {
+            let r = reply(m.handle(req(CHAT, body), 0, 0));
+            (r.status, header(&r, UTILIZATION_HEADER).map(str::to_string))
+        };
+        assert_eq!(util(&mut m, chat_body()), (200, None), "not provisioned");
+        m.apply_config(&json!({"provisioned": true, "tokens_per_window": 32})).unwrap();
+        assert_eq!(m.config_json()["provisioned"], true);
+        // 12 tokens per request, after this request's charge.
+        assert_eq!(util(&mut m, chat_body()), (200, Some("37.5%".into())));
+        assert_eq!(util(&mut m, chat_body()), (200, Some("75.0%".into())));
+        // Does not fit: the window's share without this request.
+        assert_eq!(util(&mut m, chat_body()), (429, Some("75.0%".into())));
+        let eight = json!({"messages": [], "max_tokens": 7});
+        assert_eq!(util(&mut m, eight.clone()), (200, Some("100.0%".into())));
+        let r = reply(m.handle(req(CHAT, eight), 0, 0));
+        assert_eq!((r.status, header(&r, UTILIZATION_HEADER)), (429, Some("100.0%")));
+        assert_eq!(header(&r, "retry-after-ms"), Some("60000"), "a provisioned 429 keeps retry-after-ms");
+        // Not on refusals or injected errors.
+        faults(&mut m, json!([{"status": 500}]));
+        assert_eq!(util(&mut m, chat_body()), (500, None));
+        m.settings.api_key = Some("k".into());
+        assert_eq!(util(&mut m, chat_body()), (401, None));
+        m.settings.api_key = None;
+        // Without a token limit: requests; stored-object successes show it uncharged.
+        m.apply_config(&json!({"tokens_per_window": null, "requests_per_window": 3})).unwrap();
+        assert_eq!(util(&mut m, chat_body()), (200, Some("33.3%".into())));
+        let r = reply(m.handle(req(RESPONSES, json!({"model": "gpt4o", "input": "x"})), 0, 0));
+        assert_eq!(header(&r, UTILIZATION_HEADER), Some("66.6%"));
+        let r = reply(m.handle(bare("GET", &at(json_body(&r))), 0, 0));
+        assert_eq!((r.status, header(&r, UTILIZATION_HEADER)), (200, Some("66.6%")));
+        m.apply_config(&json!({"requests_per_window": null})).unwrap();
+        assert_eq!(util(&mut m, chat_body()), (200, None), "no limits");
+        assert!(m.apply_config(&json!({"provisioned": 1})).is_err());
+    }
+
+    #[test]
+    fn stream_error_before_content_fails_an_admitted_stream() {
+        let mut m = mock();
+        m.apply_config(&json!({"requests_per_window": 10})).unwrap();
+        let stream = json!({"messages": [], "stream": true, "stream_options": {"include_usage": true}});
+        let entry = json!({"stream_error_before_content": true});
+        faults(&mut m, json!([entry, entry, entry, entry]));
+        let r = reply(m.handle(req(CHAT, stream.clone()), 0, 0));
+        assert_eq!(r.status, 200);
+        assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("9"), "admitted: the quota is used");
+        let ReplyBody::Stream(plan) = &r.body else { panic!("not a stream") };
+        let events: Vec<&[u8]> = plan.all().map(|b| b.as_ref()).collect();
+        assert_eq!(events, [openai::AZURE_PROMPT_FILTER_CHUNK, openai::STREAM_SERVER_ERROR]);
+        // A Responses API stream: the error event only.
+        let r = reply(m.handle(req(RESPONSES, json!({"model": "gpt4o", "input": "x", "stream": true})), 0, 0));
+        let ReplyBody::Stream(plan) = &r.body else { panic!("not a stream") };
+        assert_eq!(plan.all().map(|b| b.as_ref()).collect::<Vec<&[u8]>>(), [openai::STREAM_SERVER_ERROR]);
+        // Without a stream: an injected 500, no quota used.
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!((r.status, header(&r, "x-mock-injected")), (500, Some("true")));
+        assert_eq!(json_body(&r)["error"]["code"], "InternalServerError");
+        assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("8"));
+        // A stream request that fails its checks gets that error.
+        m.settings.api_key = Some("k".into());
+        assert_eq!(reply(m.handle(req(CHAT, stream), 0, 0)).status, 401);
+        let s = m.stats_json();
+        let recs = s["requests"].as_array().unwrap();
+        let got: Vec<(Value, Value)> = recs.iter().map(|r| (r["status"].clone(), r["fault"].clone())).collect();
+        let kind = json!("stream_error_before_content");
+        assert_eq!(got, [200, 200, 500, 401].map(|st| (json!(st), kind.clone())));
+        assert_eq!(s["usage"], json!({}), "the failed streams carried no usage");
+    }
+
+    #[test]
+    fn first_content_delay_ms_pauses_a_stream_after_its_head() {
+        let mut m = mock();
+        m.settings.latency_ms = 5;
+        let stream = json!({"messages": [], "stream": true});
+        let ReplyBody::Stream(normal) = reply(m.handle(req(CHAT, stream.clone()), 0, 0)).body else { panic!() };
+        let entry = json!({"first_content_delay_ms": 300});
+        faults(&mut m, json!([entry, entry, entry]));
+        let r = reply(m.handle(req(CHAT, stream), 0, 0));
+        assert_eq!((r.status, r.latency_ms, r.stream_pause), (200, 5, Some((1, 300))));
+        let ReplyBody::Stream(plan) = &r.body else { panic!("not a stream") };
+        // The metadata-only chunk, then the normal stream.
+        assert_eq!(plan.head[0], openai::AZURE_PROMPT_FILTER_CHUNK);
+        assert_eq!(
+            (plan.head.len(), plan.content.len(), plan.tail.len()),
+            (normal.head.len() + 1, normal.content.len(), normal.tail.len())
+        );
+        assert!(String::from_utf8_lossy(&plan.head[1]).contains(r#""role":"assistant""#));
+        // A Responses API stream waits before its first event.
+        let r = reply(m.handle(req(RESPONSES, json!({"model": "gpt4o", "input": "x", "stream": true})), 0, 0));
+        assert_eq!((r.latency_ms, r.stream_pause), (5, Some((0, 300))));
+        // Without a stream: a later head, as with hang_ms.
+        let r = reply(m.handle(req(CHAT, chat_body()), 0, 0));
+        assert_eq!((r.status, r.latency_ms, r.stream_pause), (200, 305, None));
+        let recs = m.stats_json()["requests"].clone();
+        let kinds: Vec<&Value> = recs.as_array().unwrap().iter().map(|r| &r["fault"]).collect();
+        let kind = json!("first_content_delay_ms");
+        assert_eq!(kinds, [&Value::Null, &kind, &kind, &kind]);
+        assert!(recs.as_array().unwrap().iter().all(|r| r["status"] == 200));
+        assert_eq!(m.stats_json()["usage"]["gpt4o"]["answers"], 2, "streams without usage count none");
     }
 
     #[test]
@@ -1779,6 +2041,21 @@ mod tests {
         assert!(format!("{:?}", u.session).contains("preview: true"));
         let recs = m.stats_json()["requests"].clone();
         assert_eq!((&recs[1]["deployment"], &recs[1]["status"]), (&json!("gpt-4o"), &json!(404)));
+    }
+
+    #[test]
+    fn realtime_takes_the_stream_faults_as_plain_ones() {
+        let mut m = mock();
+        faults(&mut m, json!([{"stream_error_before_content": true}, {"first_content_delay_ms": 40}]));
+        let r = reply(realtime(&mut m, GA_RT, &[], true));
+        assert_eq!((r.status, header(&r, "x-mock-injected")), (500, Some("true")));
+        let Outcome::Upgrade(u) = realtime(&mut m, GA_RT, &[], true) else { panic!("not upgraded") };
+        assert_eq!(u.latency_ms, 40);
+        let recs = m.stats_json()["requests"].clone();
+        assert_eq!(
+            (&recs[0]["status"], &recs[0]["fault"], &recs[1]["status"], &recs[1]["fault"]),
+            (&json!(500), &json!("stream_error_before_content"), &json!(101), &json!("first_content_delay_ms"))
+        );
     }
 
     #[test]

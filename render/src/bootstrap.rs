@@ -163,14 +163,16 @@ mod tests {
     }
 
     #[test]
-    fn with_a_token_limit_every_path_reads_its_body_fields() {
-        let json = JSON.replacen('{', r#"{"stream_usage":true,"#, 1);
-        let cfg = Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap();
-        let b = render(&cfg, &json, &BootstrapOptions::default()).bootstrap;
-        let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
-        let routes = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array().unwrap();
-        assert_eq!(routes.len(), 1);
-        assert_eq!(routes[0]["match"]["prefix"], "/");
+    fn with_quota_aware_routing_or_stream_usage_every_path_reads_its_body_fields() {
+        for extra in [r#"{"#, r#"{"routing":"reactive","stream_usage":true,"#] {
+            let json = JSON.replacen('{', extra, 1);
+            let cfg = Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap();
+            let b = render(&cfg, &json, &BootstrapOptions::default()).bootstrap;
+            let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+            let routes = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array().unwrap();
+            assert_eq!(routes.len(), 1, "{extra}");
+            assert_eq!(routes[0]["match"]["prefix"], "/");
+        }
     }
 
     #[test]
@@ -187,13 +189,15 @@ mod tests {
 
     #[test]
     fn every_backend_gets_a_cluster_and_the_listener_runs_the_request_role() {
-        let b = rendered(&BootstrapOptions::default()).bootstrap;
+        let json = JSON.replacen('{', r#"{"routing":"reactive","#, 1);
+        let cfg = Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap();
+        let b = render(&cfg, &json, &BootstrapOptions::default()).bootstrap;
         let clusters = b["static_resources"]["clusters"].as_array().unwrap();
         let names: Vec<&str> = clusters.iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["spillway_eastus", "spillway_local", "spillway_eastus2"]);
         let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
-        // Nothing in this config reads a classic path's body fields: those
-        // paths skip the JSON parse; every other path gets it.
+        // Nothing in this (reactive) config reads a classic path's body
+        // fields: those paths skip the JSON parse; every other path gets it.
         let routes = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array().unwrap();
         assert_eq!(routes.len(), 2);
         assert_eq!(routes[0]["match"]["prefix"], "/openai/deployments/");

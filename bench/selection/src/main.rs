@@ -28,7 +28,8 @@ use serde_json::{json, Value};
 use spillway::body_fields::BodyFields;
 use spillway::config::{Config, Keys};
 use spillway::exchange::{Exchange, RequestHead, Step};
-use spillway::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, Stored};
+use spillway::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, Left, Stored};
+use spillway::headroom::{Fit, Observation};
 use spillway::health::HealthTable;
 use spillway::metrics::Metrics;
 use spillway::paths;
@@ -107,6 +108,14 @@ impl Metrics for IdMetrics {
 }
 
 /// A chat completion answer as Azure sends it (usage included).
+/// The rate-limit headers every answer carries (Azure's, with limits).
+const QUOTA_SEEN: Observation = Observation {
+    requests: Some(95),
+    tokens: Some(99_000),
+    limit_requests: Some(100),
+    limit_tokens: Some(100_000),
+    utilization_permille: None,
+};
 const ANSWER: &[u8] = br#"{"id":"chatcmpl-AbC123","object":"chat.completion","created":1700000000,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, nice to meet you."},"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":8,"total_tokens":22}}"#;
 
 /// Everything the filter's logic does for one client request answered on
@@ -125,7 +134,8 @@ fn whole_request(gw: &Gateway, store: &MemoryStore, clock: &ManualClock, metrics
         ..RequestHead::default()
     };
     let mut exchange = Exchange::new(clock.now_ms());
-    let Step::Forward { cluster, path, model, .. } = exchange.on_request_headers(gw, store, clock, metrics, &head)
+    let Step::Forward { cluster, path, model, estimate, .. } =
+        exchange.on_request_headers(gw, store, clock, metrics, &head)
     else {
         return 0;
     };
@@ -135,15 +145,18 @@ fn whole_request(gw: &Gateway, store: &MemoryStore, clock: &ManualClock, metrics
         tried: None,
         stored: Stored::No,
         model: model.as_deref(),
+        estimate,
     };
     let Some(plan) = gw.plan_attempt(store, clock, metrics, &request) else { return 0 };
     let attempt =
         AttemptRef { backend: plan.backend, has_fallback: plan.fallback_cluster.is_some(), stored: Stored::No };
-    let answer = AttemptAnswer { status: 200, retry_after_ms: None, retry_after: None };
+    let answer = AttemptAnswer { status: 200, quota: QUOTA_SEEN, ..AttemptAnswer::default() };
     let decision = gw.on_attempt_response(store, clock, metrics, &attempt, &answer);
     let backend_name = gw.config.backends.get(plan.backend).map(|b| b.name.clone()).unwrap_or_default();
     let attempts = plan.attempts.to_string();
-    let extra = exchange.on_response_headers(gw, 200, Some("application/json"), Some(&backend_name), Some(&attempts));
+    let reported = Left { requests: QUOTA_SEEN.requests, tokens: QUOTA_SEEN.tokens };
+    let extra =
+        exchange.on_response_headers(gw, 200, Some("application/json"), Some(&backend_name), Some(&attempts), reported);
     let _ = exchange.on_response_body(ANSWER, true);
     if decision.healthy {
         gw.on_answer_complete(store, plan.backend, plan.clean_at_start);
@@ -262,7 +275,15 @@ fn main() {
                         *c += 1;
                         *c - 1
                     };
-                    let pick = pool.pick(black_box(&health), &cb, black_box(NOW_MS), &[], &mut rotate, None);
+                    let pick = pool.pick(
+                        black_box(&health),
+                        &cb,
+                        black_box(NOW_MS),
+                        &[],
+                        &|_| Fit::Unknown,
+                        &mut rotate,
+                        None,
+                    );
                     assert!(matches!(pick, Pick::Backend(_)));
                     black_box(pick);
                 });
@@ -286,7 +307,7 @@ fn main() {
             }
             if wants("route_request") {
                 let s = measure(samples, sample, || {
-                    let backend = gw.pick_first(&store, &clock, None).map(|b| b.cluster.len());
+                    let backend = gw.pick_first(&store, &clock, None, 20).0.map(|b| b.cluster.len());
                     assert!(backend.is_ok());
                     let _ = black_box(backend);
                     black_box(paths::with_api_version(black_box(CHAT), gw.config.api_version.as_deref()));
@@ -295,7 +316,7 @@ fn main() {
             }
 
             // 3. Gateway::plan_attempt (attempt role, first attempt).
-            let cluster = match gw.pick_first(&store, &clock, None) {
+            let cluster = match gw.pick_first(&store, &clock, None, 20).0 {
                 Ok(backend) => backend.cluster.clone(),
                 Err(r) => {
                     eprintln!("unexpected local reply {}", r.status);
@@ -314,6 +335,7 @@ fn main() {
                             tried: None,
                             stored: Stored::No,
                             model: None,
+                            estimate: None,
                         },
                     );
                     assert!(plan.is_some());
