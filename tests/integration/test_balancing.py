@@ -34,21 +34,26 @@ def test_weights_set_the_share(start_mock, start_envoy):
     assert order.count("light") == 2
 
 
-def test_priority_spillover_when_the_preferred_backend_throttles(start_mock, start_envoy):
+@pytest.mark.parametrize("routing", ["reactive", "quota_aware"])
+def test_priority_spillover_when_the_preferred_backend_throttles(start_mock, start_envoy, routing):
     ptu = start_mock("ptu", "k-ptu", "--requests-per-window", "2", "--window-ms", "60000")
     paygo = start_mock("paygo", "k-paygo")
-    envoy = start_envoy({"backends": [backend_entry(ptu), backend_entry(paygo, priority=2)]})
+    envoy = start_envoy({"backends": [backend_entry(ptu), backend_entry(paygo, priority=2)], "routing": routing})
     first = [envoy.chat() for _ in range(2)]
     assert served_by(first) == {"ptu": 2}
-    # The third request hits the PTU quota (429) and fails over inside the same request.
     third = envoy.chat()
     assert third.status_code == 200
     assert third.headers["x-spillway-backend"] == "paygo"
-    assert third.headers["x-spillway-attempts"] == "2"
-    # The PTU deployment is left alone until its retry-after has passed.
+    if routing == "reactive":
+        # The third request hits the PTU quota (429) and fails over inside the same request.
+        assert third.headers["x-spillway-attempts"] == "2"
+    else:
+        # The PTU deployment said it had no requests left: it is not asked.
+        assert third.headers["x-spillway-attempts"] == "1"
+    # The PTU deployment is left alone until its retry-after (or refill) has passed.
     later = [envoy.chat() for _ in range(5)]
     assert served_by(later) == {"paygo": 5}
-    assert ptu.stats()["by_status"] == {"200": 2, "429": 1}
+    assert ptu.stats()["by_status"] == ({"200": 2, "429": 1} if routing == "reactive" else {"200": 2})
 
 
 def test_throttled_backend_gets_nothing_until_its_deadline(trio):
