@@ -38,6 +38,8 @@ struct RawConfig {
     routing: Option<String>,
     #[serde(default = "default_headroom_window_s")]
     headroom_window_s: u64,
+    #[serde(default)]
+    first_token_timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +210,10 @@ pub struct Config {
     /// How long a backend's reported headroom counts (its limits' window);
     /// it refills towards the limit meanwhile and is forgotten after.
     pub headroom_window_ms: u64,
+    /// A streamed answer whose first content has not come this long after
+    /// the attempt started is failed over (Envoy's per-try timeout for that
+    /// request, while the attempt role holds the stream's head).
+    pub first_token_timeout_s: Option<u64>,
 }
 
 /// A rejected configuration; `Display` names the offending field.
@@ -281,6 +287,9 @@ impl Config {
                 return Err(err("routing", format!("\"{other}\" is not \"quota_aware\" or \"reactive\"")));
             }
         };
+        if raw.first_token_timeout_s == Some(0) {
+            return Err(err("first_token_timeout_s", "must be at least 1 (omit it for no first-token timeout)"));
+        }
         if !(1..=3600).contains(&raw.headroom_window_s) {
             return Err(err("headroom_window_s", "must be between 1 and 3600"));
         }
@@ -300,6 +309,7 @@ impl Config {
             home_backend: raw.home_backend,
             quota_aware,
             headroom_window_ms: raw.headroom_window_s.saturating_mul(1000),
+            first_token_timeout_s: raw.first_token_timeout_s,
         })
     }
 
@@ -676,6 +686,7 @@ mod tests {
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"attempt_idle_timeout_s":0}"#, "attempt_idle_timeout_s");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"routing":"smart"}"#, "routing");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"headroom_window_s":0}"#, "headroom_window_s");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"first_token_timeout_s":0}"#, "first_token_timeout_s");
     }
 
     #[test]

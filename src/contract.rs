@@ -30,6 +30,10 @@ pub mod header {
     /// Request: the request's token estimate, so a fallback is picked among
     /// backends with room for it (quota-aware routing).
     pub const ESTIMATE: &str = "x-spillway-estimate";
+    /// Request: Envoy's own per-attempt timeout for this request; set for
+    /// streams with a first-token timeout (the attempt role holds a stream's
+    /// head until its first content, so the timer runs until then).
+    pub const ENVOY_PER_TRY_TIMEOUT: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
     /// Response: makes Envoy's `retriable_headers` policy retry this attempt.
     pub const RETRY: &str = "x-spillway-retry";
     /// Response: the backend that answered.

@@ -57,6 +57,9 @@ pub enum Step {
         /// The request's token estimate, for the attempts' fallback picks
         /// (quota-aware routing with the body's fields known).
         estimate: Option<u64>,
+        /// A stream with a first-token timeout: each attempt's time limit
+        /// until its first content.
+        first_token_timeout_ms: Option<u64>,
     },
     Reply(LocalReply),
 }
@@ -233,6 +236,11 @@ impl Exchange {
                     estimate: (gw.config.quota_aware && head.fields.is_some())
                         .then_some(self.body.facts.estimated_tokens)
                         .filter(|&t| t > 1),
+                    first_token_timeout_ms: gw
+                        .config
+                        .first_token_timeout_s
+                        .filter(|_| head.fields.as_ref().is_some_and(|f| f.stream))
+                        .map(|s| s.saturating_mul(1000)),
                 }
             }
             Err((reason, mut reply)) => {

@@ -598,6 +598,40 @@ impl Gateway {
         }
     }
 
+    /// Attempt role: a stream whose head the attempt role held failed before
+    /// its first content (an error event, or it ended without any). Counted
+    /// like the status it stands for: a quota error throttles the backend
+    /// for the default wait, any other is a failure towards its circuit.
+    /// Returns whether Envoy should retry (another backend can take it).
+    pub fn on_stream_failed_before_content(
+        &self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        attempt: &AttemptRef,
+        rate_limited: bool,
+    ) -> bool {
+        let now = clock.now_ms();
+        let name = self.names.get(attempt.backend).map_or("", String::as_str);
+        let reason = if rate_limited { "rate_limited" } else { "error" };
+        metrics.add(&metrics::name(metrics::FIRST_TOKEN_FAILOVERS, &[("backend", name), ("reason", reason)]), 1);
+        if rate_limited {
+            metrics.add(&metrics::name(metrics::THROTTLE_EVENTS, &[("backend", name)]), 1);
+            let wait = self.config.default_retry_after_ms;
+            self.update_health(store, |t| match t.get_mut(attempt.backend) {
+                Some(h) => {
+                    h.record_throttle(now, wait);
+                    true
+                }
+                None => false,
+            });
+        } else {
+            self.record_failure(store, metrics, now, attempt.backend);
+        }
+        log::warn!("backend {name}: the stream failed before its first content ({reason}); failing over");
+        attempt.has_fallback
+    }
+
     /// Attempt role: the attempt ended without response headers. Refused,
     /// reset or timed-out attempts count as failures for the circuit
     /// breaker; one the client abandoned says nothing about the backend and

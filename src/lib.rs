@@ -13,6 +13,7 @@ pub mod config;
 pub mod contract;
 pub mod credentials;
 pub mod exchange;
+pub mod first_event;
 pub mod footprint;
 pub mod gateway;
 pub mod gen_ai;

@@ -10,6 +10,9 @@ pub const THROTTLE_EVENTS: &str = "spillway_throttle_events_total";
 /// 429s about one request's size: the backend had quota left, just not
 /// enough for that request; it stays in rotation for smaller ones.
 pub const SIZED_OUT_EVENTS: &str = "spillway_sized_out_total";
+/// Streams failed over before their first content (`reason`: `error`,
+/// `rate_limited`); first-token timeouts count as attempts lost.
+pub const FIRST_TOKEN_FAILOVERS: &str = "spillway_first_token_failovers_total";
 pub const CIRCUIT_OPENS: &str = "spillway_circuit_opens_total";
 pub const BACKEND_THROTTLED: &str = "spillway_backend_throttled";
 pub const BACKEND_CIRCUIT_OPEN: &str = "spillway_backend_circuit_open";

@@ -9,6 +9,7 @@ use crate::config::{Config, Keys};
 use crate::contract::{body_metadata, header, Role};
 use crate::credentials::{self, ClientCredential, PassThrough};
 use crate::exchange::{Exchange, RequestHead, Step};
+use crate::first_event::{self, Verdict};
 use crate::footprint;
 use crate::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, Left, ResponseDecision, Stored};
 use crate::headroom::{self, Observation};
@@ -222,9 +223,14 @@ impl RootContext for Root {
                 inspect_body: false,
                 credential_stash: None,
             }),
-            Role::Attempt => {
-                Box::new(AttemptFilter { gateway, attempt: None, body_model: None, answered: false, complete: false })
-            }
+            Role::Attempt => Box::new(AttemptFilter {
+                gateway,
+                attempt: None,
+                body_model: None,
+                answered: false,
+                complete: false,
+                holding: false,
+            }),
         })
     }
 
@@ -407,7 +413,16 @@ impl RequestFilter {
 
     fn apply(&mut self, step: Step) -> Action {
         match step {
-            Step::Forward { cluster, path, inspect_body, drop_content_length, stored, model, estimate } => {
+            Step::Forward {
+                cluster,
+                path,
+                inspect_body,
+                drop_content_length,
+                stored,
+                model,
+                estimate,
+                first_token_timeout_ms,
+            } => {
                 if self.gateway.stashes_client_credentials() {
                     self.stash_client_credential();
                 }
@@ -418,6 +433,10 @@ impl RequestFilter {
                 }
                 if let Some(tokens) = estimate {
                     set_request_header(header::ESTIMATE, Some(&tokens.to_string()));
+                }
+                if let Some(ms) = first_token_timeout_ms {
+                    let limit = self.gateway.config.attempt_timeout_s.map_or(ms, |s| ms.min(s.saturating_mul(1000)));
+                    set_request_header(header::ENVOY_PER_TRY_TIMEOUT, Some(&limit.to_string()));
                 }
                 match stored {
                     Stored::No => {}
@@ -631,6 +650,8 @@ struct AttemptFilter {
     answered: bool,
     /// The answer's last byte arrived.
     complete: bool,
+    /// A stream's head is held until its first content (see `first_event`).
+    holding: bool,
 }
 
 /// Envoy's response flags and code details for the request so far.
@@ -665,8 +686,9 @@ fn stream_end() -> LostAttempt {
 impl Context for AttemptFilter {
     fn on_done(&mut self) -> bool {
         let Some(a) = &self.attempt else { return true };
-        if !self.answered {
-            // No response headers: refused, reset, timed out, or the client left.
+        if !self.answered || self.holding {
+            // No response headers (or a held stream head never let through):
+            // refused, reset, timed out, or the client left.
             self.gateway.on_attempt_lost(&HostStore, &HostClock, &HostMetrics, a.backend, stream_end());
         } else if !self.complete {
             // The answer started and broke off (the client sees it end broken).
@@ -775,8 +797,36 @@ impl HttpContext for AttemptFilter {
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, _size: usize, end_of_stream: bool) -> Action {
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         self.complete |= end_of_stream;
+        if !self.holding {
+            return Action::Continue;
+        }
+        let held = host::body(Body::Response, 0, size).unwrap_or_else(|e| {
+            log::warn!("cannot read a held stream: {e:?}");
+            Vec::new()
+        });
+        let verdict = first_event::verdict(&held);
+        let rate_limited = match verdict {
+            Verdict::Pending if !end_of_stream => return Action::Pause,
+            Verdict::Content => {
+                self.holding = false;
+                return Action::Continue;
+            }
+            Verdict::Failed { rate_limited } => rate_limited,
+            // Ended with nothing but metadata: no answer at all.
+            Verdict::Pending => false,
+        };
+        self.holding = false;
+        let Some(attempt) = &mut self.attempt else { return Action::Continue };
+        let at = AttemptRef { backend: attempt.backend, has_fallback: attempt.has_fallback, stored: attempt.stored };
+        attempt.healthy = false;
+        if self.gateway.on_stream_failed_before_content(&HostStore, &HostClock, &HostMetrics, &at, rate_limited) {
+            // The head goes to the router now, marked: Envoy retries and
+            // drops this attempt's answer unread.
+            set_response_header(header::RETRY, Some("1"));
+            self.complete = true;
+        }
         Action::Continue
     }
 
@@ -838,6 +888,13 @@ impl HttpContext for AttemptFilter {
                 // stored state is gone; it may only be out of reach.
                 return send_reply(&reply);
             }
+        }
+        // A stream that could still go elsewhere is held until its first
+        // content: should it fail first, the client never sees it.
+        let event_stream = read("content-type").is_some_and(|c| c.starts_with("text/event-stream"));
+        if !retry && status == 200 && attempt.has_fallback && !end_of_stream && event_stream {
+            self.holding = true;
+            return Action::Pause;
         }
         Action::Continue
     }

@@ -132,7 +132,7 @@ pub fn local_code(wasm_path: &str) -> Value {
 /// `vm_id`: Envoy scopes shared data by it, so the roles share the health
 /// table and counters with each other and with no other Wasm module.
 pub fn plugin(role: Role, filter_json: &str, env_keys: &[String], code: Value) -> Value {
-    json!({
+    let mut plugin = json!({
         "name": role.root_id(),
         "root_id": role.root_id(),
         "vm_config": {
@@ -149,7 +149,17 @@ pub fn plugin(role: Role, filter_json: &str, env_keys: &[String], code: Value) -
         // reloaded, with backoff; meanwhile requests fail rather than skip
         // the key rewrite. Envoy counts reloads in wasm.<root id>.vm_reload.
         "failure_policy": "FAIL_RELOAD",
-    })
+    });
+    if role == Role::Attempt {
+        if let Some(obj) = plugin.as_object_mut() {
+            // The attempt role holds a stream's head while it reads the
+            // first events (first-token failover). Without this, a paused
+            // head also stops the body from reaching the filter
+            // (proxy-wasm turns StopIteration into StopAll).
+            obj.insert("allow_on_headers_stop_iteration".into(), json!(true));
+        }
+    }
+    plugin
 }
 
 /// The backend keys and client keys written into the config itself
@@ -652,6 +662,8 @@ pub(crate) mod tests {
         assert_eq!(p["failure_policy"], "FAIL_RELOAD");
         let a = plugin(Role::Attempt, "{}", &["K".to_string()], local_code("/x.wasm"));
         assert_eq!(a["vm_config"], p["vm_config"]);
+        assert_eq!(a["allow_on_headers_stop_iteration"], true);
+        assert!(p.get("allow_on_headers_stop_iteration").is_none());
     }
 
     #[test]
