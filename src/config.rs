@@ -54,6 +54,8 @@ struct RawClient {
     requests_per_minute: Option<u64>,
     #[serde(default)]
     tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    tier: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +75,10 @@ struct RawBackend {
     deployments: BTreeMap<String, String>,
     #[serde(default)]
     models: Option<Vec<String>>,
+    #[serde(default)]
+    provisioned: bool,
+    #[serde(default)]
+    reserve_percent: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +164,9 @@ pub struct Backend {
     /// The models / deployments (as clients name them) this backend serves;
     /// `None`: all of them.
     pub models: Option<Vec<String>>,
+    /// Provisioned (PTU) capacity: the share of it, in thousandths, that
+    /// low-tier clients leave to the others (`reserve_percent`).
+    pub reserve_permille: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +184,18 @@ pub struct Client {
     pub key_env: Option<String>,
     pub requests_per_minute: Option<u64>,
     pub tokens_per_minute: Option<u64>,
+    pub tier: Tier,
+}
+
+/// Who gets provisioned capacity when it runs short.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tier {
+    /// May use all of it (the default, and every request of an open gateway).
+    #[default]
+    High,
+    /// Leaves each provisioned backend's reserve to high-tier clients and
+    /// spills to the next priority earlier.
+    Low,
 }
 
 #[derive(Debug, Clone)]
@@ -366,6 +387,12 @@ fn parse_backend(i: usize, rb: RawBackend, keys: &Keys<'_>) -> Result<Backend, C
             return Err(err(field("models"), format!("\"{bad}\" is not a plain model or deployment name")));
         }
     }
+    let reserve_permille = match (rb.provisioned, rb.reserve_percent) {
+        (false, Some(_)) => return Err(err(field("reserve_percent"), "applies only with \"provisioned\": true")),
+        (false, None) => None,
+        (true, Some(p)) if p > 90 => return Err(err(field("reserve_percent"), "must be between 0 and 90")),
+        (true, p) => Some(p.unwrap_or(DEFAULT_RESERVE_PERCENT) * 10),
+    };
     Ok(Backend {
         cluster: cluster_name(&rb.name),
         name: rb.name,
@@ -379,8 +406,13 @@ fn parse_backend(i: usize, rb: RawBackend, keys: &Keys<'_>) -> Result<Backend, C
         weight: rb.weight,
         deployments: rb.deployments,
         models: rb.models,
+        reserve_permille,
     })
 }
+
+/// Share of a provisioned backend low-tier clients leave to the others,
+/// unless `reserve_percent` says otherwise.
+pub const DEFAULT_RESERVE_PERCENT: u32 = 20;
 
 /// Shortest accepted client key.
 const MIN_CLIENT_KEY: usize = 8;
@@ -401,12 +433,18 @@ fn parse_client(i: usize, rc: RawClient, keys: &Keys<'_>) -> Result<Client, Conf
     if rc.tokens_per_minute == Some(0) {
         return Err(err(field("tokens_per_minute"), "must be at least 1 (omit it for no limit)"));
     }
+    let tier = match rc.tier.as_deref() {
+        None | Some("high") => Tier::High,
+        Some("low") => Tier::Low,
+        Some(other) => return Err(err(field("tier"), format!("\"{other}\" is not \"high\" or \"low\""))),
+    };
     Ok(Client {
         name: rc.name,
         key,
         key_env: rc.key_env,
         requests_per_minute: rc.requests_per_minute,
         tokens_per_minute: rc.tokens_per_minute,
+        tier,
     })
 }
 
@@ -621,6 +659,9 @@ mod tests {
         assert_eq!(c.max_retry_after_ms, 300_000);
         assert!(c.quota_aware);
         assert_eq!(c.headroom_window_ms, 60_000);
+        assert_eq!(a.reserve_permille, None);
+        let ptu = parse(r#"{"backends":[{"name":"a","url":"http://x","provisioned":true}]}"#).unwrap();
+        assert_eq!(ptu.backends[0].reserve_permille, Some(200));
     }
 
     #[test]
@@ -687,6 +728,15 @@ mod tests {
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"routing":"smart"}"#, "routing");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"headroom_window_s":0}"#, "headroom_window_s");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"first_token_timeout_s":0}"#, "first_token_timeout_s");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x","reserve_percent":10}]}"#, "backends[0].reserve_percent");
+        rejects(
+            r#"{"backends":[{"name":"a","url":"http://x","provisioned":true,"reserve_percent":95}]}"#,
+            "backends[0].reserve_percent",
+        );
+        rejects(
+            r#"{"backends":[{"name":"a","url":"http://x"}],"clients":[{"name":"t","key":"key-of-team-t","tier":"gold"}]}"#,
+            "clients[0].tier",
+        );
     }
 
     #[test]

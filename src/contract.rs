@@ -30,6 +30,8 @@ pub mod header {
     /// Request: the request's token estimate, so a fallback is picked among
     /// backends with room for it (quota-aware routing).
     pub const ESTIMATE: &str = "x-spillway-estimate";
+    /// Request: `low` for a low-tier client's request (see `config::Tier`).
+    pub const TIER: &str = "x-spillway-tier";
     /// Request: Envoy's own per-attempt timeout for this request; set for
     /// streams with a first-token timeout (the attempt role holds a stream's
     /// head until its first content, so the timer runs until then).
@@ -176,7 +178,7 @@ mod tests {
     #[test]
     fn every_header_has_the_prefix() {
         use header::*;
-        for h in [CLUSTER, PATH, TRIED, CREDENTIAL, MODEL, PINNED, LOOKUP, ESTIMATE, RETRY, BACKEND, ATTEMPTS] {
+        for h in [CLUSTER, PATH, TRIED, CREDENTIAL, MODEL, PINNED, LOOKUP, ESTIMATE, TIER, RETRY, BACKEND, ATTEMPTS] {
             assert!(h.starts_with(PREFIX), "{h}");
         }
     }

@@ -6,7 +6,7 @@ use crate::affinity;
 use crate::answer_capture::JsonCapture;
 use crate::body_fields::BodyFields;
 use crate::clients::{self, Auth};
-use crate::config::Backend;
+use crate::config::{Backend, Tier};
 use crate::gateway::{Gateway, Left, PoolLeft, Stored};
 use crate::gen_ai;
 use crate::limits::{self, Admission, Remaining, Settlement};
@@ -60,6 +60,8 @@ pub enum Step {
         /// A stream with a first-token timeout: each attempt's time limit
         /// until its first content.
         first_token_timeout_ms: Option<u64>,
+        /// The client's tier, for the attempts' fallback picks.
+        tier: Tier,
     },
     Reply(LocalReply),
 }
@@ -241,6 +243,7 @@ impl Exchange {
                         .first_token_timeout_s
                         .filter(|_| head.fields.as_ref().is_some_and(|f| f.stream))
                         .map(|s| s.saturating_mul(1000)),
+                    tier: self.tier(gw),
                 }
             }
             Err((reason, mut reply)) => {
@@ -295,13 +298,18 @@ impl Exchange {
             Some(Ok(None)) => Stored::Lookup,
             Some(Err(reply)) => return Err(("owner_throttled", reply)),
         };
-        let (picked, pool_left) = gw.pick_first(store, clock, self.model(fields), tokens);
+        let (picked, pool_left) = gw.pick_first(store, clock, self.model(fields), tokens, self.tier(gw));
         self.pool_left = pool_left;
         match picked {
             Ok(backend) => Ok((backend, stored)),
             Err(reply) if reply.status == 404 => Err(("model_not_found", reply)),
             Err(reply) => Err(("all_throttled", reply)),
         }
+    }
+
+    /// The client's tier (an open gateway's requests are all high tier).
+    pub fn tier(&self, gw: &Gateway) -> Tier {
+        self.charge.client.and_then(|c| gw.config.clients.get(c)).map_or(Tier::High, |c| c.tier)
     }
 
     fn tokens_limited(&self, gw: &Gateway) -> bool {

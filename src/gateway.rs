@@ -12,7 +12,7 @@
 
 use crate::affinity;
 use crate::config::ConfigError;
-use crate::config::{Backend, Config, Secret};
+use crate::config::{Backend, Config, Secret, Tier};
 use crate::contract::shared_data::{BACKEND_SET, HEALTH};
 use crate::credentials::{self, PassThrough};
 use crate::headroom::{Fit, Observation};
@@ -25,6 +25,10 @@ use crate::retry_after::RetryAfterPolicy;
 use crate::selection::{Group, Pick, Pool};
 use crate::store::{self, Clock, SharedStore};
 use crate::stream_end::LostAttempt;
+
+/// How soon a low-tier request kept off a provisioned backend's reserve may
+/// look again (what a local 429 tells it when nothing else can serve it).
+const RESERVE_RECHECK_MS: u64 = 1_000;
 
 /// What the attempt role does to one attempt's request headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +86,7 @@ pub struct AttemptRequest<'h> {
     pub model: Option<&'h str>,
     /// The request's token estimate, when the request role knew it.
     pub estimate: Option<u64>,
+    pub tier: Tier,
 }
 
 /// One attempt, as the attempt role's response decision needs it.
@@ -306,6 +311,7 @@ impl Gateway {
         clock: &dyn Clock,
         model: Option<&str>,
         tokens: u64,
+        tier: Tier,
     ) -> (Result<&Backend, LocalReply>, PoolLeft) {
         let excluded = self.not_serving(model);
         if excluded.len() == self.config.backends.len() {
@@ -315,7 +321,7 @@ impl Gateway {
         let health = self.read_health(store);
         let cb = self.config.circuit_breaker;
         let pool_left = self.pool_left(&health, now, &excluded);
-        let fit = self.fit(&health, tokens, now);
+        let fit = self.fit(&health, tokens, tier, now);
         let mut rotate = |g: &Group| store::fetch_increment(store, &g.counter_key);
         let mut lease_probe = |i: usize| self.lease_probe(store, now, i);
         let picked = match self.pool.pick(&health, &cb, now, &excluded, &fit, &mut rotate, Some(&mut lease_probe)) {
@@ -326,10 +332,31 @@ impl Gateway {
     }
 
     /// How a request estimated at `tokens` fits each backend's reported
-    /// headroom (always `Unknown` with reactive routing).
-    fn fit<'t>(&self, health: &'t HealthTable, tokens: u64, now: u64) -> impl Fn(usize) -> Fit + 't {
+    /// headroom (always `Unknown` with reactive routing). A low-tier
+    /// request does not fit a provisioned backend whose reported
+    /// utilisation (else the share of its limits left) has reached its
+    /// reserve; it looks again a second later.
+    fn fit<'t>(&'t self, health: &'t HealthTable, tokens: u64, tier: Tier, now: u64) -> impl Fn(usize) -> Fit + 't {
         let (on, window) = (self.config.quota_aware, self.config.headroom_window_ms);
-        move |i| if on { health.get(i).headroom.fit(tokens, now, window) } else { Fit::Unknown }
+        move |i| {
+            if !on {
+                return Fit::Unknown;
+            }
+            let headroom = health.get(i).headroom;
+            let fit = headroom.fit(tokens, now, window);
+            let reserve = self.config.backends.get(i).and_then(|b| b.reserve_permille);
+            if let (Tier::Low, Some(reserve)) = (tier, reserve) {
+                let left = match (headroom.utilization(now, window), fit) {
+                    (Some(used), _) => Some(1000u32.saturating_sub(used)),
+                    (None, Fit::Covers { share }) => Some(share),
+                    _ => None,
+                };
+                if left.is_some_and(|left| left <= reserve) {
+                    return Fit::Short { at_ms: now.saturating_add(RESERVE_RECHECK_MS) };
+                }
+            }
+            fit
+        }
     }
 
     /// What the backends not `excluded` and not out are known to have left.
@@ -422,7 +449,7 @@ impl Gateway {
         metrics: &dyn Metrics,
         request: &AttemptRequest<'_>,
     ) -> Option<AttemptPlan<'a>> {
-        let AttemptRequest { cluster, original_path, tried, stored, model, estimate } = *request;
+        let AttemptRequest { cluster, original_path, tried, stored, model, estimate, tier } = *request;
         // The request role passes on only a model the body names.
         let model = model.or_else(|| paths::model_in_path(original_path));
         let backend_index = self.config.backend_by_cluster(cluster)?;
@@ -447,7 +474,7 @@ impl Gateway {
         // Failover stays among the backends serving the request's model.
         let mut excluded = self.not_serving(model);
         excluded.extend_from_slice(&tried_indices);
-        let fit = self.fit(&health, estimate.unwrap_or(1), now);
+        let fit = self.fit(&health, estimate.unwrap_or(1), tier, now);
         let pick = self.pool.pick(&health, &cb, now, &excluded, &fit, &mut peek, None);
         let fallback_cluster = match pick {
             // Stored state lives on one backend: nowhere else to go.
@@ -787,7 +814,15 @@ mod tests {
     }
 
     fn req<'h>(cluster: &'h str, tried: Option<&'h str>) -> AttemptRequest<'h> {
-        AttemptRequest { cluster, original_path: CHAT, tried, stored: Stored::No, model: None, estimate: None }
+        AttemptRequest {
+            cluster,
+            original_path: CHAT,
+            tried,
+            stored: Stored::No,
+            model: None,
+            estimate: None,
+            tier: Tier::High,
+        }
     }
 
     fn at(backend: usize, has_fallback: bool) -> AttemptRef {
@@ -796,7 +831,7 @@ mod tests {
 
     /// The first pick's cluster.
     fn forward(g: &Gateway, s: &MemoryStore, c: &ManualClock) -> String {
-        match g.pick_first(s, c, None, 1).0 {
+        match g.pick_first(s, c, None, 1, Tier::High).0 {
             Ok(backend) => backend.cluster.clone(),
             Err(reply) => panic!("expected a backend, got {reply:?}"),
         }
@@ -865,7 +900,7 @@ mod tests {
         assert_eq!(d, ResponseDecision { retry: false, retry_after_ms: Some(8_000), healthy: false });
         // A new request is answered locally with the same soonest wait.
         c.advance(500);
-        let r = g.pick_first(&s, &c, None, 1).0.unwrap_err();
+        let r = g.pick_first(&s, &c, None, 1, Tier::High).0.unwrap_err();
         assert_eq!(r.status, 429);
         assert!(r.headers.contains(&("retry-after", "8".to_string())), "{:?}", r.headers);
         assert!(r.headers.contains(&("retry-after-ms", "7500".to_string())));
@@ -1120,6 +1155,7 @@ mod tests {
             stored: Stored::Pinned,
             model: None,
             estimate: None,
+            tier: Tier::High,
         };
         assert_eq!(g.plan_attempt(&s, &c, &m, &pinned).unwrap().fallback_cluster, None);
         let answer =
@@ -1152,8 +1188,9 @@ mod tests {
                 {"name":"west","url":"http://127.0.0.1:2","models":["gpt-4o-mini"]},
                 {"name":"any","url":"http://127.0.0.1:3","priority":2}]}"#,
         );
-        let first =
-            |model| (0..4).map(|_| g.pick_first(&s, &c, Some(model), 1).0.unwrap().name.clone()).collect::<Vec<_>>();
+        let first = |model| {
+            (0..4).map(|_| g.pick_first(&s, &c, Some(model), 1, Tier::High).0.unwrap().name.clone()).collect::<Vec<_>>()
+        };
         assert_eq!(first("gpt-4o"), ["east"; 4]);
         assert!(first("gpt-4o-mini").contains(&"west".to_string()));
         assert_eq!(first("dall-e-3"), ["any"; 4], "a backend without a list serves everything");
@@ -1165,14 +1202,15 @@ mod tests {
             stored: Stored::No,
             model: Some("gpt-4o"),
             estimate: None,
+            tier: Tier::High,
         };
         assert_eq!(g.plan_attempt(&s, &c, &m, &req).unwrap().fallback_cluster, Some("spillway_any"));
         let only_listed =
             gateway_with(r#"{"backends":[{"name":"east","url":"http://127.0.0.1:1","models":["gpt-4o"]}]}"#);
-        let none = only_listed.pick_first(&s, &c, Some("gpt-5"), 1).0.unwrap_err();
+        let none = only_listed.pick_first(&s, &c, Some("gpt-5"), 1, Tier::High).0.unwrap_err();
         assert_eq!(none.status, 404);
         assert!(none.body.contains("DeploymentNotFound") && none.body.contains("gpt-5"), "{}", none.body);
-        assert!(only_listed.pick_first(&s, &c, None, 1).0.is_ok(), "no model named: any backend");
+        assert!(only_listed.pick_first(&s, &c, None, 1, Tier::High).0.is_ok(), "no model named: any backend");
     }
 
     #[test]
@@ -1185,6 +1223,7 @@ mod tests {
             stored: Stored::No,
             model,
             estimate: None,
+            tier: Tier::High,
         };
         assert_eq!(
             g.plan_attempt(&s, &c, &m, &v1("spillway_east", Some("gpt-4o"))).unwrap().body_model,
@@ -1253,7 +1292,7 @@ mod tests {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(1_000));
         // east has 50 tokens left of 100,000 a minute; west said nothing.
         answer(&g, &s, &c, 0, 200, quota(100, 50, Some(100_000)));
-        let first = |tokens| g.pick_first(&s, &c, None, tokens).0.unwrap().name.clone();
+        let first = |tokens| g.pick_first(&s, &c, None, tokens, Tier::High).0.unwrap().name.clone();
         assert_eq!((0..6).map(|_| first(400)).collect::<Vec<_>>(), ["west"; 6]);
         // Small requests still fit east (it has some of its turns: 50 of
         // 100,000 left counts as a sliver next to west's unknown).
@@ -1291,7 +1330,7 @@ mod tests {
         assert_eq!(m.get("spillway_sized_out_total.backend.east"), 1);
         assert_eq!(m.get("spillway_throttle_events_total.backend.east"), 0);
         // Small requests keep going to east; large ones do not.
-        let first = |tokens| g.pick_first(&s, &c, None, tokens).0.unwrap().name.clone();
+        let first = |tokens| g.pick_first(&s, &c, None, tokens, Tier::High).0.unwrap().name.clone();
         assert!((0..4).map(|_| first(100)).any(|n| n == "east"));
         assert!((0..4).all(|_| first(1_000) != "east"));
         // A 429 with nothing left is a throttle for everyone, as before.
@@ -1318,7 +1357,7 @@ mod tests {
             answer(&g, &s, &c, b, 200, quota(10, 0, Some(60_000)));
         }
         // 60,000 a minute: 500 tokens are back after 500 ms.
-        let reply = g.pick_first(&s, &c, None, 500).0.unwrap_err();
+        let reply = g.pick_first(&s, &c, None, 500, Tier::High).0.unwrap_err();
         assert_eq!(reply.status, 429);
         assert!(reply.headers.contains(&("retry-after-ms", "500".to_string())), "{:?}", reply.headers);
     }
@@ -1328,14 +1367,41 @@ mod tests {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(1_000));
         answer(&g, &s, &c, 0, 200, quota(10, 1_000, None));
         answer(&g, &s, &c, 1, 200, quota(20, 2_000, None));
-        let (_, pool) = g.pick_first(&s, &c, None, 1);
+        let (_, pool) = g.pick_first(&s, &c, None, 1, Tier::High);
         // west answers this one and reports its fresh numbers; paygo is unknown.
         let left = pool.after(Some(1), Left { requests: Some(19), tokens: Some(1_900) });
         assert_eq!(left, Left { requests: Some(29), tokens: Some(2_900) });
         // A throttled backend has nothing to offer.
         let a = AttemptAnswer { status: 429, retry_after: Some("30"), quota: quota(0, 0, None), ..Default::default() };
         g.on_attempt_response(&s, &c, &Recorder::default(), &at(0, true), &a);
-        let (_, pool) = g.pick_first(&s, &c, None, 1);
+        let (_, pool) = g.pick_first(&s, &c, None, 1, Tier::High);
         assert_eq!(pool.after(Some(1), Left::default()), Left { requests: Some(20), tokens: Some(2_000) });
+    }
+
+    #[test]
+    fn low_tiers_leave_a_provisioned_backends_reserve_to_the_others() {
+        let g = gateway_with(
+            r#"{"backends":[
+                {"name":"ptu","url":"http://127.0.0.1:1","provisioned":true,"reserve_percent":30},
+                {"name":"paygo","url":"http://127.0.0.1:2","priority":2}]}"#,
+        );
+        let (s, c) = (MemoryStore::default(), ManualClock::at(1_000));
+        let first = |tier| g.pick_first(&s, &c, None, 10, tier).0.map(|b| b.name.clone());
+        let utilization = |permille| Observation { utilization_permille: Some(permille), ..Observation::default() };
+        // Nothing known, or well below the reserve: both tiers use the PTU.
+        assert_eq!(first(Tier::Low).unwrap(), "ptu");
+        answer(&g, &s, &c, 0, 200, utilization(650));
+        assert_eq!(first(Tier::Low).unwrap(), "ptu");
+        // At 70 % the last 30 % are for high tiers; low spills to paygo.
+        answer(&g, &s, &c, 0, 200, utilization(700));
+        assert_eq!((first(Tier::High).unwrap(), first(Tier::Low).unwrap()), ("ptu".into(), "paygo".into()));
+        // Without utilisation, the share of the limits left counts.
+        answer(&g, &s, &c, 0, 200, quota(100, 2_500, Some(10_000)));
+        assert_eq!((first(Tier::High).unwrap(), first(Tier::Low).unwrap()), ("ptu".into(), "paygo".into()));
+        // With nowhere else to go, low tiers wait a second rather than take the reserve.
+        let only = gateway_with(r#"{"backends":[{"name":"ptu","url":"http://127.0.0.1:1","provisioned":true}]}"#);
+        answer(&only, &s, &c, 0, 200, utilization(900));
+        let reply = only.pick_first(&s, &c, None, 10, Tier::Low).0.unwrap_err();
+        assert!(reply.headers.contains(&("retry-after-ms", "1000".to_string())), "{:?}", reply.headers);
     }
 }

@@ -148,6 +148,11 @@ impl Headroom {
         (refill(self.requests, self.limit_requests), refill(self.tokens, self.limit_tokens))
     }
 
+    /// The provisioned utilisation last reported, while the record counts.
+    pub fn utilization(&self, now_ms: u64, window_ms: u64) -> Option<u32> {
+        self.utilization_permille.filter(|_| self.is_known(now_ms, window_ms))
+    }
+
     /// How a request estimated at `tokens` fits.
     pub fn fit(&self, tokens: u64, now_ms: u64, window_ms: u64) -> Fit {
         let (requests_left, tokens_left) = self.now(now_ms, window_ms);

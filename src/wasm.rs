@@ -5,7 +5,7 @@
 
 use crate::body_fields::BodyFields;
 use crate::clients::CLIENT_CREDENTIAL_HEADERS;
-use crate::config::{Config, Keys};
+use crate::config::{Config, Keys, Tier};
 use crate::contract::{body_metadata, header, Role};
 use crate::credentials::{self, ClientCredential, PassThrough};
 use crate::exchange::{Exchange, RequestHead, Step};
@@ -422,6 +422,7 @@ impl RequestFilter {
                 model,
                 estimate,
                 first_token_timeout_ms,
+                tier,
             } => {
                 if self.gateway.stashes_client_credentials() {
                     self.stash_client_credential();
@@ -433,6 +434,9 @@ impl RequestFilter {
                 }
                 if let Some(tokens) = estimate {
                     set_request_header(header::ESTIMATE, Some(&tokens.to_string()));
+                }
+                if tier == Tier::Low {
+                    set_request_header(header::TIER, Some("low"));
                 }
                 if let Some(ms) = first_token_timeout_ms {
                     let limit = self.gateway.config.attempt_timeout_s.map_or(ms, |s| ms.min(s.saturating_mul(1000)));
@@ -719,10 +723,12 @@ impl HttpContext for AttemptFilter {
         };
         let gateway = Rc::clone(&self.gateway);
         let model = request_header(header::MODEL);
-        let estimate = if gateway.config.quota_aware {
-            request_header(header::ESTIMATE).and_then(|v| v.parse().ok())
+        let (estimate, tier) = if gateway.config.quota_aware {
+            let low = gateway.config.clients.iter().any(|c| c.tier == Tier::Low)
+                && request_header(header::TIER).is_some_and(|t| t == "low");
+            (request_header(header::ESTIMATE).and_then(|v| v.parse().ok()), if low { Tier::Low } else { Tier::High })
         } else {
-            None
+            (None, Tier::High)
         };
         let request = AttemptRequest {
             cluster: &cluster,
@@ -731,6 +737,7 @@ impl HttpContext for AttemptFilter {
             stored,
             model: model.as_deref(),
             estimate,
+            tier,
         };
         let Some(plan) = gateway.plan_attempt(&HostStore, &HostClock, &HostMetrics, &request) else {
             return Action::Continue;

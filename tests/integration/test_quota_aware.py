@@ -97,3 +97,27 @@ def test_local_429s_tell_the_sdk_a_wait_it_obeys(trio):
     # openai SDK obeys (above it, it would retry after its own short backoff).
     assert 100 <= int(local.headers["retry-after"]) <= 120
     assert int(local.headers["retry-after-ms"]) == 60000
+
+
+def test_low_tier_clients_spill_to_pay_as_you_go_before_the_ptu_reserve(start_mock, start_envoy):
+    # The PTU takes four requests of 401 tokens (2,000 per minute) and
+    # reports its utilisation; 40 % of it is kept for the high tier.
+    ptu = start_mock("ptu", "key-ptu", "--tokens-per-window", "2000", *MINUTE)
+    ptu.configure(provisioned=True)
+    paygo = start_mock("paygo", "key-paygo")
+    envoy = start_envoy({
+        "backends": [backend_entry(ptu, provisioned=True, reserve_percent=40), backend_entry(paygo, priority=2)],
+        "clients": [{"name": "interactive", "key": "key-of-interactive"},
+                    {"name": "batch", "key": "key-of-the-batch", "tier": "low"}],
+    })
+
+    def ask(key):
+        r = envoy.chat(max_tokens=400, headers={"api-key": key})
+        assert r.status_code == 200
+        return r.headers["x-spillway-backend"]
+
+    # Batch uses the PTU up to 60 % (20 %, 40 %, 60 % after each), then spills.
+    assert [ask("key-of-the-batch") for _ in range(5)] == ["ptu", "ptu", "ptu", "paygo", "paygo"]
+    # Interactive still gets the PTU's reserve, until it is really full.
+    assert [ask("key-of-interactive") for _ in range(2)] == ["ptu", "paygo"]
+    assert ptu.stats()["by_status"] == {"200": 4}

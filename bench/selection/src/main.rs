@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use spillway::body_fields::BodyFields;
-use spillway::config::{Config, Keys};
+use spillway::config::{Config, Keys, Tier};
 use spillway::exchange::{Exchange, RequestHead, Step};
 use spillway::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, Left, Stored};
 use spillway::headroom::{Fit, Observation};
@@ -146,6 +146,7 @@ fn whole_request(gw: &Gateway, store: &MemoryStore, clock: &ManualClock, metrics
         stored: Stored::No,
         model: model.as_deref(),
         estimate,
+        tier: Tier::High,
     };
     let Some(plan) = gw.plan_attempt(store, clock, metrics, &request) else { return 0 };
     let attempt =
@@ -307,7 +308,7 @@ fn main() {
             }
             if wants("route_request") {
                 let s = measure(samples, sample, || {
-                    let backend = gw.pick_first(&store, &clock, None, 20).0.map(|b| b.cluster.len());
+                    let backend = gw.pick_first(&store, &clock, None, 20, Tier::High).0.map(|b| b.cluster.len());
                     assert!(backend.is_ok());
                     let _ = black_box(backend);
                     black_box(paths::with_api_version(black_box(CHAT), gw.config.api_version.as_deref()));
@@ -316,7 +317,7 @@ fn main() {
             }
 
             // 3. Gateway::plan_attempt (attempt role, first attempt).
-            let cluster = match gw.pick_first(&store, &clock, None, 20).0 {
+            let cluster = match gw.pick_first(&store, &clock, None, 20, Tier::High).0 {
                 Ok(backend) => backend.cluster.clone(),
                 Err(r) => {
                     eprintln!("unexpected local reply {}", r.status);
@@ -336,6 +337,7 @@ fn main() {
                             stored: Stored::No,
                             model: None,
                             estimate: None,
+                            tier: Tier::High,
                         },
                     );
                     assert!(plan.is_some());
