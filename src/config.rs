@@ -40,6 +40,10 @@ struct RawConfig {
     headroom_window_s: u64,
     #[serde(default)]
     first_token_timeout_s: Option<u64>,
+    #[serde(default)]
+    wait_for_backend_ms: Option<u64>,
+    #[serde(default = "default_max_waiting_requests")]
+    max_waiting_requests: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +94,9 @@ struct RawCircuitBreaker {
     open_s: u64,
 }
 
+fn default_max_waiting_requests() -> usize {
+    100
+}
 fn default_headroom_window_s() -> u64 {
     60
 }
@@ -235,6 +242,11 @@ pub struct Config {
     /// the attempt started is failed over (Envoy's per-try timeout for that
     /// request, while the attempt role holds the stream's head).
     pub first_token_timeout_s: Option<u64>,
+    /// When every backend is out and one is back within this long, a
+    /// request waits for it instead of getting a 429.
+    pub wait_for_backend_ms: Option<u64>,
+    /// Requests one worker holds waiting at most; more get the 429.
+    pub max_waiting_requests: usize,
 }
 
 /// A rejected configuration; `Display` names the offending field.
@@ -311,6 +323,12 @@ impl Config {
         if raw.first_token_timeout_s == Some(0) {
             return Err(err("first_token_timeout_s", "must be at least 1 (omit it for no first-token timeout)"));
         }
+        if raw.wait_for_backend_ms.is_some_and(|ms| !(1..=30_000).contains(&ms)) {
+            return Err(err("wait_for_backend_ms", "must be between 1 and 30000 (omit it to answer 429 at once)"));
+        }
+        if !(1..=10_000).contains(&raw.max_waiting_requests) {
+            return Err(err("max_waiting_requests", "must be between 1 and 10000"));
+        }
         if !(1..=3600).contains(&raw.headroom_window_s) {
             return Err(err("headroom_window_s", "must be between 1 and 3600"));
         }
@@ -331,6 +349,8 @@ impl Config {
             quota_aware,
             headroom_window_ms: raw.headroom_window_s.saturating_mul(1000),
             first_token_timeout_s: raw.first_token_timeout_s,
+            wait_for_backend_ms: raw.wait_for_backend_ms,
+            max_waiting_requests: raw.max_waiting_requests,
         })
     }
 
@@ -729,6 +749,8 @@ mod tests {
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"headroom_window_s":0}"#, "headroom_window_s");
         rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"first_token_timeout_s":0}"#, "first_token_timeout_s");
         rejects(r#"{"backends":[{"name":"a","url":"http://x","reserve_percent":10}]}"#, "backends[0].reserve_percent");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"wait_for_backend_ms":60000}"#, "wait_for_backend_ms");
+        rejects(r#"{"backends":[{"name":"a","url":"http://x"}],"max_waiting_requests":0}"#, "max_waiting_requests");
         rejects(
             r#"{"backends":[{"name":"a","url":"http://x","provisioned":true,"reserve_percent":95}]}"#,
             "backends[0].reserve_percent",

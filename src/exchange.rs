@@ -64,6 +64,19 @@ pub enum Step {
         tier: Tier,
     },
     Reply(LocalReply),
+    /// Hold the request until this (monotonic) time, then call
+    /// `Exchange::on_wait_over`.
+    Wait {
+        until_ms: u64,
+    },
+}
+
+/// What routing a request needs, kept while it waits for a backend.
+#[derive(Debug, Clone, Default)]
+struct Routing {
+    fields: Option<BodyFields>,
+    has_body: bool,
+    tokens: u64,
 }
 
 /// Longest model name accepted (Azure deployment names have at most 64
@@ -137,6 +150,10 @@ pub struct Exchange {
     answer_complete: bool,
     /// What the backends had left when the request was routed.
     pool_left: PoolLeft,
+    /// The request waits for a backend (see `Step::Wait`).
+    waiting: Option<Routing>,
+    /// The worker could not hold it: no more waiting.
+    wait_refused: bool,
 }
 
 /// What a finished request is charged.
@@ -215,36 +232,32 @@ impl Exchange {
             Some(_) => self.body.facts.estimated_tokens,
             None => head.content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN),
         };
-        match self.choose_backend(gw, store, clock, head.fields.as_ref(), tokens) {
+        let routing = Routing { fields: head.fields.clone(), has_body: head.has_body, tokens };
+        self.route(gw, store, clock, metrics, routing)
+    }
+
+    /// Picks the first backend and says how to forward; or, when every
+    /// backend is out and one is back within the configured wait, how long
+    /// to hold the request; or the 429.
+    fn route(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        routing: Routing,
+    ) -> Step {
+        let now = clock.now_ms();
+        match self.choose_backend(gw, store, clock, routing.fields.as_ref(), routing.tokens) {
             Ok((backend, stored)) => {
-                let tokens_limited = self.tokens_limited(gw);
-                let facts = &self.body.facts;
-                // Only a streamed chat request that did not ask for usage is
-                // rewritten (unknown fields: any chat request may be).
-                let may_add_usage = gw.config.stream_usage
-                    && is_chat(&self.path)
-                    && (!self.body.known_at_headers || (facts.stream && !facts.include_usage));
-                let estimate_pending = tokens_limited && !self.body.known_at_headers;
-                Step::Forward {
-                    cluster: backend.cluster.clone(),
-                    path: self.forwarded_path(gw),
-                    inspect_body: head.has_body && (estimate_pending || may_add_usage || gw.config.log_bodies),
-                    drop_content_length: head.has_body && may_add_usage,
-                    stored,
-                    model: match paths::model_in_path(&self.path) {
-                        Some(_) => None,
-                        None => self.model(head.fields.as_ref()).map(str::to_string),
-                    },
-                    estimate: (gw.config.quota_aware && head.fields.is_some())
-                        .then_some(self.body.facts.estimated_tokens)
-                        .filter(|&t| t > 1),
-                    first_token_timeout_ms: gw
-                        .config
-                        .first_token_timeout_s
-                        .filter(|_| head.fields.as_ref().is_some_and(|f| f.stream))
-                        .map(|s| s.saturating_mul(1000)),
-                    tier: self.tier(gw),
-                }
+                let cluster = backend.cluster.clone();
+                self.forward(gw, cluster, stored, &routing)
+            }
+            Err(("all_throttled", reply)) if self.may_wait(gw, now, &reply) => {
+                let until_ms = now.saturating_add(reply.retry_after_ms().unwrap_or(0));
+                self.waiting = Some(routing);
+                metrics.add(metrics::WAITS, 1);
+                Step::Wait { until_ms }
             }
             Err((reason, mut reply)) => {
                 // Not served: give the client its request and tokens back.
@@ -252,6 +265,75 @@ impl Exchange {
                 reply.headers.extend(self.remaining_headers());
                 self.reply(gw, metrics, reason, reply)
             }
+        }
+    }
+
+    /// Every backend is out, and the first back frees before this request
+    /// has waited `wait_for_backend_ms` in all.
+    fn may_wait(&self, gw: &Gateway, now: u64, reply: &LocalReply) -> bool {
+        let (Some(max), Some(wait)) = (gw.config.wait_for_backend_ms, reply.retry_after_ms()) else {
+            return false;
+        };
+        if self.wait_refused {
+            return false;
+        }
+        now.saturating_add(wait) <= self.started_ms.saturating_add(max)
+    }
+
+    /// The wait `Step::Wait` asked for is over: route again.
+    pub fn on_wait_over(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+    ) -> Step {
+        match self.waiting.take() {
+            Some(routing) => self.route(gw, store, clock, metrics, routing),
+            None => self.reply(gw, metrics, "all_throttled", LocalReply::all_busy(1_000)),
+        }
+    }
+
+    /// The worker holds as many waiting requests as it may: route again
+    /// without waiting (the 429, unless a backend is back meanwhile).
+    pub fn on_wait_refused(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+    ) -> Step {
+        self.wait_refused = true;
+        self.on_wait_over(gw, store, clock, metrics)
+    }
+
+    fn forward(&self, gw: &Gateway, cluster: String, stored: Stored, routing: &Routing) -> Step {
+        let tokens_limited = self.tokens_limited(gw);
+        let facts = &self.body.facts;
+        let fields = routing.fields.as_ref();
+        // Only a streamed chat request that did not ask for usage is
+        // rewritten (unknown fields: any chat request may be).
+        let may_add_usage = gw.config.stream_usage
+            && is_chat(&self.path)
+            && (!self.body.known_at_headers || (facts.stream && !facts.include_usage));
+        let estimate_pending = tokens_limited && !self.body.known_at_headers;
+        Step::Forward {
+            cluster,
+            path: self.forwarded_path(gw),
+            inspect_body: routing.has_body && (estimate_pending || may_add_usage || gw.config.log_bodies),
+            drop_content_length: routing.has_body && may_add_usage,
+            stored,
+            model: match paths::model_in_path(&self.path) {
+                Some(_) => None,
+                None => self.model(fields).map(str::to_string),
+            },
+            estimate: (gw.config.quota_aware && fields.is_some()).then_some(facts.estimated_tokens).filter(|&t| t > 1),
+            first_token_timeout_ms: gw
+                .config
+                .first_token_timeout_s
+                .filter(|_| fields.is_some_and(|f| f.stream))
+                .map(|s| s.saturating_mul(1000)),
+            tier: self.tier(gw),
         }
     }
 
@@ -1043,5 +1125,38 @@ mod tests {
             &head(None, true),
         );
         assert!(matches!(step, Step::Forward { inspect_body: false, drop_content_length: false, .. }), "{step:?}");
+    }
+
+    #[test]
+    fn with_every_backend_out_a_request_waits_if_one_is_back_soon_enough() {
+        let w = World::new(r#","wait_for_backend_ms":2000"#);
+        let throttle = |ms| {
+            w.gw.update_health(&w.store, |t| {
+                t.entries[0].record_throttle(w.clock.now_ms(), ms);
+                true
+            });
+        };
+        throttle(1_500);
+        let (mut ex, step, _) = w.start(Some("key-of-team-b"), b"");
+        assert_eq!(step, Step::Wait { until_ms: 1_500 });
+        assert_eq!(w.metrics.get("spillway_waits_total"), 1);
+        w.clock.advance(1_500);
+        let step = ex.on_wait_over(&w.gw, &w.store, &w.clock, &w.metrics);
+        assert!(matches!(step, Step::Forward { .. }), "{step:?}");
+        // Past what the request may wait in all: the 429 at once.
+        throttle(5_000);
+        let (_, step, _) = w.start(Some("key-of-team-b"), b"");
+        assert!(matches!(step, Step::Reply(LocalReply { status: 429, .. })), "{step:?}");
+        // A worker with no room left: the 429, and the client's request back.
+        let w = World::new(r#","wait_for_backend_ms":2000"#);
+        w.gw.update_health(&w.store, |t| {
+            t.entries[0].record_throttle(0, 1_000);
+            true
+        });
+        let (mut ex, step, _) = w.start(Some("key-of-team-a"), b"");
+        assert!(matches!(step, Step::Wait { .. }));
+        let step = ex.on_wait_refused(&w.gw, &w.store, &w.clock, &w.metrics);
+        assert!(matches!(step, Step::Reply(LocalReply { status: 429, .. })), "{step:?}");
+        assert_eq!(w.metrics.get("spillway_local_replies_total.client.team-a.reason.all_throttled"), 1);
     }
 }

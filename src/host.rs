@@ -288,6 +288,8 @@ mod calls {
         fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
         fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
         fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+        fn proxy_set_effective_context(context_id: u32) -> u32;
+        fn proxy_continue_stream(stream_type: u32) -> u32;
         fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     }
 
@@ -526,6 +528,21 @@ mod calls {
         count_call(Call::Tick);
         // SAFETY: no pointers.
         check(unsafe { proxy_set_tick_period_milliseconds(ms) })
+    }
+
+    /// Makes the following calls act on stream `context_id` (from a root
+    /// context's tick, for a request paused earlier).
+    pub fn set_effective_context(context_id: u32) -> Result<(), HostError> {
+        count_call(Call::Tick);
+        // SAFETY: no pointers.
+        check(unsafe { proxy_set_effective_context(context_id) })
+    }
+
+    /// Lets a paused request go on (ABI `StreamType::HttpRequest` = 0).
+    pub fn resume_request() -> Result<(), HostError> {
+        count_call(Call::Tick);
+        // SAFETY: no pointers.
+        check(unsafe { proxy_continue_stream(0) })
     }
 
     fn write_log(level: u32, message: &str) {

@@ -13,6 +13,9 @@ pub const SIZED_OUT_EVENTS: &str = "spillway_sized_out_total";
 /// Streams failed over before their first content (`reason`: `error`,
 /// `rate_limited`); first-token timeouts count as attempts lost.
 pub const FIRST_TOKEN_FAILOVERS: &str = "spillway_first_token_failovers_total";
+/// Requests held for a backend to come back instead of a 429
+/// (`wait_for_backend_ms`); each hold counts.
+pub const WAITS: &str = "spillway_waits_total";
 pub const CIRCUIT_OPENS: &str = "spillway_circuit_opens_total";
 pub const BACKEND_THROTTLED: &str = "spillway_backend_throttled";
 pub const BACKEND_CIRCUIT_OPEN: &str = "spillway_backend_circuit_open";

@@ -21,6 +21,11 @@ impl LocalReply {
         LocalReply { status, headers: vec![("content-type", "application/json".to_string())], body }
     }
 
+    /// The wait its `retry-after-ms` tells, when it has one.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        self.headers.iter().find(|(k, _)| *k == "retry-after-ms").and_then(|(_, v)| v.parse().ok())
+    }
+
     /// The path is not one of the APIs Spillway serves.
     pub fn not_found() -> LocalReply {
         LocalReply::error(

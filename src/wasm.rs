@@ -23,12 +23,12 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 proxy_wasm::main! {{
     host::install_logger();
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { role: None, gateway: None })
+        Box::new(Root { role: None, gateway: None, reported_ms: 0 })
     });
 }}
 
@@ -128,7 +128,14 @@ struct Root {
     /// Set by `on_configure` from the plugin's root id.
     role: Option<Role>,
     gateway: Option<Rc<Gateway>>,
+    /// When the gauges were last refreshed.
+    reported_ms: u64,
 }
+
+/// How often the gauges are refreshed.
+const REPORT_EVERY_MS: u64 = 1000;
+/// The tick while requests may wait for a backend.
+const WAKE_TICK_MS: u32 = 100;
 
 thread_local! {
     /// Host calls counted up to the end of the last tick, for the whole VM
@@ -178,9 +185,12 @@ impl RootContext for Root {
                     return false;
                 }
                 log::info!("{role:?} role configured with {} backends", gateway.config.backends.len());
+                // Refreshes the gauges: backends out (request role), memory;
+                // wakes requests waiting for a backend, often enough that
+                // they go within a tenth of a second of its return.
+                let waits = role == Role::Request && gateway.config.wait_for_backend_ms.is_some();
                 self.gateway = Some(Rc::new(gateway));
-                // Refreshes the gauges: backends out (request role), memory.
-                if let Err(e) = host::set_tick_period_ms(1000) {
+                if let Err(e) = host::set_tick_period_ms(if waits { WAKE_TICK_MS } else { REPORT_EVERY_MS as u32 }) {
                     log::warn!("cannot set tick period: {e:?}");
                 }
                 true
@@ -194,6 +204,14 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(role) = self.role else { return };
+        let now = HostClock.now_ms();
+        if role == Role::Request {
+            wake_due(now);
+        }
+        if now.saturating_sub(self.reported_ms) < REPORT_EVERY_MS.saturating_sub(WAKE_TICK_MS.into()) {
+            return;
+        }
+        self.reported_ms = now;
         // Calls made serving requests since the last tick (not the ticks' own).
         let (now, reported) = (host::calls(), REPORTED_CALLS.with(std::cell::Cell::get));
         let served: Vec<(&str, u64)> = host::Call::ALL
@@ -209,7 +227,7 @@ impl RootContext for Root {
         REPORTED_CALLS.with(|r| r.set(host::calls()));
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // The SDK panics on `None`: a plugin without a usable config answers
         // every request with a 503 instead (Envoy normally refuses such a
         // config before any request arrives).
@@ -218,10 +236,14 @@ impl RootContext for Root {
         };
         Some(match role {
             Role::Request => Box::new(RequestFilter {
-                gateway,
-                exchange: Exchange::new(HostClock.now_ms()),
-                inspect_body: false,
-                credential_stash: None,
+                context_id,
+                core: Rc::new(RefCell::new(RequestCore {
+                    gateway,
+                    exchange: Exchange::new(HostClock.now_ms()),
+                    inspect_body: false,
+                    credential_stash: None,
+                    wait_until: None,
+                })),
             }),
             Role::Attempt => Box::new(AttemptFilter {
                 gateway,
@@ -344,13 +366,109 @@ impl HttpContext for Unconfigured {
     }
 }
 
-struct RequestFilter {
+/// The request role's state for one request. It lives behind an `Rc` so
+/// the root context can reach a request it holds waiting for a backend.
+struct RequestCore {
     gateway: Rc<Gateway>,
     exchange: Exchange,
     /// Buffer the request body and show it to the exchange.
     inspect_body: bool,
     /// The stash header of the client's credential, cleared at the end.
     credential_stash: Option<String>,
+    /// `Step::Wait` asked to hold the request until then.
+    wait_until: Option<u64>,
+}
+
+/// A request held for a backend to come back (`wait_for_backend_ms`).
+struct Waiter {
+    context_id: u32,
+    until_ms: u64,
+    request: Weak<RefCell<RequestCore>>,
+}
+
+thread_local! {
+    /// The requests this worker holds waiting; the request root's tick wakes them.
+    static WAITING: RefCell<Vec<Waiter>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Registers a request that asked to wait, or refuses it when the worker
+/// already holds `max_waiting_requests`.
+fn hold(context_id: u32, core: &Rc<RefCell<RequestCore>>) {
+    let Some(until_ms) = core.borrow_mut().wait_until.take() else { return };
+    let max = core.borrow().gateway.config.max_waiting_requests;
+    let admitted = WAITING.with(|w| {
+        let mut waiting = w.borrow_mut();
+        waiting.retain(|x| x.request.strong_count() > 0);
+        let room = waiting.len() < max;
+        if room {
+            waiting.push(Waiter { context_id, until_ms, request: Rc::downgrade(core) });
+        }
+        room
+    });
+    if !admitted {
+        core.borrow_mut().refuse_wait();
+        // Refused, it may be told to wait again only by a bug: never hold it.
+        core.borrow_mut().wait_until = None;
+    }
+}
+
+/// Wakes the waiting requests whose time has come.
+fn wake_due(now_ms: u64) {
+    let due: Vec<Waiter> = WAITING.with(|w| {
+        let mut waiting = w.borrow_mut();
+        let (due, later): (Vec<Waiter>, Vec<Waiter>) = waiting.drain(..).partition(|x| x.until_ms <= now_ms);
+        *waiting = later;
+        due
+    });
+    for waiter in due {
+        let Some(core) = waiter.request.upgrade() else { continue };
+        if let Err(e) = host::set_effective_context(waiter.context_id) {
+            log::warn!("a waiting request is gone: {e:?}");
+            continue;
+        }
+        core.borrow_mut().wake();
+        hold(waiter.context_id, &core);
+    }
+}
+
+/// The request role's HTTP context: the host's callbacks go to the shared core.
+struct RequestFilter {
+    context_id: u32,
+    core: Rc<RefCell<RequestCore>>,
+}
+
+impl Context for RequestFilter {}
+
+impl HttpContext for RequestFilter {
+    fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
+        let action = self.core.borrow_mut().on_http_request_headers(n, end_of_stream);
+        hold(self.context_id, &self.core);
+        action
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        self.core.borrow_mut().on_http_request_body(size, end_of_stream)
+    }
+
+    fn on_http_request_trailers(&mut self, n: usize) -> Action {
+        self.core.borrow_mut().on_http_request_trailers(n)
+    }
+
+    fn on_http_response_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
+        self.core.borrow_mut().on_http_response_headers(n, end_of_stream)
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        self.core.borrow_mut().on_http_response_body(size, end_of_stream)
+    }
+
+    fn on_http_response_trailers(&mut self, n: usize) -> Action {
+        self.core.borrow_mut().on_http_response_trailers(n)
+    }
+
+    fn on_log(&mut self) {
+        self.core.borrow_mut().on_log();
+    }
 }
 
 /// 128 random bits, hex: names a stash no client can guess.
@@ -380,7 +498,7 @@ fn body_fields() -> Option<BodyFields> {
     BodyFields::read(&lookup)
 }
 
-impl RequestFilter {
+impl RequestCore {
     /// Keeps the client's own credential for pass-through attempts that may
     /// follow an attempt on a keyed backend (see `credentials`).
     fn stash_client_credential(&mut self) {
@@ -460,13 +578,39 @@ impl RequestFilter {
                 Action::Continue
             }
             Step::Reply(reply) => send_reply(&reply),
+            Step::Wait { until_ms } => {
+                self.wait_until = Some(until_ms);
+                Action::Pause
+            }
+        }
+    }
+
+    /// The root context's tick: the wait is over (the effective context is
+    /// this request's). Routes again; a request that goes on is resumed.
+    fn wake(&mut self) {
+        let step = self.exchange.on_wait_over(&self.gateway, &HostStore, &HostClock, &HostMetrics);
+        self.resume_after(step);
+    }
+
+    /// The worker holds as many waiting requests as it may.
+    fn refuse_wait(&mut self) {
+        let step = self.exchange.on_wait_refused(&self.gateway, &HostStore, &HostClock, &HostMetrics);
+        self.resume_after(step);
+    }
+
+    fn resume_after(&mut self, step: Step) {
+        let forward = matches!(step, Step::Forward { .. });
+        // A reply is sent by `apply`; a new wait is registered by the caller.
+        let _ = self.apply(step);
+        if forward {
+            if let Err(e) = host::resume_request() {
+                log::warn!("cannot resume a request that waited: {e:?}");
+            }
         }
     }
 }
 
-impl Context for RequestFilter {}
-
-impl HttpContext for RequestFilter {
+impl RequestCore {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         // Clients must not steer routing or fake bookkeeping: of the internal
         // headers the filter reads, CLUSTER and PATH are always overwritten
