@@ -1,9 +1,9 @@
 """Spillway benchmarks: proxy overhead, selection micro-benchmark, goodput
-under quotas. Started by `bench/run.sh` (which installs and builds first);
+under quotas, quota-aware routing. Started by `bench/run.sh` (which installs and builds first);
 writes everything to `bench/results/`, then `report.py` draws the charts and
 writes BENCHMARKS.md.
 
-    bench/.venv/bin/python bench/bench.py [--quick] [--only overhead,selection,goodput]
+    bench/.venv/bin/python bench/bench.py [--quick] [--only overhead,selection,goodput,quota]
 
 Every process listens on 127.0.0.1 with a port picked at run time and is
 stopped at the end; every load run is bounded in requests and in time.
@@ -12,6 +12,7 @@ stopped at the end; every load run is bounded in requests and in time.
 from __future__ import annotations
 
 import argparse
+import bisect
 import csv
 import shutil
 import json
@@ -814,10 +815,294 @@ def goodput(args, workdir: Path) -> dict:
     return doc
 
 
+# ------------------------------------------------------------ quota-aware routing
+
+# Three backends with uneven token quotas (Azure counts per minute; 5 s here
+# so one run spans several windows). The 6000 one is provisioned: it also
+# reports its utilisation.
+QUOTA_TOKENS = (6000, 3000, 1500)
+QUOTA_REQUESTS = 40
+QUOTA_WINDOW_MS = 5000
+QUOTA_PROVISIONED = 0
+# The request mix: (max_tokens, share in %); the mock charges each request
+# its prompt estimate + max_tokens at admission.
+QUOTA_MIX = ((50, 60), (300, 30), (1200, 10))
+QUOTA_MESSAGES = ("Say hello in one short sentence.", "Name a colour.", "What is 2 + 2?",
+                  "Give me a haiku about rain.", "Translate 'thank you' to French.")
+QUOTA_LEVELS = {"below": 0.6, "at": 1.0, "above": 1.5}
+QUOTA_SETUPS = ("spillway-reactive", "spillway-quota-aware", "envoy-native-retry", "litellm")
+# The oversized case: one request larger than any backend's whole window.
+OVERSIZED_MAX_TOKENS = 20_000
+OVERSIZED_S = 12
+OVERSIZED_AFTER_S = 5
+OVERSIZED_BODY = {"messages": [{"role": "user", "content": "Write a very long story."}],
+                  "max_tokens": OVERSIZED_MAX_TOKENS}
+
+
+def quota_bodies() -> list[dict]:
+    """The mix in exact proportions (100 bodies), shuffled with a fixed seed:
+    every run and every setup sends the same sequence."""
+    rng = random.Random(14)
+    bodies = [{"messages": [{"role": "user", "content": rng.choice(QUOTA_MESSAGES)}], "max_tokens": mt}
+              for mt, pct in QUOTA_MIX for _ in range(pct)]
+    rng.shuffle(bodies)
+    return bodies
+
+
+def mock_charge(body: dict | None) -> int:
+    """Tokens the mock charges a chat request at admission (its estimate:
+    ceil(content chars / 4) + max_tokens, default 16); 0 for anything else."""
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return 0
+    chars = sum(len(m["content"]) for m in body["messages"] if isinstance(m.get("content"), str))
+    return max(1, -(-chars // 4)) + int(body.get("max_tokens", 16))
+
+
+def quota_capacity(bodies: list[dict]) -> dict:
+    window_s = QUOTA_WINDOW_MS / 1000
+    mean_cost = statistics.mean(mock_charge(b) for b in bodies)
+    token_rps = sum(QUOTA_TOKENS) / window_s / mean_cost
+    request_rps = len(QUOTA_TOKENS) * QUOTA_REQUESTS / window_s
+    return {"tokens_per_s": sum(QUOTA_TOKENS) / window_s, "mean_cost_tokens": round(mean_cost, 2),
+            "token_capacity_rps": round(token_rps, 3), "request_capacity_rps": request_rps,
+            "capacity_rps": round(min(token_rps, request_rps), 3)}
+
+
+def upstream_429_spread(records: list[dict], start_ms: float, window_ms: int) -> dict:
+    """How one backend's 429s fall in time: the most in one of the mock's own
+    windows (rebuilt from its log: a window opens at the first request after
+    the previous one expired), the most in any `window_ms` span (stricter:
+    a span can straddle two windows), and how many `window_ms` buckets from
+    the run's start hold more than one."""
+    recs = sorted((r for r in records if not r["path"].startswith("/_mock")), key=lambda r: r["ts_ms"])
+    t429 = [r["ts_ms"] for r in recs if r["status"] == 429]
+    per_window: list[int] = []
+    opened = None
+    for r in recs:
+        if opened is None or r["ts_ms"] >= opened + window_ms:
+            opened = r["ts_ms"]
+            per_window.append(0)
+        per_window[-1] += r["status"] == 429
+    span = max((bisect.bisect_left(t429, t + window_ms) - i for i, t in enumerate(t429)), default=0)
+    buckets: dict[int, int] = {}
+    for t in t429:
+        k = int((t - start_ms) // window_ms)
+        buckets[k] = buckets.get(k, 0) + 1
+    return {"upstream_429": len(t429), "max_in_a_mock_window": max(per_window, default=0),
+            "max_in_any_span": span, "buckets_over_one": sum(1 for v in buckets.values() if v > 1),
+            "mock_windows": len(per_window)}
+
+
+def quota_backend(i: int, stats: dict, start_ms: float, duration_s: float) -> dict:
+    """One mock's share of a run."""
+    recs = stats["requests"]
+    billed = sum(u.get("prompt_tokens", 0) + u.get("completion_tokens", 0)
+                 for u in (stats.get("usage") or {}).values())
+    return {
+        "backend": f"mock{i}", "tokens_per_window": QUOTA_TOKENS[i], "provisioned": i == QUOTA_PROVISIONED,
+        "upstream_calls": stats["requests_total"], "upstream_2xx": stats["by_status"].get("200", 0),
+        # Charged at admission, as the mock does (max_tokens, not the answer).
+        "tokens_charged": sum(mock_charge(r.get("body_json")) for r in recs if r["status"] == 200),
+        "token_quota_in_run": round(QUOTA_TOKENS[i] * duration_s * 1000 / QUOTA_WINDOW_MS),
+        "tokens_billed": billed,
+        "log_complete": stats["requests_total"] <= len(recs),
+        **upstream_429_spread(recs, start_ms, QUOTA_WINDOW_MS),
+    }
+
+
+def quota_row(setup: str, level: str, rate: float, duration_s: float, res: list[loadgen.Result],
+              stats: list[dict], start_ms: float, load0: list[float], load1: list[float]) -> dict:
+    per = [quota_backend(i, s, start_ms, duration_s) for i, s in enumerate(stats)]
+    lat = [r.latency_ms for r in res if r.status]
+    row = {
+        "setup": setup, "level": level, "offered_rps": round(rate, 2), "duration_s": duration_s,
+        "requests": len(res),
+        "client_2xx": sum(1 for r in res if r.status == 200),
+        "client_429": sum(1 for r in res if r.status == 429),
+        "client_other": sum(1 for r in res if r.status not in (0, 200, 429)),
+        "client_errors": sum(1 for r in res if r.status == 0),
+        "upstream_calls": sum(b["upstream_calls"] for b in per),
+        "upstream_2xx": sum(b["upstream_2xx"] for b in per),
+        "upstream_429": sum(s["by_status"].get("429", 0) for s in stats),
+        "max_429_per_backend_per_mock_window": max(b["max_in_a_mock_window"] for b in per),
+        "max_429_per_backend_in_any_window_span": max(b["max_in_any_span"] for b in per),
+        "buckets_with_over_one_429": sum(b["buckets_over_one"] for b in per),
+        "p50_ms": round(percentile(lat, 50), 2), "p99_ms": round(percentile(lat, 99), 2),
+        "load1_before": load0[0], "load1_after": load1[0],
+        "backends": per,
+    }
+    row["goodput_rps"] = round(row["client_2xx"] / duration_s, 2)
+    return row
+
+
+def quota_proxy(setup: str, boots: dict[str, dict], ports: list[int], workdir: Path, name: str) -> Proc:
+    if setup == "litellm":
+        return LiteLLM(name, configs.litellm_config(ports, num_retries=2), workdir, workers=1)
+    return Envoy(name, boots[setup], workdir)
+
+
+def quota_measure(proc: Proc, mocks: list[Mock], rate: float, duration_s: float, bodies: list[dict],
+                  overrides: dict[int, dict] | None = None):
+    """Warm-up, fresh quota windows, one open-loop run; the results, each
+    mock's stats and the run's start (epoch ms)."""
+    headers = {"api-key": configs.MASTER_KEY}
+    # Warm-up (V8 JIT, LiteLLM's lazily created clients), then fresh windows.
+    for _ in range(6):
+        httpx.post(proc.url + CHAT_PATH, json=loadgen.BODY, headers=headers, timeout=30)
+    for m in mocks:
+        m.reset()
+    start_ms = time.time() * 1000
+    res = loadgen.run(proc.url + CHAT_PATH, rate, duration_s, headers, timeout=30, bodies=bodies,
+                      overrides=overrides)
+    return res, [m.stats() for m in mocks], start_ms
+
+
+def oversized_summary(res: list[loadgen.Result], idx: int, stats: list[dict]) -> dict:
+    """The oversized request and the requests sent in the OVERSIZED_AFTER_S
+    after it."""
+    big = res[idx]
+    after = [r for r in res if big.scheduled_s < r.scheduled_s <= big.scheduled_s + OVERSIZED_AFTER_S]
+    tried = sum(1 for s in stats for r in s["requests"]
+                if (r.get("body_json") or {}).get("max_tokens") == OVERSIZED_MAX_TOKENS)
+    return {
+        "oversized_index": idx, "oversized_sent_s": round(big.scheduled_s, 3),
+        "oversized_status": big.status, "oversized_retry_after": big.retry_after,
+        "oversized_upstream_calls": tried,
+        "after_requests": len(after),
+        "after_2xx": sum(1 for r in after if r.status == 200),
+        "after_429": sum(1 for r in after if r.status == 429),
+        "after_other": sum(1 for r in after if r.status not in (200, 429)),
+    }
+
+
+def quota_goals(runs: list[dict], oversized: dict[str, dict]) -> list[dict]:
+    """The part's goals, each with the numbers it is judged on (recorded,
+    not asserted)."""
+    run = {(r["setup"], r["level"]): r for r in runs}
+    qa, re_ = "spillway-quota-aware", "spillway-reactive"
+    goals = []
+    if (qa, "below") in run:
+        n = run[(qa, "below")]["upstream_429"]
+        goals.append({"id": "below_no_upstream_429", "level": "below", "measured": {"upstream_429": n},
+                      "met": n == 0})
+    for level in ("at", "above"):
+        r = run.get((qa, level))
+        if r:
+            goals.append({"id": "at_most_one_429_per_backend_window", "level": level, "measured": {
+                "max_429_per_backend_per_mock_window": r["max_429_per_backend_per_mock_window"],
+                "max_429_per_backend_in_any_window_span": r["max_429_per_backend_in_any_window_span"],
+                "upstream_429": r["upstream_429"]}, "met": r["max_429_per_backend_per_mock_window"] <= 1})
+    for level in QUOTA_LEVELS:
+        a, b = run.get((qa, level)), run.get((re_, level))
+        if a and b:
+            goals.append({"id": "goodput_not_below_reactive", "level": level,
+                          "measured": {"quota_aware_rps": a["goodput_rps"], "reactive_rps": b["goodput_rps"]},
+                          "met": a["goodput_rps"] >= b["goodput_rps"]})
+    o = oversized.get(qa)
+    if o:
+        r = oversized.get(re_) or {}
+        goals.append({"id": "oversized_leaves_others_served", "level": "below", "measured": {
+            "after_requests": o["after_requests"], "after_2xx": o["after_2xx"], "after_429": o["after_429"],
+            "reactive_after_2xx": r.get("after_2xx"), "reactive_after_429": r.get("after_429")},
+            "met": o["after_2xx"] == o["after_requests"]})
+    return goals
+
+
+def quota_routing(args, workdir: Path) -> dict:
+    """Quota-aware routing against learning from 429s alone (Spillway's
+    routing before), Envoy's native retry and LiteLLM, on three backends
+    with uneven token quotas and a mixed request size."""
+    bodies = quota_bodies()
+    cap = quota_capacity(bodies)
+    levels = [(k, QUOTA_LEVELS[k] * cap["capacity_rps"]) for k in args.quota_levels.split(",")]
+    setups = [s for s in args.quota_setups.split(",") if not (s == "litellm" and args.no_litellm)]
+    log(f"quota: 3 mocks, tokens per {QUOTA_WINDOW_MS} ms window {QUOTA_TOKENS}; capacity "
+        f"{cap['capacity_rps']:g} rps (mean cost {cap['mean_cost_tokens']:g} tokens)")
+    mocks = [Mock(f"t{i}", workdir, "--tokens-per-window", str(t), "--requests-per-window", str(QUOTA_REQUESTS),
+                  "--window-ms", str(QUOTA_WINDOW_MS)) for i, t in enumerate(QUOTA_TOKENS)]
+    httpx.post(f"{mocks[QUOTA_PROVISIONED].url}/_mock/config", json={"provisioned": True},
+               timeout=5).raise_for_status()
+    ports = [m.port for m in mocks]
+    boots = {
+        "spillway-reactive": render_spillway(configs.spillway_quota_filter(ports, "reactive"), workdir, "qr-reactive"),
+        "spillway-quota-aware": render_spillway(
+            configs.spillway_quota_filter(ports, "quota_aware", QUOTA_WINDOW_MS // 1000), workdir, "qr-aware"),
+    }
+    boots["envoy-native-retry"] = configs.envoy_native_retry(configs.plain(boots["spillway-reactive"], ports), 2)
+    runs, rows, oversized = [], [], {}
+    try:
+        for setup in setups:
+            for level, rate in levels:
+                runs.append(quota_one(args, setup, level, rate, args.quota_s, boots, mocks, bodies, workdir, rows))
+            if args.quota_oversized:
+                rate = QUOTA_LEVELS["below"] * cap["capacity_rps"]
+                idx = loadgen.count_of(rate, OVERSIZED_S) // 4
+                row = quota_one(args, setup, "oversized", rate, OVERSIZED_S, boots, mocks, bodies, workdir, rows,
+                                {idx: OVERSIZED_BODY})
+                oversized[setup] = {**row.pop("oversized"), "run": row}
+                log(f"quota: {setup} oversized: {oversized[setup]}")
+    finally:
+        for m in mocks:
+            m.stop()
+
+    with open(RESULTS / "quota_requests.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    doc = {
+        "params": {"backends": len(QUOTA_TOKENS), "tokens_per_window": list(QUOTA_TOKENS),
+                   "requests_per_window": QUOTA_REQUESTS, "window_ms": QUOTA_WINDOW_MS,
+                   "provisioned_backend": f"mock{QUOTA_PROVISIONED}",
+                   "mix": [{"max_tokens": mt, "percent": pct} for mt, pct in QUOTA_MIX], "seed": 14,
+                   **cap, "duration_s": args.quota_s,
+                   "levels": {k: round(v, 3) for k, v in levels}, "level_factors": QUOTA_LEVELS,
+                   "setups": setups, "headroom_window_s": QUOTA_WINDOW_MS // 1000,
+                   "envoy_num_retries": 2, "litellm_num_retries": 2, "litellm_workers": 1,
+                   "oversized": {"max_tokens": OVERSIZED_MAX_TOKENS, "duration_s": OVERSIZED_S,
+                                 "level": "below", "index": "requests // 4", "after_s": OVERSIZED_AFTER_S},
+                   "client_timeout_s": 30},
+        "runs": runs,
+        "oversized": oversized,
+        "goals": quota_goals(runs, oversized),
+    }
+    (RESULTS / "quota.json").write_text(json.dumps(doc, indent=2) + "\n")
+    for g in doc["goals"]:
+        log(f"quota goal {g['id']} ({g['level']}): {'met' if g['met'] else 'MISSED'} {g['measured']}")
+    return doc
+
+
+def quota_one(args, setup: str, level: str, rate: float, duration_s: float, boots: dict[str, dict],
+              mocks: list[Mock], bodies: list[dict], workdir: Path, rows: list[dict],
+              overrides: dict[int, dict] | None = None) -> dict:
+    """One run in a fresh proxy process; appends every request to `rows`."""
+    proc = quota_proxy(setup, boots, [m.port for m in mocks], workdir, f"qr-{setup}-{level}")
+    try:
+        load0 = loadavg()
+        log(f"quota: {setup} {level} ({rate:.2f} rps x {duration_s:g} s)")
+        res, stats, start_ms = quota_measure(proc, mocks, rate, duration_s, bodies, overrides)
+        load1 = loadavg()
+    finally:
+        proc.stop()
+    row = quota_row(setup, level, rate, duration_s, res, stats, start_ms, load0, load1)
+    if overrides:
+        row["oversized"] = oversized_summary(res, next(iter(overrides)), stats)
+    log(f"quota: {setup} {level}: 2xx={row['client_2xx']} 429={row['client_429']} other={row['client_other']} "
+        f"err={row['client_errors']} upstream={row['upstream_calls']} (429: {row['upstream_429']}, per backend "
+        f"{[b['upstream_429'] for b in row['backends']]}, max per window {row['max_429_per_backend_per_mock_window']}"
+        f", any 5 s {row['max_429_per_backend_in_any_window_span']})")
+    for r in res:
+        body = loadgen.body_of(r.index, bodies, overrides)
+        rows.append({"setup": setup, "level": level, "offered_rps": round(rate, 2),
+                     "max_tokens": body["max_tokens"], **loadgen.asdict(r)})
+    # Every quota window (and any throttle a proxy holds) expires before the next run.
+    time.sleep(QUOTA_WINDOW_MS / 1000 + 0.5)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Spillway benchmarks")
     ap.add_argument("--quick", action="store_true", help="1 repeat, short runs (smoke test)")
-    ap.add_argument("--only", default="overhead,hostcalls,instructions,selection,goodput")
+    ap.add_argument("--only", default="overhead,hostcalls,instructions,selection,goodput,quota")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate", type=float, default=1000, help="fixed rate for direct/Envoy setups (rps)")
     ap.add_argument("--rate-s", type=float, default=10)
@@ -829,9 +1114,16 @@ def main() -> None:
     ap.add_argument("--quota-requests", type=int, default=10)
     ap.add_argument("--quota-window-ms", type=int, default=2000)
     ap.add_argument("--goodput-s", type=float, default=20)
+    ap.add_argument("--quota-s", type=float, default=20, help="seconds per level in the quota part")
+    ap.add_argument("--quota-levels", default=",".join(QUOTA_LEVELS), help="quota part: any of below,at,above")
+    ap.add_argument("--quota-setups", default=",".join(QUOTA_SETUPS),
+                    help="quota part: any of " + ",".join(QUOTA_SETUPS))
+    ap.add_argument("--no-quota-oversized", dest="quota_oversized", action="store_false",
+                    help="quota part: skip the oversized-request runs")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.rate_s, args.sat_s, args.litellm_rate_s, args.goodput_s = 1, 3, 3, 5, 8
+        args.quota_s = 8
     for p in (WASM, TRIVIAL_WASM, PROBE_WASM, RENDER, MOCK, SELECTION, ENVOY, OHA):
         if not p.exists():
             sys.exit(f"missing {p}: run bench/run.sh, which installs and builds everything")
@@ -850,6 +1142,8 @@ def main() -> None:
             overhead(args, workdir)
         if "goodput" in parts:
             goodput(args, workdir)
+        if "quota" in parts:
+            quota_routing(args, workdir)
         m["load_at_end"] = loadavg()
         m["bench_seconds"] = round(time.monotonic() - t0, 1)
         if os.environ.get("BENCH_INSTALL_BUILD_SECONDS"):

@@ -17,7 +17,8 @@ variant only removes or swaps what it must:
 * ``spillway``    the rendered bootstrap unchanged (access log off);
 * ablations of ``spillway``: Envoy's ``wasm`` log component at warning (no
   per-request JSON log line written), and the request role alone;
-* ``envoy_retry`` ``plain`` with Envoy's native 429 retry policy (goodput part).
+* ``envoy_retry`` ``plain`` with Envoy's native 429 retry policy (goodput and
+  quota parts).
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ def spillway_filter(mock_ports: list[int]) -> dict:
         ],
         "api_version": "2024-10-21",
     }
+
+
+def spillway_quota_filter(mock_ports: list[int], routing: str, headroom_window_s: int | None = None) -> dict:
+    """The filter JSON for the quota part: the same three backends, priority 1
+    and weight 1 spelled out (the comparison is about what Spillway learns,
+    not about weights), with `routing` "reactive" (learn from 429s only) or
+    "quota_aware" (also from the rate-limit headers, over
+    `headroom_window_s`, which must match the mocks' window)."""
+    cfg = spillway_filter(mock_ports)
+    for b in cfg["backends"]:
+        b |= {"priority": 1, "weight": 1}
+    cfg["routing"] = routing
+    if headroom_window_s is not None:
+        cfg["headroom_window_s"] = headroom_window_s
+    return cfg
 
 
 def _hcm(boot: dict) -> dict:

@@ -4,10 +4,13 @@ Request i is sent at t0 + i / rate whether or not earlier requests have
 answered (open loop: a slow proxy does not slow the offered load down), the
 run is bounded by `count = rate * duration` requests and by a per-request
 timeout, and every request is recorded with its own timing and the headers
-the goodput analysis needs.
+the goodput analysis needs. Request i sends `bodies[i % len(bodies)]` (by
+default the one BODY), or `overrides[i]` when given (one odd request in a
+run, e.g. an oversized one).
 
 Usable as a library (`run(...)`) or from the command line:
-    python loadgen.py URL --rate 15 --duration 20 --header 'api-key: x' --out reqs.csv
+    python loadgen.py URL --rate 15 --duration 20 --header 'api-key: x' --out reqs.csv \
+        [--bodies bodies.json]   # a JSON list of request bodies, sent in turn
 """
 
 from __future__ import annotations
@@ -40,15 +43,15 @@ class Result:
     error: str
 
 
-async def _one(client: httpx.AsyncClient, url: str, headers: dict, i: int, due: float, t0: float,
-               timeout: float) -> Result:
+async def _one(client: httpx.AsyncClient, url: str, headers: dict, body: dict, i: int, due: float,
+               t0: float, timeout: float) -> Result:
     now = time.monotonic()
     if due > now:
         await asyncio.sleep(due - now)
     sent = time.monotonic()
     status, h, err = 0, httpx.Headers(), ""
     try:
-        r = await client.post(url, json=BODY, headers=headers, timeout=timeout)
+        r = await client.post(url, json=body, headers=headers, timeout=timeout)
         await r.aread()
         status, h = r.status_code, r.headers
     except Exception as e:  # noqa: BLE001 - every failure is a data point
@@ -70,22 +73,36 @@ async def _one(client: httpx.AsyncClient, url: str, headers: dict, i: int, due: 
     )
 
 
-async def _run(url: str, rate: float, count: int, headers: dict, timeout: float) -> list[Result]:
+async def _run(url: str, rate: float, count: int, headers: dict, timeout: float, bodies: list[dict],
+               overrides: dict[int, dict]) -> list[Result]:
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         t0 = time.monotonic() + 0.2
         tasks = [
-            asyncio.create_task(_one(client, url, headers, i, t0 + i / rate, t0, timeout))
+            asyncio.create_task(_one(client, url, headers, body_of(i, bodies, overrides), i, t0 + i / rate, t0,
+                                     timeout))
             for i in range(count)
         ]
         return list(await asyncio.gather(*tasks))
 
 
-def run(url: str, rate: float, duration_s: float, headers: dict | None = None,
-        timeout: float = 30.0) -> list[Result]:
+def body_of(i: int, bodies: list[dict] | None, overrides: dict[int, dict] | None = None) -> dict:
+    """The body request i sends."""
+    if overrides and i in overrides:
+        return overrides[i]
+    return bodies[i % len(bodies)] if bodies else BODY
+
+
+def count_of(rate: float, duration_s: float) -> int:
+    """How many requests `run` sends (to pick an index for `overrides`)."""
+    return max(1, int(round(rate * duration_s)))
+
+
+def run(url: str, rate: float, duration_s: float, headers: dict | None = None, timeout: float = 30.0,
+        bodies: list[dict] | None = None, overrides: dict[int, dict] | None = None) -> list[Result]:
     """Sends rate * duration_s requests at a fixed rate; returns one Result each."""
-    count = max(1, int(round(rate * duration_s)))
-    return asyncio.run(_run(url, rate, count, headers or {}, timeout))
+    return asyncio.run(_run(url, rate, count_of(rate, duration_s), headers or {}, timeout, bodies or [BODY],
+                            overrides or {}))
 
 
 def write_csv(results: list[Result], path, extra: dict | None = None) -> None:
@@ -106,10 +123,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--header", action="append", default=[])
     ap.add_argument("--out")
+    ap.add_argument("--bodies", help="JSON file: a list of request bodies, request i sends body i mod len")
     a = ap.parse_args()
     headers = dict(h.split(":", 1) for h in a.header)
     headers = {k.strip(): v.strip() for k, v in headers.items()}
-    res = run(a.url, a.rate, a.duration, headers, a.timeout)
+    bodies = json.loads(open(a.bodies).read()) if a.bodies else None
+    res = run(a.url, a.rate, a.duration, headers, a.timeout, bodies=bodies)
     if a.out:
         write_csv(res, a.out)
     by_status: dict[int, int] = {}

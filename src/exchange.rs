@@ -233,7 +233,7 @@ impl Exchange {
             None => head.content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN),
         };
         let routing = Routing { fields: head.fields.clone(), has_body: head.has_body, tokens };
-        self.route(gw, store, clock, metrics, routing)
+        self.route(gw, store, clock, metrics, now, routing)
     }
 
     /// Picks the first backend and says how to forward; or, when every
@@ -245,9 +245,9 @@ impl Exchange {
         store: &dyn SharedStore,
         clock: &dyn Clock,
         metrics: &dyn Metrics,
+        now: u64,
         routing: Routing,
     ) -> Step {
-        let now = clock.now_ms();
         match self.choose_backend(gw, store, clock, routing.fields.as_ref(), routing.tokens) {
             Ok((backend, stored)) => {
                 let cluster = backend.cluster.clone();
@@ -289,7 +289,7 @@ impl Exchange {
         metrics: &dyn Metrics,
     ) -> Step {
         match self.waiting.take() {
-            Some(routing) => self.route(gw, store, clock, metrics, routing),
+            Some(routing) => self.route(gw, store, clock, metrics, clock.now_ms(), routing),
             None => self.reply(gw, metrics, "all_throttled", LocalReply::all_busy(1_000)),
         }
     }

@@ -204,19 +204,26 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(role) = self.role else { return };
+        // Calls made serving requests up to this tick; the tick's own are
+        // never counted as theirs.
+        let before = host::calls();
         let now = HostClock.now_ms();
         if role == Role::Request {
             wake_due(now);
         }
+        let reported = REPORTED_CALLS.with(std::cell::Cell::get);
         if now.saturating_sub(self.reported_ms) < REPORT_EVERY_MS.saturating_sub(WAKE_TICK_MS.into()) {
+            let mut skipped = reported;
+            for ((r, after), b) in skipped.iter_mut().zip(host::calls()).zip(before) {
+                *r = r.wrapping_add(after.wrapping_sub(b));
+            }
+            REPORTED_CALLS.with(|c| c.set(skipped));
             return;
         }
         self.reported_ms = now;
-        // Calls made serving requests since the last tick (not the ticks' own).
-        let (now, reported) = (host::calls(), REPORTED_CALLS.with(std::cell::Cell::get));
         let served: Vec<(&str, u64)> = host::Call::ALL
             .iter()
-            .zip(now.iter().zip(reported))
+            .zip(before.iter().zip(reported))
             .map(|(c, (n, r))| (c.name(), n.wrapping_sub(r)))
             .collect();
         if let (Some(g), Role::Request) = (&self.gateway, role) {

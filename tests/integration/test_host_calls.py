@@ -23,9 +23,9 @@ KEY = "key-of-the-team-1"
 # (see BENCHMARKS.md, "Where the added CPU goes").
 BUDGETS = {
     ("default", "chat"): (49, 11),
-    ("default", "stream"): (45, 11),
+    ("default", "stream"): (46, 12),
     ("gateway", "chat"): (55, 14),
-    ("gateway", "stream"): (60, 15),
+    ("gateway", "stream"): (61, 16),
 }
 VALUE_CALLS = ("header_get", "property", "shared_data_get", "body_get")
 
