@@ -890,7 +890,9 @@ def upstream_429_spread(records: list[dict], start_ms: float, window_ms: int) ->
         buckets[k] = buckets.get(k, 0) + 1
     return {"upstream_429": len(t429), "max_in_a_mock_window": max(per_window, default=0),
             "max_in_any_span": span, "buckets_over_one": sum(1 for v in buckets.values() if v > 1),
-            "mock_windows": len(per_window)}
+            "mock_windows": len(per_window),
+            # When they came (ms from the run's start), to look at afterwards.
+            "upstream_429_at_ms": [round(t - start_ms) for t in t429]}
 
 
 def quota_backend(i: int, stats: dict, start_ms: float, duration_s: float) -> dict:

@@ -496,6 +496,190 @@ def goodput_section(gp: dict, litellm_version: str) -> list[str]:
     return lines
 
 
+QUOTA_COLORS = {
+    "spillway-reactive": "tab:purple",
+    "spillway-quota-aware": "tab:blue",
+    "envoy-native-retry": "tab:orange",
+    "litellm": "tab:green",
+}
+
+
+def chart_quota(q: dict) -> list[str]:
+    levels = list(q["params"]["levels"])
+    setups = list(dict.fromkeys(r["setup"] for r in q["runs"]))
+    run = {(r["setup"], r["level"]): r for r in q["runs"]}
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    w = 0.8 / max(1, len(setups))
+    for j, setup in enumerate(setups):
+        xs = [i + (j - (len(setups) - 1) / 2) * w for i in range(len(levels))]
+        vals = [run[(setup, lv)]["goodput_rps"] if (setup, lv) in run else 0 for lv in levels]
+        ax.bar(xs, vals, w, label=setup, color=QUOTA_COLORS.get(setup))
+        for x, v in zip(xs, vals):
+            ax.text(x, v, f"{v:g}", ha="center", va="bottom", fontsize=7)
+    cap = q["params"]["capacity_rps"]
+    ax.axhline(cap, color="grey", linestyle=":", linewidth=1, label=f"token capacity ({cap:.1f} rps)")
+    ax.set_xticks(range(len(levels)))
+    ax.set_xticklabels([f"{lv} ({q['params']['levels'][lv]:.1f} rps offered)" for lv in levels])
+    ax.set_ylabel("goodput, 2xx per second")
+    ax.set_title(f"Goodput on three uneven token quotas ({', '.join(str(t) for t in q['params']['tokens_per_window'])} "
+                 f"tokens per {q['params']['window_ms'] / 1000:g} s), {q['params']['duration_s']:g} s per run")
+    ax.grid(axis="y", alpha=0.3)
+    # Room above the bars for the legend, in one row.
+    top = max([r["goodput_rps"] for r in q["runs"]] + [cap])
+    ax.set_ylim(0, top * 1.25)
+    ax.legend(fontsize=7, loc="upper left", ncol=len(setups) + 1)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quota_goodput.png", dpi=110)
+    plt.close(fig)
+    return ["quota_goodput.png"]
+
+
+def quota_goal_row(g: dict, P: dict) -> tuple[str, str]:
+    """A goal of the quota part as (goal, measured) text."""
+    m, level = g["measured"], g["level"]
+    rate = P["levels"].get(level, P["levels"].get("below", 0))
+    if g["id"] == "below_no_upstream_429":
+        return (f"Below capacity ({rate:.1f} rps): no upstream 429 (quota-aware)",
+                f"upstream 429s: **{m['upstream_429']}**")
+    if g["id"] == "at_most_one_429_per_backend_window":
+        return (f"{level.capitalize()} capacity ({rate:.1f} rps): at most one upstream 429 per backend per window "
+                "(quota-aware)",
+                f"most in one backend's window: **{m['max_429_per_backend_per_mock_window']}** (in any "
+                f"{P['window_ms'] / 1000:g} s span: {m['max_429_per_backend_in_any_window_span']}); "
+                f"{m['upstream_429']} upstream 429s in all")
+    if g["id"] == "goodput_not_below_reactive":
+        return (f"Goodput ≥ reactive routing's, {level} capacity ({rate:.1f} rps)",
+                f"**{m['quota_aware_rps']:g}** vs {m['reactive_rps']:g} rps")
+    if g["id"] == "oversized_leaves_others_served":
+        re_ = ("" if m.get("reactive_after_2xx") is None else
+               f" (reactive: {m['reactive_after_2xx']} served, {m['reactive_after_429']} got 429)")
+        return (f"An oversized request ({P['oversized']['max_tokens']:,} tokens, more than any window) leaves the "
+                "others served (quota-aware)",
+                f"**{m['after_2xx']} of {m['after_requests']}** served in the {P['oversized']['after_s']:g} s "
+                f"after it{re_}")
+    return g["id"], json.dumps(m)
+
+
+def quota_reading(q: dict) -> list[str]:
+    """What the numbers show, and nothing else."""
+    run = {(r["setup"], r["level"]): r for r in q["runs"]}
+    levels = list(q["params"]["levels"])
+    qa, re_ = "spillway-quota-aware", "spillway-reactive"
+    out = ["", "**Reading it.**", ""]
+    both = [lv for lv in levels if (qa, lv) in run and (re_, lv) in run]
+    if both:
+        out.append(
+            "- Goodput, quota-aware vs reactive: "
+            + "; ".join(f"{lv} {run[(qa, lv)]['goodput_rps']:g} vs {run[(re_, lv)]['goodput_rps']:g} rps "
+                        f"(client 429s {run[(qa, lv)]['client_429']} vs {run[(re_, lv)]['client_429']})"
+                        for lv in both) + ".")
+    for setup in dict.fromkeys(r["setup"] for r in q["runs"]):
+        mine = [run[(setup, lv)] for lv in levels if (setup, lv) in run]
+        out.append(
+            f"- Upstream 429s, {setup}: "
+            + "; ".join(f"{r['level']} {r['upstream_429']} in {r['upstream_calls']} calls "
+                        f"({r['upstream_calls'] / r['requests']:.2f} per request), at most "
+                        f"{r['max_429_per_backend_per_mock_window']} per backend per window" for r in mine) + ".")
+    ov = q.get("oversized") or {}
+    if ov:
+        out.append(
+            f"- Oversized request ({q['params']['oversized']['max_tokens']:,} tokens): "
+            + "; ".join(f"{s} answered it {o['oversized_status']} after {o['oversized_upstream_calls']} upstream "
+                        f"calls and served {o['after_2xx']} of the {o['after_requests']} requests sent in the "
+                        f"{q['params']['oversized']['after_s']:g} s after it ({o['after_429']} got 429)"
+                        for s, o in ov.items()) + ".")
+    return out
+
+
+def quota_section(q: dict) -> tuple[list[str], list[str]]:
+    """Part 4, and the goals it missed."""
+    P = q["params"]
+    mix = ", ".join(f"{m['percent']} % `max_tokens` {m['max_tokens']}" for m in P["mix"])
+    lines = [
+        "## 4. Quota-aware routing",
+        "",
+        f"Three mock backends with **uneven token quotas: {', '.join(f'{t:,}' for t in P['tokens_per_window'])} "
+        f"tokens per {P['window_ms'] / 1000:g} s window** (and {P['requests_per_window']} requests each; "
+        f"`--tokens-per-window N --requests-per-window {P['requests_per_window']} --window-ms {P['window_ms']}`); "
+        f"{P['provisioned_backend']} is provisioned (`POST /_mock/config {{\"provisioned\": true}}`: it also "
+        "reports `azure-openai-deployment-utilization`). Azure counts per minute; the short window lets one run "
+        "span several. Every answer carries `x-ratelimit-remaining-*` and `x-ratelimit-limit-*`, a quota 429 "
+        "`retry-after` and `retry-after-ms` until the window resets.",
+        "",
+        f"Requests: a fixed mix (seed {P['seed']}) of {mix}, each with a short user message; the mock charges "
+        "a request its prompt estimate (characters / 4) + `max_tokens` when it admits it. The mean cost is "
+        f"{P['mean_cost_tokens']:g} tokens, so the token quotas allow {P['token_capacity_rps']:.2f} requests/s "
+        f"(the request quotas {P['request_capacity_rps']:g}): capacity **{P['capacity_rps']:.2f} rps**. "
+        f"`bench/loadgen.py` offers, open loop, for {P['duration_s']:g} s per run: "
+        + ", ".join(f"{k} {P['level_factors'][k]:g}× = {v:.2f} rps" for k, v in P["levels"].items())
+        + f". Each run starts a fresh proxy process, warms it up, resets the mocks, and waits "
+        f"≥ {P['window_ms'] / 1000:g} s after the previous one. A backend's window opens at its first request, so "
+        f"a {P['duration_s']:g} s run can use up to {-(-P['duration_s'] * 1000 // P['window_ms']):.0f} windows "
+        "of each quota: goodput a little above the capacity is that rounding.",
+        "",
+        "All backends priority 1, weight 1 in every setup:",
+        "",
+        "- **spillway-reactive**: Envoy + Spillway with `\"routing\": \"reactive\"`: it learns only from 429s "
+        "(a backend is out until the 429's wait ends), as Spillway did before quota-aware routing.",
+        f"- **spillway-quota-aware**: the default routing with `\"headroom_window_s\": {P['headroom_window_s']}`: "
+        "it also reads the rate-limit headers of every answer and sends a request, by its estimated size, only "
+        "where the reported headroom covers it.",
+        f"- **envoy-native-retry**: Envoy alone, round robin, 429 retried on another host (`num_retries: "
+        f"{P['envoy_num_retries']}`), as in part 3.",
+        f"- **litellm**: LiteLLM's router, `num_retries: {P['litellm_num_retries']}`, {P['litellm_workers']} "
+        "worker, as in part 3.",
+        "",
+        f"*Max 429s per backend per window* counts each backend's upstream 429s in each of its own windows "
+        "(rebuilt from the mock's request log: a window opens at the first request after the previous one "
+        f"expired); in brackets, the most in any {P['window_ms'] / 1000:g} s span, which can straddle two windows.",
+        "",
+        "| offered | setup | client 2xx | goodput rps | client 429 | other / errors | upstream calls "
+        "| upstream 429 (per backend) | max 429s per backend per window | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in q["runs"]:
+        per = ", ".join(str(b["upstream_429"]) for b in r["backends"])
+        lines.append(
+            f"| {r['level']} ({r['offered_rps']:g} rps) | {r['setup']} | {r['client_2xx']} | {r['goodput_rps']:g} "
+            f"| {r['client_429']} | {r['client_other']} / {r['client_errors']} | {r['upstream_calls']} "
+            f"| {r['upstream_429']} ({per}) | {r['max_429_per_backend_per_mock_window']} "
+            f"({r['max_429_per_backend_in_any_window_span']}) | {r['p50_ms']:g} | {r['p99_ms']:g} |")
+    ov = q.get("oversized") or {}
+    if ov:
+        O, first = P["oversized"], next(iter(ov.values()))
+        lines += [
+            "",
+            f"**Oversized request.** At the below level for {O['duration_s']:g} s, request "
+            f"{first['oversized_index']} (sent at {first['oversized_sent_s']:.1f} s) asks for `max_tokens` "
+            f"{O['max_tokens']:,}, more than any backend's whole window, so every backend refuses it with a 429 "
+            "while it still has quota left for other requests. The table counts the requests sent in the "
+            f"{O['after_s']:g} s after it (the same requests in every setup).",
+            "",
+            "| setup | oversized request: status (upstream calls, `retry-after`) | sent in the "
+            f"{O['after_s']:g} s after | 2xx | 429 | other |",
+            "|---|---|---|---|---|---|",
+        ]
+        for setup, o in ov.items():
+            lines.append(
+                f"| {setup} | {o['oversized_status']} ({o['oversized_upstream_calls']}, "
+                f"{o['oversized_retry_after'] + ' s' if o['oversized_retry_after'] else 'none'}) "
+                f"| {o['after_requests']} | {o['after_2xx']} "
+                f"| {o['after_429']} | {o['after_other']} |")
+    lines += quota_reading(q)
+    misses: list[str] = []
+    if q.get("goals"):
+        lines += ["", "**Goals** (recorded, not asserted):", "", "| goal | measured | |", "|---|---|---|"]
+        for g in q["goals"]:
+            goal, measured = quota_goal_row(g, P)
+            lines.append(f"| {goal} | {measured} | {met(g['met'])} |")
+            if not g["met"]:
+                misses.append(goal)
+    if (RESULTS / "quota_goodput.png").exists():
+        lines += ["", "![quota goodput](bench/results/quota_goodput.png)"]
+    lines.append("")
+    return lines, misses
+
+
 def targets_section(ov: dict | None, sel: dict | None) -> tuple[list[str], list[str]]:
     lines = ["## Performance goals (recorded, not asserted)", ""]
     misses: list[str] = []
@@ -781,6 +965,8 @@ def commands_section(ov: dict | None, gp: dict | None) -> list[str]:
         "callgrind_control -z PID; oha -c 4 -n 300 URL; callgrind_control -d PID",
         "spillway-mock --name mN --listen 127.0.0.1:0                                     # overhead",
         "spillway-mock --name qN --listen 127.0.0.1:0 --requests-per-window 10 --window-ms 2000   # goodput",
+        "spillway-mock --name tN --listen 127.0.0.1:0 --tokens-per-window 6000|3000|1500 --requests-per-window 40 "
+        "--window-ms 5000   # quota",
         "spillway-render filter.json --wasm target/wasm32-wasip1/release/spillway.wasm --listen … --admin … "
         "--no-access-log -o envoy.yaml",
         "litellm --config litellm.yaml --host 127.0.0.1 --port P --num_workers 2   # 1 for goodput",
@@ -820,7 +1006,7 @@ def notes_section() -> list[str]:
         "wait for in-flight requests (`-w`) and record circuit opens (none).",
         "- Results in `bench/results/`: `machine.json`, `overhead.json` (+ `overhead_runs.csv`, every run with "
         "its load average), `selection.json`, `goodput.json` (+ `goodput_requests.csv`, every request), "
-        "and the PNG charts.",
+        "`quota.json` (+ `quota_requests.csv`, every request with its `max_tokens`), and the PNG charts.",
         "",
     ]
 
@@ -828,11 +1014,14 @@ def notes_section() -> list[str]:
 def main() -> None:
     m = load("machine.json") or {}
     ov, sel, gp = load("overhead.json"), load("selection.json"), load("goodput.json")
+    qr = load("quota.json")
     charts = []
     if ov:
         charts += chart_overhead(ov)
     if gp:
         charts += chart_goodput(gp)
+    if qr:
+        charts += chart_quota(qr)
     t_lines, misses = targets_section(ov, sel)
     lines = [
         "# Benchmarks",
@@ -849,7 +1038,8 @@ def main() -> None:
         "proxy, all in front of the same mock Azure OpenAI backends on loopback: per-request overhead "
         "(part 1) and where it goes (instructions per request, the price of each host call, the calls "
         "Spillway makes, before and after the performance work), the cost of one routing decision "
-        "(part 2), and how much of the backends' quota each setup turns into successful answers (part 3).",
+        "(part 2), how much of the backends' quota each setup turns into successful answers (part 3), and "
+        "routing on the quota each backend reports against learning from its 429s alone (part 4).",
         "",
     ]
     lines += t_lines
@@ -861,6 +1051,8 @@ def main() -> None:
         lines += selection_section(sel)
     if gp:
         lines += goodput_section(gp, m.get("litellm", "?"))
+    if qr:
+        lines += quota_section(qr)[0]
     lines += why_section(ov, sel, misses)
     lines += commands_section(ov, gp)
     lines += notes_section()

@@ -5,7 +5,8 @@
 #
 #   bench/run.sh            full run (~30 min on 2 cores, installs included)
 #   bench/run.sh --quick    smoke test: 1 repeat, short runs
-#   bench/run.sh --only overhead,selection,goodput   (any subset; other bench.py options pass through)
+#   bench/run.sh --only overhead,selection,goodput,quota   (any subset; other bench.py options pass through)
+#   bench/run.sh --only quota --quota-levels at --no-litellm   (quota-aware routing part, one level)
 #
 # Everything listens on 127.0.0.1 only; every load run is bounded in requests
 # and time (see bench/bench.py).
