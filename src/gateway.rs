@@ -96,6 +96,9 @@ pub struct AttemptRef {
     /// Another backend can take the request if this one fails.
     pub has_fallback: bool,
     pub stored: Stored,
+    /// The request's estimate and tier (for the wait a 429 tells).
+    pub estimate: Option<u64>,
+    pub tier: Tier,
 }
 
 /// The parts of an attempt's response headers the decision reads.
@@ -529,7 +532,7 @@ impl Gateway {
         answer: &AttemptAnswer<'_>,
     ) -> ResponseDecision {
         let AttemptAnswer { status, retry_after_ms, retry_after, quota } = *answer;
-        let AttemptRef { backend, has_fallback, stored } = *attempt;
+        let AttemptRef { backend, has_fallback, stored, estimate, tier } = *attempt;
         let now = clock.now_ms();
         let cb = self.config.circuit_breaker;
         let name = self.names.get(backend).map_or("", String::as_str);
@@ -567,7 +570,9 @@ impl Gateway {
                     if learn {
                         h.headroom.learn(&quota, now, window);
                     }
-                    if !sized_out {
+                    if sized_out {
+                        h.headroom.refused(now, wait);
+                    } else {
                         h.record_throttle(now, wait);
                     }
                     true
@@ -594,13 +599,26 @@ impl Gateway {
         // Pinned to its owner, the request can only wait for that backend.
         let retry_after_ms = (status == 429).then(|| {
             let table = table.unwrap_or_else(|| self.read_health(store));
-            let until = |i: usize| match table.get(i).availability(now, &cb) {
-                Availability::Unavailable { until_ms } => until_ms,
-                _ => now,
+            // When a backend could take this request again: its throttle or
+            // circuit, and its headroom for the request's size.
+            let fit = self.fit(&table, estimate.unwrap_or(1), tier, now);
+            let until = |i: usize| {
+                let health = match table.get(i).availability(now, &cb) {
+                    Availability::Unavailable { until_ms } => until_ms,
+                    _ => now,
+                };
+                match fit(i) {
+                    Fit::Short { at_ms: 0 } => u64::MAX,
+                    Fit::Short { at_ms } => health.max(at_ms),
+                    _ => health,
+                }
             };
             let soonest =
                 if stored == Stored::Pinned { Some(until(backend)) } else { (0..self.names.len()).map(until).min() };
-            soonest.map_or(self.config.default_retry_after_ms, |u| u.saturating_sub(now)).max(1)
+            soonest
+                .filter(|&u| u != u64::MAX)
+                .map_or(self.config.default_retry_after_ms, |u| u.saturating_sub(now))
+                .max(1)
         });
         ResponseDecision { retry: retriable && has_fallback, retry_after_ms, healthy }
     }
@@ -826,7 +844,7 @@ mod tests {
     }
 
     fn at(backend: usize, has_fallback: bool) -> AttemptRef {
-        AttemptRef { backend, has_fallback, stored: Stored::No }
+        AttemptRef { backend, has_fallback, stored: Stored::No, estimate: None, tier: Tier::High }
     }
 
     /// The first pick's cluster.
@@ -1164,7 +1182,7 @@ mod tests {
             &s,
             &c,
             &m,
-            &AttemptRef { backend: 1, has_fallback: false, stored: Stored::Pinned },
+            &AttemptRef { backend: 1, has_fallback: false, stored: Stored::Pinned, estimate: None, tier: Tier::High },
             &answer,
         );
         assert_eq!(d.retry_after_ms, Some(20_000));
@@ -1174,7 +1192,8 @@ mod tests {
         assert!(busy.headers.contains(&("retry-after", "20".to_string())));
         // Looking up: a 400 (unknown previous_response_id) fails over; otherwise it does not.
         let bad = AttemptAnswer { status: 400, retry_after_ms: None, retry_after: None, ..AttemptAnswer::default() };
-        let lookup = AttemptRef { backend: 0, has_fallback: true, stored: Stored::Lookup };
+        let lookup =
+            AttemptRef { backend: 0, has_fallback: true, stored: Stored::Lookup, estimate: None, tier: Tier::High };
         assert!(g.on_attempt_response(&s, &c, &m, &lookup, &bad).retry);
         assert!(!g.on_attempt_response(&s, &c, &m, &at(0, true), &bad).retry);
     }
@@ -1304,8 +1323,10 @@ mod tests {
         };
         assert_eq!(plan(400), Some("spillway_paygo"));
         assert_eq!(plan(40), Some("spillway_east"));
-        // 100,000 a minute refill 400 tokens in a quarter of a second.
-        c.advance(250);
+        // Until east says it has more (its window reset), it keeps what it said.
+        c.advance(30_000);
+        assert_eq!(plan(400), Some("spillway_paygo"));
+        answer(&g, &s, &c, 0, 200, quota(100, 100_000, Some(100_000)));
         assert_eq!(plan(400), Some("spillway_east"));
         // Reactive routing ignores all of it.
         let reactive = gateway(r#","routing":"reactive""#);
@@ -1351,15 +1372,18 @@ mod tests {
     }
 
     #[test]
-    fn when_every_backend_is_short_the_client_waits_for_the_first_refill() {
+    fn when_every_backend_is_short_the_client_waits_for_the_first_reset() {
         let (g, s, c) = (gateway(""), MemoryStore::default(), ManualClock::at(1_000));
-        for b in 0..3 {
-            answer(&g, &s, &c, b, 200, quota(10, 0, Some(60_000)));
-        }
-        // 60,000 a minute: 500 tokens are back after 500 ms.
+        let reset_in = |ms: u64| Observation { reset_ms: Some(ms), ..quota(10, 0, Some(60_000)) };
+        answer(&g, &s, &c, 0, 200, reset_in(9_000));
+        answer(&g, &s, &c, 1, 200, reset_in(4_000));
+        // paygo said nothing about when: until its record is forgotten.
+        answer(&g, &s, &c, 2, 200, quota(10, 0, Some(60_000)));
         let reply = g.pick_first(&s, &c, None, 500, Tier::High).0.unwrap_err();
         assert_eq!(reply.status, 429);
-        assert!(reply.headers.contains(&("retry-after-ms", "500".to_string())), "{:?}", reply.headers);
+        assert!(reply.headers.contains(&("retry-after-ms", "4000".to_string())), "{:?}", reply.headers);
+        c.advance(4_000);
+        assert_eq!(g.pick_first(&s, &c, None, 500, Tier::High).0.unwrap().name, "west");
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! `x-ratelimit-remaining-tokens`, the `x-ratelimit-limit-*` pair when sent,
 //! and a provisioned deployment's `azure-openai-deployment-utilization`).
 //!
-//! A record is a snapshot with the time it was learned. It refills towards
-//! the limit over the quota window (Azure's limits are per minute) and is
-//! forgotten — "unknown", which routes like a backend that never said
-//! anything — once a whole window has passed without news.
+//! A record is a snapshot with the time it was learned. Azure counts a
+//! deployment's tokens in a window that resets each minute (requests over
+//! shorter ones), so what a backend has left stays as it said until its
+//! window resets: when that is, a 429's `retry-after` or an
+//! `x-ratelimit-reset-*` header tells; otherwise the record is forgotten —
+//! "unknown", which routes like a backend that never said anything — once a
+//! whole window has passed without news, and the next answer tells again.
 
 /// Response headers that carry a backend's quota; see [`Observation::read`].
 pub const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
@@ -14,6 +17,8 @@ pub const REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
 pub const LIMIT_REQUESTS: &str = "x-ratelimit-limit-requests";
 pub const LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
 pub const UTILIZATION: &str = "azure-openai-deployment-utilization";
+pub const RESET_REQUESTS: &str = "x-ratelimit-reset-requests";
+pub const RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
 
 /// One answer's rate-limit headers, with nonsense already dropped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -24,6 +29,8 @@ pub struct Observation {
     pub limit_tokens: Option<u64>,
     /// Provisioned utilisation in tenths of a percent (875 = 87.5 %).
     pub utilization_permille: Option<u32>,
+    /// How long until the limits reset (`x-ratelimit-reset-*`, the later).
+    pub reset_ms: Option<u64>,
 }
 
 impl Observation {
@@ -44,6 +51,10 @@ impl Observation {
             limit_requests,
             limit_tokens,
             utilization_permille: header(UTILIZATION).and_then(|v| parse_percent(&v)),
+            reset_ms: [RESET_REQUESTS, RESET_TOKENS]
+                .iter()
+                .filter_map(|name| header(name).and_then(|v| parse_duration_ms(&v)))
+                .max(),
         }
     }
 
@@ -58,6 +69,38 @@ impl Observation {
         self.requests.is_none_or(|n| n > 0) && self.tokens.is_some_and(|n| n > 0)
     }
 }
+
+/// `x-ratelimit-reset-*` values: `6m0s`, `1.5s`, `20ms`, `1h2m3s`, or plain
+/// seconds; at most a day. Anything else is unknown.
+fn parse_duration_ms(value: &str) -> Option<u64> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return secs.checked_mul(1000).filter(|&ms| ms <= DAY_MS);
+    }
+    let (mut total, mut rest) = (0f64, v);
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let (number, tail) = rest.split_at(digits);
+        let number: f64 = number.parse().ok()?;
+        let unit = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit);
+        total += number
+            * match unit {
+                "h" => 3_600_000.0,
+                "m" => 60_000.0,
+                "s" => 1_000.0,
+                "ms" => 1.0,
+                _ => return None,
+            };
+        rest = tail;
+    }
+    (total.is_finite() && total >= 0.0 && total <= DAY_MS as f64).then(|| total.ceil() as u64)
+}
+
+const DAY_MS: u64 = 86_400_000;
 
 /// `87.5%` → 875. Values above 100 % are kept (a full provisioned
 /// deployment reports them); anything else is unknown.
@@ -84,6 +127,11 @@ pub struct Headroom {
     pub utilization_permille: Option<u32>,
     /// Monotonic ms when learned; 0 = nothing known.
     pub learned_ms: u64,
+    /// Monotonic ms when the backend said its limits are back (a 429's
+    /// `retry-after`, `x-ratelimit-reset-*`); 0 = not said.
+    pub back_at_ms: u64,
+    /// `limit_tokens` came from the backend's limit header (not the peak).
+    pub tokens_limit_reported: bool,
 }
 
 /// How a request of a given size fits a backend's known headroom.
@@ -115,6 +163,12 @@ impl Headroom {
                 }
             })
         };
+        // A reset time said earlier still holds for this window.
+        let back_at_ms = match seen.reset_ms {
+            Some(ms) => now_ms.saturating_add(ms),
+            None if self.back_at_ms > now_ms => self.back_at_ms,
+            None => 0,
+        };
         *self = Headroom {
             limit_requests: peak(seen.limit_requests, self.limit_requests, seen.requests),
             limit_tokens: peak(seen.limit_tokens, self.limit_tokens, seen.tokens),
@@ -122,33 +176,34 @@ impl Headroom {
             tokens: seen.tokens,
             utilization_permille: seen.utilization_permille,
             learned_ms: now_ms.max(1),
+            back_at_ms,
+            tokens_limit_reported: seen.limit_tokens.is_some(),
         };
     }
 
-    pub fn is_known(&self, now_ms: u64, window_ms: u64) -> bool {
-        self.learned_ms > 0 && now_ms.saturating_sub(self.learned_ms) < window_ms
+    /// A 429 refused a request this backend had too little left for; its
+    /// `retry-after` (`wait_ms`) is when that much is back.
+    pub fn refused(&mut self, now_ms: u64, wait_ms: u64) {
+        self.back_at_ms = self.back_at_ms.max(now_ms.saturating_add(wait_ms));
     }
 
-    /// Remaining (requests, tokens) at `now_ms`: the snapshot plus what the
-    /// window has refilled since, never above the limit.
+    /// The record still says how things are: learned within the last
+    /// window, and the backend's limits have not been reset since.
+    pub fn is_known(&self, now_ms: u64, window_ms: u64) -> bool {
+        let reset = self.back_at_ms > self.learned_ms && now_ms >= self.back_at_ms;
+        self.learned_ms > 0 && now_ms.saturating_sub(self.learned_ms) < window_ms && !reset
+    }
+
+    /// Remaining (requests, tokens) at `now_ms`: as last reported, while the
+    /// record is known.
     pub fn now(&self, now_ms: u64, window_ms: u64) -> (Option<u64>, Option<u64>) {
         if !self.is_known(now_ms, window_ms) {
             return (None, None);
         }
-        let elapsed = now_ms.saturating_sub(self.learned_ms);
-        let refill = |left: Option<u64>, limit: Option<u64>| {
-            left.map(|left| match limit {
-                Some(limit) => {
-                    let back = u128::from(limit) * u128::from(elapsed) / u128::from(window_ms.max(1));
-                    left.saturating_add(u64::try_from(back).unwrap_or(u64::MAX)).min(limit.max(left))
-                }
-                None => left,
-            })
-        };
-        (refill(self.requests, self.limit_requests), refill(self.tokens, self.limit_tokens))
+        (self.requests, self.tokens)
     }
 
-    /// The provisioned utilisation last reported, while the record counts.
+    /// The provisioned utilisation last reported, while the record is known.
     pub fn utilization(&self, now_ms: u64, window_ms: u64) -> Option<u32> {
         self.utilization_permille.filter(|_| self.is_known(now_ms, window_ms))
     }
@@ -162,21 +217,14 @@ impl Headroom {
         let short_requests = requests_left.is_some_and(|n| n < 1);
         let short_tokens = tokens_left.is_some_and(|n| n < tokens.max(1));
         if short_requests || short_tokens {
-            // When the refill since the snapshot makes up what is missing.
-            let at = |needed: u64, snapshot: Option<u64>, limit: Option<u64>| {
-                let missing = needed.saturating_sub(snapshot.unwrap_or(0));
-                limit.filter(|&l| l >= needed).map(|l| {
-                    let ms = (u128::from(missing) * u128::from(window_ms)).div_ceil(u128::from(l));
-                    self.learned_ms.saturating_add(u64::try_from(ms).unwrap_or(u64::MAX))
-                })
-            };
-            let requests_at = if short_requests { at(1, self.requests, self.limit_requests) } else { Some(now_ms) };
-            let tokens_at = if short_tokens { at(tokens.max(1), self.tokens, self.limit_tokens) } else { Some(now_ms) };
-            let at_ms = match (requests_at, tokens_at) {
-                (Some(a), Some(b)) => a.max(b).max(now_ms),
-                _ => 0,
-            };
-            return Fit::Short { at_ms };
+            // Larger than the whole limit the backend reports: never.
+            if short_tokens && self.tokens_limit_reported && self.limit_tokens.is_some_and(|l| l < tokens) {
+                return Fit::Short { at_ms: 0 };
+            }
+            // Back when the backend said, else when this record is forgotten.
+            let at_ms =
+                if self.back_at_ms > now_ms { self.back_at_ms } else { self.learned_ms.saturating_add(window_ms) };
+            return Fit::Short { at_ms: at_ms.max(now_ms.saturating_add(1)) };
         }
         let share = |left: Option<u64>, limit: Option<u64>| match (left, limit) {
             (Some(left), Some(limit)) if limit > 0 => u32::try_from(left.saturating_mul(1000) / limit).unwrap_or(1000),
@@ -198,7 +246,7 @@ impl Headroom {
         field(out, self.limit_requests);
         field(out, self.limit_tokens);
         field(out, self.utilization_permille.map(u64::from));
-        out.push_str(&format!(" {}", self.learned_ms));
+        out.push_str(&format!(" {} {} {}", self.learned_ms, self.back_at_ms, u8::from(self.tokens_limit_reported)));
     }
 
     /// Reads what `encode` wrote; `None` on anything else.
@@ -212,6 +260,12 @@ impl Headroom {
         let (requests, tokens, limit_requests, limit_tokens, utilization) =
             (next()?, next()?, next()?, next()?, next()?);
         let learned_ms = next()??;
+        let back_at_ms = next()??;
+        let tokens_limit_reported = match next()?? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
         Some(Headroom {
             requests,
             tokens,
@@ -222,6 +276,8 @@ impl Headroom {
                 None => None,
             },
             learned_ms,
+            back_at_ms,
+            tokens_limit_reported,
         })
     }
 }
@@ -263,31 +319,55 @@ mod tests {
     }
 
     #[test]
-    fn headroom_refills_over_the_window_and_is_then_forgotten() {
+    fn headroom_holds_until_the_window_resets_and_is_then_forgotten() {
         let mut h = Headroom::default();
         assert_eq!(h.fit(10, 1_000, MINUTE), Fit::Unknown);
         h.learn(&seen(&[(REMAINING_TOKENS, "100"), (LIMIT_TOKENS, "6000")], 200), 1_000, MINUTE);
-        assert_eq!(h.now(1_000, MINUTE), (None, Some(100)));
-        // 6000 per minute: 100 a second come back.
-        assert_eq!(h.now(2_000, MINUTE), (None, Some(200)));
-        assert_eq!(h.now(59_000, MINUTE), (None, Some(5_900)));
-        assert_eq!(h.fit(150, 1_000, MINUTE), Fit::Short { at_ms: 1_500 });
+        assert_eq!(h.now(30_000, MINUTE), (None, Some(100)));
+        assert_eq!(h.fit(50, 30_000, MINUTE), Fit::Covers { share: 16 });
+        // Short until the record is forgotten (nobody said when the window resets).
+        assert_eq!(h.fit(150, 2_000, MINUTE), Fit::Short { at_ms: 61_000 });
+        assert_eq!(h.fit(150, 61_000, MINUTE), Fit::Unknown);
         // More than the limit never fits.
         assert_eq!(h.fit(7_000, 1_000, MINUTE), Fit::Short { at_ms: 0 });
-        assert_eq!(h.fit(150, 1_600, MINUTE), Fit::Covers { share: 26 });
-        assert_eq!(h.fit(150, 61_000, MINUTE), Fit::Unknown);
+        // A reset header says when the window resets.
+        h.learn(&seen(&[(REMAINING_TOKENS, "100"), (RESET_TOKENS, "6s")], 200), 10_000, MINUTE);
+        assert_eq!(h.fit(150, 10_000, MINUTE), Fit::Short { at_ms: 16_000 });
+        assert_eq!(h.fit(150, 16_000, MINUTE), Fit::Unknown);
+        // An answer without one keeps the reset time said for this window.
+        h.learn(&seen(&[(REMAINING_TOKENS, "80")], 200), 12_000, MINUTE);
+        assert_eq!(h.fit(150, 12_000, MINUTE), Fit::Short { at_ms: 16_000 });
     }
 
     #[test]
-    fn without_limits_the_peak_seen_stands_in_and_nothing_refills() {
+    fn a_refusal_holds_larger_requests_until_its_retry_after() {
+        let mut h = Headroom::default();
+        h.learn(&seen(&[(REMAINING_REQUESTS, "10"), (REMAINING_TOKENS, "300")], 429), 1_000, MINUTE);
+        h.refused(1_000, 4_000);
+        assert_eq!(h.fit(1_000, 2_000, MINUTE), Fit::Short { at_ms: 5_000 });
+        assert_eq!(h.fit(200, 2_000, MINUTE), Fit::Covers { share: 1000 });
+        assert_eq!(h.fit(1_000, 5_000, MINUTE), Fit::Unknown);
+    }
+
+    #[test]
+    fn reset_durations() {
+        for (text, ms) in [("6m0s", 360_000), ("1.5s", 1_500), ("20ms", 20), ("1h2m3s", 3_723_000), ("7", 7_000)] {
+            assert_eq!(parse_duration_ms(text), Some(ms), "{text}");
+        }
+        for bad in ["", "s", "5x", "-1s", "1e9s", "2d", "100000000"] {
+            assert_eq!(parse_duration_ms(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn without_limits_the_peak_seen_stands_in() {
         let mut h = Headroom::default();
         h.learn(&seen(&[(REMAINING_REQUESTS, "10"), (REMAINING_TOKENS, "900")], 200), 1, MINUTE);
         h.learn(&seen(&[(REMAINING_REQUESTS, "9"), (REMAINING_TOKENS, "450")], 200), 100, MINUTE);
         assert_eq!((h.limit_requests, h.limit_tokens), (Some(10), Some(900)));
         assert_eq!(h.fit(100, 100, MINUTE), Fit::Covers { share: 500 });
         h.learn(&seen(&[(REMAINING_REQUESTS, "0")], 429), 200, MINUTE);
-        assert_eq!(h.fit(1, 1_000, MINUTE), Fit::Short { at_ms: 6_200 });
-        assert_eq!(h.fit(1, 6_200, MINUTE), Fit::Covers { share: 100 });
+        assert_eq!(h.fit(1, 1_000, MINUTE), Fit::Short { at_ms: 60_200 });
         // A forgotten record starts its peak afresh.
         h.learn(&seen(&[(REMAINING_REQUESTS, "3")], 200), 90_000, MINUTE);
         assert_eq!(h.limit_requests, Some(3));
@@ -308,9 +388,10 @@ mod tests {
         h.learn(&seen(&[(REMAINING_TOKENS, "7"), (LIMIT_TOKENS, "100"), (UTILIZATION, "42.5%")], 200), 5, MINUTE);
         let mut line = String::new();
         h.encode(&mut line);
-        assert_eq!(line, " - 7 - 100 425 5");
+        assert_eq!(line, " - 7 - 100 425 5 0 1");
         assert_eq!(Headroom::decode(line.split_whitespace()), Some(h));
         assert_eq!(Headroom::decode("1 2 3".split_whitespace()), None);
-        assert_eq!(Headroom::decode("1 2 3 4 99999999999 5".split_whitespace()), None);
+        assert_eq!(Headroom::decode("1 2 3 4 99999999999 5 0 1".split_whitespace()), None);
+        assert_eq!(Headroom::decode("1 2 3 4 5 6 0 2".split_whitespace()), None);
     }
 }

@@ -794,6 +794,20 @@ struct Attempt {
     lookup_blocked_ms: Option<u64>,
     /// See `AttemptPlan::clean_at_start`.
     clean_at_start: bool,
+    estimate: Option<u64>,
+    tier: Tier,
+}
+
+impl Attempt {
+    fn reference(&self) -> AttemptRef {
+        AttemptRef {
+            backend: self.backend,
+            has_fallback: self.has_fallback,
+            stored: self.stored,
+            estimate: self.estimate,
+            tier: self.tier,
+        }
+    }
 }
 
 struct AttemptFilter {
@@ -933,6 +947,8 @@ impl HttpContext for AttemptFilter {
             healthy: false,
             lookup_blocked_ms: plan.lookup_blocked_ms,
             clean_at_start: plan.clean_at_start,
+            estimate,
+            tier,
         });
         Action::Continue
     }
@@ -977,7 +993,7 @@ impl HttpContext for AttemptFilter {
         };
         self.holding = false;
         let Some(attempt) = &mut self.attempt else { return Action::Continue };
-        let at = AttemptRef { backend: attempt.backend, has_fallback: attempt.has_fallback, stored: attempt.stored };
+        let at = attempt.reference();
         attempt.healthy = false;
         if self.gateway.on_stream_failed_before_content(&HostStore, &HostClock, &HostMetrics, &at, rate_limited) {
             // The head goes to the router now, marked: Envoy retries and
@@ -1012,7 +1028,7 @@ impl HttpContext for AttemptFilter {
             &HostStore,
             &HostClock,
             &HostMetrics,
-            &AttemptRef { backend: attempt.backend, has_fallback: attempt.has_fallback, stored: attempt.stored },
+            &attempt.reference(),
             &AttemptAnswer {
                 status,
                 retry_after_ms: retry_after_ms.as_deref(),

@@ -115,6 +115,7 @@ const QUOTA_SEEN: Observation = Observation {
     limit_requests: Some(100),
     limit_tokens: Some(100_000),
     utilization_permille: None,
+    reset_ms: None,
 };
 const ANSWER: &[u8] = br#"{"id":"chatcmpl-AbC123","object":"chat.completion","created":1700000000,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, nice to meet you."},"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":8,"total_tokens":22}}"#;
 
@@ -149,8 +150,13 @@ fn whole_request(gw: &Gateway, store: &MemoryStore, clock: &ManualClock, metrics
         tier: Tier::High,
     };
     let Some(plan) = gw.plan_attempt(store, clock, metrics, &request) else { return 0 };
-    let attempt =
-        AttemptRef { backend: plan.backend, has_fallback: plan.fallback_cluster.is_some(), stored: Stored::No };
+    let attempt = AttemptRef {
+        backend: plan.backend,
+        has_fallback: plan.fallback_cluster.is_some(),
+        stored: Stored::No,
+        estimate,
+        tier: Tier::High,
+    };
     let answer = AttemptAnswer { status: 200, quota: QUOTA_SEEN, ..AttemptAnswer::default() };
     let decision = gw.on_attempt_response(store, clock, metrics, &attempt, &answer);
     let backend_name = gw.config.backends.get(plan.backend).map(|b| b.name.clone()).unwrap_or_default();
