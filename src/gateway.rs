@@ -571,7 +571,7 @@ impl Gateway {
                         h.headroom.learn(&quota, now, window);
                     }
                     if sized_out {
-                        h.headroom.refused(now, wait);
+                        h.headroom.refused(now, wait, estimate);
                     } else {
                         h.record_throttle(now, wait);
                     }
@@ -1377,8 +1377,17 @@ mod tests {
         let reset_in = |ms: u64| Observation { reset_ms: Some(ms), ..quota(10, 0, Some(60_000)) };
         answer(&g, &s, &c, 0, 200, reset_in(9_000));
         answer(&g, &s, &c, 1, 200, reset_in(4_000));
-        // paygo said nothing about when: until its record is forgotten.
+        // paygo said nothing about when: it is asked only when nobody else
+        // can take a request, which is now (its answer will tell).
         answer(&g, &s, &c, 2, 200, quota(10, 0, Some(60_000)));
+        assert_eq!(g.pick_first(&s, &c, None, 500, Tier::High).0.unwrap().name, "paygo");
+        let reply = AttemptAnswer {
+            status: 429,
+            retry_after_ms: Some("20000"),
+            quota: quota(10, 0, Some(60_000)),
+            ..Default::default()
+        };
+        g.on_attempt_response(&s, &c, &Recorder::default(), &at(2, false), &reply);
         let reply = g.pick_first(&s, &c, None, 500, Tier::High).0.unwrap_err();
         assert_eq!(reply.status, 429);
         assert!(reply.headers.contains(&("retry-after-ms", "4000".to_string())), "{:?}", reply.headers);

@@ -142,8 +142,10 @@ pub enum Fit {
     /// Enough is left; `share` is the fraction of the limit left, in
     /// thousandths (1000 when the limit is unknown).
     Covers { share: u32 },
-    /// Not enough left for this request; enough should be back at `at_ms`
-    /// (0 when that cannot be said).
+    /// Not enough left for this request; enough is back at `at_ms`, as the
+    /// backend said. 0: it did not say when (or the request is larger than
+    /// its whole limit): only worth asking when no other backend can take
+    /// the request, and then its answer tells.
     Short { at_ms: u64 },
 }
 
@@ -181,10 +183,16 @@ impl Headroom {
         };
     }
 
-    /// A 429 refused a request this backend had too little left for; its
-    /// `retry-after` (`wait_ms`) is when that much is back.
-    pub fn refused(&mut self, now_ms: u64, wait_ms: u64) {
+    /// A 429 refused a request (estimated at `estimate` tokens) this backend
+    /// had too little left for; its `retry-after` (`wait_ms`) is when that
+    /// much is back. Whatever the reported numbers say, a request that size
+    /// does not fit until then (the backend may count a prompt differently).
+    pub fn refused(&mut self, now_ms: u64, wait_ms: u64, estimate: Option<u64>) {
         self.back_at_ms = self.back_at_ms.max(now_ms.saturating_add(wait_ms));
+        if let Some(estimate) = estimate {
+            let below = estimate.saturating_sub(1);
+            self.tokens = Some(self.tokens.map_or(below, |t| t.min(below)));
+        }
     }
 
     /// The record still says how things are: learned within the last
@@ -221,10 +229,10 @@ impl Headroom {
             if short_tokens && self.tokens_limit_reported && self.limit_tokens.is_some_and(|l| l < tokens) {
                 return Fit::Short { at_ms: 0 };
             }
-            // Back when the backend said, else when this record is forgotten.
-            let at_ms =
-                if self.back_at_ms > now_ms { self.back_at_ms } else { self.learned_ms.saturating_add(window_ms) };
-            return Fit::Short { at_ms: at_ms.max(now_ms.saturating_add(1)) };
+            // Back when the backend said; if it did not, its window may
+            // have reset already.
+            let at_ms = if self.back_at_ms > now_ms { self.back_at_ms } else { 0 };
+            return Fit::Short { at_ms };
         }
         let share = |left: Option<u64>, limit: Option<u64>| match (left, limit) {
             (Some(left), Some(limit)) if limit > 0 => u32::try_from(left.saturating_mul(1000) / limit).unwrap_or(1000),
@@ -325,8 +333,8 @@ mod tests {
         h.learn(&seen(&[(REMAINING_TOKENS, "100"), (LIMIT_TOKENS, "6000")], 200), 1_000, MINUTE);
         assert_eq!(h.now(30_000, MINUTE), (None, Some(100)));
         assert_eq!(h.fit(50, 30_000, MINUTE), Fit::Covers { share: 16 });
-        // Short until the record is forgotten (nobody said when the window resets).
-        assert_eq!(h.fit(150, 2_000, MINUTE), Fit::Short { at_ms: 61_000 });
+        // Short, and nobody said when the window resets.
+        assert_eq!(h.fit(150, 2_000, MINUTE), Fit::Short { at_ms: 0 });
         assert_eq!(h.fit(150, 61_000, MINUTE), Fit::Unknown);
         // More than the limit never fits.
         assert_eq!(h.fit(7_000, 1_000, MINUTE), Fit::Short { at_ms: 0 });
@@ -343,10 +351,15 @@ mod tests {
     fn a_refusal_holds_larger_requests_until_its_retry_after() {
         let mut h = Headroom::default();
         h.learn(&seen(&[(REMAINING_REQUESTS, "10"), (REMAINING_TOKENS, "300")], 429), 1_000, MINUTE);
-        h.refused(1_000, 4_000);
+        h.refused(1_000, 4_000, Some(1_000));
         assert_eq!(h.fit(1_000, 2_000, MINUTE), Fit::Short { at_ms: 5_000 });
         assert_eq!(h.fit(200, 2_000, MINUTE), Fit::Covers { share: 1000 });
         assert_eq!(h.fit(1_000, 5_000, MINUTE), Fit::Unknown);
+        // The backend counted more than the estimate: that size is out anyway.
+        h.learn(&seen(&[(REMAINING_REQUESTS, "10"), (REMAINING_TOKENS, "300")], 429), 6_000, MINUTE);
+        h.refused(6_000, 4_000, Some(250));
+        assert_eq!(h.fit(250, 6_500, MINUTE), Fit::Short { at_ms: 10_000 });
+        assert_eq!(h.fit(249, 6_500, MINUTE), Fit::Covers { share: 830 });
     }
 
     #[test]
@@ -367,7 +380,7 @@ mod tests {
         assert_eq!((h.limit_requests, h.limit_tokens), (Some(10), Some(900)));
         assert_eq!(h.fit(100, 100, MINUTE), Fit::Covers { share: 500 });
         h.learn(&seen(&[(REMAINING_REQUESTS, "0")], 429), 200, MINUTE);
-        assert_eq!(h.fit(1, 1_000, MINUTE), Fit::Short { at_ms: 60_200 });
+        assert_eq!(h.fit(1, 1_000, MINUTE), Fit::Short { at_ms: 0 });
         // A forgotten record starts its peak afresh.
         h.learn(&seen(&[(REMAINING_REQUESTS, "3")], 200), 90_000, MINUTE);
         assert_eq!(h.limit_requests, Some(3));

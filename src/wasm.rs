@@ -640,7 +640,9 @@ impl RequestCore {
         // Envoy's json_to_metadata (in front of this filter) read the body's
         // fields before releasing the headers.
         let fields = if end_of_stream { None } else { body_fields() };
-        let content_length = if config.clients.iter().any(|c| c.tokens_per_minute.is_some()) {
+        // The estimate counts the body's size: for a client's token limit,
+        // and for the backends' quotas (quota-aware routing).
+        let content_length = if config.quota_aware || config.clients.iter().any(|c| c.tokens_per_minute.is_some()) {
             headers.text("content-length").and_then(|v| v.parse().ok()).or_else(|| {
                 // Chunked or HTTP/2 without a length: json_to_metadata held
                 // the headers until the whole body was in, so the bytes
