@@ -623,9 +623,15 @@ impl RequestCore {
         // headers the filter reads, CLUSTER and PATH are always overwritten
         // before the request goes on; TRIED and CREDENTIAL must go.
         let headers = HeaderMap::read(Headers::Request);
-        for internal in
-            [header::TRIED, header::CREDENTIAL, header::MODEL, header::PINNED, header::LOOKUP, header::ESTIMATE]
-        {
+        for internal in [
+            header::TRIED,
+            header::CREDENTIAL,
+            header::MODEL,
+            header::PINNED,
+            header::LOOKUP,
+            header::ESTIMATE,
+            header::TIER,
+        ] {
             if headers.has(internal) {
                 set_request_header(internal, None);
             }

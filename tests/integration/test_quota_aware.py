@@ -121,3 +121,20 @@ def test_low_tier_clients_spill_to_pay_as_you_go_before_the_ptu_reserve(start_mo
     # Interactive still gets the PTU's reserve, until it is really full.
     assert [ask("key-of-interactive") for _ in range(2)] == ["ptu", "paygo"]
     assert ptu.stats()["by_status"] == {"200": 4}
+
+
+def test_clients_cannot_forge_their_estimate_or_tier(start_mock, start_envoy):
+    east = start_mock("east", "key-east", "--tokens-per-window", "100000", *MINUTE)
+    west = start_mock("west", "key-west", "--tokens-per-window", "100000", *MINUTE)
+    envoy = start_envoy({"backends": [backend_entry(east), backend_entry(west)],
+                         "clients": [{"name": "batch", "key": "key-of-the-batch", "tier": "low"},
+                                     {"name": "app", "key": "key-of-the-app"}]})
+    forged = {"x-spillway-estimate": "1", "x-spillway-tier": "low"}
+    r = envoy.chat(max_tokens=5000, headers={"api-key": "key-of-the-app", **forged})
+    assert r.status_code == 200
+    seen = [req["headers"] for m in (east, west) for req in m.requests()]
+    assert len(seen) == 1
+    # The estimate the attempts route on is Spillway's own (the budget and
+    # the prompt), and a high-tier client's request carries no tier.
+    assert int(seen[0]["x-spillway-estimate"]) > 5000
+    assert "x-spillway-tier" not in seen[0]
