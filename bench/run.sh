@@ -3,7 +3,7 @@
 # installs what is missing, builds, runs every benchmark, writes
 # bench/results/*.json|csv|png and regenerates BENCHMARKS.md.
 #
-#   bench/run.sh            full run (~30 min on 2 cores, installs included)
+#   bench/run.sh            full run (~40 min on 2 cores, installs included)
 #   bench/run.sh --quick    smoke test: 1 repeat, short runs
 #   bench/run.sh --only overhead,selection,goodput,quota   (any subset; other bench.py options pass through)
 #   bench/run.sh --only quota --quota-levels at --no-litellm   (quota-aware routing part, one level)
