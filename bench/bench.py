@@ -330,6 +330,14 @@ def render_spillway(filter_cfg: dict, workdir: Path, name: str) -> dict:
     return configs.load_rendered(out)
 
 
+def write_csv(name: str, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """One results CSV, columns from the first row unless given."""
+    with open(RESULTS / name, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
@@ -451,10 +459,7 @@ def overhead(args, workdir: Path) -> dict:
         for p in reversed(procs):
             p.stop()
 
-    with open(RESULTS / "overhead_runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(runs[0]))
-        w.writeheader()
-        w.writerows(runs)
+    write_csv("overhead_runs.csv", runs)
 
     summary: dict[str, Any] = {}
     for s in setups:
@@ -795,14 +800,8 @@ def goodput(args, workdir: Path) -> dict:
         for m in mocks:
             m.stop()
 
-    with open(RESULTS / "goodput_requests.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(all_rows[0]))
-        w.writeheader()
-        w.writerows(all_rows)
-    with open(RESULTS / "goodput_spillway_mock_log.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["level", "mock", "ts_ms", "status"])
-        w.writeheader()
-        w.writerows(mock_log)
+    write_csv("goodput_requests.csv", all_rows)
+    write_csv("goodput_spillway_mock_log.csv", mock_log, ["level", "mock", "ts_ms", "status"])
     doc = {
         "params": {"backends": 3, "requests_per_window": n_req, "window_ms": window_ms,
                    "capacity_rps": capacity_rps, "duration_s": args.goodput_s,
@@ -1047,10 +1046,7 @@ def quota_routing(args, workdir: Path) -> dict:
         for m in mocks:
             m.stop()
 
-    with open(RESULTS / "quota_requests.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv("quota_requests.csv", rows)
     doc = {
         "params": {"backends": len(QUOTA_TOKENS), "tokens_per_window": list(QUOTA_TOKENS),
                    "requests_per_window": QUOTA_REQUESTS, "window_ms": QUOTA_WINDOW_MS,
