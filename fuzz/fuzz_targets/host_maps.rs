@@ -22,7 +22,9 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(name) = std::str::from_utf8(name) {
             let first = pairs.iter().find(|(n, _)| *n == name.as_bytes()).map(|(_, v)| *v);
             assert_eq!(headers.get(name), first);
-            assert!(first.is_some_and(|f| f == *value) || pairs.iter().filter(|(n, _)| *n == name.as_bytes()).count() > 1);
+            assert!(
+                first.is_some_and(|f| f == *value) || pairs.iter().filter(|(n, _)| *n == name.as_bytes()).count() > 1
+            );
         }
     }
 });

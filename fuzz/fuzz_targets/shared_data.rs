@@ -9,10 +9,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use spillway::config::Tier;
 use spillway::config::{Config, Keys};
 use spillway::contract::shared_data::{BACKEND_SET, HEALTH};
 use spillway::credentials::{self, ClientCredential};
 use spillway::gateway::Gateway;
+use spillway::headroom::Headroom;
 use spillway::health::{Health, HealthTable};
 use spillway::limits::{self, Admission, Buckets, Limits, Remaining, Settlement};
 use spillway::selection::Pool;
@@ -43,8 +45,8 @@ fn le_u64(bytes: &[u8]) -> u64 {
 }
 
 /// The table's text, decoded for a fixed set of names; and a table built
-/// from the input's bytes (28 per backend), encoded and decoded again, also
-/// under the names in another order.
+/// from the input's bytes (81 per backend: health, then headroom), encoded
+/// and decoded again, also under the names in another order.
 fn health(input: &[u8]) {
     const NAMES: [&str; 4] = ["eastus", "westus2", "swc", "a-b_c"];
     let table = HealthTable::decode(input, &NAMES);
@@ -52,12 +54,25 @@ fn health(input: &[u8]) {
     assert_eq!(HealthTable::decode(&table.encode(&NAMES), &NAMES), table);
 
     let mut built = HealthTable::new(NAMES.len());
-    for (h, b) in built.entries.iter_mut().zip(input.chunks(28)) {
+    for (h, b) in built.entries.iter_mut().zip(input.chunks(81)) {
+        let field = |at: usize| le_u64(b.get(at..at + 8).unwrap_or(&[]));
+        let present = b.get(28).copied().unwrap_or(0);
+        let maybe = |bit: u8, at: usize| (present & (1 << bit) != 0).then(|| field(at));
         *h = Health {
-            throttled_until_ms: le_u64(b.get(..8).unwrap_or(&[])),
+            throttled_until_ms: field(0),
             consecutive_failures: le_u64(b.get(8..12).unwrap_or(&[])) as u32,
-            open_until_ms: le_u64(b.get(12..20).unwrap_or(&[])),
-            probe_until_ms: le_u64(b.get(20..28).unwrap_or(&[])),
+            open_until_ms: field(12),
+            probe_until_ms: field(20),
+            headroom: Headroom {
+                requests: maybe(0, 29),
+                tokens: maybe(1, 37),
+                limit_requests: maybe(2, 45),
+                limit_tokens: maybe(3, 53),
+                utilization_permille: (present & (1 << 4) != 0).then(|| le_u64(b.get(61..65).unwrap_or(&[])) as u32),
+                learned_ms: field(65),
+                back_at_ms: field(73),
+                tokens_limit_reported: present & (1 << 5) != 0,
+            },
         };
     }
     let bytes = built.encode(&NAMES);
@@ -221,7 +236,8 @@ fn rotation(input: &[u8]) {
         let health = gateway.read_health(&s);
         assert_eq!(health.entries.len(), 4);
         let clock = ManualClock::at(NOW);
-        let _ = gateway.pick_first(&s, &clock, None);
-        let _ = gateway.pick_first(&s, &clock, Some("gpt-4o"));
+        let tokens = le_u64(input.get(..8).unwrap_or(&[]));
+        let _ = gateway.pick_first(&s, &clock, None, tokens, Tier::High);
+        let _ = gateway.pick_first(&s, &clock, Some("gpt-4o"), tokens, Tier::Low);
     });
 }
