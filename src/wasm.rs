@@ -413,9 +413,20 @@ fn hold(context_id: u32, core: &Rc<RefCell<RequestCore>>) {
         room
     });
     if !admitted {
-        core.borrow_mut().refuse_wait();
+        let resume = core.borrow_mut().refuse_wait();
         // Refused, it may be told to wait again only by a bug: never hold it.
         core.borrow_mut().wait_until = None;
+        resume_if(resume);
+    }
+}
+
+/// Lets a request that waited go on, outside any borrow of its state (the
+/// host may call the filter back for its held body).
+fn resume_if(forward: bool) {
+    if forward {
+        if let Err(e) = host::resume_request() {
+            log::warn!("cannot resume a request that waited: {e:?}");
+        }
     }
 }
 
@@ -433,7 +444,8 @@ fn wake_due(now_ms: u64) {
             log::warn!("a waiting request is gone: {e:?}");
             continue;
         }
-        core.borrow_mut().wake();
+        let resume = core.borrow_mut().wake();
+        resume_if(resume);
         hold(waiter.context_id, &core);
     }
 }
@@ -593,27 +605,24 @@ impl RequestCore {
     }
 
     /// The root context's tick: the wait is over (the effective context is
-    /// this request's). Routes again; a request that goes on is resumed.
-    fn wake(&mut self) {
+    /// this request's). Routes again; true when the request goes on.
+    fn wake(&mut self) -> bool {
         let step = self.exchange.on_wait_over(&self.gateway, &HostStore, &HostClock, &HostMetrics);
-        self.resume_after(step);
+        self.apply_after_wait(step)
     }
 
-    /// The worker holds as many waiting requests as it may.
-    fn refuse_wait(&mut self) {
+    /// The worker holds as many waiting requests as it may; true when the
+    /// request goes on after all.
+    fn refuse_wait(&mut self) -> bool {
         let step = self.exchange.on_wait_refused(&self.gateway, &HostStore, &HostClock, &HostMetrics);
-        self.resume_after(step);
+        self.apply_after_wait(step)
     }
 
-    fn resume_after(&mut self, step: Step) {
+    /// A reply is sent by `apply`; a new wait is registered by the caller.
+    fn apply_after_wait(&mut self, step: Step) -> bool {
         let forward = matches!(step, Step::Forward { .. });
-        // A reply is sent by `apply`; a new wait is registered by the caller.
         let _ = self.apply(step);
-        if forward {
-            if let Err(e) = host::resume_request() {
-                log::warn!("cannot resume a request that waited: {e:?}");
-            }
-        }
+        forward
     }
 }
 
