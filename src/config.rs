@@ -235,8 +235,8 @@ pub struct Config {
     /// Route on the quota each backend reports (`routing: "quota_aware"`,
     /// the default) or only react to its 429s (`"reactive"`).
     pub quota_aware: bool,
-    /// How long a backend's reported headroom counts (its limits' window);
-    /// it refills towards the limit meanwhile and is forgotten after.
+    /// How long a backend's reported headroom counts without news (its
+    /// limits' window); it is forgotten after.
     pub headroom_window_ms: u64,
     /// A streamed answer whose first content has not come this long after
     /// the attempt started is failed over (Envoy's per-try timeout for that
@@ -358,10 +358,14 @@ impl Config {
     /// (`/openai/deployments/{name}/...`) needs its body's fields before it is
     /// routed: the path names the model, and such APIs keep no stored state,
     /// so only quota-aware routing or a token limit (the completion budget)
-    /// or `stream_usage` (is it a stream, did it ask for usage) reads them.
-    /// Where nothing does, the renderer spares those requests the JSON parse.
+    /// or `stream_usage` / `first_token_timeout_s` (is it a stream, did it
+    /// ask for usage) reads them. Where nothing does, the renderer spares
+    /// those requests the JSON parse.
     pub fn reads_body_fields_on_deployment_paths(&self) -> bool {
-        self.quota_aware || self.stream_usage || self.clients.iter().any(|c| c.tokens_per_minute.is_some())
+        self.quota_aware
+            || self.stream_usage
+            || self.first_token_timeout_s.is_some()
+            || self.clients.iter().any(|c| c.tokens_per_minute.is_some())
     }
 
     pub fn backend_by_cluster(&self, cluster: &str) -> Option<usize> {
@@ -698,6 +702,7 @@ mod tests {
         ));
         assert!(!with(r#","routing":"reactive","log_bodies":true"#));
         assert!(with(r#","routing":"reactive","stream_usage":true"#));
+        assert!(with(r#","routing":"reactive","first_token_timeout_s":5"#));
         assert!(with(r#","clients":[{"name":"t","key":"key-of-team-t","tokens_per_minute":5000}]"#));
     }
 

@@ -327,13 +327,13 @@ impl Exchange {
                 Some(_) => None,
                 None => self.model(fields).map(str::to_string),
             },
-            estimate: (gw.config.quota_aware && fields.is_some()).then_some(facts.estimated_tokens).filter(|&t| t > 1),
+            estimate: gw.config.quota_aware.then_some(routing.tokens).filter(|&t| t > 1),
             first_token_timeout_ms: gw
                 .config
                 .first_token_timeout_s
                 .filter(|_| fields.is_some_and(|f| f.stream))
                 .map(|s| s.saturating_mul(1000)),
-            tier: self.tier(gw),
+            tier: if gw.config.quota_aware { self.tier(gw) } else { Tier::High },
         }
     }
 
@@ -625,6 +625,10 @@ impl Exchange {
 
     /// What the request cost, for the client's token limit.
     fn cost(&self, read: &AnswerRead, status: u32) -> Cost {
+        // Still waiting for a backend when the client left: never sent.
+        if self.waiting.is_some() {
+            return Cost::Nothing;
+        }
         // What the backend says it billed, whatever the status.
         if let Some(u) = read.facts.usage {
             return Cost::Used(u.total);

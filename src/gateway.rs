@@ -131,6 +131,11 @@ impl PoolLeft {
     /// what the others were known to have. `None` where nothing is known.
     pub fn after(&self, answered: Option<usize>, fresh: Left) -> Left {
         let mut total = Left::default();
+        // Nothing routed on the pool (reactive routing, pinned state): the
+        // answering backend's own headers stand.
+        if self.backends.is_empty() {
+            return total;
+        }
         let add = |sum: &mut Option<u64>, part: Option<u64>| {
             if let Some(n) = part {
                 *sum = Some(sum.unwrap_or(0).saturating_add(n));

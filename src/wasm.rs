@@ -399,9 +399,11 @@ thread_local! {
 }
 
 /// Registers a request that asked to wait, or refuses it when the worker
-/// already holds `max_waiting_requests`.
-fn hold(context_id: u32, core: &Rc<RefCell<RequestCore>>) {
-    let Some(until_ms) = core.borrow_mut().wait_until.take() else { return };
+/// already holds `max_waiting_requests`. Returns what a refused request does
+/// instead: go on (true) or not (its reply is sent); `None` when it waits
+/// or never asked to.
+fn hold(context_id: u32, core: &Rc<RefCell<RequestCore>>) -> Option<bool> {
+    let until_ms = core.borrow_mut().wait_until.take()?;
     let max = core.borrow().gateway.config.max_waiting_requests;
     let admitted = WAITING.with(|w| {
         let mut waiting = w.borrow_mut();
@@ -412,12 +414,13 @@ fn hold(context_id: u32, core: &Rc<RefCell<RequestCore>>) {
         }
         room
     });
-    if !admitted {
-        let resume = core.borrow_mut().refuse_wait();
-        // Refused, it may be told to wait again only by a bug: never hold it.
-        core.borrow_mut().wait_until = None;
-        resume_if(resume);
+    if admitted {
+        return None;
     }
+    let forward = core.borrow_mut().refuse_wait();
+    // Refused, it may be told to wait again only by a bug: never hold it.
+    core.borrow_mut().wait_until = None;
+    Some(forward)
 }
 
 /// Lets a request that waited go on, outside any borrow of its state (the
@@ -446,7 +449,9 @@ fn wake_due(now_ms: u64) {
         }
         let resume = core.borrow_mut().wake();
         resume_if(resume);
-        hold(waiter.context_id, &core);
+        if let Some(forward) = hold(waiter.context_id, &core) {
+            resume_if(forward);
+        }
     }
 }
 
@@ -461,8 +466,12 @@ impl Context for RequestFilter {}
 impl HttpContext for RequestFilter {
     fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
         let action = self.core.borrow_mut().on_http_request_headers(n, end_of_stream);
-        hold(self.context_id, &self.core);
-        action
+        match hold(self.context_id, &self.core) {
+            // No room to wait: it goes on now, or its reply is on the way.
+            Some(true) => Action::Continue,
+            Some(false) => Action::Pause,
+            None => action,
+        }
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
@@ -727,9 +736,8 @@ impl RequestCore {
         let status: u32 = headers.text(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         let (content_type, backend, attempts) =
             (headers.text("content-type"), headers.text(header::BACKEND), headers.text(header::ATTEMPTS));
-        let number = |name: &str| headers.text(name).and_then(|v| v.trim().parse::<u64>().ok());
-        let reported =
-            Left { requests: number(headroom::REMAINING_REQUESTS), tokens: number(headroom::REMAINING_TOKENS) };
+        let seen = Observation::read(&|name: &str| headers.text(name), status);
+        let reported = Left { requests: seen.requests, tokens: seen.tokens };
         let extra = self.exchange.on_response_headers(
             &self.gateway,
             status,
