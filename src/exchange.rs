@@ -9,6 +9,7 @@ use crate::clients::{self, Auth};
 use crate::config::{Backend, Tier};
 use crate::gateway::{Gateway, Left, PoolLeft, Stored};
 use crate::gen_ai;
+use crate::headroom;
 use crate::limits::{self, Admission, Remaining, Settlement};
 use crate::metrics::{self, Metrics};
 use crate::paths::{self, PathProblem};
@@ -483,14 +484,11 @@ impl Exchange {
 
     /// Azure-style remaining-quota headers for the client's limits.
     pub fn remaining_headers(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if let Some(r) = self.charge.remaining.requests {
-            out.push(("x-ratelimit-remaining-requests", r.to_string()));
-        }
-        if let Some(t) = self.charge.remaining.tokens {
-            out.push(("x-ratelimit-remaining-tokens", t.to_string()));
-        }
-        out
+        remaining_headers(self.client_left())
+    }
+
+    fn client_left(&self) -> Left {
+        Left { requests: self.charge.remaining.requests, tokens: self.charge.remaining.tokens }
     }
 
     /// The client left (disconnect, reset, route timeout) before the answer
@@ -554,21 +552,10 @@ impl Exchange {
         let answered = backend.and_then(|b| gw.config.backend_by_name(b));
         let pool = self.pool_left.after(answered, quota);
         let client = match self.charge.client.and_then(|c| gw.client_limits(c)) {
-            Some(_) => Left { requests: self.charge.remaining.requests, tokens: self.charge.remaining.tokens },
+            Some(_) => self.client_left(),
             None => Left::default(),
         };
-        let lower = |a: Option<u64>, b: Option<u64>| match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let mut out = Vec::new();
-        if let Some(r) = lower(pool.requests, client.requests) {
-            out.push(("x-ratelimit-remaining-requests", r.to_string()));
-        }
-        if let Some(t) = lower(pool.tokens, client.tokens) {
-            out.push(("x-ratelimit-remaining-tokens", t.to_string()));
-        }
-        out
+        remaining_headers(pool.lower(client))
     }
 
     /// A response body chunk passes. Returns a replacement when the chunk
@@ -798,6 +785,12 @@ struct LogLine<'a> {
     gen_ai_usage_input_tokens: Option<u64>,
     #[serde(rename = "gen_ai.usage.output_tokens", skip_serializing_if = "Option::is_none")]
     gen_ai_usage_output_tokens: Option<u64>,
+}
+
+/// Azure-style remaining-quota headers for what is known of `left`.
+fn remaining_headers(left: Left) -> Vec<(&'static str, String)> {
+    let pairs = [(headroom::REMAINING_REQUESTS, left.requests), (headroom::REMAINING_TOKENS, left.tokens)];
+    pairs.into_iter().filter_map(|(name, n)| n.map(|n| (name, n.to_string()))).collect()
 }
 
 fn is_chat(path: &str) -> bool {

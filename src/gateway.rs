@@ -118,6 +118,17 @@ pub struct Left {
     pub tokens: Option<u64>,
 }
 
+impl Left {
+    /// The lower of the two where both are known, else whichever is.
+    pub fn lower(self, other: Left) -> Left {
+        let lower = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Left { requests: lower(self.requests, other.requests), tokens: lower(self.tokens, other.tokens) }
+    }
+}
+
 /// What the backends that could serve a request were known to have left
 /// when it was routed, by backend index.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

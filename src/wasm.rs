@@ -293,14 +293,14 @@ fn set_header(map: Headers, name: &str, value: Option<&[u8]>) {
 /// instead of one per header), or, should the host refuse that, header by
 /// header.
 enum HeaderMap {
-    Whole(host::PairMap),
+    Whole(host::PairMap, Headers),
     OneByOne(Headers),
 }
 
 impl HeaderMap {
     fn read(map: Headers) -> HeaderMap {
         match host::header_pairs(map).map(host::PairMap::decode) {
-            Ok(Some(pairs)) => HeaderMap::Whole(pairs),
+            Ok(Some(pairs)) => HeaderMap::Whole(pairs, map),
             Ok(None) => {
                 log::warn!("the {map:?} headers came in a form not understood: reading them one by one");
                 HeaderMap::OneByOne(map)
@@ -314,15 +314,26 @@ impl HeaderMap {
 
     fn text(&self, name: &str) -> Option<String> {
         match self {
-            HeaderMap::Whole(pairs) => pairs.text(name),
+            HeaderMap::Whole(pairs, _) => pairs.text(name),
             HeaderMap::OneByOne(map) => header_text(*map, name),
         }
     }
 
     fn has(&self, name: &str) -> bool {
         match self {
-            HeaderMap::Whole(pairs) => pairs.get(name).is_some(),
+            HeaderMap::Whole(pairs, _) => pairs.get(name).is_some(),
             HeaderMap::OneByOne(map) => matches!(host::header(*map, name), Ok(Some(_))),
+        }
+    }
+
+    /// Removes a header only when the map read says it is there (an absent
+    /// removal still costs a host call).
+    fn clear(&self, name: &str) {
+        if self.has(name) {
+            let map = match self {
+                HeaderMap::Whole(_, map) | HeaderMap::OneByOne(map) => *map,
+            };
+            set_header(map, name, None);
         }
     }
 }
@@ -650,9 +661,7 @@ impl RequestCore {
             header::ESTIMATE,
             header::TIER,
         ] {
-            if headers.has(internal) {
-                set_request_header(internal, None);
-            }
+            headers.clear(internal);
         }
         let (method, path) = (headers.text(":method").unwrap_or_default(), headers.text(":path").unwrap_or_default());
         let config = &self.gateway.config;
@@ -693,9 +702,7 @@ impl RequestCore {
         if !self.gateway.config.clients.is_empty() {
             // A gateway key is for the gateway only.
             for name in CLIENT_CREDENTIAL_HEADERS {
-                if headers.has(name) {
-                    set_request_header(name, None);
-                }
+                headers.clear(name);
             }
         }
         self.apply(step)
@@ -730,9 +737,7 @@ impl RequestCore {
             self.exchange.on_response_complete();
         }
         let headers = HeaderMap::read(Headers::Response);
-        if headers.has(header::RETRY) {
-            set_response_header(header::RETRY, None);
-        }
+        headers.clear(header::RETRY);
         let status: u32 = headers.text(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         let (content_type, backend, attempts) =
             (headers.text("content-type"), headers.text(header::BACKEND), headers.text(header::ATTEMPTS));
@@ -749,9 +754,7 @@ impl RequestCore {
         if !extra.is_empty() {
             // One backend's limits next to the pool's remaining would mislead.
             for name in [headroom::LIMIT_REQUESTS, headroom::LIMIT_TOKENS] {
-                if headers.has(name) {
-                    set_response_header(name, None);
-                }
+                headers.clear(name);
             }
         }
         for (name, value) in extra {
@@ -1064,8 +1067,11 @@ impl HttpContext for AttemptFilter {
         // A backend's own retry header must not steer Envoy.
         if retry {
             set_response_header(header::RETRY, Some("1"));
-        } else if headers.as_ref().is_none_or(|map| map.has(header::RETRY)) {
-            clear_header(Headers::Response, header::RETRY);
+        } else {
+            match &headers {
+                Some(map) => map.clear(header::RETRY),
+                None => clear_header(Headers::Response, header::RETRY),
+            }
         }
         // Envoy drops a retried answer unread: that is not a broken answer.
         // Nor is the end of an upgraded (websocket) connection: it has no
