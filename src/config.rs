@@ -1,7 +1,8 @@
 //! The filter JSON: parsed strictly (unknown fields are errors) and validated
 //! once, so the per-request code never meets an invalid value.
 
-use crate::contract::cluster_name;
+use crate::contract::{cluster_name, RATE_LIMIT_CLUSTER};
+pub use crate::global_limits::{FailureMode, GlobalLimits};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -44,6 +45,22 @@ struct RawConfig {
     wait_for_backend_ms: Option<u64>,
     #[serde(default = "default_max_waiting_requests")]
     max_waiting_requests: usize,
+    #[serde(default)]
+    global_limits: Option<RawGlobalLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobalLimits {
+    service: String,
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    domain: Option<String>,
+    #[serde(default = "default_global_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default)]
+    failure_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +111,9 @@ struct RawCircuitBreaker {
     open_s: u64,
 }
 
+fn default_global_timeout_ms() -> u64 {
+    100
+}
 fn default_max_waiting_requests() -> usize {
     100
 }
@@ -247,6 +267,8 @@ pub struct Config {
     pub wait_for_backend_ms: Option<u64>,
     /// Requests one worker holds waiting at most; more get the 429.
     pub max_waiting_requests: usize,
+    /// Client limits kept by a rate-limit service instead of per process.
+    pub global_limits: Option<GlobalLimits>,
 }
 
 /// A rejected configuration; `Display` names the offending field.
@@ -332,6 +354,7 @@ impl Config {
         if !(1..=3600).contains(&raw.headroom_window_s) {
             return Err(err("headroom_window_s", "must be between 1 and 3600"));
         }
+        let global_limits = raw.global_limits.map(|g| parse_global_limits(g, &clients)).transpose()?;
         Ok(Config {
             backends,
             clients,
@@ -351,6 +374,7 @@ impl Config {
             first_token_timeout_s: raw.first_token_timeout_s,
             wait_for_backend_ms: raw.wait_for_backend_ms,
             max_waiting_requests: raw.max_waiting_requests,
+            global_limits,
         })
     }
 
@@ -375,6 +399,38 @@ impl Config {
     pub fn backend_by_name(&self, name: &str) -> Option<usize> {
         self.backends.iter().position(|b| b.name == name)
     }
+}
+
+fn parse_global_limits(raw: RawGlobalLimits, clients: &[Client]) -> Result<GlobalLimits, ConfigError> {
+    let field = |f: &str| format!("global_limits.{f}");
+    let (host, port) = raw.service.rsplit_once(':').unwrap_or((raw.service.as_str(), ""));
+    if host.is_empty() || host.bytes().any(|c| c <= b' ' || c == b'/') || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(err(field("service"), "must be host:port of the rate-limit service (e.g. \"127.0.0.1:8081\")"));
+    }
+    if !clients.iter().any(|c| c.requests_per_minute.is_some() || c.tokens_per_minute.is_some()) {
+        return Err(err(
+            "global_limits",
+            "no client has requests_per_minute or tokens_per_minute: there is nothing to keep globally",
+        ));
+    }
+    let cluster = raw.cluster.unwrap_or_else(|| RATE_LIMIT_CLUSTER.to_string());
+    // At most 100 ASCII characters: the call's target message stays text.
+    if cluster.is_empty() || cluster.len() > 100 || cluster.bytes().any(|c| c <= b' ' || c >= 0x7f) {
+        return Err(err(field("cluster"), "must be an Envoy cluster name: 1-100 ASCII characters without whitespace"));
+    }
+    let domain = raw.domain.unwrap_or_else(|| "spillway".to_string());
+    if domain.is_empty() || domain.len() > 64 || domain.bytes().any(|c| c <= b' ') {
+        return Err(err(field("domain"), "must be 1-64 characters without whitespace"));
+    }
+    if !(1..=10_000).contains(&raw.timeout_ms) {
+        return Err(err(field("timeout_ms"), "must be between 1 and 10000"));
+    }
+    let failure_mode = match raw.failure_mode.as_deref() {
+        None | Some("open") => FailureMode::Open,
+        Some("closed") => FailureMode::Closed,
+        Some(other) => return Err(err(field("failure_mode"), format!("\"{other}\" is not \"open\" or \"closed\""))),
+    };
+    Ok(GlobalLimits { service: raw.service, cluster, domain, timeout_ms: raw.timeout_ms, failure_mode })
 }
 
 const NAME_RULE: &str = "must be 1-48 characters of a-z, A-Z, 0-9, '-' or '_'";
@@ -763,6 +819,49 @@ mod tests {
         rejects(
             r#"{"backends":[{"name":"a","url":"http://x"}],"clients":[{"name":"t","key":"key-of-team-t","tier":"gold"}]}"#,
             "clients[0].tier",
+        );
+    }
+
+    #[test]
+    fn global_limits_parse_with_defaults_and_name_their_bad_fields() {
+        let with = |g: &str| {
+            format!(
+                r#"{{"backends":[{{"name":"a","url":"http://x"}}],"clients":[{{"name":"t","key":"key-of-team-t","requests_per_minute":5}}],"global_limits":{g}}}"#
+            )
+        };
+        let c = parse(&with(r#"{"service":"127.0.0.1:8081"}"#)).unwrap();
+        assert_eq!(
+            c.global_limits,
+            Some(GlobalLimits {
+                service: "127.0.0.1:8081".into(),
+                cluster: RATE_LIMIT_CLUSTER.into(),
+                domain: "spillway".into(),
+                timeout_ms: 100,
+                failure_mode: FailureMode::Open,
+            })
+        );
+        let c = parse(&with(
+            r#"{"service":"rls.example:81","cluster":"outbound|81||rls.example","domain":"gw","timeout_ms":30,"failure_mode":"closed"}"#,
+        ))
+        .unwrap();
+        let g = c.global_limits.unwrap();
+        assert_eq!((g.cluster.as_str(), g.domain.as_str(), g.timeout_ms), ("outbound|81||rls.example", "gw", 30));
+        assert_eq!(g.failure_mode, FailureMode::Closed);
+        for (g, field) in [
+            (r#"{"service":"127.0.0.1"}"#, "global_limits.service"),
+            (r#"{"service":":80"}"#, "global_limits.service"),
+            (r#"{"service":"h:0"}"#, "global_limits.service"),
+            (r#"{"service":"h:1","timeout_ms":0}"#, "global_limits.timeout_ms"),
+            (r#"{"service":"h:1","failure_mode":"maybe"}"#, "global_limits.failure_mode"),
+            (r#"{"service":"h:1","domain":""}"#, "global_limits.domain"),
+            (r#"{"service":"h:1","cluster":"a b"}"#, "global_limits.cluster"),
+            (r#"{"service":"h:1","redis":"x"}"#, "redis"),
+        ] {
+            rejects(&with(g), field);
+        }
+        rejects(
+            r#"{"backends":[{"name":"a","url":"http://x"}],"clients":[{"name":"t","key":"key-of-team-t"}],"global_limits":{"service":"h:1"}}"#,
+            "global_limits",
         );
     }
 

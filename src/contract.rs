@@ -94,6 +94,10 @@ pub fn cluster_name(backend: &str) -> String {
     format!("{CLUSTER_PREFIX}{backend}")
 }
 
+/// The cluster that reaches the rate-limit service (global client limits).
+/// A `.` keeps it apart from every backend's `spillway_<name>` cluster.
+pub const RATE_LIMIT_CLUSTER: &str = "spillway.ratelimit";
+
 /// Shared-data keys. Every key starts with `spillway.` and carries a version
 /// where the value has an encoding, so an old worker never misreads a new one.
 pub mod shared_data {

@@ -9,11 +9,13 @@ use crate::clients::{self, Auth};
 use crate::config::{Backend, Tier};
 use crate::gateway::{Gateway, Left, PoolLeft, Stored};
 use crate::gen_ai;
+use crate::global_limits::{self, Asked, FailureMode};
 use crate::headroom;
-use crate::limits::{self, Admission, Remaining, Settlement};
+use crate::limits::{self, Admission, Limits, Remaining, Settlement};
 use crate::metrics::{self, Metrics};
 use crate::paths::{self, PathProblem};
 use crate::replies::LocalReply;
+use crate::rls;
 use crate::stateful::{self, Target};
 use crate::store::{Clock, SharedStore};
 use crate::usage::{self, AnswerFacts, RequestFacts, SseScanner, Usage};
@@ -70,6 +72,19 @@ pub enum Step {
     Wait {
         until_ms: u64,
     },
+    /// Ask the rate-limit service (global client limits) with this
+    /// `ShouldRateLimit` message, then call `Exchange::on_limits_answer`.
+    AskLimits {
+        message: Vec<u8>,
+    },
+}
+
+/// A request waiting for the rate-limit service's answer.
+#[derive(Debug)]
+struct Asking {
+    routing: Routing,
+    asked: Asked,
+    cost: u64,
 }
 
 /// What routing a request needs, kept while it waits for a backend.
@@ -155,6 +170,13 @@ pub struct Exchange {
     waiting: Option<Routing>,
     /// The worker could not hold it: no more waiting.
     wait_refused: bool,
+    /// Waiting for the rate-limit service (see `Step::AskLimits`).
+    asking: Option<Asking>,
+    /// Tokens used beyond what the rate-limit service was charged, not yet
+    /// sent (global client limits).
+    unsent_tokens: u64,
+    /// The rate-limit service gave no usable answer for this request.
+    limit_service_failed: bool,
 }
 
 /// What a finished request is charged.
@@ -224,9 +246,6 @@ impl Exchange {
             return self.reply(gw, metrics, "length_required", LocalReply::length_required());
         }
         let now = clock.now_ms();
-        if let Err(LimitedReply { reason, reply }) = self.admit(gw, store, now, head.content_length) {
-            return self.reply(gw, metrics, reason, reply);
-        }
         // What the backends' quotas are charged for this request: the body's
         // estimate, else (no fields) its size.
         let tokens = match &head.fields {
@@ -234,7 +253,90 @@ impl Exchange {
             None => head.content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN),
         };
         let routing = Routing { fields: head.fields.clone(), has_body: head.has_body, tokens };
+        if let (Some(global), Some((_, limits))) =
+            (&gw.config.global_limits, self.charge.client.and_then(|c| gw.client_limits(c)))
+        {
+            let cost = self.admission_cost(limits, head.content_length);
+            let (message, asked) = global_limits::admission(&global.domain, self.client_name(gw), limits, cost);
+            self.asking = Some(Asking { routing, asked, cost });
+            return Step::AskLimits { message };
+        }
+        if let Err(LimitedReply { reason, reply }) = self.admit(gw, store, now, head.content_length) {
+            return self.reply(gw, metrics, reason, reply);
+        }
         self.route(gw, store, clock, metrics, now, routing)
+    }
+
+    /// The rate-limit service answered (`Some`: the `RateLimitResponse`
+    /// bytes) or could not be asked or did not answer in time (`None`).
+    /// Admitted: routed as usual; over a limit: the client's 429; no answer:
+    /// `failure_mode` decides.
+    pub fn on_limits_answer(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        answer: Option<&[u8]>,
+    ) -> Step {
+        let (Some(Asking { routing, asked, cost }), Some(global), Some((_, limits))) =
+            (self.asking.take(), &gw.config.global_limits, self.charge.client.and_then(|c| gw.client_limits(c)))
+        else {
+            return self.reply(gw, metrics, "limit_service", LocalReply::limit_service_unavailable());
+        };
+        let verdict = answer
+            .and_then(rls::decode_response)
+            .and_then(|r| global_limits::verdict(asked, &r, gw.config.default_retry_after_ms));
+        match verdict {
+            Some(Admission::Admitted(remaining)) => {
+                self.charge.remaining = remaining;
+                self.charge.charged_tokens = global_limits::charged(limits, cost);
+                self.charge.admitted = true;
+                self.route(gw, store, clock, metrics, clock.now_ms(), routing)
+            }
+            Some(Admission::Limited { retry_after_ms, remaining, by_tokens }) => {
+                self.charge.remaining = remaining;
+                let LimitedReply { reason, reply } = self.limited_reply(gw, retry_after_ms, by_tokens);
+                self.reply(gw, metrics, reason, reply)
+            }
+            None => self.on_limit_service_failure(gw, store, clock, metrics, global.failure_mode, routing),
+        }
+    }
+
+    /// No usable answer from the rate-limit service: `failure_mode` open
+    /// forwards the request uncharged, closed answers 503.
+    fn on_limit_service_failure(
+        &mut self,
+        gw: &Gateway,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        metrics: &dyn Metrics,
+        mode: FailureMode,
+        routing: Routing,
+    ) -> Step {
+        self.limit_service_failed = true;
+        match mode {
+            FailureMode::Open => {
+                metrics.add(&metrics::name(metrics::LIMIT_SERVICE_FAILURES, &[("reason", "admitted")]), 1);
+                self.route(gw, store, clock, metrics, clock.now_ms(), routing)
+            }
+            FailureMode::Closed => {
+                metrics.add(&metrics::name(metrics::LIMIT_SERVICE_FAILURES, &[("reason", "refused")]), 1);
+                self.reply(gw, metrics, "limit_service", LocalReply::limit_service_unavailable())
+            }
+        }
+    }
+
+    /// The rate-limit service gave no usable answer (the glue logs it).
+    pub fn limit_service_failed(&self) -> bool {
+        self.limit_service_failed
+    }
+
+    /// Tokens to charge the rate-limit service for usage beyond what it was
+    /// charged so far, once (the glue sends them, merged per client).
+    pub fn take_unsent_tokens(&mut self) -> Option<(usize, u64)> {
+        let tokens = std::mem::take(&mut self.unsent_tokens);
+        self.charge.client.filter(|_| tokens > 0).map(|c| (c, tokens))
     }
 
     /// Picks the first backend and says how to forward; or, when every
@@ -410,13 +512,7 @@ impl Exchange {
         content_length: Option<u64>,
     ) -> Result<(), LimitedReply> {
         let Some((key, limits)) = self.charge.client.and_then(|c| gw.client_limits(c)) else { return Ok(()) };
-        let cost = match (limits.tokens_per_minute, self.body.known_at_headers) {
-            (None, _) => 0,
-            (Some(_), true) => self.body.facts.estimated_tokens,
-            // The prompt cannot be larger than the body: its size is the
-            // estimate until the body has been read.
-            (Some(_), false) => content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN),
-        };
+        let cost = self.admission_cost(limits, content_length);
         match limits::admit(store, key, limits, now, cost) {
             Admission::Admitted(remaining) => {
                 self.charge.remaining = remaining;
@@ -426,12 +522,27 @@ impl Exchange {
             }
             Admission::Limited { retry_after_ms, remaining, by_tokens } => {
                 self.charge.remaining = remaining;
-                let mut reply = LocalReply::client_limited(self.client_name(gw), by_tokens, retry_after_ms);
-                reply.headers.extend(self.remaining_headers());
-                let reason = if by_tokens { "client_tokens" } else { "client_requests" };
-                Err(LimitedReply { reason, reply })
+                Err(self.limited_reply(gw, retry_after_ms, by_tokens))
             }
         }
+    }
+
+    /// The tokens admission charges: the body's estimate when Envoy read its
+    /// fields; else its size (the prompt cannot be larger) until the body
+    /// itself is read.
+    fn admission_cost(&self, limits: &Limits, content_length: Option<u64>) -> u64 {
+        match (limits.tokens_per_minute, self.body.known_at_headers) {
+            (None, _) => 0,
+            (Some(_), true) => self.body.facts.estimated_tokens,
+            (Some(_), false) => content_length.unwrap_or(0).div_ceil(usage::CHARS_PER_TOKEN),
+        }
+    }
+
+    fn limited_reply(&self, gw: &Gateway, retry_after_ms: u64, by_tokens: bool) -> LimitedReply {
+        let mut reply = LocalReply::client_limited(self.client_name(gw), by_tokens, retry_after_ms);
+        reply.headers.extend(self.remaining_headers());
+        let reason = if by_tokens { "client_tokens" } else { "client_requests" };
+        LimitedReply { reason, reply }
     }
 
     /// The whole request body, when `inspect_body` asked for it. Charges the
@@ -468,8 +579,18 @@ impl Exchange {
 
     /// Brings the client's token charge to `used_tokens` (and gives the
     /// request back with `refund_request`), if it was admitted.
-    fn settle(&self, gw: &Gateway, store: &dyn SharedStore, now: u64, used_tokens: u64, refund_request: bool) {
+    fn settle(&mut self, gw: &Gateway, store: &dyn SharedStore, now: u64, used_tokens: u64, refund_request: bool) {
         let Some((key, limits)) = self.charge.client.and_then(|c| gw.client_limits(c)) else { return };
+        if self.charge.admitted && gw.config.global_limits.is_some() {
+            // The protocol only adds: usage beyond the charge is sent; what
+            // was charged and not used stays counted until the window ends.
+            if limits.tokens_per_minute.is_some() {
+                let more = used_tokens.saturating_sub(self.charge.charged_tokens);
+                self.unsent_tokens = self.unsent_tokens.saturating_add(more);
+                self.charge.charged_tokens = self.charge.charged_tokens.max(used_tokens);
+            }
+            return;
+        }
         if self.charge.admitted {
             let settlement = Settlement { charged_tokens: self.charge.charged_tokens, used_tokens, refund_request };
             limits::settle(store, key, limits, now, settlement);
@@ -954,6 +1075,101 @@ mod tests {
             50
         );
         assert_eq!(w.metrics.get("spillway_local_replies_total.client.team-c.reason.client_tokens"), 1);
+    }
+
+    const GLOBAL: &str = r#","global_limits":{"service":"127.0.0.1:8081"}"#;
+    const GLOBAL_CLOSED: &str = r#","global_limits":{"service":"127.0.0.1:8081","failure_mode":"closed"}"#;
+
+    /// A `RateLimitResponse` (values below 128: one varint byte each).
+    fn rls_answer(overall: u8, statuses: &[(u8, u8, Option<u8>)]) -> Vec<u8> {
+        let mut out = vec![0x08, overall];
+        for &(code, remaining, reset_s) in statuses {
+            let mut st = vec![0x08, code, 0x18, remaining];
+            if let Some(secs) = reset_s {
+                st.extend([0x22, 2, 0x08, secs]);
+            }
+            out.extend([0x12, st.len() as u8]);
+            out.extend(st);
+        }
+        out
+    }
+
+    #[test]
+    fn global_limits_ask_the_service_once_and_route_on_its_answer() {
+        let w = World::new(GLOBAL);
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":40}"#;
+        let (mut ex, step, _) = w.start(Some("key-of-team-a"), body);
+        let Step::AskLimits { message } = step else { panic!("{step:?}") };
+        // Requests (1) and tokens (the body's size: its fields were not read).
+        let (expected, _) = global_limits::admission(
+            "spillway",
+            "team-a",
+            &Limits { requests_per_minute: Some(2), tokens_per_minute: Some(1000) },
+            (body.len() as u64).div_ceil(usage::CHARS_PER_TOKEN),
+        );
+        assert_eq!(message, expected);
+        // Nothing was charged locally.
+        assert_eq!(w.store.get("spillway.limit.team-a.2.1000"), (None, None));
+        let answer = rls_answer(1, &[(1, 1, None), (1, 100, None)]);
+        let step = ex.on_limits_answer(&w.gw, &w.store, &w.clock, &w.metrics, Some(&answer));
+        let Step::Forward { cluster, inspect_body: true, .. } = step else { panic!("{step:?}") };
+        assert_eq!(cluster, "spillway_east");
+        assert!(!ex.limit_service_failed());
+        // The body's estimate (prompt + 40) is more than its size charged:
+        // the rest is sent later, and usage beyond the estimate after that.
+        assert_eq!(ex.on_request_body(&w.gw, &w.store, &w.clock, body), None);
+        let after_body = ex.take_unsent_tokens();
+        let estimate = usage::request_facts(body).estimated_tokens;
+        assert_eq!(after_body, Some((0, estimate - (body.len() as u64).div_ceil(usage::CHARS_PER_TOKEN))));
+        let extra =
+            ex.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"), Left::default());
+        assert!(extra.contains(&("x-ratelimit-remaining-requests", "1".to_string())), "{extra:?}");
+        ex.on_response_body(br#"{"usage":{"prompt_tokens":30,"completion_tokens":40,"total_tokens":70}}"#, true);
+        let line = ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
+        assert_eq!(ex.take_unsent_tokens(), Some((0, 70 - estimate)), "{line}");
+        assert_eq!(ex.take_unsent_tokens(), None);
+    }
+
+    #[test]
+    fn global_limits_over_limit_is_the_clients_429_with_the_services_wait() {
+        let w = World::new(GLOBAL);
+        let (mut ex, step, _) = w.start(Some("key-of-team-a"), b"");
+        assert!(matches!(step, Step::AskLimits { .. }), "{step:?}");
+        let answer = rls_answer(2, &[(2, 0, Some(42)), (1, 90, Some(42))]);
+        let Step::Reply(r) = ex.on_limits_answer(&w.gw, &w.store, &w.clock, &w.metrics, Some(&answer)) else {
+            panic!()
+        };
+        assert_eq!(r.status, 429);
+        assert!(r.headers.contains(&("retry-after", "42".to_string())), "{:?}", r.headers);
+        assert!(r.headers.contains(&("x-ratelimit-remaining-requests", "0".to_string())));
+        assert_eq!(w.metrics.get("spillway_local_replies_total.client.team-a.reason.client_requests"), 1);
+        // A client without limits is never asked.
+        assert!(matches!(w.start(Some("key-of-team-b"), b"").1, Step::Forward { .. }));
+    }
+
+    #[test]
+    fn global_limits_failure_modes() {
+        for (extra, open) in [(GLOBAL, true), (GLOBAL_CLOSED, false)] {
+            let w = World::new(extra);
+            for answer in [None, Some(&b"\xff\xff"[..]), Some(&[0x08, 0x00][..])] {
+                let (mut ex, _, _) = w.start(Some("key-of-team-a"), b"");
+                let step = ex.on_limits_answer(&w.gw, &w.store, &w.clock, &w.metrics, answer);
+                assert!(ex.limit_service_failed());
+                match (open, step) {
+                    (true, Step::Forward { .. }) => {}
+                    (false, Step::Reply(r)) => {
+                        assert_eq!(r.status, 503);
+                        assert!(r.body.contains("rate_limit_service_unavailable"));
+                    }
+                    (_, other) => panic!("{other:?}"),
+                }
+                ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
+                // Admitted uncharged: nothing to correct.
+                assert_eq!(ex.take_unsent_tokens(), None);
+            }
+            let reason = if open { "admitted" } else { "refused" };
+            assert_eq!(w.metrics.get(&format!("spillway_limit_service_failures_total.reason.{reason}")), 3);
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub struct HostError(pub u32);
 
 pub const STATUS_OK: u32 = 0;
 pub const STATUS_NOT_FOUND: u32 = 1;
+pub const STATUS_BAD_ARGUMENT: u32 = 2;
 pub const STATUS_CAS_MISMATCH: u32 = 8;
 
 use std::ops::Range;
@@ -130,9 +131,11 @@ pub enum Call {
     Clock,
     Tick,
     Log,
+    /// A gRPC call dispatched (the rate-limit service).
+    Grpc,
 }
 
-pub const CALL_KINDS: usize = 16;
+pub const CALL_KINDS: usize = 17;
 
 impl Call {
     pub const ALL: [Call; CALL_KINDS] = [
@@ -152,6 +155,7 @@ impl Call {
         Call::Clock,
         Call::Tick,
         Call::Log,
+        Call::Grpc,
     ];
 
     /// The `call` label value.
@@ -173,6 +177,7 @@ impl Call {
             Call::Clock => "clock",
             Call::Tick => "tick",
             Call::Log => "log",
+            Call::Grpc => "grpc_call",
         }
     }
 }
@@ -183,7 +188,8 @@ pub use calls::*;
 #[cfg(target_arch = "wasm32")]
 mod calls {
     use super::{
-        encode_header_pairs, encode_property_path, HostError, STATUS_CAS_MISMATCH, STATUS_NOT_FOUND, STATUS_OK,
+        encode_header_pairs, encode_property_path, HostError, STATUS_BAD_ARGUMENT, STATUS_CAS_MISMATCH,
+        STATUS_NOT_FOUND, STATUS_OK,
     };
     use super::{Call, CALL_KINDS};
     use std::ptr::null_mut;
@@ -200,6 +206,7 @@ mod calls {
     pub enum Body {
         Request = 0,
         Response = 1,
+        GrpcReceive = 5,
         PluginConfiguration = 7,
     }
 
@@ -536,6 +543,34 @@ mod calls {
         count_call(Call::Tick);
         // SAFETY: no pointers.
         check(unsafe { proxy_set_effective_context(context_id) })
+    }
+
+    /// Starts a unary gRPC call to `target` (a serialized `GrpcService`);
+    /// its answer arrives at the calling context's `on_grpc_call_response`.
+    /// The SDK's own dispatch is used because only it can route the answer
+    /// by token; it panics on statuses other than parse and internal
+    /// failure, which Envoy returns only when it cannot build a client for
+    /// the target (never for a well-formed `envoy_grpc` target).
+    pub fn dispatch_grpc(
+        target: &[u8],
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, HostError> {
+        count_call(Call::Grpc);
+        // The SDK takes the target as &str; a cluster name is ASCII, so the
+        // message built from it is valid UTF-8.
+        let target = std::str::from_utf8(target).map_err(|_| HostError(STATUS_BAD_ARGUMENT))?;
+        proxy_wasm::hostcalls::dispatch_grpc_call(
+            target,
+            service,
+            method,
+            Vec::new(),
+            Some(message),
+            std::time::Duration::from_millis(timeout_ms),
+        )
+        .map_err(|status| HostError(status as u32))
     }
 
     /// Lets a paused request go on (ABI `StreamType::HttpRequest` = 0).

@@ -17,6 +17,7 @@ pub mod first_event;
 pub mod footprint;
 pub mod gateway;
 pub mod gen_ai;
+pub mod global_limits;
 pub mod headroom;
 pub mod health;
 // Host calls without SDK panics; natively only the encoders and decoders
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod paths;
 pub mod replies;
 pub mod retry_after;
+pub mod rls;
 pub mod selection;
 pub mod stateful;
 pub mod store;

@@ -16,6 +16,10 @@ pub const FIRST_TOKEN_FAILOVERS: &str = "spillway_first_token_failovers_total";
 /// Requests held for a backend to come back instead of a 429
 /// (`wait_for_backend_ms`); each hold counts.
 pub const WAITS: &str = "spillway_waits_total";
+/// The rate-limit service (global client limits) did not answer; `reason`:
+/// `admitted` (failure_mode open), `refused` (closed), `correction` (usage
+/// beyond an estimate could not be charged).
+pub const LIMIT_SERVICE_FAILURES: &str = "spillway_limit_service_failures_total";
 pub const CIRCUIT_OPENS: &str = "spillway_circuit_opens_total";
 pub const BACKEND_THROTTLED: &str = "spillway_backend_throttled";
 pub const BACKEND_CIRCUIT_OPEN: &str = "spillway_backend_circuit_open";

@@ -109,6 +109,18 @@ impl LocalReply {
         LocalReply::unavailable("All backends are", wait_ms)
     }
 
+    /// Global client limits with `failure_mode: closed`, and the
+    /// rate-limit service did not answer: nothing is forwarded uncounted.
+    pub fn limit_service_unavailable() -> LocalReply {
+        let mut reply = LocalReply::error(
+            503,
+            "rate_limit_service_unavailable",
+            "The gateway cannot check your rate limits right now. Please retry after 1 second.",
+        );
+        reply.headers.extend(retry_after_headers(1_000));
+        reply
+    }
+
     fn unavailable(who: &str, wait_ms: u64) -> LocalReply {
         let secs = retry_after_secs(wait_ms);
         let message = format!("{who} throttled or unavailable. Please retry after {secs} seconds.");

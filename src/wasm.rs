@@ -12,10 +12,12 @@ use crate::exchange::{Exchange, RequestHead, Step};
 use crate::first_event::{self, Verdict};
 use crate::footprint;
 use crate::gateway::{AttemptAnswer, AttemptRef, AttemptRequest, Gateway, Left, ResponseDecision, Stored};
+use crate::global_limits::{self, FailureMode, LogGate, Pending};
 use crate::headroom::{self, Observation};
 use crate::host::{self, Body, Headers, MetricKind, SetError};
-use crate::metrics::{Metrics, NameHash};
+use crate::metrics::{self, Metrics, NameHash};
 use crate::replies::LocalReply;
+use crate::rls;
 use crate::store::{Clock, SharedStore, StoreError};
 use crate::stream_end::{self, LostAttempt};
 use crate::usage;
@@ -144,7 +146,52 @@ thread_local! {
         const { std::cell::Cell::new([0; host::CALL_KINDS]) };
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// The answer to a correction sent from the tick: only its failure matters.
+    fn on_grpc_call_response(&mut self, _token_id: u32, status_code: u32, _response_size: usize) {
+        if status_code != GRPC_OK {
+            HostMetrics.add(&metrics::name(metrics::LIMIT_SERVICE_FAILURES, &[("reason", "correction")]), 1);
+            log_limit_service_failure(&format!("a usage correction failed (gRPC status {status_code})"));
+        }
+    }
+}
+
+const GRPC_OK: u32 = 0;
+
+thread_local! {
+    /// Usage beyond admission estimates, sent to the rate-limit service by
+    /// the request root's tick (global client limits).
+    static UNSENT: RefCell<Pending> = RefCell::new(Pending::default());
+    static FAILURE_LOG: RefCell<LogGate> = RefCell::new(LogGate::default());
+}
+
+/// One warning per second at most while the rate-limit service fails.
+fn log_limit_service_failure(what: &str) {
+    let now = HostClock.now_ms();
+    if let Some(suppressed) = FAILURE_LOG.with(|g| g.borrow_mut().pass(now)) {
+        log::warn!("rate-limit service: {what} ({suppressed} more failures since the last line)");
+    }
+}
+
+/// Sends the usage corrections this worker collected, one call per client.
+fn send_corrections(gateway: &Gateway) {
+    let Some(global) = &gateway.config.global_limits else { return };
+    let pending = UNSENT.with(|u| u.borrow_mut().take());
+    if pending.is_empty() {
+        return;
+    }
+    let target = rls::grpc_service(&global.cluster);
+    for (client, tokens) in pending {
+        let (Some(c), Some((_, limits))) = (gateway.config.clients.get(client), gateway.client_limits(client)) else {
+            continue;
+        };
+        let Some(message) = global_limits::correction(&global.domain, &c.name, limits, tokens) else { continue };
+        if let Err(e) = host::dispatch_grpc(&target, rls::SERVICE, rls::METHOD, &message, global.timeout_ms) {
+            HostMetrics.add(&metrics::name(metrics::LIMIT_SERVICE_FAILURES, &[("reason", "correction")]), 1);
+            log_limit_service_failure(&format!("cannot send a usage correction ({e:?})"));
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -188,7 +235,8 @@ impl RootContext for Root {
                 // Refreshes the gauges: backends out (request role), memory;
                 // wakes requests waiting for a backend, often enough that
                 // they go within a tenth of a second of its return.
-                let waits = role == Role::Request && gateway.config.wait_for_backend_ms.is_some();
+                let waits = role == Role::Request
+                    && (gateway.config.wait_for_backend_ms.is_some() || gateway.config.global_limits.is_some());
                 self.gateway = Some(Rc::new(gateway));
                 if let Err(e) = host::set_tick_period_ms(if waits { WAKE_TICK_MS } else { REPORT_EVERY_MS as u32 }) {
                     log::warn!("cannot set tick period: {e:?}");
@@ -210,6 +258,9 @@ impl RootContext for Root {
         let now = HostClock.now_ms();
         if role == Role::Request {
             wake_due(now);
+            if let Some(g) = &self.gateway {
+                send_corrections(g);
+            }
         }
         let reported = REPORTED_CALLS.with(std::cell::Cell::get);
         if now.saturating_sub(self.reported_ms) < REPORT_EVERY_MS.saturating_sub(WAKE_TICK_MS.into()) {
@@ -250,6 +301,7 @@ impl RootContext for Root {
                     inspect_body: false,
                     credential_stash: None,
                     wait_until: None,
+                    limits_call: None,
                 })),
             }),
             Role::Attempt => Box::new(AttemptFilter {
@@ -395,6 +447,8 @@ struct RequestCore {
     credential_stash: Option<String>,
     /// `Step::Wait` asked to hold the request until then.
     wait_until: Option<u64>,
+    /// The token of the rate-limit service call the request waits for.
+    limits_call: Option<u32>,
 }
 
 /// A request held for a backend to come back (`wait_for_backend_ms`).
@@ -472,7 +526,16 @@ struct RequestFilter {
     core: Rc<RefCell<RequestCore>>,
 }
 
-impl Context for RequestFilter {}
+impl Context for RequestFilter {
+    /// The rate-limit service answered (or the call failed or timed out).
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let forward = self.core.borrow_mut().on_limits_answer(token_id, status_code, response_size);
+        resume_if(forward);
+        if let Some(forward) = hold(self.context_id, &self.core) {
+            resume_if(forward);
+        }
+    }
+}
 
 impl HttpContext for RequestFilter {
     fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
@@ -621,7 +684,56 @@ impl RequestCore {
                 self.wait_until = Some(until_ms);
                 Action::Pause
             }
+            Step::AskLimits { message } => self.ask_limits(&message),
         }
+    }
+
+    /// Sends the admission question to the rate-limit service and holds the
+    /// request until `on_limits_answer`; a call that cannot start is a
+    /// failure of the service.
+    fn ask_limits(&mut self, message: &[u8]) -> Action {
+        let gateway = Rc::clone(&self.gateway);
+        let Some(global) = &gateway.config.global_limits else { return self.limits_answered(None, "no service") };
+        let target = rls::grpc_service(&global.cluster);
+        match host::dispatch_grpc(&target, rls::SERVICE, rls::METHOD, message, global.timeout_ms) {
+            Ok(token) => {
+                self.limits_call = Some(token);
+                Action::Pause
+            }
+            Err(e) => self.limits_answered(None, &format!("cannot call it ({e:?})")),
+        }
+    }
+
+    /// The answer to `ask_limits`' call; true when the request goes on.
+    fn on_limits_answer(&mut self, token: u32, status: u32, size: usize) -> bool {
+        if self.limits_call != Some(token) {
+            return false;
+        }
+        self.limits_call = None;
+        let body = if status == GRPC_OK {
+            host::body(Body::GrpcReceive, 0, size).map_err(|e| format!("cannot read its answer ({e:?})"))
+        } else {
+            Err(format!("gRPC status {status}"))
+        };
+        let action = match body {
+            Ok(body) => self.limits_answered(Some(&body), "an answer that is not a rate-limit response"),
+            Err(why) => self.limits_answered(None, &why),
+        };
+        action == Action::Continue
+    }
+
+    /// Applies the exchange's decision on the service's answer (`None`: no
+    /// answer; `why` describes a failure for the log).
+    fn limits_answered(&mut self, answer: Option<&[u8]>, why: &str) -> Action {
+        let step = self.exchange.on_limits_answer(&self.gateway, &HostStore, &HostClock, &HostMetrics, answer);
+        if self.exchange.limit_service_failed() {
+            let outcome = match self.gateway.config.global_limits.as_ref().map(|g| g.failure_mode) {
+                Some(FailureMode::Closed) => "refusing requests (failure_mode closed)",
+                _ => "admitting requests uncharged (failure_mode open)",
+            };
+            log_limit_service_failure(&format!("{why}; {outcome}"));
+        }
+        self.apply(step)
     }
 
     /// The root context's tick: the wait is over (the effective context is
@@ -807,6 +919,9 @@ impl RequestCore {
             }
         }
         let line = self.exchange.finish(&self.gateway, &HostStore, &HostClock, &HostMetrics);
+        if let Some((client, tokens)) = self.exchange.take_unsent_tokens() {
+            UNSENT.with(|u| u.borrow_mut().add(client, tokens));
+        }
         log::info!("{line}");
     }
 }

@@ -109,7 +109,8 @@ pub fn render(config: &Config, filter_json: &str, opts: &BootstrapOptions) -> Re
     let env_keys = envoy::env_keys(config);
     let plugin = |role| envoy::plugin(role, filter_json, &env_keys, envoy::local_code(&opts.wasm_path));
     let attempt_plugin = plugin(Role::Attempt);
-    let clusters: Vec<Value> = config.backends.iter().map(|b| envoy::backend_cluster(b, &attempt_plugin)).collect();
+    let mut clusters: Vec<Value> = config.backends.iter().map(|b| envoy::backend_cluster(b, &attempt_plugin)).collect();
+    clusters.extend(envoy::rate_limit_cluster(config));
     let routes = envoy::routes(config, &opts.route);
     let hcm = envoy::http_connection_manager(routes, &plugin(Role::Request), opts.access_log, &opts.route, &opts.edge);
     let listener = envoy::listener(hcm, &opts.listen_address, opts.listen_port);

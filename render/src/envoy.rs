@@ -276,6 +276,27 @@ pub fn backend_cluster(b: &Backend, attempt_plugin: &Value) -> Value {
     c
 }
 
+/// The cluster that reaches the rate-limit service (global client limits):
+/// gRPC, so HTTP/2. `None` when there is none to make (local limits, or
+/// the operator named a cluster of their own).
+pub fn rate_limit_cluster(config: &Config) -> Option<Value> {
+    let global = config.global_limits.as_ref().filter(|g| g.rendered_cluster())?;
+    let (host, port) = global.address();
+    let mut c = dns_cluster(&global.cluster, host, port, "1s", false);
+    if let Some(obj) = c.as_object_mut() {
+        obj.insert(
+            "typed_extension_protocol_options".into(),
+            json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": { "http2_protocol_options": {} },
+                },
+            }),
+        );
+    }
+    Some(c)
+}
+
 fn cluster_matcher(config: &Config) -> Value {
     let map: Map<String, Value> = config
         .backends
@@ -651,6 +672,26 @@ pub(crate) mod tests {
         let limits = &local["circuit_breakers"]["thresholds"][0];
         assert_eq!(limits["retry_budget"]["budget_percent"]["value"], 100.0);
         assert!(limits["max_pending_requests"].as_u64().unwrap() >= 100_000);
+    }
+
+    #[test]
+    fn global_limits_get_an_http2_cluster_to_their_service() {
+        let clients = r#""clients":[{"name":"t","key":"key-of-team-t","requests_per_minute":5}]"#;
+        let local = config(&format!(r#"{{"backends":[{{"name":"a","url":"http://x"}}],{clients}}}"#));
+        assert_eq!(rate_limit_cluster(&local), None);
+        let global = config(&format!(
+            r#"{{"backends":[{{"name":"a","url":"http://x"}}],{clients},"global_limits":{{"service":"rls.internal:8081"}}}}"#
+        ));
+        let c = rate_limit_cluster(&global).expect("a cluster");
+        assert_eq!(c["name"], "spillway.ratelimit");
+        let address = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
+        assert_eq!((address["address"].as_str(), address["port_value"].as_u64()), (Some("rls.internal"), Some(8081)));
+        let options = &c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+        assert!(options["explicit_http_config"]["http2_protocol_options"].is_object());
+        let named = config(&format!(
+            r#"{{"backends":[{{"name":"a","url":"http://x"}}],{clients},"global_limits":{{"service":"rls:1","cluster":"outbound|1||rls"}}}}"#
+        ));
+        assert_eq!(rate_limit_cluster(&named), None);
     }
 
     #[test]

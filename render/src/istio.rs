@@ -230,6 +230,7 @@ fn envoy_filter(config: &Config, filter_json: &str, opts: &IstioOptions) -> Resu
     }
     let attempt_plugin = plugin(Role::Attempt);
     patches.extend(config.backends.iter().map(|b| add_cluster(envoy::backend_cluster(b, &attempt_plugin))));
+    patches.extend(envoy::rate_limit_cluster(config).map(add_cluster));
     // Right before the router, in order (buffer, body fields, request role):
     // after the gateway's own filters (authentication, authorization), so a
     // refused request is not buffered first.
