@@ -48,6 +48,7 @@ PROBE_CALLS = 100
 RENDER = TARGET / "release" / "spillway-render"
 MOCK = TARGET / "release" / "spillway-mock"
 SELECTION = TARGET / "release" / "spillway-bench-selection"
+RATELIMIT = TARGET / "release" / "spillway-ratelimit"
 ENVOY = Path(os.environ.get("SPILLWAY_ENVOY", ROOT / ".venv" / "bin" / "envoy"))
 # The binary itself (the `envoy` on the venv's PATH is a Python launcher),
 # for running it under valgrind.
@@ -1097,10 +1098,87 @@ def quota_one(args, setup: str, level: str, rate: float, duration_s: float, boot
     return row
 
 
+# ---------------------------------------------------------------- global limits
+
+
+def redis_server(workdir: Path) -> tuple[Proc, int]:
+    port = free_port()
+    proc = Proc("redis", [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port),
+                          "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], workdir)
+    wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, 10,
+               "redis ready", proc.proc)
+    return proc, port
+
+
+def global_limits(args, workdir: Path) -> dict:
+    """Latency the remote check adds: one client with limits far above the
+    load, local (shared data) against global (spillway-ratelimit + Redis),
+    fixed rate, p50/p99 and Envoy CPU per request."""
+    log("global: starting a mock, redis-server and spillway-ratelimit")
+    mock = Mock("global", workdir)
+    procs: list[Proc] = [mock]
+    body = workdir / "body.json"
+    body.write_text(BODY)
+    try:
+        redis, redis_port = redis_server(workdir)
+        procs.append(redis)
+        rls_port = free_port()
+        rls = Proc("ratelimit", [str(RATELIMIT), "--listen", f"127.0.0.1:{rls_port}",
+                                 "--redis", f"redis://127.0.0.1:{redis_port}"], workdir)
+        procs.append(rls)
+        wait_until(lambda: socket.create_connection(("127.0.0.1", rls_port), timeout=1).close() is None, 10,
+                   "spillway-ratelimit ready", rls.proc)
+        client = {"name": "bench", "key": configs.MASTER_KEY, "requests_per_minute": 100_000_000,
+                  "tokens_per_minute": 1_000_000_000}
+        local_cfg = configs.spillway_filter([mock.port]) | {"clients": [client]}
+        global_cfg = local_cfg | {"global_limits": {"service": f"127.0.0.1:{rls_port}"}}
+        setups = {}
+        for name, cfg in (("spillway-local-limits", local_cfg), ("spillway-global-limits", global_cfg)):
+            e = Envoy(name, render_spillway(cfg, workdir, name), workdir)
+            procs.append(e)
+            setups[name] = e
+        headers = {"api-key": configs.MASTER_KEY}
+        runs: list[dict] = []
+        for rep in range(args.repeats):
+            for name, e in setups.items():
+                oha(e.url + CHAT_PATH, headers, body, workdir / "warmup.json", duration_s=2)
+                out = workdir / f"oha-{name}-{rep}.json"
+                cpu0 = e.cpu()
+                r = oha(e.url + CHAT_PATH, headers, body, out, rate=args.rate, requests=int(args.rate * args.rate_s))
+                cpu = e.cpu() - cpu0
+                row = {"setup": name, "repeat": rep, "offered_rps": args.rate, "responses": r["responses"],
+                       "ok": r["ok"], "p50_us": round(r["p50_us"], 1), "p90_us": round(r["p90_us"], 1),
+                       "p99_us": round(r["p99_us"], 1),
+                       "envoy_cpu_us_per_request": round(cpu / max(r["responses"], 1) * 1e6, 1)}
+                runs.append(row)
+                log(f"global: {name} rep {rep}: ok={r['ok']}/{r['responses']} p50={row['p50_us']:.0f}us "
+                    f"p99={row['p99_us']:.0f}us cpu={row['envoy_cpu_us_per_request']:.0f}us/req")
+        write_csv("global_limits_runs.csv", runs)
+        summary = {}
+        for name in setups:
+            rows = [r for r in runs if r["setup"] == name]
+            summary[name] = {k: summarize([float(r[k]) for r in rows])
+                             for k in ("p50_us", "p99_us", "envoy_cpu_us_per_request")}
+            summary[name]["errors"] = sum(r["responses"] - r["ok"] for r in rows)
+        loc, glo = summary["spillway-local-limits"], summary["spillway-global-limits"]
+        result = {
+            "rate": args.rate, "rate_s": args.rate_s, "repeats": args.repeats, "summary": summary,
+            "added": {k: round(glo[k]["median"] - loc[k]["median"], 1)
+                      for k in ("p50_us", "p99_us", "envoy_cpu_us_per_request")},
+            "service_cpu_s": round(rls.cpu(), 2), "redis_cpu_s": round(redis.cpu(), 2),
+        }
+        (RESULTS / "global_limits.json").write_text(json.dumps(result, indent=2) + "\n")
+        log(f"global: added p50 {result['added']['p50_us']} us, p99 {result['added']['p99_us']} us")
+        return result
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Spillway benchmarks")
     ap.add_argument("--quick", action="store_true", help="1 repeat, short runs (smoke test)")
-    ap.add_argument("--only", default="overhead,hostcalls,instructions,selection,goodput,quota")
+    ap.add_argument("--only", default="overhead,hostcalls,instructions,selection,goodput,quota,global")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate", type=float, default=1000, help="fixed rate for direct/Envoy setups (rps)")
     ap.add_argument("--rate-s", type=float, default=10)
@@ -1122,7 +1200,7 @@ def main() -> None:
     if args.quick:
         args.repeats, args.rate_s, args.sat_s, args.litellm_rate_s, args.goodput_s = 1, 3, 3, 5, 8
         args.quota_s = 8
-    for p in (WASM, TRIVIAL_WASM, PROBE_WASM, RENDER, MOCK, SELECTION, ENVOY, OHA):
+    for p in (WASM, TRIVIAL_WASM, PROBE_WASM, RENDER, MOCK, SELECTION, RATELIMIT, ENVOY, OHA):
         if not p.exists():
             sys.exit(f"missing {p}: run bench/run.sh, which installs and builds everything")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -1142,6 +1220,8 @@ def main() -> None:
             goodput(args, workdir)
         if "quota" in parts:
             quota_routing(args, workdir)
+        if "global" in parts:
+            global_limits(args, workdir)
         m["load_at_end"] = loadavg()
         m["bench_seconds"] = round(time.monotonic() - t0, 1)
         if os.environ.get("BENCH_INSTALL_BUILD_SECONDS"):

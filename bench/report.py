@@ -1011,10 +1011,39 @@ def notes_section() -> list[str]:
     ]
 
 
+def global_section(gl: dict) -> list[str]:
+    s = gl["summary"]
+    loc, glo = s["spillway-local-limits"], s["spillway-global-limits"]
+    added = gl["added"]
+    rows = []
+    for name, d in (("local limits (shared data)", loc), ("global limits (spillway-ratelimit + Redis)", glo)):
+        rows.append(f"| {name} | {mmm(d['p50_us'])} | {mmm(d['p99_us'])} | {mmm(d['envoy_cpu_us_per_request'])} "
+                    f"| {d['errors']} |")
+    return [
+        "## Part 5: global client limits, the cost of the remote check",
+        "",
+        f"One Envoy (2 workers) with Spillway, one mock backend, one client whose limits are far above the load, "
+        f"{gl['rate']:.0f} rps fixed rate for {gl['rate_s']:.0f} s, {gl['repeats']} repeats (median, min–max): "
+        "limits kept in shared data (the default) against `global_limits` pointing at `spillway-ratelimit` "
+        "with its counters in Redis (Debian's `redis-server`), all on loopback. In global mode every request "
+        "waits for one `ShouldRateLimit` call before it is routed.",
+        "",
+        "| client limits | p50 (µs) | p99 (µs) | Envoy CPU per request (µs) | non-200 |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Added by the remote check: **p50 {added['p50_us']:+.0f} µs, p99 {added['p99_us']:+.0f} µs**, "
+        f"Envoy CPU {added['envoy_cpu_us_per_request']:+.0f} µs per request. The service itself used "
+        f"{gl['service_cpu_s']} s of CPU and Redis {gl['redis_cpu_s']} s over all runs.",
+        "",
+    ]
+
+
 def main() -> None:
     m = load("machine.json") or {}
     ov, sel, gp = load("overhead.json"), load("selection.json"), load("goodput.json")
     qr = load("quota.json")
+    gl = load("global_limits.json")
     charts = []
     if ov:
         charts += chart_overhead(ov)
@@ -1053,6 +1082,8 @@ def main() -> None:
         lines += goodput_section(gp, m.get("litellm", "?"))
     if qr:
         lines += quota_section(qr)[0]
+    if gl:
+        lines += global_section(gl)
     lines += why_section(ov, sel, misses)
     lines += commands_section(ov, gp)
     lines += notes_section()

@@ -5,7 +5,7 @@
 #
 #   bench/run.sh            full run (~40 min on 2 cores, installs included)
 #   bench/run.sh --quick    smoke test: 1 repeat, short runs
-#   bench/run.sh --only overhead,selection,goodput,quota   (any subset; other bench.py options pass through)
+#   bench/run.sh --only overhead,selection,goodput,quota,global   (any subset; other bench.py options pass through)
 #   bench/run.sh --only quota --quota-levels at --no-litellm   (quota-aware routing part, one level)
 #
 # Everything listens on 127.0.0.1 only; every load run is bounded in requests
@@ -52,6 +52,7 @@ cargo build --locked --quiet --target wasm32-wasip1 --release -p spillway-bench-
   -p spillway-bench-hostcall-cost
 cargo build --locked --quiet --release -p spillway-render
 cargo build --locked --quiet --release -p spillway-mock -p spillway-bench-selection
+cargo build --locked --quiet --release --manifest-path ratelimit/Cargo.toml --target-dir "${CARGO_TARGET_DIR:-$ROOT/target}"
 
 # The filter before the performance work, measured in the same run for the
 # before/after table (any commit: BENCH_BASELINE_REF=<rev>; empty to skip).

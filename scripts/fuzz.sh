@@ -21,7 +21,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
-TARGETS=(config retry_after sse body paths shared_data host_maps)
+TARGETS=(config retry_after sse body paths shared_data host_maps rls)
 MERGE=0
 if [ "${1:-}" = "--merge" ]; then
   MERGE=1

@@ -40,6 +40,20 @@ if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
     || echo "setup: could not install prometheus; the observability test will fail in CI" >&2
 fi
 
+# spillway-ratelimit's storage library (limitador) builds RocksDB, which needs
+# a C++ compiler and libclang (bindgen).
+if ! { [ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; } \
+   && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
+fi
+
+# Redis (Debian package) holds the counters of global client limits in the
+# tests of several Envoy replicas and in the demo's global mode.
+if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+    || echo "setup: could not install redis-server; the global limit tests will fail" >&2
+fi
+
 if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi

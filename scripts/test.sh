@@ -31,16 +31,23 @@ echo "== build"
 cargo build --locked --target wasm32-wasip1 --release --lib
 cargo build --locked --release -p spillway-render
 cargo build --locked --release -p spillway-mock
+# The rate-limit service is its own workspace (see ratelimit/Cargo.toml),
+# built into the same target directory; its first build compiles RocksDB.
+RATELIMIT_CARGO=(--manifest-path ratelimit/Cargo.toml --target-dir "${CARGO_TARGET_DIR:-$ROOT/target}")
+cargo build --locked --release "${RATELIMIT_CARGO[@]}"
 
 echo "== format"
 cargo fmt --all --check
+cargo fmt --manifest-path ratelimit/Cargo.toml --check
 
 echo "== clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo clippy --locked --target wasm32-wasip1 --release --lib -- -D warnings
+cargo clippy --locked --release "${RATELIMIT_CARGO[@]}" --all-targets -- -D warnings
 
 echo "== unit tests"
 cargo test --locked --workspace
+cargo test --locked --release "${RATELIMIT_CARGO[@]}"
 
 # A short fuzzing pass from the committed seeds (fuzz/corpus): any crash fails
 # the run. SPILLWAY_FUZZ_SECONDS sets the time per target; 0 skips it.

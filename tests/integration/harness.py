@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -24,11 +25,12 @@ TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 WASM = TARGET / "wasm32-wasip1" / "release" / "spillway.wasm"
 RENDER = TARGET / "release" / "spillway-render"
 MOCK = TARGET / "release" / "spillway-mock"
+RATELIMIT = TARGET / "release" / "spillway-ratelimit"
 ENVOY = Path(os.environ.get("SPILLWAY_ENVOY", ROOT / ".venv" / "bin" / "envoy"))
 
 
 def require_artifacts() -> None:
-    missing = [str(p) for p in (WASM, RENDER, MOCK, ENVOY) if not p.exists()]
+    missing = [str(p) for p in (WASM, RENDER, MOCK, RATELIMIT, ENVOY) if not p.exists()]
     if missing:
         raise RuntimeError(
             "missing build artifacts (run scripts/test.sh, which builds them): " + ", ".join(missing)
@@ -115,6 +117,57 @@ class MockBackend:
         terminate(self.proc, 5)
         if hasattr(self, "client"):
             self.client.close()
+
+
+class Redis:
+    """Debian's redis-server on a free loopback port, nothing persisted."""
+
+    def __init__(self):
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(self.binary).exists():
+            raise RuntimeError("redis-server is missing (scripts/setup.sh installs Debian's redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        """Starts (or, after `stop`, restarts empty) on the same port."""
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._ready, timeout=10, what="redis ready")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise ProcessExited(f"redis-server exited with {self.proc.returncode}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    def stop(self) -> None:
+        terminate(self.proc, 5)
+
+
+class RateLimitService:
+    """spillway-ratelimit: Envoy's rate-limit service protocol, counters in Redis."""
+
+    def __init__(self, redis: Redis | None):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        cmd = [str(RATELIMIT), "--listen", self.address]
+        if redis is not None:
+            cmd += ["--redis", redis.url]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._ready, timeout=10, what="rate-limit service ready")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise ProcessExited(f"spillway-ratelimit exited with {self.proc.returncode}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            return True
+
+    def stop(self) -> None:
+        terminate(self.proc, 5)
 
 
 def render(filter_config: dict | str, workdir: Path, listen_port: int, admin_port: int,
