@@ -249,3 +249,32 @@ def test_docker_build_context_holds_the_whole_workspace(tmp_path):
         assert r.returncode == 0, f"{dockerfile.name}: {r.stderr[-2000:]}"
         members = {p["name"] for p in json.loads(r.stdout)["packages"]}
         assert {"spillway", "spillway-render", "spillway-mock"} <= members, (dockerfile.name, members)
+
+
+def test_demo_script_global_check_shares_the_limit_between_two_replicas():
+    """`scripts/demo.sh --global --check`: Redis, spillway-ratelimit and two
+    Envoys; 12 requests from one client spread over both replicas give
+    exactly the 10 its limit allows."""
+    ports = distinct_free_ports(9)
+    names = ["PORT", "ADMIN_PORT", "EASTUS_PORT", "WESTUS_PORT", "PAYGO_PORT", "PORT2", "ADMIN_PORT2",
+             "RATELIMIT_PORT", "REDIS_PORT"]
+    with tempfile.TemporaryDirectory(prefix="spillway-demo-") as run_dir:
+        env = {**os.environ, "SPILLWAY_DEMO_RUN_DIR": run_dir,
+               **{f"SPILLWAY_DEMO_{n}": str(p) for n, p in zip(names, ports)}}
+        proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh"), "--global", "--check"], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 15)
+            out, _ = proc.communicate(timeout=30)
+            pytest.fail("scripts/demo.sh --global --check did not finish within 600 s:\n" + out[-4000:])
+        assert proc.returncode == 0, out[-4000:]
+        assert "served: 10 of 12" in out, out[-4000:]
+        assert re.findall(r"^replica (\d): (\d+)", out, re.MULTILINE)[-2:] == [("1", "429"), ("2", "429")]
+        # The service's port was substituted into a copy of demo-global.json; everything was stopped.
+        assert f"127.0.0.1:{ports[7]}" in (Path(run_dir) / "demo-global.json").read_text()
+        for port in ports:
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) != 0, f"something still listens on {port}"
