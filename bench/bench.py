@@ -1139,14 +1139,18 @@ def global_limits(args, workdir: Path) -> dict:
             setups[name] = e
         headers = {"api-key": configs.MASTER_KEY}
         runs: list[dict] = []
-        for rep in range(args.repeats):
+        rates = [float(r) for r in args.global_rates.split(",")]
+        service_cpu: dict[float, float] = {}
+        for rep, rate in ((rep, rate) for rate in rates for rep in range(args.repeats)):
             for name, e in setups.items():
                 oha(e.url + CHAT_PATH, headers, body, workdir / "warmup.json", duration_s=2)
-                out = workdir / f"oha-{name}-{rep}.json"
-                cpu0 = e.cpu()
-                r = oha(e.url + CHAT_PATH, headers, body, out, rate=args.rate, requests=int(args.rate * args.rate_s))
+                out = workdir / f"oha-{name}-{rate:.0f}-{rep}.json"
+                cpu0, svc0 = e.cpu(), rls.cpu() + redis.cpu()
+                r = oha(e.url + CHAT_PATH, headers, body, out, rate=rate, requests=int(rate * args.rate_s))
                 cpu = e.cpu() - cpu0
-                row = {"setup": name, "repeat": rep, "offered_rps": args.rate, "responses": r["responses"],
+                if name == "spillway-global-limits":
+                    service_cpu[rate] = service_cpu.get(rate, 0.0) + rls.cpu() + redis.cpu() - svc0
+                row = {"setup": name, "repeat": rep, "offered_rps": rate, "responses": r["responses"],
                        "ok": r["ok"], "p50_us": round(r["p50_us"], 1), "p90_us": round(r["p90_us"], 1),
                        "p99_us": round(r["p99_us"], 1),
                        "envoy_cpu_us_per_request": round(cpu / max(r["responses"], 1) * 1e6, 1)}
@@ -1154,21 +1158,27 @@ def global_limits(args, workdir: Path) -> dict:
                 log(f"global: {name} rep {rep}: ok={r['ok']}/{r['responses']} p50={row['p50_us']:.0f}us "
                     f"p99={row['p99_us']:.0f}us cpu={row['envoy_cpu_us_per_request']:.0f}us/req")
         write_csv("global_limits_runs.csv", runs)
-        summary = {}
-        for name in setups:
-            rows = [r for r in runs if r["setup"] == name]
-            summary[name] = {k: summarize([float(r[k]) for r in rows])
-                             for k in ("p50_us", "p99_us", "envoy_cpu_us_per_request")}
-            summary[name]["errors"] = sum(r["responses"] - r["ok"] for r in rows)
-        loc, glo = summary["spillway-local-limits"], summary["spillway-global-limits"]
-        result = {
-            "rate": args.rate, "rate_s": args.rate_s, "repeats": args.repeats, "summary": summary,
-            "added": {k: round(glo[k]["median"] - loc[k]["median"], 1)
-                      for k in ("p50_us", "p99_us", "envoy_cpu_us_per_request")},
-            "service_cpu_s": round(rls.cpu(), 2), "redis_cpu_s": round(redis.cpu(), 2),
-        }
+        by_rate = []
+        for rate in rates:
+            summary = {}
+            for name in setups:
+                rows = [r for r in runs if r["setup"] == name and r["offered_rps"] == rate]
+                summary[name] = {k: summarize([float(r[k]) for r in rows])
+                                 for k in ("p50_us", "p99_us", "envoy_cpu_us_per_request")}
+                summary[name]["errors"] = sum(r["responses"] - r["ok"] for r in rows)
+            loc, glo = summary["spillway-local-limits"], summary["spillway-global-limits"]
+            requests = int(rate * args.rate_s) * args.repeats
+            by_rate.append({
+                "rate": rate, "summary": summary,
+                "added": {k: round(glo[k]["median"] - loc[k]["median"], 1)
+                          for k in ("p50_us", "p99_us", "envoy_cpu_us_per_request")},
+                "service_and_redis_cpu_us_per_request": round(service_cpu.get(rate, 0.0) / requests * 1e6, 1),
+            })
+            log(f"global @{rate:.0f} rps: added p50 {by_rate[-1]['added']['p50_us']} us, "
+                f"p99 {by_rate[-1]['added']['p99_us']} us")
+        result = {"rate_s": args.rate_s, "repeats": args.repeats, "by_rate": by_rate,
+                  "service_cpu_s": round(rls.cpu(), 2), "redis_cpu_s": round(redis.cpu(), 2)}
         (RESULTS / "global_limits.json").write_text(json.dumps(result, indent=2) + "\n")
-        log(f"global: added p50 {result['added']['p50_us']} us, p99 {result['added']['p99_us']} us")
         return result
     finally:
         for p in reversed(procs):
@@ -1191,6 +1201,8 @@ def main() -> None:
     ap.add_argument("--quota-window-ms", type=int, default=2000)
     ap.add_argument("--goodput-s", type=float, default=20)
     ap.add_argument("--quota-s", type=float, default=20, help="seconds per level in the quota part")
+    ap.add_argument("--global-rates", default="1000,200",
+                    help="global part: fixed rates (rps), the first as the issue's 1,000 rps")
     ap.add_argument("--quota-levels", default=",".join(QUOTA_LEVELS), help="quota part: any of below,at,above")
     ap.add_argument("--quota-setups", default=",".join(QUOTA_SETUPS),
                     help="quota part: any of " + ",".join(QUOTA_SETUPS))

@@ -123,7 +123,7 @@ impl RateLimitServer {
                 } else {
                     self.backend.update(&namespace, ctx, plan.cost).await.map_err(to_status)?;
                     // Limited when the count after the addition has passed the limit.
-                    self.backend.check_and_update(&namespace, ctx, 0).await.map_err(to_status)?
+                    self.backend.check(&namespace, ctx, 0).await.map_err(to_status)?
                 };
                 over |= result.limited;
                 *outcome = Some(result);
