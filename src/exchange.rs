@@ -333,10 +333,12 @@ impl Exchange {
     }
 
     /// Tokens to charge the rate-limit service for usage beyond what it was
-    /// charged so far, once (the glue sends them, merged per client).
-    pub fn take_unsent_tokens(&mut self) -> Option<(usize, u64)> {
+    /// charged so far, once, with the client's name (the glue sends them,
+    /// merged per client).
+    pub fn take_unsent_tokens(&mut self, gw: &Gateway) -> Option<(String, u64)> {
         let tokens = std::mem::take(&mut self.unsent_tokens);
-        self.charge.client.filter(|_| tokens > 0).map(|c| (c, tokens))
+        let client = self.charge.client.and_then(|c| gw.config.clients.get(c))?;
+        (tokens > 0).then(|| (client.name.clone(), tokens))
     }
 
     /// Picks the first backend and says how to forward; or, when every
@@ -566,7 +568,11 @@ impl Exchange {
         if self.tokens_limited(gw) && !self.body.known_at_headers {
             let estimate = self.body.facts.estimated_tokens;
             self.settle(gw, store, clock.now_ms(), estimate, false);
-            self.charge.charged_tokens = estimate;
+            if gw.config.global_limits.is_none() {
+                // Locally the bucket now holds the estimate; a service keeps
+                // what it counted (`settle` raised the charge, never lowers it).
+                self.charge.charged_tokens = estimate;
+            }
         }
         let facts = &self.body.facts;
         if gw.config.stream_usage && facts.stream && !facts.include_usage && is_chat(&self.path) {
@@ -1118,16 +1124,19 @@ mod tests {
         // The body's estimate (prompt + 40) is more than its size charged:
         // the rest is sent later, and usage beyond the estimate after that.
         assert_eq!(ex.on_request_body(&w.gw, &w.store, &w.clock, body), None);
-        let after_body = ex.take_unsent_tokens();
+        let after_body = ex.take_unsent_tokens(&w.gw);
         let estimate = usage::request_facts(body).estimated_tokens;
-        assert_eq!(after_body, Some((0, estimate - (body.len() as u64).div_ceil(usage::CHARS_PER_TOKEN))));
+        assert_eq!(
+            after_body,
+            Some(("team-a".to_string(), estimate - (body.len() as u64).div_ceil(usage::CHARS_PER_TOKEN)))
+        );
         let extra =
             ex.on_response_headers(&w.gw, 200, Some("application/json"), Some("east"), Some("1"), Left::default());
         assert!(extra.contains(&("x-ratelimit-remaining-requests", "1".to_string())), "{extra:?}");
         ex.on_response_body(br#"{"usage":{"prompt_tokens":30,"completion_tokens":40,"total_tokens":70}}"#, true);
         let line = ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
-        assert_eq!(ex.take_unsent_tokens(), Some((0, 70 - estimate)), "{line}");
-        assert_eq!(ex.take_unsent_tokens(), None);
+        assert_eq!(ex.take_unsent_tokens(&w.gw), Some(("team-a".to_string(), 70 - estimate)), "{line}");
+        assert_eq!(ex.take_unsent_tokens(&w.gw), None);
     }
 
     #[test]
@@ -1165,7 +1174,7 @@ mod tests {
                 }
                 ex.finish(&w.gw, &w.store, &w.clock, &w.metrics);
                 // Admitted uncharged: nothing to correct.
-                assert_eq!(ex.take_unsent_tokens(), None);
+                assert_eq!(ex.take_unsent_tokens(&w.gw), None);
             }
             let reason = if open { "admitted" } else { "refused" };
             assert_eq!(w.metrics.get(&format!("spillway_limit_service_failures_total.reason.{reason}")), 3);

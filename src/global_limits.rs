@@ -122,13 +122,14 @@ pub fn correction(domain: &str, client: &str, limits: &Limits, tokens: u64) -> O
     Some(rls::encode_request(domain, &[d]))
 }
 
-/// Corrections waiting to be sent, merged per client: one call per client
-/// per tick however many requests finished.
+/// Corrections waiting to be sent, merged per client (by name: the list
+/// outlives a config reload): one call per client per tick however many
+/// requests finished.
 #[derive(Debug, Default)]
-pub struct Pending(Vec<(usize, u64)>);
+pub struct Pending(Vec<(String, u64)>);
 
 impl Pending {
-    pub fn add(&mut self, client: usize, tokens: u64) {
+    pub fn add(&mut self, client: String, tokens: u64) {
         if tokens == 0 {
             return;
         }
@@ -138,7 +139,7 @@ impl Pending {
         }
     }
 
-    pub fn take(&mut self) -> Vec<(usize, u64)> {
+    pub fn take(&mut self) -> Vec<(String, u64)> {
         std::mem::take(&mut self.0)
     }
 
@@ -258,11 +259,11 @@ mod tests {
         );
         assert_eq!(bytes, expected);
         let mut pending = Pending::default();
-        pending.add(1, 10);
-        pending.add(2, 5);
-        pending.add(1, 7);
-        pending.add(3, 0);
-        assert_eq!(pending.take(), vec![(1, 17), (2, 5)]);
+        pending.add("a".into(), 10);
+        pending.add("b".into(), 5);
+        pending.add("a".into(), 7);
+        pending.add("c".into(), 0);
+        assert_eq!(pending.take(), vec![("a".to_string(), 17), ("b".to_string(), 5)]);
         assert!(pending.is_empty());
     }
 

@@ -17,11 +17,11 @@ pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
 pub const METHOD: &str = "ShouldRateLimit";
 
 /// A `GrpcService { envoy_grpc { cluster_name } }` naming `cluster`, the
-/// form of the gRPC call's target that Envoy takes as it is. Given a bare
-/// cluster name, Envoy first tries to parse it as this message, and an
-/// unknown cluster is refused with a status the SDK does not expect; with
-/// the message, a missing cluster fails the call itself (UNAVAILABLE), as an
-/// unreachable service does.
+/// form of the gRPC call's target that Envoy takes as it is. A bare cluster
+/// name is first parsed as this message, and a name that happens to parse
+/// would reach a path whose status the Rust SDK panics on; with the message,
+/// a missing cluster is refused with a status the SDK returns as an error,
+/// which the failure mode handles like an unreachable service.
 pub fn grpc_service(cluster: &str) -> Vec<u8> {
     let mut envoy_grpc = Vec::with_capacity(cluster.len() + 4);
     put_bytes(&mut envoy_grpc, 1, cluster.as_bytes());

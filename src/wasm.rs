@@ -181,11 +181,11 @@ fn send_corrections(gateway: &Gateway) {
         return;
     }
     let target = rls::grpc_service(&global.cluster);
-    for (client, tokens) in pending {
-        let (Some(c), Some((_, limits))) = (gateway.config.clients.get(client), gateway.client_limits(client)) else {
-            continue;
-        };
-        let Some(message) = global_limits::correction(&global.domain, &c.name, limits, tokens) else { continue };
+    for (name, tokens) in pending {
+        // A client the current config no longer has (reloaded) is dropped.
+        let Some(index) = gateway.config.clients.iter().position(|c| c.name == name) else { continue };
+        let Some((_, limits)) = gateway.client_limits(index) else { continue };
+        let Some(message) = global_limits::correction(&global.domain, &name, limits, tokens) else { continue };
         if let Err(e) = host::dispatch_grpc(&target, rls::SERVICE, rls::METHOD, &message, global.timeout_ms) {
             HostMetrics.add(&metrics::name(metrics::LIMIT_SERVICE_FAILURES, &[("reason", "correction")]), 1);
             log_limit_service_failure(&format!("cannot send a usage correction ({e:?})"));
@@ -629,6 +629,9 @@ impl RequestCore {
                 log::warn!("cannot replace request body: {e:?}");
             }
         }
+        // The rest of the estimate goes to the rate-limit service on the next
+        // tick, not when the (maybe long) answer ends.
+        self.queue_unsent_tokens();
     }
 
     fn apply(&mut self, step: Step) -> Action {
@@ -685,6 +688,13 @@ impl RequestCore {
                 Action::Pause
             }
             Step::AskLimits { message } => self.ask_limits(&message),
+        }
+    }
+
+    /// Hands usage the rate-limit service has not been charged to the tick.
+    fn queue_unsent_tokens(&mut self) {
+        if let Some((client, tokens)) = self.exchange.take_unsent_tokens(&self.gateway) {
+            UNSENT.with(|u| u.borrow_mut().add(client, tokens));
         }
     }
 
@@ -919,9 +929,7 @@ impl RequestCore {
             }
         }
         let line = self.exchange.finish(&self.gateway, &HostStore, &HostClock, &HostMetrics);
-        if let Some((client, tokens)) = self.exchange.take_unsent_tokens() {
-            UNSENT.with(|u| u.borrow_mut().add(client, tokens));
-        }
+        self.queue_unsent_tokens();
         log::info!("{line}");
     }
 }

@@ -284,6 +284,9 @@ pub fn rate_limit_cluster(config: &Config) -> Option<Value> {
     let (host, port) = global.address();
     let mut c = dns_cluster(&global.cluster, host, port, "1s", false);
     if let Some(obj) = c.as_object_mut() {
+        // Envoy's default allows 1,024 calls at once; past that every
+        // request would meet the failure mode.
+        obj.insert("circuit_breakers".into(), circuit_breakers());
         obj.insert(
             "typed_extension_protocol_options".into(),
             json!({
