@@ -254,26 +254,37 @@ pub fn backend_cluster(b: &Backend, attempt_plugin: &Value) -> Value {
     let mut c = dns_cluster(&b.cluster, &b.host, b.port, "5s", b.scheme == Scheme::Https);
     if let Some(obj) = c.as_object_mut() {
         obj.insert("circuit_breakers".into(), circuit_breakers());
-        obj.insert(
-            "typed_extension_protocol_options".into(),
-            json!({
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": { "http_protocol_options": {} },
-                    "http_filters": [
-                        wasm_filter(ATTEMPT_FILTER_NAME, attempt_plugin),
-                        {
-                            "name": "envoy.filters.http.upstream_codec",
-                            "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
-                            },
+        let mut options = protocol_options(json!({ "http_protocol_options": {} }));
+        if let Some(o) = options.pointer_mut(&format!("/{HTTP_PROTOCOL_OPTIONS}")).and_then(Value::as_object_mut) {
+            o.insert(
+                "http_filters".into(),
+                json!([
+                    wasm_filter(ATTEMPT_FILTER_NAME, attempt_plugin),
+                    {
+                        "name": "envoy.filters.http.upstream_codec",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
                         },
-                    ],
-                },
-            }),
-        );
+                    },
+                ]),
+            );
+        }
+        obj.insert("typed_extension_protocol_options".into(), options);
     }
     c
+}
+
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// A cluster's `typed_extension_protocol_options` with this
+/// `explicit_http_config` (HTTP/1.1 or HTTP/2 to the upstream).
+fn protocol_options(explicit_http_config: Value) -> Value {
+    json!({
+        HTTP_PROTOCOL_OPTIONS: {
+            "@type": format!("type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}"),
+            "explicit_http_config": explicit_http_config,
+        },
+    })
 }
 
 /// The cluster that reaches the rate-limit service (global client limits):
@@ -289,12 +300,7 @@ pub fn rate_limit_cluster(config: &Config) -> Option<Value> {
         obj.insert("circuit_breakers".into(), circuit_breakers());
         obj.insert(
             "typed_extension_protocol_options".into(),
-            json!({
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": { "http2_protocol_options": {} },
-                },
-            }),
+            protocol_options(json!({ "http2_protocol_options": {} })),
         );
     }
     Some(c)

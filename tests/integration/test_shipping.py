@@ -196,6 +196,21 @@ def distinct_free_ports(n: int) -> list[int]:
     return ports
 
 
+def run_demo(args: list[str], env: dict, timeout: float) -> str:
+    """Runs scripts/demo.sh with `args`; its output, after asserting it succeeded."""
+    # A new session so a timeout can stop the script and everything it started.
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 15)
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"scripts/demo.sh {' '.join(args)} did not finish within {timeout:.0f} s:\n" + out[-4000:])
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
 def test_demo_script_check_serves_a_chat_request():
     gateway, admin, east, west, paygo = distinct_free_ports(5)
     with tempfile.TemporaryDirectory(prefix="spillway-demo-") as run_dir:
@@ -203,17 +218,7 @@ def test_demo_script_check_serves_a_chat_request():
                "SPILLWAY_DEMO_PORT": str(gateway), "SPILLWAY_DEMO_ADMIN_PORT": str(admin),
                "SPILLWAY_DEMO_EASTUS_PORT": str(east), "SPILLWAY_DEMO_WESTUS_PORT": str(west),
                "SPILLWAY_DEMO_PAYGO_PORT": str(paygo), "SPILLWAY_DEMO_RUN_DIR": run_dir}
-        # A new session so a timeout can stop the script and everything it started.
-        proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh"), "--check"], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 15)
-            out, _ = proc.communicate(timeout=30)
-            pytest.fail("scripts/demo.sh --check did not finish within 240 s:\n" + out[-4000:])
-        assert proc.returncode == 0, out[-4000:]
+        out = run_demo(["--check"], env, timeout=240)
         assert "status: 200" in out, out[-4000:]
         backend = re.search(r"^x-spillway-backend: (\S+)$", out, re.MULTILINE)
         assert backend and backend.group(1) in ("eastus", "westus", "paygo"), out[-4000:]
@@ -261,16 +266,7 @@ def test_demo_script_global_check_shares_the_limit_between_two_replicas():
     with tempfile.TemporaryDirectory(prefix="spillway-demo-") as run_dir:
         env = {**os.environ, "SPILLWAY_DEMO_RUN_DIR": run_dir,
                **{f"SPILLWAY_DEMO_{n}": str(p) for n, p in zip(names, ports)}}
-        proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh"), "--global", "--check"], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 15)
-            out, _ = proc.communicate(timeout=30)
-            pytest.fail("scripts/demo.sh --global --check did not finish within 600 s:\n" + out[-4000:])
-        assert proc.returncode == 0, out[-4000:]
+        out = run_demo(["--global", "--check"], env, timeout=600)
         assert "served: 10 of 12" in out, out[-4000:]
         assert re.findall(r"^replica (\d): (\d+)", out, re.MULTILINE)[-2:] == [("1", "429"), ("2", "429")]
         # The service's port was substituted into a copy of demo-global.json; everything was stopped.
