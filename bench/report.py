@@ -1040,11 +1040,13 @@ def global_section(gl: dict) -> list[str]:
         "",
         "Added by the remote check " + "; ".join(added) + ".",
         "",
-        "Reading: at 1,000 rps the service (limitador: two Redis round trips per descriptor, each a Lua "
-        "script) and Redis take about as much CPU per request as Envoy itself, on the same two cores, so the "
-        "added latency there is mostly queueing for CPU; at the lower rate it is what one call costs. Run the "
-        "service and Redis on their own cores (as they would be in production) before reading these as "
-        "production numbers.",
+        "Reading: the service (limitador: an increment and a read per descriptor, each a Redis round trip "
+        "running a Lua script) and Redis take about as much CPU per request as Envoy itself, on the same two "
+        "cores, so at 1,000 rps much of the added median is queueing for CPU. At the lower rate the median "
+        "adds about a millisecond, but the p99 adds tens of milliseconds at both rates: occasional stalls "
+        "that CPU load alone does not explain and that these runs do not attribute (the service, its Redis "
+        "connection, or Envoy's gRPC client). Run the service and Redis on their own cores, as in "
+        "production, before reading these as production numbers.",
         "",
     ]
 
