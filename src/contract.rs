@@ -32,6 +32,10 @@ pub mod header {
     pub const ESTIMATE: &str = "x-spillway-estimate";
     /// Request: `low` for a low-tier client's request (see `config::Tier`).
     pub const TIER: &str = "x-spillway-tier";
+    /// Request: the first attempt's fallback and health as the request role
+    /// found them when it picked (`gateway::FirstAttempt`), so the first
+    /// attempt need not read the health table and rotation again.
+    pub const FIRST_ATTEMPT: &str = "x-spillway-first-attempt";
     /// Request: Envoy's own per-attempt timeout for this request; set for
     /// streams with a first-token timeout (the attempt role holds a stream's
     /// head until its first content, so the timer runs until then).

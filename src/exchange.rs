@@ -7,7 +7,7 @@ use crate::answer_capture::JsonCapture;
 use crate::body_fields::BodyFields;
 use crate::clients::{self, Auth};
 use crate::config::{Backend, Tier};
-use crate::gateway::{Gateway, Left, PoolLeft, Stored};
+use crate::gateway::{FirstAttempt, FirstPick, Gateway, Left, PoolLeft, Stored};
 use crate::gen_ai;
 use crate::global_limits::{self, Asked, FailureMode};
 use crate::headroom;
@@ -65,6 +65,8 @@ pub enum Step {
         first_token_timeout_ms: Option<u64>,
         /// The client's tier, for the attempts' fallback picks.
         tier: Tier,
+        /// `header::FIRST_ATTEMPT`: the first attempt's plan, when made.
+        first_attempt: Option<String>,
     },
     Reply(LocalReply),
     /// Hold the request until this (monotonic) time, then call
@@ -354,9 +356,9 @@ impl Exchange {
         routing: Routing,
     ) -> Step {
         match self.choose_backend(gw, store, clock, routing.fields.as_ref(), routing.tokens) {
-            Ok((backend, stored)) => {
+            Ok((backend, stored, first_attempt)) => {
                 let cluster = backend.cluster.clone();
-                self.forward(gw, cluster, stored, &routing)
+                self.forward(gw, cluster, stored, first_attempt, &routing)
             }
             Err(("all_throttled", reply)) if self.may_wait(gw, now, &reply) => {
                 let until_ms = now.saturating_add(reply.retry_after_ms().unwrap_or(0));
@@ -412,7 +414,14 @@ impl Exchange {
         self.on_wait_over(gw, store, clock, metrics)
     }
 
-    fn forward(&self, gw: &Gateway, cluster: String, stored: Stored, routing: &Routing) -> Step {
+    fn forward(
+        &self,
+        gw: &Gateway,
+        cluster: String,
+        stored: Stored,
+        first_attempt: Option<FirstAttempt>,
+        routing: &Routing,
+    ) -> Step {
         let tokens_limited = self.tokens_limited(gw);
         let facts = &self.body.facts;
         let fields = routing.fields.as_ref();
@@ -439,6 +448,7 @@ impl Exchange {
                 .filter(|_| fields.is_some_and(|f| f.stream))
                 .map(|s| s.saturating_mul(1000)),
             tier: if gw.config.quota_aware { self.tier(gw) } else { Tier::High },
+            first_attempt: first_attempt.map(|plan| plan.encode()),
         }
     }
 
@@ -468,12 +478,15 @@ impl Exchange {
         clock: &dyn Clock,
         fields: Option<&BodyFields>,
         tokens: u64,
-    ) -> Result<(&'g Backend, Stored), (&'static str, LocalReply)> {
+    ) -> Result<(&'g Backend, Stored, Option<FirstAttempt>), (&'static str, LocalReply)> {
         let stored_id = match stateful::classify(&self.path) {
             Target::Object(id) => Some(id),
             // Creations and lists of most kinds live on the home backend.
             Target::Collection(kind) if kind.at_home => {
-                return gw.home(store, clock).map(|home| (home, Stored::Pinned)).map_err(|r| ("owner_throttled", r));
+                return gw
+                    .home(store, clock)
+                    .map(|home| (home, Stored::Pinned, None))
+                    .map_err(|r| ("owner_throttled", r));
             }
             Target::Collection(_) | Target::Stateless => {
                 fields.and_then(|f| f.previous_response_id.as_deref()).filter(|id| stateful::is_object_id(id))
@@ -481,14 +494,17 @@ impl Exchange {
         };
         let stored = match stored_id.map(|id| gw.owner_of(store, clock, id)) {
             None => Stored::No,
-            Some(Ok(Some(owner))) => return Ok((owner, Stored::Pinned)),
+            Some(Ok(Some(owner))) => return Ok((owner, Stored::Pinned, None)),
             Some(Ok(None)) => Stored::Lookup,
             Some(Err(reply)) => return Err(("owner_throttled", reply)),
         };
-        let (picked, pool_left) = gw.pick_first(store, clock, self.model(fields), tokens, self.tier(gw));
+        let FirstPick { picked, pool_left, first_attempt } =
+            gw.pick(store, clock, self.model(fields), tokens, self.tier(gw));
         self.pool_left = pool_left;
+        // A lookup's attempts plan their own way (see `Gateway::plan_attempt`).
+        let first_attempt = first_attempt.filter(|_| stored == Stored::No);
         match picked {
-            Ok(backend) => Ok((backend, stored)),
+            Ok(backend) => Ok((backend, stored, first_attempt)),
             Err(reply) if reply.status == 404 => Err(("model_not_found", reply)),
             Err(reply) => Err(("all_throttled", reply)),
         }
@@ -644,6 +660,12 @@ impl Exchange {
 
     pub fn is_local_reply(&self) -> bool {
         matches!(self.answer, Answer::Local { .. })
+    }
+
+    /// Whether `on_response_body` looks at the chunks' bytes (a JSON or SSE
+    /// answer); otherwise an empty chunk serves and nothing is copied.
+    pub fn reads_response_body(&self) -> bool {
+        matches!(self.answer, Answer::Upstream { capture: Capture::Sse(_) | Capture::Json(_), .. })
     }
 
     /// Response headers arrived. Returns the headers to set on the response:

@@ -87,6 +87,56 @@ pub struct AttemptRequest<'h> {
     /// The request's token estimate, when the request role knew it.
     pub estimate: Option<u64>,
     pub tier: Tier,
+    /// `header::FIRST_ATTEMPT` as the request role wrote it.
+    pub first_attempt: Option<&'h str>,
+}
+
+/// The first attempt's plan as the request role worked it out with the
+/// health table and rotation it had just read for its pick: the fallback
+/// and whether the backend was clean. The first attempt starts moments
+/// later, so reading both again there would cost two shared-data copies per
+/// request for the same answer. Retries plan afresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstAttempt {
+    /// The cluster it was worked out for (an attempt elsewhere ignores it).
+    pub cluster: String,
+    pub fallback: Option<String>,
+    pub clean: bool,
+}
+
+impl FirstAttempt {
+    /// `<cluster> <fallback cluster or -> <1 clean|0>`: cluster names are
+    /// `spillway_<name>` with `[A-Za-z0-9_-]` names, never `-` or a space.
+    pub fn encode(&self) -> String {
+        let fallback = self.fallback.as_deref().unwrap_or("-");
+        format!("{} {fallback} {}", self.cluster, u8::from(self.clean))
+    }
+
+    pub fn decode(text: &str) -> Option<FirstAttempt> {
+        let mut parts = text.split(' ');
+        let (cluster, fallback, clean) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || cluster.is_empty() || fallback.is_empty() {
+            return None;
+        }
+        Some(FirstAttempt {
+            cluster: cluster.to_string(),
+            fallback: (fallback != "-").then(|| fallback.to_string()),
+            clean: match clean {
+                "1" => true,
+                "0" => false,
+                _ => return None,
+            },
+        })
+    }
+}
+
+/// The request role's pick: the backend (or the 429 / 404 to answer), what
+/// the pool was known to have left, and the first attempt's plan.
+#[derive(Debug)]
+pub struct FirstPick<'g> {
+    pub picked: Result<&'g Backend, LocalReply>,
+    pub pool_left: PoolLeft,
+    pub first_attempt: Option<FirstAttempt>,
 }
 
 /// One attempt, as the attempt role's response decision needs it.
@@ -332,22 +382,63 @@ impl Gateway {
         tokens: u64,
         tier: Tier,
     ) -> (Result<&Backend, LocalReply>, PoolLeft) {
-        let excluded = self.not_serving(model);
+        let FirstPick { picked, pool_left, .. } = self.pick(store, clock, model, tokens, tier);
+        (picked, pool_left)
+    }
+
+    /// `pick_first`, plus the first attempt's plan (see `FirstAttempt`),
+    /// worked out from the same health table: the fallback the attempt role
+    /// would pick, reading the rotation this pick has just advanced.
+    pub fn pick<'g>(
+        &'g self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        model: Option<&str>,
+        tokens: u64,
+        tier: Tier,
+    ) -> FirstPick<'g> {
+        let mut excluded = self.not_serving(model);
         if excluded.len() == self.config.backends.len() {
-            return (Err(LocalReply::model_not_found(model.unwrap_or_default())), PoolLeft::default());
+            let reply = LocalReply::model_not_found(model.unwrap_or_default());
+            return FirstPick { picked: Err(reply), pool_left: PoolLeft::default(), first_attempt: None };
         }
         let now = clock.now_ms();
         let health = self.read_health(store);
         let cb = self.config.circuit_breaker;
         let pool_left = self.pool_left(&health, now, &excluded);
         let fit = self.fit(&health, tokens, tier, now);
-        let mut rotate = |g: &Group| store::fetch_increment(store, &g.counter_key);
-        let mut lease_probe = |i: usize| self.lease_probe(store, now, i);
-        let picked = match self.pool.pick(&health, &cb, now, &excluded, &fit, &mut rotate, Some(&mut lease_probe)) {
-            Pick::Backend(i) => self.config.backends.get(i).ok_or_else(|| LocalReply::all_busy(1_000)),
-            Pick::NoneUntil(until) => Err(LocalReply::all_busy(until.saturating_sub(now))),
+        let mut advanced: Vec<(String, u64)> = Vec::new();
+        let mut rotate = |g: &Group| {
+            let turn = store::fetch_increment(store, &g.counter_key);
+            advanced.push((g.counter_key.clone(), turn.wrapping_add(1)));
+            turn
         };
-        (picked, pool_left)
+        let mut lease_probe = |i: usize| self.lease_probe(store, now, i);
+        let first = match self.pool.pick(&health, &cb, now, &excluded, &fit, &mut rotate, Some(&mut lease_probe)) {
+            Pick::Backend(i) => i,
+            Pick::NoneUntil(until) => {
+                let reply = LocalReply::all_busy(until.saturating_sub(now));
+                return FirstPick { picked: Err(reply), pool_left, first_attempt: None };
+            }
+        };
+        let Some(backend) = self.config.backends.get(first) else {
+            return FirstPick { picked: Err(LocalReply::all_busy(1_000)), pool_left, first_attempt: None };
+        };
+        // As `plan_attempt` would: the model's backends, this one excluded,
+        // the rotation read without advancing it.
+        excluded.push(first);
+        let fallback_fit = self.fit(&health, tokens.max(1), tier, now);
+        let mut peek = |g: &Group| match advanced.iter().find(|(key, _)| *key == g.counter_key) {
+            Some((_, turn)) => *turn,
+            None => store::read_counter(store, &g.counter_key),
+        };
+        let fallback = match self.pool.pick(&health, &cb, now, &excluded, &fallback_fit, &mut peek, None) {
+            Pick::Backend(i) => self.config.backends.get(i).map(|b| b.cluster.clone()),
+            Pick::NoneUntil(_) => None,
+        };
+        let first_attempt =
+            FirstAttempt { cluster: backend.cluster.clone(), fallback, clean: health.get(first).is_clean() };
+        FirstPick { picked: Ok(backend), pool_left, first_attempt: Some(first_attempt) }
     }
 
     /// How a request estimated at `tokens` fits each backend's reported
@@ -468,7 +559,7 @@ impl Gateway {
         metrics: &dyn Metrics,
         request: &AttemptRequest<'_>,
     ) -> Option<AttemptPlan<'a>> {
-        let AttemptRequest { cluster, original_path, tried, stored, model, estimate, tier } = *request;
+        let AttemptRequest { cluster, original_path, tried, stored, model, first_attempt, .. } = *request;
         // The request role passes on only a model the body names.
         let model = model.or_else(|| paths::model_in_path(original_path));
         let backend_index = self.config.backend_by_cluster(cluster)?;
@@ -484,26 +575,19 @@ impl Gateway {
         }
         let tried_value =
             tried_indices.iter().filter_map(|&i| self.names.get(i).map(String::as_str)).collect::<Vec<_>>().join(",");
-        let now = clock.now_ms();
-        let health = self.read_health(store);
-        let cb = self.config.circuit_breaker;
-        // Fallbacks read the rotation without advancing it: an attempt that
-        // succeeds must not shift the round robin.
-        let mut peek = |g: &Group| store::read_counter(store, &g.counter_key);
-        // Failover stays among the backends serving the request's model.
-        let mut excluded = self.not_serving(model);
-        excluded.extend_from_slice(&tried_indices);
-        let fit = self.fit(&health, estimate.unwrap_or(1), tier, now);
-        let pick = self.pool.pick(&health, &cb, now, &excluded, &fit, &mut peek, None);
-        let fallback_cluster = match pick {
-            // Stored state lives on one backend: nowhere else to go.
-            _ if stored == Stored::Pinned => None,
-            Pick::Backend(i) => self.config.backends.get(i).map(|b| b.cluster.as_str()),
-            Pick::NoneUntil(_) => None,
-        };
-        let lookup_blocked_ms = match pick {
-            Pick::NoneUntil(until) if stored == Stored::Lookup && until > now => Some(until - now),
-            _ => None,
+        // The first attempt of a request with no stored state: the request
+        // role's plan, when it was made for this cluster.
+        let planned = first_attempt
+            .filter(|_| tried.is_none() && stored == Stored::No)
+            .and_then(FirstAttempt::decode)
+            .filter(|plan| plan.cluster == backend.cluster);
+        let (fallback_cluster, lookup_blocked_ms, clean_at_start) = match planned {
+            Some(plan) => {
+                let fallback = plan.fallback.and_then(|c| self.config.backend_by_cluster(&c));
+                let cluster = fallback.and_then(|i| self.config.backends.get(i)).map(|b| b.cluster.as_str());
+                (cluster, None, plan.clean)
+            }
+            None => self.plan_fallback(store, clock, backend_index, model, &tried_indices, request),
         };
         Some(AttemptPlan {
             backend: backend_index,
@@ -525,8 +609,45 @@ impl Gateway {
                 .and_then(|m| backend.deployments.get(m))
                 .map(String::as_str),
             lookup_blocked_ms,
-            clean_at_start: health.get(backend_index).is_clean(),
+            clean_at_start,
         })
+    }
+
+    /// An attempt's fallback (none for pinned stored state), how long a
+    /// stored-state lookup is blocked when no backend is left, and whether
+    /// its own backend is clean, from the health table as it is now.
+    fn plan_fallback<'a>(
+        &'a self,
+        store: &dyn SharedStore,
+        clock: &dyn Clock,
+        backend_index: usize,
+        model: Option<&str>,
+        tried_indices: &[usize],
+        request: &AttemptRequest<'_>,
+    ) -> (Option<&'a str>, Option<u64>, bool) {
+        let AttemptRequest { stored, estimate, tier, .. } = *request;
+        let now = clock.now_ms();
+        let health = self.read_health(store);
+        let cb = self.config.circuit_breaker;
+        // Fallbacks read the rotation without advancing it: an attempt that
+        // succeeds must not shift the round robin.
+        let mut peek = |g: &Group| store::read_counter(store, &g.counter_key);
+        // Failover stays among the backends serving the request's model.
+        let mut excluded = self.not_serving(model);
+        excluded.extend_from_slice(tried_indices);
+        let fit = self.fit(&health, estimate.unwrap_or(1), tier, now);
+        let pick = self.pool.pick(&health, &cb, now, &excluded, &fit, &mut peek, None);
+        let fallback_cluster = match pick {
+            // Stored state lives on one backend: nowhere else to go.
+            _ if stored == Stored::Pinned => None,
+            Pick::Backend(i) => self.config.backends.get(i).map(|b| b.cluster.as_str()),
+            Pick::NoneUntil(_) => None,
+        };
+        let lookup_blocked_ms = match pick {
+            Pick::NoneUntil(until) if stored == Stored::Lookup && until > now => Some(until - now),
+            _ => None,
+        };
+        (fallback_cluster, lookup_blocked_ms, health.get(backend_index).is_clean())
     }
 
     /// Attempt role: the answer of the last backend a stored-state lookup
@@ -856,6 +977,7 @@ mod tests {
             model: None,
             estimate: None,
             tier: Tier::High,
+            first_attempt: None,
         }
     }
 
@@ -898,6 +1020,80 @@ mod tests {
         assert_eq!(third.authority, "paygo.example.com");
         assert_eq!(third.fallback_cluster, None);
         assert!(g.plan_attempt(&s, &c, &Recorder::default(), &req("some_other_cluster", None)).is_none());
+    }
+
+    #[test]
+    fn the_first_attempt_plan_is_what_the_attempt_would_work_out() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(10_000), Recorder::default());
+        let answer = |status, retry_after| AttemptAnswer { status, retry_after, ..AttemptAnswer::default() };
+        let mut seen = Vec::new();
+        for round in 0..9 {
+            match round {
+                // West throttled: from east the fallback is the next priority.
+                3 => {
+                    g.on_attempt_response(&s, &c, &m, &at(1, true), &answer(429, Some("20")));
+                }
+                // East one failure short of open: not clean.
+                6 => {
+                    c.advance(30_000);
+                    g.on_attempt_response(&s, &c, &m, &at(0, true), &answer(500, None));
+                }
+                _ => {}
+            }
+            let pick = g.pick(&s, &c, None, 1, Tier::High);
+            let cluster = pick.picked.unwrap().cluster.clone();
+            let plan = pick.first_attempt.unwrap();
+            assert_eq!(plan.cluster, cluster);
+            let encoded = plan.encode();
+            assert_eq!(FirstAttempt::decode(&encoded), Some(plan.clone()));
+            let fresh = g.plan_attempt(&s, &c, &m, &req(&cluster, None)).unwrap();
+            let planned =
+                g.plan_attempt(&s, &c, &m, &AttemptRequest { first_attempt: Some(&encoded), ..req(&cluster, None) });
+            let planned = planned.unwrap();
+            assert_eq!(
+                (planned.fallback_cluster, planned.clean_at_start),
+                (fresh.fallback_cluster, fresh.clean_at_start)
+            );
+            assert_eq!(plan.fallback.as_deref(), fresh.fallback_cluster);
+            seen.push((cluster, plan.fallback, plan.clean));
+        }
+        let s = |x: &str| Some(x.to_string());
+        assert_eq!(seen[0], ("spillway_east".to_string(), s("spillway_west"), true));
+        assert_eq!(seen[1], ("spillway_west".to_string(), s("spillway_east"), true));
+        assert_eq!(seen[3], ("spillway_east".to_string(), s("spillway_paygo"), true));
+        assert!(seen.iter().any(|(cluster, _, clean)| cluster == "spillway_east" && !clean), "{seen:?}");
+    }
+
+    #[test]
+    fn a_first_attempt_plan_counts_only_for_its_own_first_attempt() {
+        let (g, s, c, m) = (gateway(""), MemoryStore::default(), ManualClock::at(10_000), Recorder::default());
+        // Made when west was free; west is throttled since.
+        let plan =
+            FirstAttempt { cluster: "spillway_east".into(), fallback: Some("spillway_west".into()), clean: true }
+                .encode();
+        g.on_attempt_response(
+            &s,
+            &c,
+            &m,
+            &at(1, true),
+            &AttemptAnswer { status: 429, retry_after: Some("20"), ..AttemptAnswer::default() },
+        );
+        let with =
+            |cluster, tried, stored| AttemptRequest { first_attempt: Some(&plan), stored, ..req(cluster, tried) };
+        let fallback = |r: &AttemptRequest| g.plan_attempt(&s, &c, &m, r).unwrap().fallback_cluster;
+        // Its own first attempt takes it as it is.
+        assert_eq!(fallback(&with("spillway_east", None, Stored::No)), Some("spillway_west"));
+        // Another cluster, a retry, or stored state: planned afresh.
+        assert_eq!(fallback(&with("spillway_paygo", None, Stored::No)), Some("spillway_east"));
+        assert_eq!(fallback(&with("spillway_east", Some("paygo"), Stored::No)), None);
+        assert_eq!(fallback(&with("spillway_east", None, Stored::Lookup)), Some("spillway_paygo"));
+        // A plan that does not parse is no plan.
+        for bad in ["", "spillway_east", "spillway_east - 2", "spillway_east  1", "a b 1 x"] {
+            assert_eq!(FirstAttempt::decode(bad), None, "{bad:?}");
+        }
+        let unknown = "spillway_east spillway_gone 1";
+        let r = AttemptRequest { first_attempt: Some(unknown), ..req("spillway_east", None) };
+        assert_eq!(fallback(&r), None);
     }
 
     #[test]
@@ -1190,6 +1386,7 @@ mod tests {
             model: None,
             estimate: None,
             tier: Tier::High,
+            first_attempt: None,
         };
         assert_eq!(g.plan_attempt(&s, &c, &m, &pinned).unwrap().fallback_cluster, None);
         let answer =
@@ -1238,6 +1435,7 @@ mod tests {
             model: Some("gpt-4o"),
             estimate: None,
             tier: Tier::High,
+            first_attempt: None,
         };
         assert_eq!(g.plan_attempt(&s, &c, &m, &req).unwrap().fallback_cluster, Some("spillway_any"));
         let only_listed =
@@ -1259,6 +1457,7 @@ mod tests {
             model,
             estimate: None,
             tier: Tier::High,
+            first_attempt: None,
         };
         assert_eq!(
             g.plan_attempt(&s, &c, &m, &v1("spillway_east", Some("gpt-4o"))).unwrap().body_model,

@@ -94,15 +94,22 @@ pub trait Metrics {
 /// `metric.key.value...`; values are reduced to `[A-Za-z0-9_-]` so a dot in
 /// a deployment name cannot split a label.
 pub fn name(metric: &str, labels: &[(&str, &str)]) -> String {
-    let mut out = String::from(metric);
+    let label_len: usize = labels.iter().map(|(k, v)| k.len() + v.len().max(4) + 2).sum();
+    let mut out = String::with_capacity(metric.len() + label_len);
+    out.push_str(metric);
+    let safe = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
     for (k, v) in labels {
         out.push('.');
         out.push_str(k);
         out.push('.');
         if v.is_empty() {
             out.push_str("none");
+        } else if v.chars().all(safe) {
+            // The usual case (our names, status classes): one copy.
+            out.push_str(v);
+        } else {
+            out.extend(v.chars().map(|c| if safe(c) { c } else { '_' }));
         }
-        out.extend(v.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }));
     }
     out
 }

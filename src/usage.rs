@@ -29,6 +29,117 @@ impl Usage {
     }
 }
 
+/// An answer's `usage` object as `Usage` reads it, deserialized without
+/// building a `Value` (it runs on every answer): each count is a number or
+/// nothing, and other members are skipped.
+#[derive(Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<Count>,
+    input_tokens: Option<Count>,
+    completion_tokens: Option<Count>,
+    output_tokens: Option<Count>,
+    total_tokens: Option<Count>,
+}
+
+impl UsageFields {
+    /// As `Usage::from_json`: either naming, a present name wins even when
+    /// its value is not a count.
+    fn usage(&self) -> Usage {
+        let count = |a: &Option<Count>, b: &Option<Count>| a.as_ref().or(b.as_ref()).and_then(|c| c.0).unwrap_or(0);
+        let prompt = count(&self.prompt_tokens, &self.input_tokens);
+        let completion = count(&self.completion_tokens, &self.output_tokens);
+        let total = self.total_tokens.as_ref().and_then(|c| c.0).unwrap_or(prompt + completion);
+        Usage { prompt, completion, total }
+    }
+}
+
+/// Any JSON value, kept only when it is a whole number that fits a u64.
+struct Count(Option<u64>);
+
+/// Any JSON value, kept only when it is a string.
+struct Text(Option<String>);
+
+/// Skips whatever value it is given and keeps only what `keep` makes of a
+/// u64 or a string.
+struct Scalar<T>(std::marker::PhantomData<T>);
+
+trait FromScalar: Sized {
+    fn none() -> Self;
+    fn from_u64(_: u64) -> Self {
+        Self::none()
+    }
+    fn from_str(_: &str) -> Self {
+        Self::none()
+    }
+}
+
+impl FromScalar for Count {
+    fn none() -> Self {
+        Count(None)
+    }
+    fn from_u64(n: u64) -> Self {
+        Count(Some(n))
+    }
+}
+
+impl FromScalar for Text {
+    fn none() -> Self {
+        Text(None)
+    }
+    fn from_str(s: &str) -> Self {
+        Text(Some(s.to_string()))
+    }
+}
+
+impl<'de, T: FromScalar> serde::de::Visitor<'de> for Scalar<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<T, E> {
+        Ok(T::none())
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<T, E> {
+        Ok(u64::try_from(n).map_or_else(|_| T::none(), T::from_u64))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<T, E> {
+        Ok(T::from_u64(n))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<T, E> {
+        Ok(T::none())
+    }
+    fn visit_str<E>(self, s: &str) -> Result<T, E> {
+        Ok(T::from_str(s))
+    }
+    fn visit_unit<E>(self) -> Result<T, E> {
+        Ok(T::none())
+    }
+    fn visit_none<E>(self) -> Result<T, E> {
+        Ok(T::none())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(T::none())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+        while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+        Ok(T::none())
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Scalar(std::marker::PhantomData))
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Scalar(std::marker::PhantomData))
+    }
+}
+
 /// What the gateway needs to know about a request body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
@@ -225,11 +336,8 @@ pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
 /// out of other answers, which are not parsed whole (an embeddings answer
 /// can be megabytes of floats).
 pub fn json_answer(body: &[u8], stateful: bool) -> AnswerFacts {
-    let usage = top_level_value(body, b"\"usage\"").and_then(|u| {
-        let wrapped = serde_json::json!({ "usage": u });
-        Usage::from_json(&wrapped)
-    });
-    let model = top_level_value(body, b"\"model\"").and_then(|m| m.as_str().map(str::to_string));
+    let usage = top_level::<UsageFields>(body, b"\"usage\"").map(|u| u.usage());
+    let model = top_level::<Text>(body, b"\"model\"").and_then(|m| m.0);
     let object_id = if stateful { stored_object_id(body) } else { None };
     AnswerFacts { usage, model, object_id }
 }
@@ -274,7 +382,7 @@ fn stored_object_id(body: &[u8]) -> Option<String> {
 /// The value after the last `"key":` in `body` that is not inside a string
 /// (an escaped quote comes after a backslash). OpenAI and Azure put `usage`
 /// and `model` at the top level; nested objects do not use these keys.
-fn top_level_value(body: &[u8], key: &[u8]) -> Option<Value> {
+fn top_level<T: serde::de::DeserializeOwned>(body: &[u8], key: &[u8]) -> Option<T> {
     let mut end = body.len();
     while let Some(pos) = rfind(body.get(..end)?, key) {
         end = pos;
@@ -284,7 +392,7 @@ fn top_level_value(body: &[u8], key: &[u8]) -> Option<Value> {
         let rest = body.get(pos + key.len()..)?;
         let rest = trim_start(rest);
         let Some(rest) = rest.strip_prefix(b":") else { continue };
-        let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Value>();
+        let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<T>();
         if let Some(Ok(v)) = values.next() {
             return Some(v);
         }
@@ -296,7 +404,12 @@ fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() || hay.len() < needle.len() {
         return None;
     }
-    (0..=hay.len() - needle.len()).rev().find(|&i| hay.get(i..i + needle.len()) == Some(needle))
+    // Comparing only where the first byte matches: a slice comparison at
+    // every position costs a call each (this runs on every answer).
+    let first = needle.first()?;
+    (0..=hay.len() - needle.len())
+        .rev()
+        .find(|&i| hay.get(i) == Some(first) && hay.get(i..i + needle.len()) == Some(needle))
 }
 
 fn trim_start(mut s: &[u8]) -> &[u8] {
@@ -648,6 +761,18 @@ mod tests {
         assert_eq!(a.usage, Some(Usage { prompt: 3, completion: 4, total: 7 }));
         assert_eq!(a.model.as_deref(), Some("gpt-4o"));
         assert_eq!(json_answer(b"{}", false).usage, None);
+        // Counts that are not whole numbers count as absent; other members are skipped.
+        let a = json_answer(
+            br#"{"model":7,"usage":{"prompt_tokens":"3","input_tokens":9,"completion_tokens":-1,"output_tokens":2.5,
+                "prompt_tokens_details":{"cached_tokens":[1,{"x":null}]},"total_tokens":null}}"#,
+            false,
+        );
+        assert_eq!(a.usage, Some(Usage { prompt: 0, completion: 0, total: 0 }));
+        assert_eq!(a.model, None);
+        let a = json_answer(br#"{"usage":{"input_tokens":9,"output_tokens":2},"model":"m"}"#, false);
+        assert_eq!(a.usage, Some(Usage { prompt: 9, completion: 2, total: 11 }));
+        assert_eq!(a.model.as_deref(), Some("m"));
+        assert_eq!(json_answer(br#"{"usage":[1,2]}"#, false).usage, None);
     }
 
     #[test]

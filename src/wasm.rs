@@ -398,10 +398,6 @@ fn clear_header(map: Headers, name: &str) {
     }
 }
 
-fn request_header(name: &str) -> Option<String> {
-    header_text(Headers::Request, name)
-}
-
 fn set_request_header(name: &str, value: Option<&str>) {
     set_header(Headers::Request, name, value.map(str::as_bytes))
 }
@@ -646,6 +642,7 @@ impl RequestCore {
                 estimate,
                 first_token_timeout_ms,
                 tier,
+                first_attempt,
             } => {
                 if self.gateway.stashes_client_credentials() {
                     self.stash_client_credential();
@@ -660,6 +657,9 @@ impl RequestCore {
                 }
                 if tier == Tier::Low {
                     set_request_header(header::TIER, Some("low"));
+                }
+                if let Some(plan) = &first_attempt {
+                    set_request_header(header::FIRST_ATTEMPT, Some(plan));
                 }
                 if let Some(ms) = first_token_timeout_ms {
                     let limit = self.gateway.config.attempt_timeout_s.map_or(ms, |s| ms.min(s.saturating_mul(1000)));
@@ -782,6 +782,7 @@ impl RequestCore {
             header::LOOKUP,
             header::ESTIMATE,
             header::TIER,
+            header::FIRST_ATTEMPT,
         ] {
             headers.clear(internal);
         }
@@ -889,7 +890,8 @@ impl RequestCore {
         if self.exchange.is_local_reply() {
             return Action::Continue;
         }
-        let chunk = host::body(Body::Response, 0, size).unwrap_or_else(|e| {
+        let wanted = if self.exchange.reads_response_body() { size } else { 0 };
+        let chunk = host::body(Body::Response, 0, wanted).unwrap_or_else(|e| {
             log::warn!("cannot read a response body chunk: {e:?}");
             Vec::new()
         });
@@ -1028,24 +1030,28 @@ impl HttpContext for AttemptFilter {
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
-        let original_path = request_header(header::PATH).or_else(|| request_header(":path")).unwrap_or_default();
-        let tried = request_header(header::TRIED);
-        let stored = if request_header(header::PINNED).is_some() {
+        // Several request headers per attempt: the whole map at once is
+        // cheaper than one host call each (most of them are absent).
+        let headers = HeaderMap::read(Headers::Request);
+        let original_path = headers.text(header::PATH).or_else(|| headers.text(":path")).unwrap_or_default();
+        let tried = headers.text(header::TRIED);
+        let stored = if headers.has(header::PINNED) {
             Stored::Pinned
-        } else if request_header(header::LOOKUP).is_some() {
+        } else if headers.has(header::LOOKUP) {
             Stored::Lookup
         } else {
             Stored::No
         };
         let gateway = Rc::clone(&self.gateway);
-        let model = request_header(header::MODEL);
+        let model = headers.text(header::MODEL);
         let (estimate, tier) = if gateway.config.quota_aware {
             let low = gateway.config.clients.iter().any(|c| c.tier == Tier::Low)
-                && request_header(header::TIER).is_some_and(|t| t == "low");
-            (request_header(header::ESTIMATE).and_then(|v| v.parse().ok()), if low { Tier::Low } else { Tier::High })
+                && headers.text(header::TIER).is_some_and(|t| t == "low");
+            (headers.text(header::ESTIMATE).and_then(|v| v.parse().ok()), if low { Tier::Low } else { Tier::High })
         } else {
             (None, Tier::High)
         };
+        let first_attempt = headers.text(header::FIRST_ATTEMPT);
         let request = AttemptRequest {
             cluster: &cluster,
             original_path: &original_path,
@@ -1054,6 +1060,7 @@ impl HttpContext for AttemptFilter {
             model: model.as_deref(),
             estimate,
             tier,
+            first_attempt: first_attempt.as_deref(),
         };
         let Some(plan) = gateway.plan_attempt(&HostStore, &HostClock, &HostMetrics, &request) else {
             return Action::Continue;
@@ -1069,10 +1076,10 @@ impl HttpContext for AttemptFilter {
         match plan.api_key {
             Some(key) => {
                 set_request_header("api-key", Some(key.expose()));
-                clear_header(Headers::Request, "authorization");
+                headers.clear("authorization");
             }
             None => {
-                let stash = request_header(header::CREDENTIAL);
+                let stash = headers.text(header::CREDENTIAL);
                 match gateway.pass_through_credential(&HostStore, stash.as_deref()) {
                     PassThrough::Leave => {}
                     PassThrough::Restore(own) => {

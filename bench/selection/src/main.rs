@@ -135,7 +135,7 @@ fn whole_request(gw: &Gateway, store: &MemoryStore, clock: &ManualClock, metrics
         ..RequestHead::default()
     };
     let mut exchange = Exchange::new(clock.now_ms());
-    let Step::Forward { cluster, path, model, estimate, .. } =
+    let Step::Forward { cluster, path, model, estimate, first_attempt, .. } =
         exchange.on_request_headers(gw, store, clock, metrics, &head)
     else {
         return 0;
@@ -148,6 +148,7 @@ fn whole_request(gw: &Gateway, store: &MemoryStore, clock: &ManualClock, metrics
         model: model.as_deref(),
         estimate,
         tier: Tier::High,
+        first_attempt: first_attempt.as_deref(),
     };
     let Some(plan) = gw.plan_attempt(store, clock, metrics, &request) else { return 0 };
     let attempt = AttemptRef {
@@ -344,6 +345,7 @@ fn main() {
                             model: None,
                             estimate: None,
                             tier: Tier::High,
+                            first_attempt: None,
                         },
                     );
                     assert!(plan.is_some());
