@@ -368,7 +368,7 @@ def overhead(args, workdir: Path) -> dict:
         }
         if BASELINE_WASM.exists():
             # With the bootstrap of its day: body fields read on every path.
-            boots["envoy-spillway-baseline"] = configs.with_one_route(
+            boots["envoy-spillway-baseline"] = configs.with_baseline_body_fields(
                 configs.with_wasm(rendered, str(WASM), str(BASELINE_WASM)))
         setups: list[dict[str, Any]] = [
             {"name": "direct", "url": mocks[0].url + CHAT_PATH, "proc": None, "rate": args.rate,
@@ -572,6 +572,79 @@ def hostcall_prices(args, workdir: Path, plain: dict, headers: dict, body: Path)
     return {"calls_per_request": PROBE_CALLS, "requests_per_run": n, "repeats": args.repeats, "kinds": prices}
 
 
+# Valgrind maps a position-independent executable at this address (amd64).
+VALGRIND_PIE_BASE = 0x108000
+
+
+def allocator_range() -> tuple[int, int] | None:
+    """Where Envoy's allocator (tcmalloc, its own `google_malloc` section)
+    sits when Envoy runs under valgrind. Valgrind attributes no object to
+    that section, so its cost shows as unnamed code at these addresses."""
+    try:
+        sections = subprocess.run(["readelf", "-SW", str(ENVOY_BIN)], capture_output=True, text=True,
+                                  check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for line in sections.splitlines():
+        parts = line.replace("[ ", "[").split()
+        if len(parts) > 5 and parts[1] == "google_malloc":
+            start, size = int(parts[3], 16), int(parts[5], 16)
+            return VALGRIND_PIE_BASE + start, VALGRIND_PIE_BASE + start + size
+    return None
+
+
+def instructions_by_code(dump: str) -> dict[str, int]:
+    """A callgrind dump's instructions by where the code lives: Envoy's own
+    code, its allocator (tcmalloc), the wasm code V8 compiled (JIT: the
+    filter's own computation and V8's stubs around it), and libc."""
+    alloc = allocator_range()
+    objects: dict[str, str] = {}
+    functions: dict[str, str] = {}
+    out = {"envoy": 0, "allocator": 0, "wasm_jit": 0, "libc": 0, "other": 0}
+    where = "other"
+    obj = fn = ""
+    skip_next_cost = False
+    for line in dump.splitlines():
+        if line.startswith(("cob=", "cfn=")):
+            # A call's target: names defined here are used by later lines.
+            key, _, rest = line[4:].partition(" ")
+            if rest:
+                (objects if line.startswith("cob=") else functions)[key] = rest
+            continue
+        if line.startswith(("ob=", "fn=")):
+            key, _, rest = line[3:].partition(" ")
+            table = objects if line.startswith("ob=") else functions
+            if rest:
+                table[key] = rest
+            name = table.get(key, key)
+            if line.startswith("ob="):
+                obj = name
+            else:
+                fn = name
+            if "envoy" in obj.rsplit("/", 1)[-1]:
+                where = "envoy"
+            elif "libc" in obj:
+                where = "libc"
+            elif obj == "???" and fn.startswith("0x"):
+                address = int(fn.split("'")[0], 16)
+                where = "allocator" if alloc and alloc[0] <= address < alloc[1] else (
+                    "wasm_jit" if address >= 0x10000000 else "other")
+            else:
+                where = "other"
+            continue
+        if line.startswith("calls="):
+            skip_next_cost = True  # the next cost line is the call's inclusive cost
+            continue
+        if line[:1].isdigit() or line[:1] in "+-*":
+            if skip_next_cost:
+                skip_next_cost = False
+                continue
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                out[where] += int(parts[1])
+    return out
+
+
 def instructions_per_request(args, workdir: Path, boots: dict[str, dict], headers: dict, body: Path) -> dict:
     """Instructions Envoy executes per request, counted by callgrind: the
     same count on every run, whatever else the machine does, so small
@@ -599,9 +672,10 @@ def instructions_per_request(args, workdir: Path, boots: dict[str, dict], header
             r = oha(url, headers, body, workdir / "cg-run.json", requests=n, connections=4)
             subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True, timeout=120)
             dumps = sorted(workdir.glob(f"callgrind-{name}.out*"), key=lambda f: f.stat().st_mtime)
-            totals = [int(line.split()[1]) for line in dumps[-1].read_text(errors="replace").splitlines()
-                      if line.startswith(("summary:", "totals:"))]
-            out[name] = {"instructions_per_request": max(totals) / n, "requests": n, "ok": r["ok"]}
+            text = dumps[-1].read_text(errors="replace")
+            totals = [int(line.split()[1]) for line in text.splitlines() if line.startswith(("summary:", "totals:"))]
+            out[name] = {"instructions_per_request": max(totals) / n, "requests": n, "ok": r["ok"],
+                         "by_code_per_request": {k: v / n for k, v in instructions_by_code(text).items()}}
             log(f"instructions: {name}: {out[name]['instructions_per_request'] / 1000:.1f} k per request")
         finally:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -144,12 +144,10 @@ def with_trivial(plain_boot: dict, wasm_path: str, upstream_too: bool = False) -
 
 
 def plain_with_native_filters(rendered: dict, plain_boot: dict) -> dict:
-    """Plain Envoy + the two native filters Spillway's bootstrap puts before
-    its wasm (the buffer filter and json_to_metadata), as that bootstrap
-    runs them for the benchmark's request: on a classic deployment path
-    json_to_metadata is off unless the config reads body fields there."""
+    """Plain Envoy + the native filter Spillway's bootstrap puts before its
+    wasm: the buffer filter, which holds every request body until complete."""
     boot = copy.deepcopy(plain_boot)
-    native = [f for f in _hcm(rendered)["http_filters"] if f["name"] in ("spillway.buffer", "spillway.body_fields")]
+    native = [f for f in _hcm(rendered)["http_filters"] if f["name"] == "spillway.buffer"]
     _hcm(boot)["http_filters"] = copy.deepcopy(native) + _hcm(boot)["http_filters"]
     return boot
 
@@ -159,12 +157,20 @@ def with_wasm(rendered: dict, old_path: str, new_path: str) -> dict:
     return json.loads(json.dumps(rendered).replace(old_path, new_path))
 
 
-def with_one_route(rendered: dict) -> dict:
-    """The bootstrap as the renderer wrote it before classic deployment paths
-    got a route of their own: one route, body fields read on every path."""
+# Envoy's json_to_metadata filter as the renderer put it before the request
+# role until the request role read body fields itself: the baseline filter
+# reads its body fields from the metadata this filter writes.
+BASELINE_BODY_FIELDS_FILTER = Path(__file__).resolve().parent / "baseline-body-fields.json"
+
+
+def with_baseline_body_fields(rendered: dict) -> dict:
+    """The bootstrap of the baseline's day: json_to_metadata right before the
+    request role, on every path (one route)."""
     boot = copy.deepcopy(rendered)
-    vhost = _hcm(boot)["route_config"]["virtual_hosts"][0]
-    vhost["routes"] = vhost["routes"][-1:]
+    hcm = _hcm(boot)
+    filters = hcm["http_filters"]
+    at = next(i for i, f in enumerate(filters) if f["name"] == "spillway.request")
+    hcm["http_filters"] = filters[:at] + [json.loads(BASELINE_BODY_FIELDS_FILTER.read_text())] + filters[at:]
     return boot
 
 
@@ -190,18 +196,6 @@ def spillway_request_role_only(rendered: dict) -> dict:
     for c in boot["static_resources"]["clusters"]:
         opts = c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
         opts["http_filters"] = [f for f in opts["http_filters"] if f["typed_config"]["@type"] != WASM_FILTER_TYPE]
-    return boot
-
-
-def spillway_without_body_fields(rendered: dict) -> dict:
-    """Ablation: the rendered Spillway bootstrap without Envoy's
-    json_to_metadata filter, so requests are not held until their body has
-    arrived (the request role then falls back to size-based admission). The
-    difference to the full bootstrap is what reading the body's fields
-    before routing costs."""
-    boot = copy.deepcopy(rendered)
-    hcm = _hcm(boot)
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "spillway.body_fields"]
     return boot
 
 

@@ -259,10 +259,9 @@ def overhead_section(ov: dict) -> tuple[list[str], dict]:
         "header) before the router |",
         "| Envoy + trivial wasm x2 | the same trivial filter twice: downstream and as an upstream (cluster) "
         "filter, the two places Spillway runs |",
-        "| Envoy + Spillway's native filters | plain Envoy + the two native filters Spillway's bootstrap puts "
-        "in front of its wasm, as it runs them for this request: the buffer filter (holds every body before "
-        "a backend is picked) and `json_to_metadata` (reads the body's fields for routing), which the "
-        "default config turns off on classic deployment paths (gateway mode and the baseline parse the body) |",
+        "| Envoy + Spillway's native filters | plain Envoy + the native filter Spillway's bootstrap puts "
+        "in front of its wasm: the buffer filter (holds every body before a backend is picked; the request "
+        "role reads a JSON body's fields itself) |",
         "| Envoy + Spillway | `spillway-render` output for the three mocks (`--no-access-log`), unchanged |",
         "| Envoy + Spillway, gateway mode | the same with one client key, a token limit and `stream_usage` on "
         "(the requests carry the client's key) |",
@@ -763,6 +762,27 @@ def attribution_section(ov: dict | None) -> list[str]:
             lines += ["", f"Spillway's added instructions per request: {before / 1000:,.0f} k before, "
                           f"{after / 1000:,.0f} k now ({(after - before) / before:+.0%})."]
         lines.append("")
+        split = {k: v["by_code_per_request"] for k, v in ins.items() if v.get("by_code_per_request")}
+        if "envoy-plain" in split and len(split) > 1:
+            kinds = [("envoy", "Envoy's own code"), ("allocator", "Envoy's allocator (tcmalloc)"),
+                     ("wasm_jit", "wasm code compiled by V8"), ("libc", "libc (copies, memset)")]
+            plain_split = split["envoy-plain"]
+            cols = [k for k in split if k != "envoy-plain"]
+            lines += [
+                "**Where the added instructions run** (the same callgrind runs, by the code that executed "
+                "them; k instructions per request over plain Envoy). *Wasm code* is the filter's own "
+                "computation with V8's stubs around it; Envoy's own code includes V8's runtime and the "
+                "wasm host, the host calls and every entry into the VM; the allocator row counts "
+                "Envoy's `malloc`/`free` calls, most of them made by V8's C API for each call into or out "
+                "of the VM.",
+                "",
+                "| code | " + " | ".join(LABELS.get(c, c) for c in cols) + " |",
+                "|---|" + "---|" * len(cols),
+            ]
+            for key, label in kinds:
+                lines.append(f"| {label} | " + " | ".join(
+                    f"{(split[c].get(key, 0) - plain_split.get(key, 0)) / 1000:+,.1f}" for c in cols) + " |")
+            lines.append("")
     R = ov["ratios_vs_plain"]
     prices = {k: v["us_per_call"] for k, v in ov["host_call_prices"]["kinds"].items()}
     calls = ov.get("host_calls_per_request", {})
@@ -888,12 +908,13 @@ def why_section(ov: dict | None, sel: dict | None, misses: list[str]) -> list[st
         "into V8 (a callback, or the allocation behind a host call that returns a value) costs thousands of "
         "instructions; the probe's prices above show it.",
         "- **What the filter still does per request.** The host calls left are the request's own inputs and "
-        "outputs: two header maps, the metadata namespace when body fields are read, the health table and the "
-        "rotation counter (read, and the counter written, in the request role; read again by the attempt role "
-        "to pick where a failover would go), the attempt's cluster and path, the key, path and host rewrites, "
-        "the answer body for usage, six metric updates and one log line. The rest is the second route match "
-        "after `clear_route_cache` (the cluster is chosen by a header the route reads), three clusters with "
-        "their own pools, and the filter's computation (about 6 µs natively for the whole request, part 2).",
+        "outputs: the request and response header maps in each role, the request body (its fields decide "
+        "the route under quota-aware routing), the health table and the rotation counter (read, and the "
+        "counter written, in the request role, which also plans the first attempt's fallback so the attempt "
+        "role reads neither), the attempt's cluster, the key, host and internal-header writes, the answer "
+        "body for usage, six metric updates and one log line. The rest is the second route match after "
+        "`clear_route_cache` (the cluster is chosen by a header the route reads), three clusters with their "
+        "own pools, and the filter's computation in V8 (the wasm row above).",
         f"- **The log line.** Writing Spillway's per-request JSON line is the most expensive single host call; "
         + (f"with it off (`--component-log-level wasm:warning`) Spillway adds "
            f"{R['envoy-spillway-nolog']['cpu_added_us_at_saturation']:+.0f} µs instead of "

@@ -1,11 +1,18 @@
-//! The request-body fields routing and admission need, as Envoy's
-//! `json_to_metadata` filter copied them into dynamic metadata before the
-//! request role ran (see `contract::body_metadata`). With them the request
-//! role decides at the request headers, before any upstream call, without
-//! holding or parsing the body itself.
+//! The request-body fields routing and admission need, read by the request
+//! role from the held body before it decides. The body is deserialized for
+//! these members only (everything else, the messages included, is skipped
+//! without being built), and a member of an unexpected type counts as absent.
 
-use crate::contract::body_metadata;
+use crate::lenient::{Budget, Flag, Text};
 use crate::usage::{completion_budget, RequestFacts};
+use serde::Deserialize;
+
+/// Whether a `content-type` names a JSON body (`application/json`, with or
+/// without parameters), the bodies whose fields are read.
+pub fn is_json(content_type: &str) -> bool {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    media.eq_ignore_ascii_case("application/json")
+}
 
 /// The fields of one JSON request body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -24,25 +31,25 @@ pub struct BodyFields {
 }
 
 impl BodyFields {
-    /// Reads the fields through `lookup(key)` (the metadata value's bytes as
-    /// the host gives them). `None` unless the body was parsed as JSON.
-    pub fn read(lookup: &dyn Fn(&str) -> Option<Vec<u8>>) -> Option<BodyFields> {
-        lookup(body_metadata::PARSED)?;
-        let text = |key: &str| lookup(key).map(|b| String::from_utf8_lossy(&b).into_owned());
-        let number = |key: &str| lookup(key).and_then(|b| decode_number(&b));
-        let flag = |key: &str| lookup(key).map(|b| decode_bool(&b));
+    /// The fields of a JSON object body; `None` for anything else (not
+    /// JSON, not an object, a duplicate member).
+    pub fn from_json(body: &[u8]) -> Option<BodyFields> {
+        let wire: Wire = serde_json::from_slice(body).ok()?;
+        let text = |t: Option<Text>| t.and_then(|t| t.0);
+        let flag = |f: Option<Flag>| f.and_then(|f| f.0);
+        let number = |b: Option<Budget>| b.and_then(|b| b.0);
         Some(BodyFields {
-            model: text("model"),
-            previous_response_id: text("previous_response_id"),
-            stream: flag("stream").unwrap_or(false),
-            include_usage: flag(body_metadata::INCLUDE_USAGE).unwrap_or(false),
-            store: flag("store"),
-            background: flag("background").unwrap_or(false),
-            max_tokens: number("max_tokens"),
-            max_completion_tokens: number("max_completion_tokens"),
-            max_output_tokens: number("max_output_tokens"),
-            n: number("n"),
-            best_of: number("best_of"),
+            model: text(wire.model),
+            previous_response_id: text(wire.previous_response_id),
+            stream: flag(wire.stream).unwrap_or(false),
+            include_usage: wire.stream_options.and_then(|o| o.include_usage()).unwrap_or(false),
+            store: flag(wire.store),
+            background: flag(wire.background).unwrap_or(false),
+            max_tokens: number(wire.max_tokens),
+            max_completion_tokens: number(wire.max_completion_tokens),
+            max_output_tokens: number(wire.max_output_tokens),
+            n: number(wire.n),
+            best_of: number(wire.best_of),
         })
     }
 
@@ -62,53 +69,103 @@ impl BodyFields {
     }
 }
 
-/// A metadata number: the host serialises it as an 8-byte little-endian
-/// double. Negative, fractional or absurd values give `None`.
-fn decode_number(bytes: &[u8]) -> Option<u64> {
-    let raw: [u8; 8] = bytes.try_into().ok()?;
-    let value = f64::from_le_bytes(raw);
-    (value.is_finite() && value >= 0.0 && value <= u32::MAX as f64).then_some(value as u64)
+/// The members of a request body the fields come from.
+#[derive(Deserialize)]
+struct Wire {
+    model: Option<Text>,
+    previous_response_id: Option<Text>,
+    stream: Option<Flag>,
+    stream_options: Option<StreamOptions>,
+    store: Option<Flag>,
+    background: Option<Flag>,
+    max_tokens: Option<Budget>,
+    max_completion_tokens: Option<Budget>,
+    max_output_tokens: Option<Budget>,
+    n: Option<Budget>,
+    best_of: Option<Budget>,
 }
 
-/// A metadata boolean: one byte, non-zero for true.
-fn decode_bool(bytes: &[u8]) -> bool {
-    bytes.first().is_some_and(|b| *b != 0)
+/// `stream_options`: an object with `include_usage`, or anything else
+/// (which asks for nothing).
+enum StreamOptions {
+    Object { include_usage: Option<bool> },
+    Other,
+}
+
+impl StreamOptions {
+    fn include_usage(self) -> Option<bool> {
+        match self {
+            StreamOptions::Object { include_usage } => include_usage,
+            StreamOptions::Other => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StreamOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // An object is read for its one member; any other value is skipped.
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Object(map) => {
+                let include_usage = map.get("include_usage").and_then(serde_json::Value::as_bool);
+                Ok(StreamOptions::Object { include_usage })
+            }
+            _ => Ok(StreamOptions::Other),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn lookup(map: HashMap<&'static str, Vec<u8>>) -> impl Fn(&str) -> Option<Vec<u8>> {
-        move |k| map.get(k).cloned()
-    }
 
     #[test]
-    fn fields_decode_as_envoy_serialises_them() {
-        // Measured in Envoy 1.40: strings as bytes, numbers as 8-byte doubles, bools as one byte.
-        let map: HashMap<&str, Vec<u8>> = [
-            ("parsed", 1f64.to_le_bytes().to_vec()),
-            ("model", b"gpt-4o-x".to_vec()),
-            ("stream", vec![1]),
-            ("include_usage", vec![0]),
-            ("max_tokens", 77f64.to_le_bytes().to_vec()),
-            ("n", 2f64.to_le_bytes().to_vec()),
-            ("store", vec![0]),
-        ]
-        .into();
-        let f = BodyFields::read(&lookup(map)).unwrap();
+    fn fields_come_from_the_top_level_members() {
+        let body = br#"{"model":"gpt-4o-x","messages":[{"role":"user","content":"{\"model\":\"no\",\"n\":9}"}],
+            "stream":true,"stream_options":{"include_usage":false},"max_tokens":77,"n":2,"store":false,
+            "tools":[{"type":"function","function":{"name":"f","parameters":{"max_tokens":5}}}]}"#;
+        let f = BodyFields::from_json(body).unwrap();
         assert_eq!(f.model.as_deref(), Some("gpt-4o-x"));
-        assert!(f.stream && !f.include_usage);
-        assert_eq!((f.max_tokens, f.n, f.store), (Some(77), Some(2), Some(false)));
+        assert!(f.stream && !f.include_usage && !f.background);
+        assert_eq!((f.max_tokens, f.n, f.store, f.best_of), (Some(77), Some(2), Some(false), None));
         // 400 body bytes ~ 100 prompt tokens, plus 77 for each of 2 copies.
         assert_eq!(f.facts(400).estimated_tokens, 100 + 154);
+        let f = BodyFields::from_json(
+            br#"{"input":"hi","previous_response_id":"resp_1","background":true,
+            "stream_options":{"include_usage":true},"max_output_tokens":12.5}"#,
+        )
+        .unwrap();
+        assert_eq!(f.previous_response_id.as_deref(), Some("resp_1"));
+        assert!(f.background && f.include_usage);
+        assert_eq!(f.max_output_tokens, Some(12));
     }
 
     #[test]
-    fn without_the_marker_nothing_is_known() {
-        let map: HashMap<&str, Vec<u8>> = [("model", b"x".to_vec())].into();
-        assert_eq!(BodyFields::read(&lookup(map)), None);
+    fn a_member_of_another_type_counts_as_absent() {
+        let f = BodyFields::from_json(
+            br#"{"model":5,"stream":"yes","stream_options":true,"max_tokens":-1,"n":"2","store":null,"best_of":1e12}"#,
+        )
+        .unwrap();
+        assert_eq!(f, BodyFields::default());
+    }
+
+    #[test]
+    fn only_a_json_object_has_fields() {
+        for body in
+            [&b"not json"[..], b"[1,2]", b"\"text\"", b"", b"{\"model\":\"a\"", b"{\"model\":\"a\",\"model\":\"b\"}"]
+        {
+            assert_eq!(BodyFields::from_json(body), None, "{:?}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(BodyFields::from_json(b" {} "), Some(BodyFields::default()));
+    }
+
+    #[test]
+    fn json_is_told_by_its_media_type() {
+        for t in ["application/json", "Application/JSON", "application/json; charset=utf-8", " application/json "] {
+            assert!(is_json(t), "{t}");
+        }
+        for t in ["multipart/form-data; boundary=x", "application/jsonl", "text/plain", ""] {
+            assert!(!is_json(t), "{t}");
+        }
     }
 
     #[test]
@@ -122,8 +179,5 @@ mod tests {
         assert_eq!(f(Some(10), None, None).facts(4).estimated_tokens, 11);
         assert_eq!(f(Some(10), Some(20), None).facts(4).estimated_tokens, 21);
         assert_eq!(f(None, None, Some(500)).facts(4).estimated_tokens, 501);
-        assert_eq!(decode_number(&(-1f64).to_le_bytes()), None);
-        assert_eq!(decode_number(&f64::NAN.to_le_bytes()), None);
-        assert_eq!(decode_number(b"77"), None);
     }
 }

@@ -383,8 +383,14 @@ impl Config {
     /// routed: the path names the model, and such APIs keep no stored state,
     /// so only quota-aware routing or a token limit (the completion budget)
     /// or `stream_usage` / `first_token_timeout_s` (is it a stream, did it
-    /// ask for usage) reads them. Where nothing does, the renderer spares
-    /// those requests the JSON parse.
+    /// ask for usage) reads them. Where nothing does, those requests go on
+    /// at their headers, unparsed.
+    /// Whether a request to `path` with a JSON body is held until its body
+    /// is complete and its fields read before it is routed.
+    pub fn reads_body_fields(&self, path: &str) -> bool {
+        !crate::paths::is_deployment_path(path) || self.reads_body_fields_on_deployment_paths()
+    }
+
     pub fn reads_body_fields_on_deployment_paths(&self) -> bool {
         self.quota_aware
             || self.stream_usage

@@ -125,25 +125,6 @@ pub mod shared_data {
     pub const VM_MEMORY_PREFIX: &str = "spillway.vm_memory.";
 }
 
-/// Request-body fields Envoy's `json_to_metadata` filter (placed before the
-/// request role) copies into dynamic metadata, so the request role routes
-/// and admits with them at the request headers, before any upstream call.
-pub mod body_metadata {
-    /// Metadata namespace (`metadata.filter_metadata.<NAMESPACE>.<key>`).
-    pub const NAMESPACE: &str = "spillway";
-    /// Set to 1 whenever the body was JSON and read: without it the fields'
-    /// absence says nothing (no such filter in front, or not JSON).
-    pub const PARSED: &str = "parsed";
-    /// Top-level fields copied as strings.
-    pub const STRINGS: [&str; 2] = ["model", "previous_response_id"];
-    /// Top-level fields copied as numbers (8-byte doubles).
-    pub const NUMBERS: [&str; 5] = ["max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of"];
-    /// Top-level fields copied as booleans.
-    pub const BOOLS: [&str; 3] = ["stream", "store", "background"];
-    /// `stream_options.include_usage`, copied under this key.
-    pub const INCLUDE_USAGE: &str = "include_usage";
-}
-
 /// Metric names carry their labels as `.key.value` pairs (proxy-wasm
 /// metrics have no labels); the renderer adds one Envoy `stats_tags` regex
 /// per key to turn them back into Prometheus labels.

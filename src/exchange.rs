@@ -30,12 +30,12 @@ pub struct RequestHead<'a> {
     pub api_key: Option<&'a str>,
     pub apim_key: Option<&'a str>,
     pub authorization: Option<&'a str>,
-    /// The body's size: its `content-length`, or the bytes Envoy received
-    /// when it held the request until the body was complete.
+    /// The body's size: its `content-length`, or the bytes the request role
+    /// held when it read the body before deciding.
     pub content_length: Option<u64>,
     /// False when the headers ended the request (no body follows).
     pub has_body: bool,
-    /// The body's fields, when Envoy read them before the request role ran.
+    /// The body's fields, when the request role held the body to read them.
     pub fields: Option<BodyFields>,
 }
 
@@ -1249,16 +1249,7 @@ mod tests {
     }
 
     fn fields(json: &str) -> BodyFields {
-        let v: Value = serde_json::from_str(json).unwrap();
-        let n = |k: &str| v.get(k).and_then(Value::as_u64);
-        BodyFields {
-            model: v.get("model").and_then(Value::as_str).map(str::to_string),
-            stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
-            include_usage: v.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
-            max_tokens: n("max_tokens"),
-            max_output_tokens: n("max_output_tokens"),
-            ..BodyFields::default()
-        }
+        BodyFields::from_json(json.as_bytes()).unwrap()
     }
 
     #[test]

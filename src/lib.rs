@@ -24,6 +24,7 @@ pub mod health;
 // exist (tested, fuzzed).
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 pub mod host;
+pub mod lenient;
 pub mod limits;
 pub mod metrics;
 pub mod paths;

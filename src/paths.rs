@@ -86,6 +86,12 @@ pub fn model_in_path(path: &str) -> Option<&str> {
     deployment(path).or_else(|| realtime_deployment(path))
 }
 
+/// A classic API path (`/openai/deployments/...`): the deployment, the
+/// model, is in the path.
+pub fn is_deployment_path(path: &str) -> bool {
+    path.starts_with(AZURE_DEPLOYMENTS)
+}
+
 /// The deployment named in an Azure classic path, if any.
 pub fn deployment(path: &str) -> Option<&str> {
     let rest = path.strip_prefix(AZURE_DEPLOYMENTS)?;

@@ -2,6 +2,7 @@
 //! answers and from SSE streams (scanned incrementally, optionally with the
 //! usage-only chunk removed for clients that did not ask for it).
 
+use crate::lenient::{Count, Text};
 use crate::stateful;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -50,93 +51,6 @@ impl UsageFields {
         let completion = count(&self.completion_tokens, &self.output_tokens);
         let total = self.total_tokens.as_ref().and_then(|c| c.0).unwrap_or(prompt + completion);
         Usage { prompt, completion, total }
-    }
-}
-
-/// Any JSON value, kept only when it is a whole number that fits a u64.
-struct Count(Option<u64>);
-
-/// Any JSON value, kept only when it is a string.
-struct Text(Option<String>);
-
-/// Skips whatever value it is given and keeps only what `keep` makes of a
-/// u64 or a string.
-struct Scalar<T>(std::marker::PhantomData<T>);
-
-trait FromScalar: Sized {
-    fn none() -> Self;
-    fn from_u64(_: u64) -> Self {
-        Self::none()
-    }
-    fn from_str(_: &str) -> Self {
-        Self::none()
-    }
-}
-
-impl FromScalar for Count {
-    fn none() -> Self {
-        Count(None)
-    }
-    fn from_u64(n: u64) -> Self {
-        Count(Some(n))
-    }
-}
-
-impl FromScalar for Text {
-    fn none() -> Self {
-        Text(None)
-    }
-    fn from_str(s: &str) -> Self {
-        Text(Some(s.to_string()))
-    }
-}
-
-impl<'de, T: FromScalar> serde::de::Visitor<'de> for Scalar<T> {
-    type Value = T;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<T, E> {
-        Ok(T::none())
-    }
-    fn visit_i64<E>(self, n: i64) -> Result<T, E> {
-        Ok(u64::try_from(n).map_or_else(|_| T::none(), T::from_u64))
-    }
-    fn visit_u64<E>(self, n: u64) -> Result<T, E> {
-        Ok(T::from_u64(n))
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<T, E> {
-        Ok(T::none())
-    }
-    fn visit_str<E>(self, s: &str) -> Result<T, E> {
-        Ok(T::from_str(s))
-    }
-    fn visit_unit<E>(self) -> Result<T, E> {
-        Ok(T::none())
-    }
-    fn visit_none<E>(self) -> Result<T, E> {
-        Ok(T::none())
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
-        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-        Ok(T::none())
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
-        while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
-        Ok(T::none())
-    }
-}
-
-impl<'de> Deserialize<'de> for Count {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Scalar(std::marker::PhantomData))
-    }
-}
-
-impl<'de> Deserialize<'de> for Text {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Scalar(std::marker::PhantomData))
     }
 }
 

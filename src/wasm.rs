@@ -3,10 +3,10 @@
 //! instead of panicking; an error is logged and the request goes on (or is
 //! answered), never a trap.
 
-use crate::body_fields::BodyFields;
+use crate::body_fields::{is_json, BodyFields};
 use crate::clients::CLIENT_CREDENTIAL_HEADERS;
 use crate::config::{Config, Keys, Tier};
-use crate::contract::{body_metadata, header, Role};
+use crate::contract::{header, Role};
 use crate::credentials::{self, ClientCredential, PassThrough};
 use crate::exchange::{Exchange, RequestHead, Step};
 use crate::first_event::{self, Verdict};
@@ -302,6 +302,8 @@ impl RootContext for Root {
                     credential_stash: None,
                     wait_until: None,
                     limits_call: None,
+                    held_head: None,
+                    body_held: false,
                 })),
             }),
             Role::Attempt => Box::new(AttemptFilter {
@@ -445,6 +447,23 @@ struct RequestCore {
     wait_until: Option<u64>,
     /// The token of the rate-limit service call the request waits for.
     limits_call: Option<u32>,
+    /// The request headers, held until the body is complete: the body's
+    /// fields are read before the request is decided.
+    held_head: Option<HeldHead>,
+    /// The body passed this filter before the request was decided (held
+    /// with the headers): inspecting it reads what Envoy buffered.
+    body_held: bool,
+}
+
+/// What the request role keeps of the request headers while it holds them
+/// for the body.
+struct HeldHead {
+    method: String,
+    path: String,
+    api_key: Option<String>,
+    apim_key: Option<String>,
+    authorization: Option<String>,
+    content_length: Option<u64>,
 }
 
 /// A request held for a backend to come back (`wait_for_backend_ms`).
@@ -533,9 +552,10 @@ impl Context for RequestFilter {
     }
 }
 
-impl HttpContext for RequestFilter {
-    fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
-        let action = self.core.borrow_mut().on_http_request_headers(n, end_of_stream);
+impl RequestFilter {
+    /// A request decided in this callback that asked to wait is held (or
+    /// refused the wait); otherwise `action` stands.
+    fn held(&self, action: Action) -> Action {
         match hold(self.context_id, &self.core) {
             // No room to wait: it goes on now, or its reply is on the way.
             Some(true) => Action::Continue,
@@ -543,13 +563,22 @@ impl HttpContext for RequestFilter {
             None => action,
         }
     }
+}
+
+impl HttpContext for RequestFilter {
+    fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
+        let action = self.core.borrow_mut().on_http_request_headers(n, end_of_stream);
+        self.held(action)
+    }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        self.core.borrow_mut().on_http_request_body(size, end_of_stream)
+        let action = self.core.borrow_mut().on_http_request_body(size, end_of_stream);
+        self.held(action)
     }
 
     fn on_http_request_trailers(&mut self, n: usize) -> Action {
-        self.core.borrow_mut().on_http_request_trailers(n)
+        let action = self.core.borrow_mut().on_http_request_trailers(n);
+        self.held(action)
     }
 
     fn on_http_response_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
@@ -583,19 +612,6 @@ fn header_bytes(name: &str) -> Option<Vec<u8>> {
     })
 }
 
-/// The body's fields json_to_metadata put in our metadata namespace: the
-/// whole namespace in one host call (a map of the fields present), or, should
-/// the host answer in another form, one call per field.
-fn body_fields() -> Option<BodyFields> {
-    let namespace = host::property(&["metadata", "filter_metadata", body_metadata::NAMESPACE]).ok().flatten()?;
-    if let Some(fields) = host::PairMap::decode(namespace) {
-        return BodyFields::read(&|key: &str| fields.get(key).map(<[u8]>::to_vec));
-    }
-    let lookup =
-        |key: &str| host::property(&["metadata", "filter_metadata", body_metadata::NAMESPACE, key]).ok().flatten();
-    BodyFields::read(&lookup)
-}
-
 impl RequestCore {
     /// Keeps the client's own credential for pass-through attempts that may
     /// follow an attempt on a keyed backend (see `credentials`).
@@ -620,6 +636,10 @@ impl RequestCore {
             log::warn!("cannot read the request body: {e:?}");
             Vec::new()
         });
+        self.inspect(body);
+    }
+
+    fn inspect(&mut self, body: Vec<u8>) {
         if let Some(new_body) = self.exchange.on_request_body(&self.gateway, &HostStore, &HostClock, &body) {
             if let Err(e) = host::set_body(Body::Request, 0, body.len(), &new_body) {
                 log::warn!("cannot replace request body: {e:?}");
@@ -675,6 +695,11 @@ impl RequestCore {
                     set_request_header("content-length", None);
                 }
                 self.inspect_body = inspect_body;
+                if inspect_body && self.body_held {
+                    // Decided after a wait or the rate-limit service: the
+                    // body is complete and held by Envoy, never shown again.
+                    self.inspect_whole_body(usize::MAX);
+                }
                 // The route (and its cluster) may already be cached from
                 // before our header existed.
                 if let Err(e) = host::call_foreign("clear_route_cache", &[]) {
@@ -772,7 +797,7 @@ impl RequestCore {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         // Clients must not steer routing or fake bookkeeping: of the internal
         // headers the filter reads, CLUSTER and PATH are always overwritten
-        // before the request goes on; TRIED and CREDENTIAL must go.
+        // before the request goes on; the others must go.
         let headers = HeaderMap::read(Headers::Request);
         for internal in [
             header::TRIED,
@@ -786,52 +811,89 @@ impl RequestCore {
         ] {
             headers.clear(internal);
         }
-        let (method, path) = (headers.text(":method").unwrap_or_default(), headers.text(":path").unwrap_or_default());
         let config = &self.gateway.config;
         let (api_key, apim_key, authorization) = if config.clients.is_empty() {
             (None, None, None)
         } else {
             (headers.text("api-key"), headers.text("ocp-apim-subscription-key"), headers.text("authorization"))
         };
-        // Envoy's json_to_metadata (in front of this filter) read the body's
-        // fields before releasing the headers.
-        let fields = if end_of_stream { None } else { body_fields() };
-        // The estimate counts the body's size: for a client's token limit,
-        // and for the backends' quotas (quota-aware routing).
-        let content_length = if config.quota_aware || config.clients.iter().any(|c| c.tokens_per_minute.is_some()) {
-            headers.text("content-length").and_then(|v| v.parse().ok()).or_else(|| {
-                // Chunked or HTTP/2 without a length: json_to_metadata held
-                // the headers until the whole body was in, so the bytes
-                // received are its size.
-                fields.as_ref().and_then(|_| host::property(&["request", "size"]).ok().flatten()).and_then(|b| {
-                    let raw: [u8; 8] = b.get(..8)?.try_into().ok()?;
-                    u64::try_from(i64::from_le_bytes(raw)).ok()
-                })
-            })
-        } else {
-            None
+        let path = headers.text(":path").unwrap_or_default();
+        let method = headers.text(":method").unwrap_or_default();
+        // A JSON body is held until complete and its fields read first. An
+        // upgrade (websocket) has no body to wait for, whatever it declares.
+        let upgrade = headers.has("upgrade") || method == "CONNECT";
+        let hold_for_body = !end_of_stream
+            && !upgrade
+            && config.reads_body_fields(&path)
+            && headers.text("content-type").is_some_and(|t| is_json(&t));
+        let head = HeldHead {
+            method,
+            path,
+            api_key,
+            apim_key,
+            authorization,
+            // The estimate counts the body's size: for a client's token
+            // limit, and for the backends' quotas (quota-aware routing).
+            content_length: headers.text("content-length").and_then(|v| v.parse().ok()),
         };
-        let head = RequestHead {
-            method: &method,
-            path: &path,
-            api_key: api_key.as_deref(),
-            apim_key: apim_key.as_deref(),
-            authorization: authorization.as_deref(),
-            content_length,
-            has_body: !end_of_stream,
-            fields,
-        };
-        let step = self.exchange.on_request_headers(&self.gateway, &HostStore, &HostClock, &HostMetrics, &head);
-        if !self.gateway.config.clients.is_empty() {
+        if !config.clients.is_empty() {
             // A gateway key is for the gateway only.
             for name in CLIENT_CREDENTIAL_HEADERS {
                 headers.clear(name);
             }
         }
+        if hold_for_body {
+            self.held_head = Some(head);
+            // Envoy goes on feeding the body to this filter
+            // (`allow_on_headers_stop_iteration`), holding the headers.
+            return Action::Pause;
+        }
+        self.decide(&head, !end_of_stream, None)
+    }
+
+    /// Decides the request: admission, the backend, and the headers that
+    /// carry the decision. `fields` when the body was read first.
+    fn decide(&mut self, head: &HeldHead, has_body: bool, fields: Option<BodyFields>) -> Action {
+        let request = RequestHead {
+            method: &head.method,
+            path: &head.path,
+            api_key: head.api_key.as_deref(),
+            apim_key: head.apim_key.as_deref(),
+            authorization: head.authorization.as_deref(),
+            content_length: head.content_length,
+            has_body,
+            fields,
+        };
+        let step = self.exchange.on_request_headers(&self.gateway, &HostStore, &HostClock, &HostMetrics, &request);
         self.apply(step)
     }
 
+    /// The held body is complete: read its fields, decide, and go on with
+    /// the headers and the body (or answer, or wait).
+    fn decide_with_body(&mut self, size: usize) -> Action {
+        let Some(mut head) = self.held_head.take() else { return Action::Continue };
+        let body = host::body(Body::Request, 0, size).unwrap_or_else(|e| {
+            log::warn!("cannot read the request body: {e:?}");
+            Vec::new()
+        });
+        head.content_length = head.content_length.or(u64::try_from(body.len()).ok());
+        let fields = BodyFields::from_json(&body);
+        let action = self.decide(&head, true, fields);
+        // Should the request wait, what it then forwards reads the body
+        // from Envoy's buffer.
+        self.body_held = true;
+        if self.inspect_body {
+            self.inspect_body = false;
+            self.inspect(body);
+        }
+        action
+    }
+
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.held_head.is_some() {
+            // Buffered by Envoy until the body is complete.
+            return if end_of_stream { self.decide_with_body(size) } else { Action::Pause };
+        }
         if !self.inspect_body {
             return Action::Continue;
         }
@@ -846,6 +908,9 @@ impl RequestCore {
     /// A body followed by trailers (HTTP/2) ends here, not with an
     /// end-of-stream body callback.
     fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        if self.held_head.is_some() {
+            return self.decide_with_body(usize::MAX);
+        }
         if self.inspect_body {
             self.inspect_whole_body(usize::MAX);
         }
@@ -1065,8 +1130,14 @@ impl HttpContext for AttemptFilter {
         let Some(plan) = gateway.plan_attempt(&HostStore, &HostClock, &HostMetrics, &request) else {
             return Action::Continue;
         };
-        set_request_header(":path", Some(&plan.path));
-        set_request_header(":authority", Some(plan.authority));
+        // The path stays as it is unless this backend renames it or an
+        // earlier attempt left another backend's name in it.
+        if headers.text(":path").as_deref() != Some(plan.path.as_str()) {
+            set_request_header(":path", Some(&plan.path));
+        }
+        if headers.text(":authority").as_deref() != Some(plan.authority) {
+            set_request_header(":authority", Some(plan.authority));
+        }
         if let Some(new_model) = plan.body_model {
             // The body changes size: Envoy frames it anew.
             set_request_header("content-length", None);

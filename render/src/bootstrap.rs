@@ -164,19 +164,6 @@ mod tests {
     }
 
     #[test]
-    fn with_quota_aware_routing_or_stream_usage_every_path_reads_its_body_fields() {
-        for extra in [r#"{"#, r#"{"routing":"reactive","stream_usage":true,"#] {
-            let json = JSON.replacen('{', extra, 1);
-            let cfg = Config::parse(json.as_bytes(), Keys::NamesOnly).unwrap();
-            let b = render(&cfg, &json, &BootstrapOptions::default()).bootstrap;
-            let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
-            let routes = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array().unwrap();
-            assert_eq!(routes.len(), 1, "{extra}");
-            assert_eq!(routes[0]["match"]["prefix"], "/");
-        }
-    }
-
-    #[test]
     fn lds_mode_moves_the_listener_to_its_own_file() {
         let opts = BootstrapOptions { lds_path: Some("/run/spillway/lds.yaml".into()), ..Default::default() };
         let r = rendered(&opts);
@@ -197,24 +184,16 @@ mod tests {
         let names: Vec<&str> = clusters.iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["spillway_eastus", "spillway_local", "spillway_eastus2"]);
         let hcm = &b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
-        // Nothing in this (reactive) config reads a classic path's body
-        // fields: those paths skip the JSON parse; every other path gets it.
+        // One route for every path: the request role itself reads the body
+        // fields where the config needs them.
         let routes = hcm["route_config"]["virtual_hosts"][0]["routes"].as_array().unwrap();
-        assert_eq!(routes.len(), 2);
-        assert_eq!(routes[0]["match"]["prefix"], "/openai/deployments/");
-        assert_eq!(routes[0]["typed_per_filter_config"]["spillway.body_fields"]["disabled"], true);
-        assert_eq!(routes[1]["match"]["prefix"], "/");
-        assert!(routes[1].get("typed_per_filter_config").is_none());
-        assert_eq!(routes[0]["route"], routes[1]["route"]);
-        // Envoy holds the body until complete, reads its fields, then the
-        // request role, then the router.
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0]["match"]["prefix"], "/");
+        // Envoy holds the body until complete, then the request role, then the router.
         let filters: Vec<&str> =
             hcm["http_filters"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
-        assert_eq!(
-            filters,
-            ["spillway.buffer", "spillway.body_fields", "spillway.request", "envoy.filters.http.router"]
-        );
-        let request = &hcm["http_filters"][2]["typed_config"]["config"];
+        assert_eq!(filters, ["spillway.buffer", "spillway.request", "envoy.filters.http.router"]);
+        let request = &hcm["http_filters"][1]["typed_config"]["config"];
         assert_eq!(request["root_id"], "spillway_request");
         assert_eq!(request["vm_config"]["code"]["local"]["filename"], "/etc/envoy/spillway.wasm");
         assert!(hcm.get("access_log").is_some());

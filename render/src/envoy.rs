@@ -12,7 +12,7 @@
 
 use serde_json::{json, Map, Value};
 use spillway::config::{Backend, Config, Scheme};
-use spillway::contract::{body_metadata, header, metric, Role, VM_ID};
+use spillway::contract::{header, metric, Role, VM_ID};
 
 /// Route and request-body settings both outputs share.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,8 +24,8 @@ pub struct RouteOptions {
     /// `buffer_request_bodies`, larger ones are refused (413).
     pub request_body_limit_bytes: u64,
     /// Hold every request body in Envoy until it is complete before the
-    /// request goes upstream (JSON bodies are held by the body-fields filter
-    /// anyway): a slow uploader then never holds a backend connection.
+    /// request goes upstream (the request role holds JSON bodies anyway):
+    /// a slow uploader then never holds a backend connection.
     pub buffer_request_bodies: bool,
 }
 
@@ -150,14 +150,13 @@ pub fn plugin(role: Role, filter_json: &str, env_keys: &[String], code: Value) -
         // the key rewrite. Envoy counts reloads in wasm.<root id>.vm_reload.
         "failure_policy": "FAIL_RELOAD",
     });
-    if role == Role::Attempt {
-        if let Some(obj) = plugin.as_object_mut() {
-            // The attempt role holds a stream's head while it reads the
-            // first events (first-token failover). Without this, a paused
-            // head also stops the body from reaching the filter
-            // (proxy-wasm turns StopIteration into StopAll).
-            obj.insert("allow_on_headers_stop_iteration".into(), json!(true));
-        }
+    if let Some(obj) = plugin.as_object_mut() {
+        // Both roles hold headers while they read the body that follows:
+        // the request role a JSON request's fields before it routes it, the
+        // attempt role a stream's first events (first-token failover).
+        // Without this, a paused head also stops the body from reaching the
+        // filter (proxy-wasm turns StopIteration into StopAll).
+        obj.insert("allow_on_headers_stop_iteration".into(), json!(true));
     }
     plugin
 }
@@ -417,77 +416,20 @@ fn stdout_access_log() -> Value {
     }])
 }
 
-/// Envoy's `json_to_metadata` filter, placed before the request role: it
-/// holds a JSON request until its body has arrived and copies the fields the
-/// request role decides with into dynamic metadata (`contract::body_metadata`).
-/// Other bodies (multipart audio, image edits) pass untouched.
-pub fn body_fields_filter() -> Value {
-    let field = |selectors: Vec<&str>, key: &str, kind: &str| {
-        let selectors: Vec<Value> = selectors.into_iter().map(|k| json!({ "key": k })).collect();
-        json!({
-            "selectors": selectors,
-            "on_present": { "metadata_namespace": body_metadata::NAMESPACE, "key": key, "type": kind },
-        })
-    };
-    let mut rules: Vec<Value> = Vec::new();
-    rules.extend(body_metadata::STRINGS.iter().map(|k| field(vec![k], k, "STRING")));
-    rules.extend(body_metadata::NUMBERS.iter().map(|k| field(vec![k], k, "NUMBER")));
-    rules.extend(body_metadata::BOOLS.iter().map(|k| field(vec![k], k, "PROTOBUF_VALUE")));
-    rules.push(field(vec!["stream_options", "include_usage"], body_metadata::INCLUDE_USAGE, "PROTOBUF_VALUE"));
-    // A key no body has: its on_missing marks every body that parsed as JSON
-    // (Envoy applies on_missing only to rules that also have on_present).
-    rules.push(json!({
-        "selectors": [{ "key": "x-spillway-parsed-marker" }],
-        "on_present": { "metadata_namespace": body_metadata::NAMESPACE, "key": body_metadata::PARSED, "type": "STRING" },
-        "on_missing": { "metadata_namespace": body_metadata::NAMESPACE, "key": body_metadata::PARSED, "value": "1", "type": "STRING" },
-    }));
-    json!({
-        "name": BODY_FIELDS_FILTER_NAME,
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
-            "request_rules": { "rules": rules },
-        },
-    })
-}
-
-/// The routes: every path to the cluster the request role chose. When the
-/// config never reads a classic deployment path's body fields, those paths
-/// get a route of their own with the body-fields filter turned off (Envoy
-/// then does not parse their JSON bodies).
+/// The route: every path to the cluster the request role chose.
 pub fn routes(config: &Config, opts: &RouteOptions) -> Vec<Value> {
-    let with_match = |prefix: &str, extra: Option<(&str, Value)>| {
-        let mut route = route_action(config, opts);
-        if let Some(obj) = route.as_object_mut() {
-            obj.insert("match".into(), json!({ "prefix": prefix }));
-            if let Some((key, value)) = extra {
-                obj.insert(key.into(), value);
-            }
-        }
-        route
-    };
-    let mut routes = Vec::new();
-    if !config.reads_body_fields_on_deployment_paths() {
-        let off = json!({ BODY_FIELDS_FILTER_NAME: {
-            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
-            "disabled": true,
-        } });
-        routes.push(with_match(DEPLOYMENT_PATHS, Some(("typed_per_filter_config", off))));
+    let mut route = route_action(config, opts);
+    if let Some(obj) = route.as_object_mut() {
+        obj.insert("match".into(), json!({ "prefix": "/" }));
     }
-    routes.push(with_match("/", None));
-    routes
+    vec![route]
 }
-
-/// Classic API paths: the deployment (the model) is in the path.
-pub const DEPLOYMENT_PATHS: &str = "/openai/deployments/";
-
-/// Name of the `json_to_metadata` filter in the listener.
-pub const BODY_FIELDS_FILTER_NAME: &str = "spillway.body_fields";
 
 /// Name of the buffer filter that holds request bodies until complete.
 pub const BUFFER_FILTER_NAME: &str = "spillway.buffer";
 
-/// Envoy's buffer filter: the request goes on (to the body-fields filter,
-/// the request role and the router) only once its whole body has arrived;
+/// Envoy's buffer filter: the request goes on (to the request role and the
+/// router) only once its whole body has arrived;
 /// a body over `max_bytes` gets a 413. A slow uploader then costs Envoy
 /// memory for at most the HCM's `request_timeout`, never a backend connection.
 pub fn request_buffer_filter(max_bytes: u64) -> Value {
@@ -508,13 +450,12 @@ pub fn router_filter() -> Value {
 }
 
 /// Spillway's HTTP filters in order, without the router: the request buffer
-/// (unless bodies stream), the body-fields filter, the request role.
+/// (unless bodies stream), the request role.
 pub fn spillway_http_filters(route: &RouteOptions, request_plugin: &Value) -> Vec<Value> {
     let mut filters = Vec::new();
     if route.buffer_request_bodies {
         filters.push(request_buffer_filter(route.request_body_limit_bytes));
     }
-    filters.push(body_fields_filter());
     filters.push(wasm_filter(REQUEST_FILTER_NAME, request_plugin));
     filters
 }
@@ -539,8 +480,8 @@ pub fn http_connection_manager(
         "stat_prefix": "spillway",
         "codec_type": "AUTO",
         // Realtime API connections are websockets. Their chain leaves out the
-        // buffer and body-fields filters: an upgrade has no body to wait for,
-        // and both would hold the upgrade request for ever.
+        // buffer filter: an upgrade has no body to wait for, and it would
+        // hold the upgrade request for ever.
         "upgrade_configs": [{
             "upgrade_type": "websocket",
             "filters": [wasm_filter(REQUEST_FILTER_NAME, request_plugin), router_filter()],
@@ -712,8 +653,9 @@ pub(crate) mod tests {
         assert_eq!(p["failure_policy"], "FAIL_RELOAD");
         let a = plugin(Role::Attempt, "{}", &["K".to_string()], local_code("/x.wasm"));
         assert_eq!(a["vm_config"], p["vm_config"]);
+        // Both hold headers while they read a body (see `plugin`).
         assert_eq!(a["allow_on_headers_stop_iteration"], true);
-        assert!(p.get("allow_on_headers_stop_iteration").is_none());
+        assert_eq!(p["allow_on_headers_stop_iteration"], true);
     }
 
     #[test]
@@ -756,10 +698,10 @@ pub(crate) mod tests {
         assert_eq!(h2["initial_connection_window_size"], 4 * 1024 * 1024);
         assert_eq!(h["use_remote_address"], true);
         assert_eq!(h["xff_num_trusted_hops"], 0);
-        // Bodies are held until complete (buffer first), websockets skip both holders.
+        // Bodies are held until complete (buffer first), websockets skip the buffer.
         assert_eq!(
             filter_names(&h["http_filters"]),
-            [BUFFER_FILTER_NAME, BODY_FIELDS_FILTER_NAME, REQUEST_FILTER_NAME, "envoy.filters.http.router"]
+            [BUFFER_FILTER_NAME, REQUEST_FILTER_NAME, "envoy.filters.http.router"]
         );
         assert_eq!(h["http_filters"][0]["typed_config"]["max_request_bytes"], 32 * 1024 * 1024);
         assert_eq!(
@@ -796,7 +738,7 @@ pub(crate) mod tests {
             (&json!(5), &json!(65_535), &json!(70_000))
         );
         assert_eq!((&h["use_remote_address"], &h["xff_num_trusted_hops"]), (&json!(false), &json!(2)));
-        assert_eq!(filter_names(&h["http_filters"])[0], BODY_FIELDS_FILTER_NAME);
+        assert_eq!(filter_names(&h["http_filters"])[0], REQUEST_FILTER_NAME);
         let buffered = hcm(&RouteOptions { request_body_limit_bytes: 1000, ..Default::default() }, &edge);
         assert_eq!(buffered["http_filters"][0]["typed_config"]["max_request_bytes"], 1000);
         assert_eq!(UnderscoreHeaders::Allow.envoy_action(), "ALLOW");
@@ -818,21 +760,6 @@ pub(crate) mod tests {
         for m in mappers {
             assert_eq!(m["body_format_override"]["json_format"]["error"]["type"], "server_error");
         }
-    }
-
-    #[test]
-    fn the_body_fields_filter_copies_every_contract_field_and_marks_json() {
-        let f = body_fields_filter();
-        let rules = f["typed_config"]["request_rules"]["rules"].as_array().unwrap();
-        let keys: Vec<&str> = rules.iter().filter_map(|r| r["on_present"]["key"].as_str()).collect();
-        for k in body_metadata::STRINGS.iter().chain(&body_metadata::NUMBERS).chain(&body_metadata::BOOLS) {
-            assert!(keys.contains(k), "{k}");
-        }
-        let nested = rules.iter().find(|r| r["on_present"]["key"] == body_metadata::INCLUDE_USAGE).unwrap();
-        assert_eq!(nested["selectors"], json!([{ "key": "stream_options" }, { "key": "include_usage" }]));
-        // The marker rule needs on_present too: Envoy applies on_missing only then.
-        let marker = rules.iter().find(|r| r["on_missing"]["key"] == body_metadata::PARSED).unwrap();
-        assert!(marker.get("on_present").is_some());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! * `EnvoyFilter` (networking.istio.io/v1alpha3):
 //!   - `HTTP_FILTER` `INSERT_BEFORE` the router, in every HTTP connection
 //!     manager of the gateway: Spillway's downstream filters (request buffer,
-//!     body fields, the request role), each **disabled by default**
+//!     the request role), each **disabled by default**
 //!     (`HttpFilter.disabled`), so routes of other applications on the same
 //!     gateway never run them; the request role is a plain Wasm filter here,
 //!     not a `WasmPlugin`, so it carries Spillway's own `vm_id` (istiod
@@ -23,8 +23,8 @@
 //!     `x-spillway-cluster`, the retry policy with `refresh_cluster_on_retry`,
 //!     the timeout, the request body buffer, and `typed_per_filter_config`
 //!     turning Spillway's filters on for these routes (on the websocket
-//!     route only the request role: the body filters would hold an upgrade,
-//!     as the bootstrap's upgrade chain knows).
+//!     route only the request role: the buffer would hold an upgrade, as the
+//!     bootstrap's upgrade chain knows).
 //! * `VirtualService`: binds the gateway hosts to those two routes (websocket
 //!   upgrades first), with Istio's own retries off.
 //! * `ServiceEntry` + `DestinationRule` (TLS `SIMPLE`, SNI) per https host:
@@ -231,7 +231,7 @@ fn envoy_filter(config: &Config, filter_json: &str, opts: &IstioOptions) -> Resu
     let attempt_plugin = plugin(Role::Attempt);
     patches.extend(config.backends.iter().map(|b| add_cluster(envoy::backend_cluster(b, &attempt_plugin))));
     patches.extend(envoy::rate_limit_cluster(config).map(add_cluster));
-    // Right before the router, in order (buffer, body fields, request role):
+    // Right before the router, in order (buffer, request role):
     // after the gateway's own filters (authentication, authorization), so a
     // refused request is not buffered first.
     let filters = envoy::spillway_http_filters(&opts.route, &plugin(Role::Request));
@@ -353,7 +353,7 @@ pub fn to_multi_yaml(docs: &[Value]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envoy::{BODY_FIELDS_FILTER_NAME, BUFFER_FILTER_NAME, REQUEST_FILTER_NAME};
+    use crate::envoy::{BUFFER_FILTER_NAME, REQUEST_FILTER_NAME};
     use spillway::config::Keys;
     use spillway::contract::VM_ID;
 
@@ -401,7 +401,7 @@ mod tests {
         let d = docs(&opts("https://example.com/spillway.wasm")).unwrap();
         let filters = patches(&d, "HTTP_FILTER");
         let names: Vec<&str> = filters.iter().map(|p| p["patch"]["value"]["name"].as_str().unwrap()).collect();
-        assert_eq!(names, [BUFFER_FILTER_NAME, BODY_FIELDS_FILTER_NAME, REQUEST_FILTER_NAME]);
+        assert_eq!(names, [BUFFER_FILTER_NAME, REQUEST_FILTER_NAME]);
         for p in &filters {
             // Inserted one after the other right before the gateway's router: order kept.
             assert_eq!(p["patch"]["operation"], "INSERT_BEFORE");
@@ -418,7 +418,7 @@ mod tests {
         for name in &names {
             assert_eq!(enabled[*name], on);
         }
-        // Websocket upgrades: only the request role (the body filters would hold them).
+        // Websocket upgrades: only the request role (the buffer would hold them).
         assert_eq!(realtime["match"]["routeConfiguration"]["vhost"]["route"]["name"], REALTIME_ROUTE_NAME);
         assert_eq!(realtime["patch"]["value"]["typed_per_filter_config"], json!({ REQUEST_FILTER_NAME: on }));
         assert_eq!(realtime["patch"]["value"]["route"], route["patch"]["value"]["route"]);
@@ -434,7 +434,7 @@ mod tests {
         let d = docs(&o).unwrap();
         let names: Vec<&str> =
             patches(&d, "HTTP_FILTER").iter().map(|p| p["patch"]["value"]["name"].as_str().unwrap()).collect();
-        assert_eq!(names, [BODY_FIELDS_FILTER_NAME, REQUEST_FILTER_NAME]);
+        assert_eq!(names, [REQUEST_FILTER_NAME]);
         let route = patches(&d, "HTTP_ROUTE")[1];
         assert!(route["patch"]["value"]["typed_per_filter_config"].get(BUFFER_FILTER_NAME).is_none());
     }
@@ -442,7 +442,7 @@ mod tests {
     #[test]
     fn both_roles_share_spillways_own_vm_id_config_and_keys() {
         let d = docs(&opts("https://example.com/spillway.wasm")).unwrap();
-        let request = &patches(&d, "HTTP_FILTER")[2]["patch"]["value"]["typed_config"]["config"];
+        let request = &patches(&d, "HTTP_FILTER")[1]["patch"]["value"]["typed_config"]["config"];
         let clusters = patches(&d, "CLUSTER");
         let attempt = &clusters[1]["patch"]["value"]["typed_extension_protocol_options"]
             ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0]["typed_config"]["config"];
@@ -487,7 +487,7 @@ mod tests {
         let d = docs(&opts("file:///var/lib/spillway/spillway.wasm")).unwrap();
         let clusters = patches(&d, "CLUSTER");
         assert_eq!(clusters[0]["patch"]["value"]["name"], "spillway_eastus");
-        let request = &patches(&d, "HTTP_FILTER")[2]["patch"]["value"]["typed_config"]["config"];
+        let request = &patches(&d, "HTTP_FILTER")[1]["patch"]["value"]["typed_config"]["config"];
         assert_eq!(request["vm_config"]["code"]["local"]["filename"], "/var/lib/spillway/spillway.wasm");
     }
 

@@ -212,7 +212,7 @@ def test_example_manifests_are_complete_and_consistent():
     # Spillway's filters, right before the gateway's router, each off by default.
     filters = [p for p in patches if p["applyTo"] == "HTTP_FILTER"]
     names = [p["patch"]["value"]["name"] for p in filters]
-    assert names == ["spillway.buffer", "spillway.body_fields", "spillway.request"]
+    assert names == ["spillway.buffer", "spillway.request"]
     for p in filters:
         assert p["patch"]["operation"] == "INSERT_BEFORE"
         assert p["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
@@ -225,6 +225,8 @@ def test_example_manifests_are_complete_and_consistent():
     assert list(plugins) == backend_clusters + ["spillway.request"]
     request = plugins["spillway.request"]
     assert request["root_id"] == "spillway_request" and request["failure_policy"] == "FAIL_RELOAD"
+    # It holds a JSON request's headers while it reads the body's fields.
+    assert request["allow_on_headers_stop_iteration"] is True
     vm = request["vm_config"]
     assert vm["vm_id"] == "spillway"
     assert vm["environment_variables"]["host_env_keys"] == env_names(config)

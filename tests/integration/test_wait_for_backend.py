@@ -71,3 +71,22 @@ def test_a_client_that_leaves_while_waiting_frees_its_place(trio):
     r = envoy.chat()
     assert r.status_code == 200
     assert sum(m.stats()["by_status"].get("200", 0) for m in (east, west, paygo)) == 1
+
+
+def test_a_stream_that_waited_still_gets_its_usage_added(trio):
+    # The body was complete (and read for its fields) before the request
+    # waited; when it goes on, the request role rewrites Envoy's held copy.
+    envoy, east, west, paygo = trio({"wait_for_backend_ms": 3000, "stream_usage": True})
+    throttle_all(envoy, (east, west, paygo), "1")
+    started = time.monotonic()
+    with envoy.client.stream("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                             json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line.startswith("data: {")]
+    assert time.monotonic() - started >= 0.5
+    assert envoy.stat("wasmcustom.spillway_waits_total") >= 1
+    served = [req for m in (east, west, paygo) for req in m.requests() if req.get("body_json", {}).get("stream")]
+    assert len(served) == 1, served
+    assert served[0]["body_json"]["stream_options"] == {"include_usage": True}
+    # The client did not ask for usage: the usage-only chunk is not passed on.
+    assert events and all('"choices":[]' not in e for e in events), events
