@@ -355,7 +355,7 @@ impl Exchange {
         now: u64,
         routing: Routing,
     ) -> Step {
-        match self.choose_backend(gw, store, clock, routing.fields.as_ref(), routing.tokens) {
+        match self.choose_backend(gw, store, clock, now, routing.fields.as_ref(), routing.tokens) {
             Ok((backend, stored, first_attempt)) => {
                 let cluster = backend.cluster.clone();
                 self.forward(gw, cluster, stored, first_attempt, &routing)
@@ -476,6 +476,7 @@ impl Exchange {
         gw: &'g Gateway,
         store: &dyn SharedStore,
         clock: &dyn Clock,
+        now: u64,
         fields: Option<&BodyFields>,
         tokens: u64,
     ) -> Result<(&'g Backend, Stored, Option<FirstAttempt>), (&'static str, LocalReply)> {
@@ -499,7 +500,7 @@ impl Exchange {
             Some(Err(reply)) => return Err(("owner_throttled", reply)),
         };
         let FirstPick { picked, pool_left, first_attempt } =
-            gw.pick(store, clock, self.model(fields), tokens, self.tier(gw));
+            gw.pick(store, now, self.model(fields), tokens, self.tier(gw));
         self.pool_left = pool_left;
         // A lookup's attempts plan their own way (see `Gateway::plan_attempt`).
         let first_attempt = first_attempt.filter(|_| stored == Stored::No);

@@ -382,17 +382,18 @@ impl Gateway {
         tokens: u64,
         tier: Tier,
     ) -> (Result<&Backend, LocalReply>, PoolLeft) {
-        let FirstPick { picked, pool_left, .. } = self.pick(store, clock, model, tokens, tier);
+        let FirstPick { picked, pool_left, .. } = self.pick(store, clock.now_ms(), model, tokens, tier);
         (picked, pool_left)
     }
 
     /// `pick_first`, plus the first attempt's plan (see `FirstAttempt`),
     /// worked out from the same health table: the fallback the attempt role
     /// would pick, reading the rotation this pick has just advanced.
+    /// `now`: the request's monotonic time (the caller has read the clock).
     pub fn pick<'g>(
         &'g self,
         store: &dyn SharedStore,
-        clock: &dyn Clock,
+        now: u64,
         model: Option<&str>,
         tokens: u64,
         tier: Tier,
@@ -402,7 +403,6 @@ impl Gateway {
             let reply = LocalReply::model_not_found(model.unwrap_or_default());
             return FirstPick { picked: Err(reply), pool_left: PoolLeft::default(), first_attempt: None };
         }
-        let now = clock.now_ms();
         let health = self.read_health(store);
         let cb = self.config.circuit_breaker;
         let pool_left = self.pool_left(&health, now, &excluded);
@@ -1040,7 +1040,7 @@ mod tests {
                 }
                 _ => {}
             }
-            let pick = g.pick(&s, &c, None, 1, Tier::High);
+            let pick = g.pick(&s, c.now_ms(), None, 1, Tier::High);
             let cluster = pick.picked.unwrap().cluster.clone();
             let plan = pick.first_attempt.unwrap();
             assert_eq!(plan.cluster, cluster);
