@@ -663,6 +663,11 @@ impl Exchange {
         matches!(self.answer, Answer::Local { .. })
     }
 
+    /// The request waits for a backend (`Step::Wait`, not yet over).
+    pub fn is_waiting(&self) -> bool {
+        self.waiting.is_some()
+    }
+
     /// Whether `on_response_body` looks at the chunks' bytes (a JSON or SSE
     /// answer); otherwise an empty chunk serves and nothing is copied.
     pub fn reads_response_body(&self) -> bool {

@@ -450,8 +450,9 @@ struct RequestCore {
     /// The request headers, held until the body is complete: the body's
     /// fields are read before the request is decided.
     held_head: Option<HeldHead>,
-    /// The body passed this filter before the request was decided (held
-    /// with the headers): inspecting it reads what Envoy buffered.
+    /// The whole body passed this filter while the request was held (for
+    /// its fields, or paused at the headers): inspecting it then reads what
+    /// Envoy buffered.
     body_held: bool,
 }
 
@@ -889,10 +890,23 @@ impl RequestCore {
         action
     }
 
+    /// Paused at the headers with the decision not made or not to be sent
+    /// on: waiting for a backend or for the rate-limit service, or answered.
+    fn paused_at_headers(&self) -> bool {
+        self.limits_call.is_some() || self.exchange.is_waiting() || self.exchange.is_local_reply()
+    }
+
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         if self.held_head.is_some() {
             // Buffered by Envoy until the body is complete.
             return if end_of_stream { self.decide_with_body(size) } else { Action::Pause };
+        }
+        if self.paused_at_headers() {
+            // Envoy hands a paused request's body to this filter all the same
+            // (`allow_on_headers_stop_iteration`): it stays buffered until
+            // the request goes on, and is never shown to it again.
+            self.body_held |= end_of_stream;
+            return Action::Pause;
         }
         if !self.inspect_body {
             return Action::Continue;
@@ -910,6 +924,10 @@ impl RequestCore {
     fn on_http_request_trailers(&mut self, _n: usize) -> Action {
         if self.held_head.is_some() {
             return self.decide_with_body(usize::MAX);
+        }
+        if self.paused_at_headers() {
+            self.body_held = true;
+            return Action::Pause;
         }
         if self.inspect_body {
             self.inspect_whole_body(usize::MAX);

@@ -235,7 +235,7 @@ def start_slow_upload(envoy, kind: str) -> Raw:
 @pytest.mark.parametrize("kind", ["multipart", "json"])
 def test_a_slow_uploader_never_holds_a_backend_connection(edge, kind):
     """Headers and the start of a body, then one byte every 100 ms: Envoy holds the
-    body (buffer filter; json_to_metadata for JSON), so no backend connection is ever
+    body (buffer filter; the request role too for JSON), so no backend connection is ever
     opened, and the request timeout ends the upload with a 408."""
     envoy, mock = edge("--request-timeout-s", "2")
     raw = start_slow_upload(envoy, kind)

@@ -124,7 +124,7 @@ class Ledger:
 @pytest.mark.parametrize("render_args", [[], ["--stream-request-bodies"]], ids=["buffered", "streamed"])
 def test_every_framing_is_admitted_at_its_estimate(gateway, render_args):
     # Envoy's buffer filter (on by default) gives a complete body a length;
-    # without it json_to_metadata still holds the request until the body is in.
+    # without it the request role still holds a JSON request until the body is in.
     _, _, envoy = gateway(render_args)
     auth = {"api-key": KEY}
     raw = body(content="x" * 400)

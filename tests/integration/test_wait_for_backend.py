@@ -90,3 +90,21 @@ def test_a_stream_that_waited_still_gets_its_usage_added(trio):
     assert served[0]["body_json"]["stream_options"] == {"include_usage": True}
     # The client did not ask for usage: the usage-only chunk is not passed on.
     assert events and all('"choices":[]' not in e for e in events), events
+
+
+def test_an_upload_that_is_not_json_waits_too(trio):
+    # Not held for body fields: the request pauses at its headers, and its
+    # body, handed to the filter all the same, stays buffered until it goes on.
+    envoy, east, west, paygo = trio({"wait_for_backend_ms": 3000})
+    throttle_all(envoy, (east, west, paygo), "1")
+    before = sum(m.count() for m in (east, west, paygo))
+    started = time.monotonic()
+    r = envoy.client.post("/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21",
+                          files={"file": ("a.wav", b"\0" * 4096, "audio/x-wav")}, data={"model": "whisper"})
+    waited = time.monotonic() - started
+    assert r.status_code == 200, r.text
+    assert waited >= 0.5, waited
+    assert envoy.stat("wasmcustom.spillway_waits_total") >= 1
+    assert sum(m.count() for m in (east, west, paygo)) == before + 1
+    uploads = [q for m in (east, west, paygo) for q in m.requests() if q.get("body_len", 0) > 4096]
+    assert len(uploads) == 1, uploads
