@@ -613,6 +613,15 @@ fn header_bytes(name: &str) -> Option<Vec<u8>> {
     })
 }
 
+/// The buffered request body (`size` bytes, or all); empty, with a warning,
+/// should the host refuse it.
+fn request_body(size: usize) -> Vec<u8> {
+    host::body(Body::Request, 0, size).unwrap_or_else(|e| {
+        log::warn!("cannot read the request body: {e:?}");
+        Vec::new()
+    })
+}
+
 impl RequestCore {
     /// Keeps the client's own credential for pass-through attempts that may
     /// follow an attempt on a keyed backend (see `credentials`).
@@ -633,11 +642,7 @@ impl RequestCore {
     /// puts back the replacement it returns.
     fn inspect_whole_body(&mut self, size: usize) {
         self.inspect_body = false;
-        let body = host::body(Body::Request, 0, size).unwrap_or_else(|e| {
-            log::warn!("cannot read the request body: {e:?}");
-            Vec::new()
-        });
-        self.inspect(body);
+        self.inspect(request_body(size));
     }
 
     fn inspect(&mut self, body: Vec<u8>) {
@@ -873,10 +878,7 @@ impl RequestCore {
     /// the headers and the body (or answer, or wait).
     fn decide_with_body(&mut self, size: usize) -> Action {
         let Some(mut head) = self.held_head.take() else { return Action::Continue };
-        let body = host::body(Body::Request, 0, size).unwrap_or_else(|e| {
-            log::warn!("cannot read the request body: {e:?}");
-            Vec::new()
-        });
+        let body = request_body(size);
         head.content_length = head.content_length.or(u64::try_from(body.len()).ok());
         let fields = BodyFields::from_json(&body);
         let action = self.decide(&head, true, fields);
